@@ -1,0 +1,3 @@
+from astropt_tok.cli import main
+
+main()

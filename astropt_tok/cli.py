@@ -1,0 +1,100 @@
+"""The `astropt` command line: flags become a config dataclass, then one library call does the work.
+
+Only typer is imported at start-up; torch, aion, datasets and pyarrow load inside the commands,
+so `astropt --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from astropt_tok.errors import AstroptError
+
+app = typer.Typer(
+    name="astropt",
+    help="Encode a survey once with the AION image codec into a sharded token store, "
+    "train AstroPT-style GPTs on it, and decode tokens back to galaxies.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.command()
+def verify(
+    store: Path = typer.Argument(..., help="Token store folder (holds manifest.json)."),
+    finalize: bool = typer.Option(
+        False, "--finalize", help="Complete the manifest of a store whose shards were all written by "
+        "separate processes, then verify it."),
+) -> None:
+    """Re-hash every shard against the manifest; check shapes, dtypes and token ranges. Non-zero exit names each bad shard."""
+    from astropt_tok.store import finalize_store, read_manifest, verify_store
+
+    if finalize:
+        manifest = read_manifest(store)
+        if not manifest.get("complete") and finalize_store(store, manifest) is None:
+            raise AstroptError(f"{store}: not every shard is done yet; re-run `astropt tokenise` to finish them")
+    problems = verify_store(store)
+    for line in problems:
+        typer.echo(f"BAD {line}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"OK {store}: every shard matches its manifest")
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="Token store folder (holds manifest.json).")) -> None:
+    """Summarise a token store: rows, shards, codec, vocabulary, rejects and codebook usage."""
+    from astropt_tok.report import print_store_info
+
+    print_store_info(store)
+
+
+def _register_subcommands() -> None:
+    # Each package owns its commands; their modules import only typer at the top.
+    from astropt_tok.cli_tokenise import register as register_tokenise
+
+    register_tokenise(app)
+    for module in ("astropt_train.cli_train", "astropt_train.cli_decode"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_subcommands()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except AstroptError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

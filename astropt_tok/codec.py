@@ -1,0 +1,179 @@
+"""Loading the AION image codec from a hub id or a local snapshot in the hub layout.
+
+The hub layout (as in `polymathic-ai/aion-base`) keeps each codec in a subfolder:
+`codecs/image/config.json` (the `ImageCodec` constructor arguments) and `codecs/image/model.safetensors`.
+AION 0.0.2's own `ImageCodec.from_pretrained(local_dir, modality=...)` fails on a local folder, so we
+build the real `aion.codecs.image.ImageCodec` from the config and load the safetensors weights ourselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astropt_tok.errors import AstroptError
+
+DEFAULT_CODEC = "polymathic-ai/aion-base"
+CODEC_SUBFOLDER = "codecs/image"
+CONFIG_FILE = f"{CODEC_SUBFOLDER}/config.json"
+WEIGHTS_FILE = f"{CODEC_SUBFOLDER}/model.safetensors"
+CROP_SIZE = 96  # AION's image codec centre-crops every image to 96x96 before encoding
+
+
+@dataclass
+class CodecFiles:
+    """Where a codec's config and weights live on disk, and where they came from."""
+
+    codec_id: str  # the hub id or the local folder as the user gave it
+    config_path: Path
+    weights_path: Path
+    revision: str | None = None  # hub commit, when known
+
+
+@dataclass
+class LoadedCodec:
+    """A ready `ImageCodec` and the facts about it that the token store records."""
+
+    codec: Any  # aion.codecs.image.ImageCodec, in eval mode, on `device`
+    codec_id: str
+    config: dict
+    weights_sha256: str
+    vocab_size: int
+    tokens_per_image: int
+    revision: str | None = None
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """The codec section of a store manifest."""
+        return {
+            "id": self.codec_id,
+            "revision": self.revision,
+            "config": self.config,
+            "weights_sha256": self.weights_sha256,
+            "vocab_size": self.vocab_size,
+            "tokens_per_image": self.tokens_per_image,
+        }
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
+    """Find the codec's config and weights: a local folder in the hub layout, or the HF hub (cache first)."""
+    local = Path(codec_id).expanduser()
+    if local.exists():
+        config_path, weights_path = local / CONFIG_FILE, local / WEIGHTS_FILE
+        for p in (config_path, weights_path):
+            if not p.is_file():
+                raise AstroptError(
+                    f"codec folder {local} is not in the hub layout: missing {p.relative_to(local)} "
+                    f"(expected {CONFIG_FILE} and {WEIGHTS_FILE})"
+                )
+        return CodecFiles(codec_id=str(local), config_path=config_path, weights_path=weights_path)
+    if codec_id.startswith((".", "/", "~")) or codec_id.count("/") != 1:
+        raise AstroptError(f"codec {codec_id!r} is neither an existing folder nor a hub id like {DEFAULT_CODEC}")
+
+    from huggingface_hub import hf_hub_download  # honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE
+
+    try:
+        config_path = Path(hf_hub_download(codec_id, CONFIG_FILE))
+        weights_path = Path(hf_hub_download(codec_id, WEIGHTS_FILE))
+    except Exception as exc:  # offline, unreachable, gated, missing repo: all end the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AstroptError(
+            f"cannot fetch codec {codec_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]}); "
+            f"on a machine without internet pass a local snapshot with --codec DIR "
+            f"(made elsewhere with `huggingface-cli download {codec_id} --include '{CODEC_SUBFOLDER}/*' --local-dir DIR`)"
+        ) from None
+    revision = weights_path.parent.parent.name if weights_path.parent.parent.parent.name == "snapshots" else None
+    return CodecFiles(codec_id=codec_id, config_path=config_path, weights_path=weights_path, revision=revision)
+
+
+def tokens_per_image(config: dict) -> int:
+    """Tokens per image: the 96x96 crop downsampled 2**n_compressions times per side (576 for AION)."""
+    side = CROP_SIZE // (2 ** int(config.get("n_compressions", 2)))
+    return side * side
+
+
+def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> LoadedCodec:
+    """Build the real `aion.codecs.image.ImageCodec` from its config and load its safetensors weights."""
+    files = resolve_codec_files(codec_id)
+    try:
+        config = json.loads(files.config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AstroptError(f"codec config {files.config_path} is unreadable: {exc}") from None
+
+    import torch
+    from aion.codecs.image import ImageCodec
+    from safetensors.torch import load_file
+
+    try:
+        codec = ImageCodec(**config)
+    except TypeError as exc:
+        raise AstroptError(f"codec config {files.config_path} does not fit aion's ImageCodec: {exc}") from None
+    try:
+        state = load_file(str(files.weights_path))
+    except Exception as exc:
+        raise AstroptError(f"codec weights {files.weights_path} are unreadable: {exc}") from None
+    missing, unexpected = codec.load_state_dict(state, strict=False)
+    # The quantizer's `levels` buffer is rebuilt from the config; anything else missing is a real mismatch.
+    missing = [k for k in missing if not k.endswith("levels")]
+    if missing or unexpected:
+        raise AstroptError(
+            f"codec weights {files.weights_path} do not match its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    codec = codec.to(torch.device(device)).eval()
+    vocab = int(codec.quantizer.codebook_size)
+    return LoadedCodec(
+        codec=codec,
+        codec_id=files.codec_id,
+        config=config,
+        weights_sha256=sha256_file(files.weights_path),
+        vocab_size=vocab,
+        tokens_per_image=tokens_per_image(config),
+        revision=files.revision,
+        device=str(device),
+    )
+
+
+def save_image_codec(codec: Any, out_dir: str | os.PathLike, config: dict) -> Path:
+    """Save an `ImageCodec` in the hub layout (`codecs/image/config.json` + `model.safetensors`)."""
+    from safetensors.torch import save_file
+
+    sub = Path(out_dir) / CODEC_SUBFOLDER
+    sub.mkdir(parents=True, exist_ok=True)
+    (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    state = {k: v.detach().cpu().contiguous() for k, v in codec.state_dict().items()}
+    save_file(state, str(sub / "model.safetensors"))
+    return Path(out_dir)
+
+
+def make_tiny_codec(out_dir: str | os.PathLike, seed: int = 0, hidden_dims: int = 8) -> Path:
+    """Write a small, randomly initialised (untrained) real AION `ImageCodec` in the hub layout."""
+    import torch
+    from aion.codecs.image import ImageCodec
+
+    config = {
+        "quantizer_levels": [7, 5, 5, 5, 5],  # AION's own levels: 4375 codes
+        "hidden_dims": hidden_dims,
+        "multisurvey_projection_dims": 12,
+        "n_compressions": 2,
+        "num_consecutive": 1,
+        "embedding_dim": 5,
+        "range_compression_factor": 0.01,
+        "mult_factor": 10.0,
+    }
+    torch.manual_seed(seed)
+    return save_image_codec(ImageCodec(**config), out_dir, config)

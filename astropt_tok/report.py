@@ -1,0 +1,49 @@
+"""Human-readable summaries of a token store (`astropt info`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_store_info(store_dir: str | Path, console: Console | None = None) -> dict:
+    """Print a summary table of a store and return the figures shown."""
+    from astropt_tok.store import REJECTS, TokenStore, codebook_usage, read_manifest
+
+    console = console or Console()
+    manifest = read_manifest(store_dir)
+    if not manifest.get("complete"):
+        from astropt_tok.store import read_done_records
+
+        n = manifest["sharding"]["num_shards"]
+        done = read_done_records(store_dir, n)
+        console.print(f"[yellow]incomplete store[/]: {len(done)} of {n} shards done")
+        return {"complete": False, "shards_done": len(done), "num_shards": n}
+    store = TokenStore(store_dir)
+    used, _ = codebook_usage(store)
+    src = manifest["source"]
+    figures = {
+        "rows": store.num_rows,
+        "shards": len(store.shards),
+        "storage": store.storage,
+        "codec": store.codec_id,
+        "vocab_size": store.vocab_size,
+        "tokens_per_image": store.tokens_per_image,
+        "dtype": str(store.dtype),
+        "bands": ",".join(store.bands),
+        "precision": manifest.get("precision"),
+        "source": f"{src.get('id')} ({src.get('split', '-')}, {src.get('column', '-')})",
+        "rejected": manifest["totals"]["rejected"],
+        "codebook_used": f"{used} of {store.vocab_size} ({100 * used / store.vocab_size:.1f}%)",
+        "bytes": sum(s["bytes"] for s in store.shards),
+    }
+    table = Table(title=f"token store {store_dir}", show_header=False)
+    for k, v in figures.items():
+        table.add_row(k, str(v))
+    console.print(table)
+    rejects = Path(store_dir) / REJECTS
+    if figures["rejected"] and rejects.is_file():
+        console.print(f"rejected rows are listed in {rejects}")
+    return figures

@@ -1,0 +1,569 @@
+"""The token store: a folder of independent shards plus a manifest. This module writes and reads it.
+
+Format (version 1)
+------------------
+DIR/manifest.json
+    {"format": "astropt-token-store", "format_version": 1, "tool_version", "complete": bool,
+     "codec": {"id", "revision", "config", "weights_sha256", "vocab_size", "tokens_per_image"},
+     "vocab_size", "tokens_per_image", "dtype": "int16" | "uint16", "bands": [...], "precision",
+     "storage": "arrow" | "zarr",
+     "source": {"id", "kind", "revision", "split", "column", "id_column", "files": [...], "num_rows"},
+     "sharding": {"rule", "num_shards"},
+     "shards": [{"index", "file", "rows", "rejected", "sha256", "bytes"}, ...],   # only when complete
+     "totals": {"rows", "rejected"}}                                             # only when complete
+    Rewritten atomically (temporary file, fsync, rename). `complete` is true only once every shard is done.
+DIR/shard-00000.arrow ...
+    Arrow IPC *stream* format, uncompressed, as `datasets` writes its cache files: `datasets.Dataset.from_file`
+    opens a shard and `pyarrow.memory_map` reads it zero-copy. Columns: `tokens` fixed_size_list<int16 or
+    uint16>[tokens_per_image], `row` int64 (the global source row index), and `object_id` string when the
+    source has an id column. Rows are in ascending `row` order.
+DIR/shard-00000.zarr/ ... (`--format zarr`)
+    A Zarr v3 group with arrays of the same names: `tokens` [rows, tokens_per_image], `row` [rows],
+    `object_id` [rows] (variable-length strings). Its sha256 is taken over its files in sorted path order.
+DIR/.done/shard-00000.json
+    The completion record of one shard (its manifest entry and its rejected rows). A shard counts as done
+    only when this record exists; shards and records appear only when complete (temporary name, fsync,
+    rename), so a killed run leaves nothing partial that looks finished.
+DIR/rejects.jsonl
+    One JSON object per skipped source row, in shard order: {"row", "object_id" (when known), "reason"}.
+
+Token dtype: int16 holds codebooks up to 32768 codes, uint16 up to 65536; anything larger is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError
+
+FORMAT = "astropt-token-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+DONE_DIR = ".done"
+STORAGES = ("arrow", "zarr")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every token id of a codebook: int16, else uint16; never wraps."""
+    if vocab_size <= 0:
+        raise AstroptError(f"vocab size must be positive, got {vocab_size}")
+    if vocab_size <= 2**15:
+        return np.dtype(np.int16)
+    if vocab_size <= 2**16:
+        return np.dtype(np.uint16)
+    raise AstroptError(f"a codebook of {vocab_size} codes does not fit 16-bit tokens (at most 65536)")
+
+
+def shard_name(index: int, storage: str) -> str:
+    """`shard-00042.arrow` or `shard-00042.zarr`."""
+    return f"shard-{index:05d}.{storage}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# atomic file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old content or the new, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (relative path and content, in sorted path order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if f is not path:
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def path_bytes(path: Path) -> int:
+    """Size of a file, or the total size of a folder's files."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class ShardRecord:
+    """One shard's manifest entry."""
+
+    index: int
+    file: str
+    rows: int
+    rejected: int
+    sha256: str
+    bytes: int
+
+
+def write_shard(
+    out_dir: str | os.PathLike,
+    index: int,
+    storage: str,
+    tokens: np.ndarray,
+    rows: np.ndarray,
+    object_ids: list[str] | None,
+    rejected: int = 0,
+) -> ShardRecord:
+    """Write one complete shard atomically (temporary name, fsync, rename) and return its record.
+
+    tokens: [n, tokens_per_image] in the store dtype; rows: [n] int64 global source row indices.
+    """
+    out = Path(out_dir)
+    final = out / shard_name(index, storage)
+    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    tokens = np.ascontiguousarray(tokens)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if tokens.ndim != 2 or tokens.shape[0] != rows.shape[0]:
+        raise ValueError(f"tokens {tokens.shape} and rows {rows.shape} disagree")
+    if storage == "arrow":
+        _write_arrow(tmp, tokens, rows, object_ids)
+    elif storage == "zarr":
+        _write_zarr(tmp, tokens, rows, object_ids)
+    else:
+        raise AstroptError(f"unknown store format {storage!r}; choose one of {', '.join(STORAGES)}")
+    if final.exists():  # an earlier, unrecorded attempt at this shard: replace it
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    return ShardRecord(index, final.name, int(rows.shape[0]), int(rejected), sha256_path(final), path_bytes(final))
+
+
+def _arrow_table(tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None):
+    import pyarrow as pa
+
+    n, t = tokens.shape
+    flat = pa.array(tokens.reshape(-1), type=pa.from_numpy_dtype(tokens.dtype))
+    cols = {"tokens": pa.FixedSizeListArray.from_arrays(flat, t), "row": pa.array(rows, type=pa.int64())}
+    if object_ids is not None:
+        cols["object_id"] = pa.array(object_ids, type=pa.string())
+    return pa.table(cols)
+
+
+def _write_arrow(path: Path, tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None) -> None:
+    import pyarrow as pa
+
+    table = _arrow_table(tokens, rows, object_ids)
+    with open(path, "wb") as f:
+        # One record batch per shard: the reader gets the whole shard as one zero-copy [rows, T] view.
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_zarr(path: Path, tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None) -> None:
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    n, t = tokens.shape
+    chunk_rows = max(1, min(n, 4096))
+    arr = group.create_array("tokens", shape=(n, t), chunks=(chunk_rows, t), dtype=tokens.dtype)
+    if n:
+        arr[:] = tokens
+    rarr = group.create_array("row", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype="int64")
+    if n:
+        rarr[:] = rows
+    if object_ids is not None:
+        oarr = group.create_array("object_id", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str)
+        if n:
+            oarr[:] = np.array(object_ids, dtype=object)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def done_record_path(out_dir: str | os.PathLike, index: int) -> Path:
+    """Where shard `index`'s completion record lives."""
+    return Path(out_dir) / DONE_DIR / f"shard-{index:05d}.json"
+
+
+def mark_shard_done(out_dir: str | os.PathLike, record: ShardRecord, rejects: list[dict]) -> None:
+    """Record a written shard as complete (after the shard itself is in place)."""
+    path = done_record_path(out_dir, record.index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"shard": asdict(record), "rejects": rejects}))
+
+
+def read_done_records(out_dir: str | os.PathLike, num_shards: int) -> dict[int, dict]:
+    """Completion records of the shards that are done, whose shard file is present."""
+    out = Path(out_dir)
+    done = {}
+    for i in range(num_shards):
+        p = done_record_path(out, i)
+        if not p.is_file():
+            continue
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # an unreadable record means the shard is redone
+        if (out / rec["shard"]["file"]).exists():
+            done[i] = rec
+    return done
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+    """Rewrite DIR/manifest.json atomically."""
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def finalize_store(out_dir: str | os.PathLike, manifest: dict) -> dict | None:
+    """If every shard is done, write rejects.jsonl and the complete manifest; return it, else None."""
+    out = Path(out_dir)
+    n = int(manifest["sharding"]["num_shards"])
+    done = read_done_records(out, n)
+    if len(done) < n:
+        return None
+    shards = [done[i]["shard"] for i in range(n)]
+    rejects = [r for i in range(n) for r in done[i]["rejects"]]
+    atomic_write_text(out / REJECTS, "".join(json.dumps(r) + "\n" for r in rejects))
+    final = dict(manifest)
+    final["shards"] = shards
+    final["totals"] = {"rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejected"] for s in shards)}
+    final["complete"] = True
+    write_manifest(out, final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_manifest(store_dir: str | os.PathLike) -> dict:
+    """Load and check DIR/manifest.json (format and version); any problem is one AstroptError."""
+    path = Path(store_dir) / MANIFEST
+    if not Path(store_dir).is_dir():
+        raise AstroptError(f"token store {store_dir} does not exist")
+    if not path.is_file():
+        raise AstroptError(f"{store_dir} is not a token store: no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AstroptError(f"{path} is unreadable: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise AstroptError(f"{path} is not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise AstroptError(
+            f"{path} has format version {manifest.get('format_version')}; this tool reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def manifest_sha256(store_dir: str | os.PathLike) -> str:
+    """sha256 of the manifest file: identifies one exact store."""
+    return sha256_path(Path(store_dir) / MANIFEST)
+
+
+class TokenStore:
+    """Read-only view of a complete token store: arrow shards memory-mapped zero-copy, zarr shards by chunk.
+
+    Store rows are numbered 0..num_rows-1 through the shards in order. `take(indices)` gathers any rows with
+    one vectorised index per shard, so a batch never copies more than the rows it asks for.
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, check_sizes: bool = True):
+        self.dir = Path(store_dir)
+        self.manifest = read_manifest(self.dir)
+        if not self.manifest.get("complete"):
+            raise AstroptError(
+                f"token store {self.dir} is incomplete (a tokenise run has not finished every shard); "
+                f"re-run the same `astropt tokenise` command or `astropt verify {self.dir} --finalize`"
+            )
+        m = self.manifest
+        self.storage: str = m["storage"]
+        self.vocab_size: int = int(m["vocab_size"])
+        self.tokens_per_image: int = int(m["tokens_per_image"])
+        self.dtype = np.dtype(m["dtype"])
+        if self.dtype != token_dtype(self.vocab_size):
+            raise AstroptError(f"{self.dir}: dtype {self.dtype} does not match vocab size {self.vocab_size}")
+        self.bands: list[str] = list(m["bands"])
+        self.codec_id: str = m["codec"]["id"]
+        self.shards: list[dict] = m["shards"]
+        self.shard_rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.shard_rows)])  # store row of each shard's first row
+        self.num_rows = int(self.offsets[-1])
+        if check_sizes:
+            for s in self.shards:
+                p = self.dir / s["file"]
+                if not p.exists():
+                    raise AstroptError(f"token store {self.dir}: shard {s['file']} is missing")
+                size = path_bytes(p)
+                if size != s["bytes"]:
+                    raise AstroptError(
+                        f"token store {self.dir}: shard {s['file']} is {size} bytes, the manifest says {s['bytes']} "
+                        f"(corrupt or truncated; run `astropt verify {self.dir}`)"
+                    )
+        self._open: dict[int, dict] = {}  # shard index -> {"tokens": array-like, "row": ..., "object_id": ...}
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getstate__(self):  # DataLoader workers reopen their own memory maps
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+    def _shard(self, i: int) -> dict:
+        if i not in self._open:
+            path = self.dir / self.shards[i]["file"]
+            try:
+                self._open[i] = _open_arrow(path) if self.storage == "arrow" else _open_zarr(path)
+            except AstroptError:
+                raise
+            except Exception as exc:
+                raise AstroptError(f"token store {self.dir}: shard {path.name} is unreadable ({exc})") from None
+            t = self._open[i]["tokens"]
+            if tuple(t.shape) != (self.shards[i]["rows"], self.tokens_per_image) or np.dtype(t.dtype) != self.dtype:
+                raise AstroptError(
+                    f"token store {self.dir}: shard {path.name} holds {tuple(t.shape)} {t.dtype}, the manifest says "
+                    f"({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
+                )
+        return self._open[i]
+
+    def shard_tokens(self, i: int):
+        """Shard i's tokens, [rows, tokens_per_image]: a zero-copy numpy view (arrow) or a zarr array."""
+        return self._shard(i)["tokens"]
+
+    def shard_source_rows(self, i: int) -> np.ndarray:
+        """Shard i's global source row indices, [rows] int64."""
+        return np.asarray(self._shard(i)["row"][:])
+
+    def shard_object_ids(self, i: int) -> list[str] | None:
+        """Shard i's object ids, or None when the source had no id column."""
+        ids = self._shard(i).get("object_id")
+        return None if ids is None else [str(x) for x in ids[:]]
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row within shard) for store row indices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_rows):
+            raise AstroptError(f"row index out of range: the store has {self.num_rows} rows (0..{self.num_rows - 1})")
+        shard = np.searchsorted(self.offsets, indices, side="right") - 1
+        return shard, indices - self.offsets[shard]
+
+    def take(self, indices) -> np.ndarray:
+        """Tokens of store rows `indices`, [n, tokens_per_image] in the store dtype, in the order asked."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((indices.size, self.tokens_per_image), dtype=self.dtype)
+        shard, local = self.locate(indices)
+        for i in np.unique(shard):
+            sel = np.nonzero(shard == i)[0]
+            tokens = self.shard_tokens(int(i))
+            if self.storage == "arrow":
+                out[sel] = tokens[local[sel]]  # one fancy index into the memory map
+            else:
+                order = np.argsort(local[sel], kind="stable")
+                out[sel[order]] = tokens.oindex[local[sel][order], :]  # zarr reads only the chunks it needs
+        return out
+
+    def source_rows(self, indices) -> np.ndarray:
+        """Global source row index of each store row in `indices`."""
+        shard, local = self.locate(indices)
+        return np.array([self.shard_source_rows(int(s))[j] for s, j in zip(shard, local)], dtype=np.int64)
+
+    def object_ids(self, indices) -> list[str | None]:
+        """Object id of each store row in `indices` (None where the source had no id column)."""
+        shard, local = self.locate(indices)
+        out = []
+        for s, j in zip(shard, local):
+            ids = self.shard_object_ids(int(s))
+            out.append(None if ids is None else ids[j])
+        return out
+
+    def find_object_ids(self, wanted: Iterable[str]) -> np.ndarray:
+        """Store row index of each object id in `wanted`; an unknown id is an AstroptError."""
+        wanted = list(wanted)
+        where: dict[str, int] = {}
+        for i in range(len(self.shards)):
+            ids = self.shard_object_ids(i)
+            if ids is None:
+                raise AstroptError(f"token store {self.dir} has no object_id column")
+            for j, oid in enumerate(ids):
+                if oid in wanted and oid not in where:
+                    where[oid] = int(self.offsets[i] + j)
+        missing = [w for w in wanted if w not in where]
+        if missing:
+            raise AstroptError(f"object id(s) not in {self.dir}: {', '.join(missing[:5])}")
+        return np.array([where[w] for w in wanted], dtype=np.int64)
+
+
+def _open_arrow(path: Path) -> dict:
+    import pyarrow as pa
+
+    source = pa.memory_map(str(path), "r")
+    table = pa.ipc.open_stream(source).read_all()
+    cols = {}
+    tokens_col = table.column("tokens")
+    t = tokens_col.type.list_size
+    if tokens_col.num_chunks == 1:
+        values = tokens_col.chunk(0).flatten()
+        cols["tokens"] = values.to_numpy(zero_copy_only=True).reshape(-1, t)
+    else:  # not written by this tool, but still readable
+        cols["tokens"] = np.concatenate([c.flatten().to_numpy() for c in tokens_col.chunks]).reshape(-1, t)
+    cols["row"] = table.column("row").to_numpy()
+    if "object_id" in table.column_names:
+        cols["object_id"] = table.column("object_id").to_pylist()
+    return cols
+
+
+def _open_zarr(path: Path) -> dict:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    cols = {"tokens": group["tokens"], "row": group["row"]}
+    if "object_id" in group:
+        cols["object_id"] = group["object_id"]
+    return cols
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verification
+
+
+def verify_store(store_dir: str | os.PathLike) -> list[str]:
+    """Re-hash every shard against the manifest and check shapes, dtypes and token ranges.
+
+    Returns one problem line per bad shard (empty when the store is sound).
+    """
+    store_dir = Path(store_dir)
+    manifest = read_manifest(store_dir)
+    if not manifest.get("complete"):
+        return [f"{store_dir}: manifest is not complete (run `astropt verify {store_dir} --finalize`)"]
+    problems = []
+    store = TokenStore(store_dir, check_sizes=False)
+    for i, s in enumerate(store.shards):
+        path = store_dir / s["file"]
+        if not path.exists():
+            problems.append(f"{s['file']}: missing")
+            continue
+        digest = sha256_path(path)
+        if digest != s["sha256"]:
+            problems.append(f"{s['file']}: sha256 {digest[:12]}… does not match the manifest's {s['sha256'][:12]}…")
+            continue
+        try:
+            tokens = np.asarray(store.shard_tokens(i)[:])
+        except AstroptError as exc:
+            problems.append(f"{s['file']}: {exc}")
+            continue
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= store.vocab_size):
+            problems.append(f"{s['file']}: tokens outside 0..{store.vocab_size - 1}")
+        rows = store.shard_source_rows(i)
+        if rows.shape[0] != s["rows"] or (rows.size > 1 and np.any(np.diff(rows) <= 0)):
+            problems.append(f"{s['file']}: source row column is not {s['rows']} ascending rows")
+    return problems
+
+
+def codebook_usage(store: TokenStore) -> tuple[int, np.ndarray]:
+    """(distinct codes used, per-code counts [vocab]) over the whole store."""
+    counts = np.zeros(store.vocab_size, dtype=np.int64)
+    for i in range(len(store.shards)):
+        tokens = np.asarray(store.shard_tokens(i)[:]).astype(np.int64).reshape(-1)
+        counts += np.bincount(tokens, minlength=store.vocab_size)[: store.vocab_size]
+    return int((counts > 0).sum()), counts
+
+
+def write_store_from_arrays(
+    out_dir: str | os.PathLike,
+    tokens: np.ndarray,
+    num_shards: int,
+    codec: dict,
+    bands: list[str],
+    storage: str = "arrow",
+    object_ids: list[str] | None = None,
+    source: dict | None = None,
+    precision: str = "fp32",
+) -> dict:
+    """Write a complete store from tokens already in memory ([rows, T]); rows split into contiguous shards.
+
+    For synthetic stores (tests, benchmarks) and re-packing. `codec` is a manifest codec section
+    (`LoadedCodec.describe()`, or at least {"id", "vocab_size", "tokens_per_image"}).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = int(codec["vocab_size"])
+    dtype = token_dtype(vocab)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise AstroptError(f"tokens outside 0..{vocab - 1}")
+    n = tokens.shape[0]
+    bounds = shard_bounds(n, num_shards)
+    manifest = new_manifest(
+        codec=codec, bands=bands, storage=storage, num_shards=num_shards, precision=precision,
+        source=source or {"id": "in-memory", "kind": "arrays", "num_rows": n},
+    )
+    write_manifest(out, manifest)
+    for i in range(num_shards):
+        lo, hi = bounds[i], bounds[i + 1]
+        rec = write_shard(out, i, storage, tokens[lo:hi].astype(dtype), np.arange(lo, hi, dtype=np.int64),
+                          None if object_ids is None else object_ids[lo:hi])
+        mark_shard_done(out, rec, [])
+    return finalize_store(out, manifest)
+
+
+def shard_bounds(num_rows: int, num_shards: int) -> list[int]:
+    """The sharding rule: shard i holds source rows [floor(i*R/N), floor((i+1)*R/N)), R rows in N shards.
+
+    Contiguous ranges keep each shard's reads to the files and row groups that cover it.
+    """
+    if num_shards < 1:
+        raise AstroptError(f"--shards must be at least 1, got {num_shards}")
+    return [(i * num_rows) // num_shards for i in range(num_shards + 1)]
+
+
+SHARDING_RULE = "contiguous: shard i holds global source rows [floor(i*R/N), floor((i+1)*R/N)) of R rows in N shards"
+
+
+def new_manifest(codec: dict, bands: list[str], storage: str, num_shards: int, precision: str, source: dict) -> dict:
+    """A manifest for a store in progress (`complete` false, no shard list yet)."""
+    from astropt_tok import __version__
+
+    vocab = int(codec["vocab_size"])
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "complete": False,
+        "codec": codec,
+        "vocab_size": vocab,
+        "tokens_per_image": int(codec["tokens_per_image"]),
+        "dtype": token_dtype(vocab).name,
+        "bands": list(bands),
+        "precision": precision,
+        "storage": storage,
+        "source": source,
+        "sharding": {"rule": SHARDING_RULE, "num_shards": int(num_shards)},
+    }
