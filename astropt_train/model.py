@@ -1,0 +1,302 @@
+"""AstroPT's GPT for one discrete modality, `images_aion`, in one readable file.
+
+A galaxy is a sequence of `block_size` (576) AION image tokens. The model embeds each token id
+(`encoders.images_aion.wpe`, a [vocab, n_embd] table) and each position 0..575
+(`embedders.images_aion.wpe`, [block_size, n_embd]), runs pre-LayerNorm transformer blocks with causal
+`scaled_dot_product_attention` and a GELU MLP, a final LayerNorm, and a linear head to vocab logits
+(`decoders.images_aion.c_fc`, [vocab, n_embd]). Parameter names and shapes are those of upstream AstroPT's
+`GPT` built with one modality `images_aion` (vocab_size > 0, embed_pos=True) and tokeniser "affine", so a
+state dict saved here loads into upstream's model for its downstream tools.
+
+Written after reading nanoGPT and AstroPT; the code is our own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+MODALITY = "images_aion"  # the one modality; part of every embedding/head parameter name
+
+# Dense bf16 peak FLOP/s by GPU name fragment, for MFU. Unknown GPUs fall back to the A100 figure.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+@dataclass
+class GPTConfig:
+    """Model shape. `block_size` is the number of positions (tokens per image, 576 for AION)."""
+
+    vocab_size: int = 4375
+    block_size: int = 576
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linears and LayerNorms; False like upstream's default
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (weight only when bias=False), as upstream."""
+
+    def __init__(self, ndim: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension."""
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding; `length` is how many positions are filled."""
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, block_size, hs) once allocated
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through `scaled_dot_product_attention`, with an optional KV cache."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.block_size, self.layer = config.block_size, layer
+
+    def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions pos_offset..pos_offset+T-1 -> (B, T, C)."""
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        attn_mask, is_causal = None, True
+        if kv_cache is not None:
+            if kv_cache.k[self.layer] is None:  # allocate this layer's buffers once, full length
+                shape = (B, self.n_head, self.block_size, hs)
+                kv_cache.k[self.layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
+                kv_cache.v[self.layer] = torch.empty(shape, dtype=v.dtype, device=v.device)
+            kbuf, vbuf = kv_cache.k[self.layer], kv_cache.v[self.layer]
+            kbuf[:, :, pos_offset : pos_offset + T] = k
+            vbuf[:, :, pos_offset : pos_offset + T] = v
+            k = kbuf[:, :, : pos_offset + T]  # (B, nh, pos_offset+T, hs)
+            v = vbuf[:, :, : pos_offset + T]
+            if pos_offset > 0:
+                is_causal = False
+                if T > 1:  # query i (at pos_offset+i) sees keys 0..pos_offset+i
+                    attn_mask = torch.ones(T, pos_offset + T, dtype=torch.bool, device=x.device).tril(pos_offset)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Two linear layers with a tanh-approximated GELU (the same function as upstream's new_gelu)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # (B, T, 4C) inside
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C)."""
+        x = x + self.attn(self.ln_1(x), pos_offset=pos_offset, kv_cache=kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TokenEmbedding(nn.Module):
+    """A lookup table held as `.wpe`, the attribute name upstream uses for both token and position tables."""
+
+    def __init__(self, num: int, n_embd: int):
+        super().__init__()
+        self.wpe = nn.Embedding(num, n_embd)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(...,) int64 -> (..., n_embd)."""
+        return self.wpe(idx)
+
+
+class Head(nn.Module):
+    """The linear head to vocab logits, held as `.c_fc` like upstream's affine decoder."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, T, vocab)."""
+        return self.c_fc(x)
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer over AION image tokens, state-dict compatible with upstream AstroPT."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.vocab_size > 0 and config.block_size > 0
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.encoders = nn.ModuleDict({MODALITY: TokenEmbedding(config.vocab_size, config.n_embd)})
+        self.embedders = nn.ModuleDict({MODALITY: TokenEmbedding(config.block_size, config.n_embd)})
+        self.decoders = nn.ModuleDict({MODALITY: Head(config)})
+        # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; non_embedding drops the token and position lookup tables (not matmuls)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.encoders[MODALITY].wpe.weight.numel() + self.embedders[MODALITY].wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        pos_offset: int = 0,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens (B, T) int64 at positions pos_offset.. -> (logits, loss).
+
+        With targets (B, T): logits (B, T, vocab) for every position and the mean cross-entropy.
+        Without: logits (B, 1, vocab) for the last position only (what sampling needs), loss None.
+        """
+        B, T = tokens.size()
+        if pos_offset + T > self.config.block_size:
+            raise ValueError(f"positions {pos_offset}..{pos_offset + T - 1} exceed block_size {self.config.block_size}")
+        pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=tokens.device)  # (T,)
+        tok_emb = self.encoders[MODALITY](tokens)  # (B, T, C)
+        pos_emb = self.embedders[MODALITY](pos)  # (T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, pos_offset=pos_offset, kv_cache=kv_cache)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.decoders[MODALITY](x[:, [-1], :]), None  # (B, 1, vocab)
+        logits = self.decoders[MODALITY](x)  # (B, T, vocab)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices and embeddings (dim >= 2) only; fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12 L H Q T, as in the PaLM appendix."""
+        cfg = self.config
+        T = seq_len if seq_len is not None else cfg.block_size - 1
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+
+    def estimate_mfu(self, tokens_per_s: float, peak_flops: float | None = None, seq_len: int | None = None) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's dense bf16 peak."""
+        if peak_flops is None:
+            peak_flops = peak_flops_for_device()
+        return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prefix_tokens: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_kv_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue prefix_tokens (B, K) int64, K >= 1, by max_new_tokens sampled tokens -> (B, K + max_new_tokens).
+
+        temperature 0 means greedy (argmax). With use_kv_cache each step feeds only the newest token through
+        per-layer key/value buffers; without it the whole sequence is re-run each step. Both give the same
+        tokens for the same generator seed. To generate a galaxy from nothing, pass a first token yourself
+        (e.g. sampled from the first tokens of training images in the store) as a (B, 1) prefix.
+        """
+        B, K = prefix_tokens.shape
+        if K < 1:
+            raise ValueError("generate needs a prefix of at least one token (see the docstring)")
+        if K + max_new_tokens > self.config.block_size:
+            raise ValueError(f"{K} + {max_new_tokens} tokens exceed block_size {self.config.block_size}")
+        seq = prefix_tokens
+        cache = KVCache(self.config.n_layer) if use_kv_cache else None
+        step_in, offset = seq, 0
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                logits, _ = self(step_in, pos_offset=offset, kv_cache=cache)
+                offset += step_in.size(1)
+            else:
+                logits, _ = self(seq)
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+            seq = torch.cat((seq, nxt), dim=1)
+            step_in = nxt
+        return seq
+
+
+def peak_flops_for_device(device: torch.device | str | None = None) -> float:
+    """Dense bf16 peak FLOP/s of the current CUDA GPU (A100 figure when unknown or on CPU)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return flops
+    return PEAK_BF16_FLOPS["A100"]
