@@ -1,0 +1,182 @@
+"""The training configuration: one typed dataclass, model presets, and TOML loading.
+
+Precedence: dataclass defaults < `--config FILE.toml` < command-line flags. The resolved config is saved
+in the run folder (`config.json`, and `train_config.toml` that `--config` reads back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from astropt_tok.errors import AstroptError
+
+# name -> (n_layer, n_head, n_embd). The numbered ones are upstream AstroPT's scaling-suite shapes
+# (config/scaling/astroptNNNM.py); their names count upstream's parameters, which depend on its patch
+# size and vocabulary, so the count for a 4375-code AION vocabulary differs a little.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 2, 64),  # CPU tests and the demo
+    "small": (6, 6, 384),
+    "001M": (4, 8, 128),
+    "005M": (6, 8, 256),
+    "010M": (6, 8, 384),
+    "020M": (6, 8, 512),
+    "95M": (12, 12, 768),  # AstroPT's published 95M (upstream config astropt070M.py, HF astropt/095M)
+    "300M": (24, 16, 1024),
+    "700M": (16, 8, 2048),
+    "2100M": (26, 32, 2560),
+}
+DEFAULT_PRESET = "tiny"
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("bf16", "fp16", "fp32")
+LOGGERS = ("csv", "wandb", "tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every `astropt train` flag is one field."""
+
+    tokens: str = ""  # token store folder
+    out: str = "runs/astropt"  # run folder: checkpoints, metrics, images
+    # model: a preset, or explicit sizes (which override the preset's)
+    preset: str | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    dropout: float = 0.0
+    bias: bool = False
+    # optimisation
+    batch_size: int = 16  # micro-batch per process
+    grad_accum: int = 1
+    max_iters: int = 1000
+    lr: float = 6e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None: max_iters
+    min_lr: float | None = None  # None: lr / 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # evaluation
+    eval_interval: int = 200
+    eval_iters: int = 20
+    val_fraction: float = 0.05
+    val_images: int = 4  # validation galaxies drawn target|prediction at each eval; 0 never loads the codec
+    codec: str | None = None  # codec id or folder for those images; None: the store manifest's codec
+    # system
+    device: str = "auto"
+    dtype: str = "bf16"  # autocast dtype on CUDA; CPU always trains in fp32
+    compile: bool | None = None  # None: compile on CUDA only
+    seed: int = 1337
+    workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
+    # checkpoints and logs
+    resume: bool = False
+    checkpoint_interval: int = 1000  # 0: only at the end of the run
+    keep_last: int = 3
+    save: bool = True  # False writes no checkpoints at all (benchmarks)
+    log: str = "csv"
+    log_interval: int = 10
+    live: bool | None = None  # rich live display; None: when stdout is a terminal
+    log_rows: bool = False  # debug: each rank appends the store rows it trains on to RUN/rows-rank{r}.txt
+
+    def model_dims(self) -> tuple[int, int, int]:
+        """(n_layer, n_head, n_embd): the preset's, overridden by explicit sizes."""
+        name = self.preset or DEFAULT_PRESET
+        if name not in PRESETS:
+            raise AstroptError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        L, H, E = PRESETS[name]
+        return (self.n_layer or L, self.n_head or H, self.n_embd or E)
+
+    def model_given(self) -> bool:
+        """Whether the user chose a model shape (a preset or any size)."""
+        return any(v is not None for v in (self.preset, self.n_layer, self.n_head, self.n_embd))
+
+    def decay_iters(self) -> int:
+        """The cosine schedule's length."""
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
+
+    def final_lr(self) -> float:
+        """The learning rate the cosine decays to."""
+        return self.min_lr if self.min_lr is not None else self.lr / 10
+
+    def validate(self) -> None:
+        """Refuse inconsistent settings with one clear message."""
+        if not self.tokens:
+            raise AstroptError("no token store given: pass --tokens DIR")
+        L, H, E = self.model_dims()
+        if min(L, H, E) <= 0 or E % H:
+            raise AstroptError(f"n_embd ({E}) must be a positive multiple of n_head ({H}), n_layer ({L}) positive")
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
+            if getattr(self, name) <= 0:
+                raise AstroptError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if min(self.warmup_iters, self.checkpoint_interval, self.val_images) < 0 or self.keep_last < 1:
+            raise AstroptError("warmup-iters, checkpoint-interval and val-images must be >= 0, keep-last >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise AstroptError(f"val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise AstroptError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise AstroptError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.log not in LOGGERS:
+            raise AstroptError(f"log must be one of {', '.join(LOGGERS)}, got {self.log!r}")
+        if self.lr <= 0 or self.final_lr() < 0:
+            raise AstroptError("lr must be positive and min-lr non-negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config (flat `key = value`, or under a [train] table); keys may use dashes."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise AstroptError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise AstroptError(f"config file {path} is unreadable: {exc}") from None
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise AstroptError(f"config file {path}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def build_config(overrides: dict[str, Any] | None = None, config_file: str | Path | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then `overrides` (None values mean "not given"); validated."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_toml(config_file))
+    for k, v in (overrides or {}).items():
+        if k not in FIELDS:
+            raise AstroptError(f"unknown setting {k!r}")
+        if v is not None:
+            values[k] = v
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as exc:
+        raise AstroptError(f"bad config: {exc}") from None
+    cfg.validate()
+    return cfg
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML that `--config` reads back (unset optional fields are left out)."""
+    lines = ["# the configuration this run used; `astropt train --config` reads it back"]
+    for k, v in cfg.to_dict().items():
+        if v is None:
+            continue
+        lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,141 @@
+"""Batches of token rows from the store: a seeded train/validation split, a map-style Dataset with a batched
+fetch, a deterministic per-epoch batch sampler that splits every epoch across DDP ranks, and the DataLoader.
+
+Nothing here holds a copy of the store: rows are gathered from memory-mapped shards one batch at a time
+(`TokenStore.take`), and DataLoader workers reopen their own maps. Tokens stay int16 until the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError
+from astropt_tok.store import TokenStore
+
+SPLIT_STREAM = 0x5A11  # the second word of the split's seed, so it never equals an epoch's stream
+
+
+@dataclass
+class Split:
+    """Store rows for training and validation (ascending), and the rule that chose them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    rule: dict
+
+
+def split_rows(num_rows: int, val_fraction: float, seed: int) -> Split:
+    """Hold out a seeded fraction (at least one row) of the store for validation."""
+    n_val = max(1, int(round(num_rows * val_fraction)))
+    if num_rows - n_val < 1:
+        raise AstroptError(f"the store has {num_rows} rows: too few to hold out {n_val} for validation and train")
+    perm = np.random.default_rng([seed, SPLIT_STREAM]).permutation(num_rows)
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    rule = {
+        "rule": f"val = sorted(np.random.default_rng([seed, {SPLIT_STREAM}]).permutation(num_rows)[:num_val])",
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "num_rows": num_rows,
+        "num_val": int(n_val),
+        "num_train": int(num_rows - n_val),
+    }
+    return Split(train=train, val=val, rule=rule)
+
+
+class TokenRows:
+    """Map-style Dataset over store rows; `__getitems__` fetches a whole batch with one index per shard."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return self.store.num_rows
+
+    def __getitem__(self, row: int):
+        """One row, [tokens_per_image] int16 tensor."""
+        return self.__getitems__([row])[0]
+
+    def __getitems__(self, rows):
+        """Rows (store indices) -> [len(rows), tokens_per_image] int16 tensor."""
+        import torch
+
+        return torch.from_numpy(self.store.take(np.asarray(rows, dtype=np.int64)))
+
+
+def pass_through(batch):
+    """collate_fn: the dataset already returns the batch tensor."""
+    return batch
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of an epoch's training rows: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class EpochBatchSampler:
+    """Endless batches of store rows: epoch e visits train rows in `epoch_permutation(seed, e)` order, rank r
+    takes `perm[r::world]` cut to an equal length, in batches of `batch_size` (the ragged tail is dropped).
+
+    Starts at (start_epoch, start_batch), so a resumed run continues with exactly the batches it would have seen.
+    """
+
+    def __init__(self, train_rows: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 start_epoch: int = 0, start_batch: int = 0):
+        self.rows = np.asarray(train_rows, dtype=np.int64)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.per_rank = len(self.rows) // world
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch < 1:
+            raise AstroptError(
+                f"{len(self.rows)} training rows over {world} process(es) do not fill one batch of {batch_size}; "
+                f"use a smaller --batch-size or a larger store"
+            )
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+
+    def rank_rows(self, epoch: int) -> np.ndarray:
+        """This rank's rows of an epoch, in order."""
+        perm = epoch_permutation(self.seed, epoch, len(self.rows))
+        return self.rows[perm[self.rank :: self.world][: self.per_rank]]
+
+    def position(self, batches_done: int) -> tuple[int, int]:
+        """(epoch, batch) after `batches_done` batches from the start of epoch 0."""
+        return divmod(batches_done, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, b = self.start_epoch, self.start_batch
+        while True:
+            mine = self.rank_rows(epoch)
+            while b < self.batches_per_epoch:
+                yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                b += 1
+            epoch, b = epoch + 1, 0
+
+
+def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool):
+    """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        TokenRows(store),
+        batch_sampler=sampler,
+        collate_fn=pass_through,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def val_batch_rows(val_rows: np.ndarray, batch_size: int, i: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Validation batch i of this rank: a fixed cycle through the held-out rows, the same at every eval."""
+    start = (i * world + rank) * batch_size
+    return val_rows[(start + np.arange(batch_size)) % len(val_rows)]
+
+
+def to_device(batch, device, non_blocking: bool = True):
+    """int16 [B, T] -> (x, y) int64 on device: x = tokens[:, :-1], y = tokens[:, 1:] (positions 0..T-2)."""
+    tokens = batch.to(device, non_blocking=non_blocking).long()
+    return tokens[:, :-1], tokens[:, 1:]
