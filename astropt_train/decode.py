@@ -1,0 +1,456 @@
+"""Tokens back to galaxies: decode stored rows, check what the codec loses, and look at what a model predicts,
+completes and invents.
+
+`decode(DecodeConfig)` is the one library call behind `astropt decode`. It picks one mode:
+
+  stored     decode store rows (--rows / --ids / --random) with the AION codec; with `compare`, re-read the
+             same rows from the store's source and report per-band MSE and PSNR over the codec's 96x96 crop
+  predict    teacher-forced argmax: input row[:-1], prediction of row[1:] (as validation scores it); the
+             predicted image is row[0] followed by the 575 argmax tokens
+  complete   keep the first K tokens of each stored row and let the model sample the rest
+  generate   sample N galaxies from nothing (see `first_token_distribution` for how the first token is drawn)
+
+Every token sequence is [N, tokens_per_image] (576 for AION). Decoded flux is float32 [N, bands, 96, 96].
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError
+from astropt_train.images import DEFAULT_RGB_BANDS, GridLayout, fit_stretch, apply_stretch, rgb_indices, save_flux, save_grid
+
+MODES = ("stored", "predict", "complete", "generate")
+
+
+@dataclass
+class DecodeConfig:
+    """Everything `astropt decode` needs; exactly one row selection for the modes that read stored rows."""
+
+    out: Path = Path("decoded.png")  # the PNG grid
+    tokens: Path | None = None  # token store folder (stored, predict, complete; generate's first tokens)
+    rows: str | None = None  # "0:16", "3", "1,5,9" or "0:4,10"
+    ids: list[str] | None = None  # object ids
+    random: int | None = None  # this many random rows, drawn with `seed`
+    seed: int = 0
+    codec: str | None = None  # hub id or folder; default: the store's (or the checkpoint's store's) codec
+    compare: bool = False  # re-read rows from the source: original | reconstruction, with MSE and PSNR
+    checkpoint: Path | None = None  # run folder or checkpoint folder of `astropt train`
+    step: int | None = None  # checkpoint step (default: the run's latest)
+    generate: int | None = None  # sample this many galaxies from the model
+    complete_from: int | None = None  # keep the first K tokens of each row, let the model write the rest
+    predict: bool = False  # teacher-forced argmax prediction of each row
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = None
+    kv_cache: bool = True  # sample with the model's key/value cache (same tokens, much faster)
+    bands: list[str] | None = None  # bands of --save-flux (default: the store's bands)
+    rgb_bands: tuple[str, str, str] = DEFAULT_RGB_BANDS  # displayed as (red, green, blue)
+    save_flux: Path | None = None  # .npy or .fits
+    device: str = "cpu"  # "cpu", "cuda", "auto"
+    batch_size: int = 32  # images per codec decode / model batch
+    ncols: int | None = None  # panels per grid row (default: about 8)
+    title: str | None = None  # a line above the grid
+
+
+@dataclass
+class DecodeResult:
+    """What one `decode` call made: tokens, flux and labels of every panel, metrics, and where files went."""
+
+    mode: str
+    out: Path
+    tokens: np.ndarray  # [N, T] int64, the sequences decoded in the last panel column
+    flux: np.ndarray  # [N, bands, 96, 96] float32 of those sequences, in `bands` order
+    bands: list[str]
+    labels: list[str]  # one per galaxy
+    codec_id: str
+    rows: np.ndarray | None = None  # store rows, when the mode reads stored rows
+    metrics: dict | None = None  # --compare: per-band MSE/PSNR; predict: accuracy/loss; complete: agreement
+    flux_path: Path | None = None
+    columns: list[str] = field(default_factory=list)  # panel kinds per galaxy, e.g. ["original", "reconstruction"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# choosing rows
+
+
+def parse_rows(spec: str, num_rows: int) -> np.ndarray:
+    """Store rows from "0:16", "7", "1,5,9", "0:4,10" or "-3:" (Python slice rules); out of range is an error."""
+    def bounded(v: int | None, is_stop: bool) -> None:
+        if v is not None and not -num_rows <= v <= (num_rows if is_stop else num_rows - 1):
+            raise AstroptError(f"rows {spec!r} are out of range: the store has {num_rows} rows (0..{num_rows - 1})")
+
+    out: list[int] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        try:
+            bits = [int(b) if b.strip() else None for b in part.split(":")]
+        except ValueError:
+            raise AstroptError(f"cannot read --rows {spec!r}: use e.g. 0:16, 7 or 1,5,9") from None
+        if len(bits) > 3 or (len(bits) == 3 and bits[2] == 0):
+            raise AstroptError(f"cannot read --rows {spec!r}: use e.g. 0:16, 7 or 1,5,9")
+        if len(bits) == 1:
+            bounded(bits[0], is_stop=False)
+            out.append(bits[0] % num_rows)
+        else:
+            bounded(bits[0], is_stop=False)
+            bounded(bits[1], is_stop=True)
+            out.extend(range(*slice(*bits).indices(num_rows)))
+    if not out:
+        raise AstroptError(f"--rows {spec!r} selects no rows (the store has {num_rows})")
+    return np.array(out, dtype=np.int64)
+
+
+def select_rows(store, rows: str | None, ids: Sequence[str] | None, random: int | None, seed: int) -> np.ndarray:
+    """Store row indices from exactly one of rows / ids / random."""
+    given = [name for name, v in (("--rows", rows), ("--ids", ids), ("--random", random)) if v]
+    if len(given) != 1:
+        raise AstroptError(f"choose the stored rows with exactly one of --rows, --ids, --random (got {given or 'none'})")
+    if rows:
+        return parse_rows(rows, store.num_rows)
+    if ids:
+        return store.find_object_ids([str(i).strip() for i in ids if str(i).strip()])
+    if random < 1 or random > store.num_rows:
+        raise AstroptError(f"--random {random}: the store has {store.num_rows} rows")
+    return np.sort(np.random.default_rng(seed).choice(store.num_rows, size=random, replace=False)).astype(np.int64)
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, what: str = "tokens") -> None:
+    """Raise AstroptError when any token is outside 0..vocab_size-1, naming the first bad one."""
+    tokens = np.asarray(tokens)
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise AstroptError(
+            f"{what}: token {int(tokens[r, c])} at sequence {r}, position {c} is outside the codec's vocabulary "
+            f"0..{vocab_size - 1}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# codec and metrics
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """AION decode of token sequences [N, T] -> float32 flux [N, len(bands), 96, 96], in batches.
+
+    `codec` is a `LoadedCodec`; tokens are checked against its vocabulary first.
+    """
+    import torch
+
+    tokens = np.asarray(tokens)
+    check_token_range(tokens, codec.vocab_size)
+    if tokens.ndim != 2 or tokens.shape[1] != codec.tokens_per_image:
+        raise AstroptError(f"token sequences must be [N, {codec.tokens_per_image}] for this codec, got {list(tokens.shape)}")
+    device = next(codec.codec.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(tokens), batch_size):
+            t = torch.as_tensor(tokens[i : i + batch_size].astype(np.int64), device=device)  # [b, T]
+            out.append(codec.codec.decode(t, bands=list(bands)).flux.float().cpu().numpy())  # [b, nb, 96, 96]
+    if not out:
+        return np.zeros((0, len(bands), 96, 96), np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def center_crop(flux: np.ndarray, size: int) -> np.ndarray:
+    """AION's CenterCrop on [..., H, W]: start = (H - size) // 2 (the same pixels the codec encodes)."""
+    h, w = flux.shape[-2:]
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return flux[..., y0 : y0 + size, x0 : x0 + size]
+
+
+def reconstruction_metrics(original: np.ndarray, recon: np.ndarray, bands: Sequence[str]) -> dict:
+    """Per-band MSE and PSNR of a reconstruction against the original's centre crop.
+
+    original: [N, B, H, W] (H >= 96; centre-cropped to recon's size as the codec does); recon: [N, B, 96, 96].
+    Per image and band: MSE = mean((orig - recon)^2) over the crop; PSNR = 10 log10(range^2 / MSE) with
+    range = max - min of that image's original crop in that band (flux has no fixed peak, so the data's own
+    dynamic range stands in for it). Per band the figures are the means over images.
+    Returns {"bands", "mse" [N, B], "psnr" [N, B], "per_band": {band: {"mse", "psnr"}}}.
+    """
+    orig = center_crop(np.asarray(original, dtype=np.float64), recon.shape[-1])
+    rec = np.asarray(recon, dtype=np.float64)
+    if orig.shape != rec.shape:
+        raise ValueError(f"original crop {orig.shape} and reconstruction {rec.shape} disagree")
+    mse = ((orig - rec) ** 2).mean(axis=(-2, -1))  # [N, B]
+    rng = orig.max(axis=(-2, -1)) - orig.min(axis=(-2, -1))  # [N, B]
+    with np.errstate(divide="ignore"):
+        psnr = np.where(mse > 0, 10.0 * np.log10(np.maximum(rng, 1e-300) ** 2 / np.where(mse > 0, mse, 1.0)), np.inf)
+    per_band = {b: {"mse": float(mse[:, i].mean()), "psnr": float(psnr[:, i].mean())} for i, b in enumerate(bands)}
+    return {"bands": list(bands), "mse": mse, "psnr": psnr, "per_band": per_band}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model-side token work
+
+
+def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:
+    """Teacher-forced argmax prediction, as validation scores it: X = row[:-1], Y = row[1:].
+
+    Returns (row[0] followed by argmax(logits) at positions 1..T-1, [N, T] int64; {"accuracy", "loss"}).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    preds, correct, loss_sum, count = [], 0, 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(tokens), batch_size):
+            t = torch.as_tensor(np.asarray(tokens[i : i + batch_size], dtype=np.int64), device=device)  # [b, T]
+            x, y = t[:, :-1], t[:, 1:]
+            logits, _ = model(x, targets=y)  # [b, T-1, vocab]
+            arg = logits.argmax(dim=-1)  # [b, T-1]
+            correct += int((arg == y).sum())
+            loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+            count += y.numel()
+            preds.append(torch.cat([t[:, :1], arg], dim=1).cpu().numpy())
+    return np.concatenate(preds), {"accuracy": correct / max(count, 1), "loss": loss_sum / max(count, 1)}
+
+
+def complete_tokens(
+    model, tokens: np.ndarray, keep: int, temperature: float = 1.0, top_k: int | None = None,
+    seed: int = 0, batch_size: int = 32, kv_cache: bool = True,
+) -> np.ndarray:
+    """Keep tokens[:, :keep] and sample the remaining T - keep with the model -> [N, T] int64."""
+    import torch
+
+    n, t = tokens.shape
+    if not 1 <= keep < t:
+        raise AstroptError(f"--complete-from must be between 1 and {t - 1} (tokens kept from each row), got {keep}")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        prefix = torch.as_tensor(np.asarray(tokens[i : i + batch_size, :keep], dtype=np.int64), device=device)  # [b, K]
+        seq = model.generate(prefix, t - keep, temperature=temperature, top_k=top_k, generator=gen, use_kv_cache=kv_cache)
+        out.append(seq.cpu().numpy())
+    return np.concatenate(out).astype(np.int64)
+
+
+def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000) -> np.ndarray:
+    """Empirical distribution [vocab] of the first token of stored rows (at most the first `max_rows`).
+
+    The model has no begin-of-image token, so it cannot choose position 0 itself; generating "from nothing"
+    draws the first token from how images in the training store actually begin, then the model writes the rest.
+    """
+    n = min(store.num_rows, max_rows)
+    first = np.asarray(store.take(np.arange(n))[:, 0], dtype=np.int64)
+    check_token_range(first[:, None], vocab_size, what=f"store {store.dir}")
+    counts = np.bincount(first, minlength=vocab_size).astype(np.float64)
+    return counts / counts.sum()
+
+
+def generate_tokens(
+    model, n: int, first_token_probs: np.ndarray, tokens_per_image: int, temperature: float = 1.0,
+    top_k: int | None = None, seed: int = 0, batch_size: int = 32, kv_cache: bool = True,
+) -> np.ndarray:
+    """Sample n galaxies: first token from `first_token_probs` [vocab], the other T-1 from the model -> [n, T]."""
+    import torch
+
+    if n < 1:
+        raise AstroptError(f"--generate must be at least 1, got {n}")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    probs = torch.as_tensor(first_token_probs, dtype=torch.float64, device=device)
+    first = torch.multinomial(probs, n, replacement=True, generator=gen).view(n, 1)  # [n, 1]
+    out = []
+    for i in range(0, n, batch_size):
+        seq = model.generate(first[i : i + batch_size], tokens_per_image - 1, temperature=temperature, top_k=top_k,
+                             generator=gen, use_kv_cache=kv_cache)
+        out.append(seq.cpu().numpy())
+    return np.concatenate(out).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the one library call
+
+
+def _labels_for(store, rows: np.ndarray) -> list[str]:
+    ids = store.object_ids(rows)
+    return [oid if oid is not None else f"row {r}" for oid, r in zip(ids, rows)]
+
+
+def _source_rereadable(manifest: dict) -> bool:
+    return manifest.get("source", {}).get("kind") in ("local", "hub") and bool(manifest["source"].get("files"))
+
+
+def _read_originals(store, rows: np.ndarray, bands: list[str], crop: int) -> np.ndarray:
+    """The source flux of store rows, centre-cropped like the codec: [N, bands, crop, crop]."""
+    from astropt_tok.source import read_source_flux
+
+    if not _source_rereadable(store.manifest):
+        raise AstroptError(
+            f"--compare needs the store's source, but {store.dir} was not made from a survey "
+            f"(its manifest source is {store.manifest.get('source', {}).get('id')!r})")
+    return read_source_flux(store.manifest["source"], store.source_rows(rows), bands, crop=crop)
+
+
+def _mode(cfg: DecodeConfig) -> str:
+    chosen = [m for m, on in (("generate", cfg.generate is not None), ("complete", cfg.complete_from is not None),
+                              ("predict", cfg.predict)) if on]
+    if len(chosen) > 1:
+        raise AstroptError(f"choose one of --generate, --complete-from, --predict (got {', '.join(chosen)})")
+    if chosen and cfg.checkpoint is None:
+        raise AstroptError(f"--{chosen[0].replace('complete', 'complete-from')} needs a trained model: pass --checkpoint RUN")
+    if not chosen and cfg.checkpoint is not None:
+        raise AstroptError("with --checkpoint choose what to show: --generate N, --rows ... --complete-from K, or --predict")
+    mode = chosen[0] if chosen else "stored"
+    if mode == "generate" and (cfg.rows or cfg.ids or cfg.random):
+        raise AstroptError("--generate samples new galaxies: it takes no --rows, --ids or --random")
+    if mode == "generate" and cfg.compare:
+        raise AstroptError("--compare needs stored rows; generated galaxies have no original")
+    return mode
+
+
+def decode(cfg: DecodeConfig) -> DecodeResult:
+    """Run one `astropt decode`: choose tokens (stored, predicted, completed or generated), decode, write files."""
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.store import TokenStore
+
+    mode = _mode(cfg)
+    device = resolve_device(cfg.device)
+    model, ckpt = None, {}
+    if cfg.checkpoint is not None:
+        from astropt_train.checkpoint import load_model
+
+        model, ckpt = load_model(cfg.checkpoint, step=cfg.step, device=device)
+        model.eval()
+    ck_store = ckpt.get("store") or {}
+
+    store_dir = cfg.tokens
+    if store_dir is None and mode != "stored" and ck_store.get("dir"):
+        store_dir = Path(ck_store["dir"])  # the store the model was trained on
+    if store_dir is None and mode != "generate":
+        raise AstroptError("pass the token store with --tokens DIR")
+    if store_dir is None:
+        raise AstroptError("--generate draws each galaxy's first token from a token store: pass --tokens DIR "
+                           "(the checkpoint names no store that exists here)")
+    if not Path(store_dir).exists() and cfg.tokens is None:
+        raise AstroptError(f"the checkpoint's token store {store_dir} is not here: pass --tokens DIR")
+    store = TokenStore(store_dir)
+
+    codec_id = cfg.codec or store.codec_id or ck_store.get("codec_id")
+    codec = load_image_codec(str(codec_id), device=device)
+    if store.vocab_size != codec.vocab_size or store.tokens_per_image != codec.tokens_per_image:
+        raise AstroptError(
+            f"store {store.dir} holds {store.tokens_per_image} tokens per image from a vocabulary of {store.vocab_size}, "
+            f"but codec {codec.codec_id} has {codec.tokens_per_image} and {codec.vocab_size}")
+    if model is not None:
+        vocab = int(ckpt.get("vocab_size", model.config.vocab_size))
+        if vocab != codec.vocab_size:
+            raise AstroptError(f"checkpoint {cfg.checkpoint} was trained on a vocabulary of {vocab} tokens, "
+                               f"but codec {codec.codec_id} has {codec.vocab_size}")
+        if model.config.block_size < codec.tokens_per_image:
+            raise AstroptError(f"checkpoint {cfg.checkpoint} has {model.config.block_size} positions, "
+                               f"fewer than the codec's {codec.tokens_per_image} tokens per image")
+
+    flux_bands = list(cfg.bands or store.bands or ck_store.get("bands") or [])
+    if not flux_bands:
+        raise AstroptError("no bands to decode: pass --bands")
+    decode_bands = flux_bands + [b for b in cfg.rgb_bands if b not in flux_bands]  # one decode serves both
+    for b in decode_bands:
+        from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
+
+        if b not in BAND_TO_INDEX:
+            raise AstroptError(f"unknown band {b!r}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
+    rgb_idx = rgb_indices(decode_bands, cfg.rgb_bands)
+
+    rows = None
+    metrics: dict | None = None
+    stacks: list[np.ndarray] = []  # each [N, decode_bands, 96, 96], one per panel column
+    columns: list[str] = []
+    if mode == "generate":
+        probs = first_token_distribution(store, codec.vocab_size)
+        final = generate_tokens(model, cfg.generate, probs, codec.tokens_per_image, cfg.temperature, cfg.top_k,
+                                cfg.seed, cfg.batch_size, cfg.kv_cache)
+        labels = [f"generated #{i}" for i in range(len(final))]
+        columns = ["generated"]
+        stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
+    else:
+        rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
+        stored = store.take(rows).astype(np.int64)  # [N, T]
+        check_token_range(stored, codec.vocab_size, what=f"store {store.dir}")
+        labels = _labels_for(store, rows)
+        show_original = cfg.compare or (mode in ("complete", "predict") and _source_rereadable(store.manifest))
+        if show_original:
+            original = _read_originals(store, rows, decode_bands, crop=96)
+            stacks.append(original)
+            columns.append("original")
+        recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size)
+        stacks.append(recon)
+        columns.append("reconstruction")
+        final = stored
+        if cfg.compare:
+            metrics = {"reconstruction": reconstruction_metrics(original, recon, decode_bands)}
+        if mode == "predict":
+            final, stats = predict_tokens(model, stored, cfg.batch_size)
+            metrics = {**(metrics or {}), "prediction": stats}
+            columns.append("prediction")
+            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
+        elif mode == "complete":
+            final = complete_tokens(model, stored, cfg.complete_from, cfg.temperature, cfg.top_k, cfg.seed,
+                                    cfg.batch_size, cfg.kv_cache)
+            k = cfg.complete_from
+            agree = float((final[:, k:] == stored[:, k:]).mean())
+            metrics = {**(metrics or {}), "completion": {"kept": k, "token_agreement": agree}}
+            columns.append(f"completion from {k}")
+            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
+
+    # One stretch for the whole figure, so every panel shares a brightness scale.
+    per_panel = np.stack(stacks, axis=1)  # [N, columns, bands, 96, 96]
+    n, c = per_panel.shape[:2]
+    rgb = per_panel[:, :, rgb_idx].reshape(n * c, 3, *per_panel.shape[-2:])  # galaxy-major: its columns side by side
+    pictures = apply_stretch(rgb, fit_stretch(rgb))
+    panel_labels = [lab if c == 1 else f"{lab} {col}" for lab in labels for col in columns]
+    ncols = cfg.ncols or (min(8, n) if c == 1 else c * max(1, min(n, 8 // c)))
+    title = cfg.title or _default_title(mode, codec.codec_id, cfg)
+    out = save_grid(pictures, panel_labels, cfg.out, GridLayout(ncols=ncols), title=title)
+
+    final_flux = stacks[-1][:, : len(flux_bands)]
+    flux_path = save_flux(cfg.save_flux, final_flux, flux_bands, labels) if cfg.save_flux else None
+    return DecodeResult(mode=mode, out=out, tokens=np.asarray(final, dtype=np.int64), flux=final_flux,
+                        bands=flux_bands, labels=labels, codec_id=codec.codec_id, rows=rows, metrics=metrics,
+                        flux_path=flux_path, columns=columns)
+
+
+def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
+    name = Path(codec_id).name if os.sep in str(codec_id) else codec_id
+    what = {"stored": "stored rows", "predict": "teacher-forced prediction", "complete": f"completion from {cfg.complete_from}",
+            "generate": f"generated (T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed})"}[mode]
+    return f"{what} | codec {name}"
+
+
+def metrics_rows(result: DecodeResult) -> list[tuple[str, str, str]]:
+    """(band, MSE, PSNR dB) rows of a --compare result, for printing."""
+    m = (result.metrics or {}).get("reconstruction")
+    if not m:
+        return []
+    return [(b, f"{v['mse']:.4g}", f"{v['psnr']:.2f}") for b, v in m["per_band"].items()]
+
+
+def summarise(result: DecodeResult) -> dict[str, Any]:
+    """A JSON-friendly summary of a decode result."""
+    s: dict[str, Any] = {"mode": result.mode, "out": str(result.out), "images": len(result.labels),
+                         "codec": result.codec_id, "bands": result.bands, "columns": result.columns}
+    if result.flux_path:
+        s["flux"] = str(result.flux_path)
+    if result.metrics:
+        m = dict(result.metrics)
+        if "reconstruction" in m:
+            m["reconstruction"] = m["reconstruction"]["per_band"]
+        s["metrics"] = m
+    return s
