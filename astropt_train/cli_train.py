@@ -1,0 +1,72 @@
+"""`astropt train`: flags (and an optional TOML file) -> TrainConfig -> astropt_train.loop.train.
+
+Imports only typer and the standard library at the top, so `astropt --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` command to the astropt app."""
+
+    @app.command()
+    def train(
+        tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder (from `astropt tokenise`)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/astropt)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="TOML file of settings; flags override it."),
+        preset: Optional[str] = typer.Option(None, "--preset", help="Model size: tiny, small, 001M, 005M, 010M, "
+                                             "020M, 95M, 300M, 700M, 2100M (default tiny)."),
+        n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Transformer blocks (overrides the preset)."),
+        n_head: Optional[int] = typer.Option(None, "--n-head", help="Attention heads (overrides the preset)."),
+        n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Embedding width (overrides the preset)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch per process (16)."),
+        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step (1)."),
+        max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Optimiser steps in total (1000)."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (6e-4)."),
+        warmup_iters: Optional[int] = typer.Option(None, "--warmup-iters", help="Linear warmup steps (100)."),
+        lr_decay_iters: Optional[int] = typer.Option(None, "--lr-decay-iters", help="Cosine length (max-iters)."),
+        min_lr: Optional[float] = typer.Option(None, "--min-lr", help="Final learning rate (lr/10)."),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (0.1)."),
+        eval_interval: Optional[int] = typer.Option(None, "--eval-interval", help="Steps between evaluations (200)."),
+        eval_iters: Optional[int] = typer.Option(None, "--eval-iters", help="Validation batches per eval (20)."),
+        val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Rows held out (0.05)."),
+        val_images: Optional[int] = typer.Option(None, "--val-images", help="Galaxies drawn per eval; 0: none (4)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto, cuda or cpu (auto)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 on CUDA (bf16)."),
+        compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile (on for CUDA)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, split and data order (1337)."),
+        resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --out."),
+        codec: Optional[str] = typer.Option(None, "--codec", help="Codec id or folder for validation images "
+                                            "(default: the store's)."),
+        log: Optional[str] = typer.Option(None, "--log", help="csv, wandb or tensorboard (csv)."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (0 on CPU, 2 on CUDA)."),
+        checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval",
+                                                          help="Steps between checkpoints; 0: only at the end (1000)."),
+        keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept, plus the best (3)."),
+        log_interval: Optional[int] = typer.Option(None, "--log-interval", help="Steps between log lines (10)."),
+    ) -> None:
+        """Train an AstroPT GPT on a token store; checkpoints, metrics.jsonl and images go to --out.
+
+        Several GPUs: torchrun --nproc_per_node N -m astropt_tok train --tokens DIR ...
+        """
+        from astropt_train.config import build_config
+        from astropt_train.loop import train as run_training
+
+        overrides = {k: v for k, v in locals().items() if k not in ("config", "build_config", "run_training")}
+        for k in ("tokens", "out"):
+            if overrides[k] is not None:
+                overrides[k] = str(overrides[k])
+        cfg = build_config(overrides, config_file=config)
+        summary = run_training(cfg)
+        if summary.get("stopped"):
+            typer.echo(f"stopped by {summary['stopped']} at step {summary['step']}")
+        else:
+            best = summary["best_val_loss"]
+            typer.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}"
+                       + (f", best val loss {best:.4f}" if best is not None else "")
+                       + f", {summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}")

@@ -1,0 +1,382 @@
+"""The training loop: `train(cfg)` wires store, data, model, optimiser, checkpoints, validation and logs.
+
+Single process: `astropt train ...`. DDP: `torchrun --nproc_per_node N -m astropt_tok train ...` (nccl on
+GPUs, gloo on CPU); each rank reads a disjoint part of every epoch, rank 0 logs and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from astropt_tok.errors import AstroptError
+from astropt_train.config import TrainConfig, to_toml
+
+RUN_CONFIG = "config.json"
+RUN_TOML = "train_config.toml"
+
+
+@dataclass
+class Dist:
+    """This process's place in a (possibly one-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ddp: bool = False
+
+    @property
+    def master(self) -> bool:
+        """Whether this process logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then flat."""
+    lo, decay = cfg.final_lr(), cfg.decay_iters()
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay or decay <= cfg.warmup_iters:
+        return lo
+    ratio = (step - cfg.warmup_iters) / (decay - cfg.warmup_iters)
+    return lo + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - lo)
+
+
+def _pick_device(cfg: TrainConfig, dist: Dist):
+    import torch
+
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AstroptError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
+        dev = torch.device(f"cuda:{dist.local_rank}" if dist.ddp else want)
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def _dist_from_env() -> Dist:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
+    return Dist()
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a GPT on a token store as `cfg` says; returns a summary (step, loss, best val loss, run dir, checkpoint)."""
+    cfg.validate()
+    import torch
+    import torch.distributed as tdist
+
+    dist = _dist_from_env()
+    if dist.ddp and not tdist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        tdist.init_process_group(backend=backend)
+    try:
+        with _StopFlag() as stop:
+            return _train(cfg, dist, stop)
+    finally:
+        if dist.ddp and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
+    import numpy as np
+    import torch
+    import torch.distributed as tdist
+
+    from astropt_tok.store import TokenStore, manifest_sha256
+    from astropt_train import checkpoint as ck
+    from astropt_train.data import EpochBatchSampler, TokenRows, make_loader, split_rows, to_device
+    from astropt_train.metrics import LiveDisplay, MetricsLogger
+    from astropt_train.model import GPT, GPTConfig
+    from astropt_train.validate import ImageGrid, evaluate, predict_tokens
+
+    echo = print if dist.master else (lambda *a, **k: None)
+    run = Path(cfg.out)
+
+    # --- store: manifest, dtype, vocab and every shard's size are checked before the first step
+    store = TokenStore(cfg.tokens)
+    store_info = {"dir": str(Path(cfg.tokens).resolve()), "manifest_sha256": manifest_sha256(cfg.tokens),
+                  "codec_id": store.codec_id, "bands": store.bands}
+    split = split_rows(store.num_rows, cfg.val_fraction, cfg.seed)
+
+    # --- resume: the newest complete checkpoint, refused if it was trained on another codec or vocabulary
+    ckpt_dir = None
+    existing = ck.list_checkpoints(run)
+    if cfg.resume and existing:
+        ckpt_dir = existing[-1][1]
+    elif cfg.resume:
+        echo(f"--resume: no checkpoint in {run}; starting from scratch")
+    elif existing:
+        raise AstroptError(f"{run} already holds checkpoints; pass --resume to continue that run, or choose another --out")
+    n_layer, n_head, n_embd = cfg.model_dims()
+    gconf = GPTConfig(vocab_size=store.vocab_size, block_size=store.tokens_per_image, n_layer=n_layer,
+                      n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    state = None
+    if ckpt_dir is not None:
+        old = ck.read_config(ckpt_dir)
+        if (old["vocab_size"], old["store"]["codec_id"], old["tokens_per_image"]) != (
+                store.vocab_size, store.codec_id, store.tokens_per_image):
+            raise AstroptError(
+                f"cannot resume {run}: it was trained on codec {old['store']['codec_id']!r} (vocab {old['vocab_size']}, "
+                f"{old['tokens_per_image']} tokens per image) but store {cfg.tokens} has codec {store.codec_id!r} "
+                f"(vocab {store.vocab_size}, {store.tokens_per_image} tokens per image)")
+        if old["store"]["manifest_sha256"] != store_info["manifest_sha256"]:
+            echo(f"note: {cfg.tokens} is not the store {run} was trained on (same codec and vocab); continuing")
+        saved = GPTConfig(**old["model"])
+        if cfg.model_given() and (saved.n_layer, saved.n_head, saved.n_embd) != (n_layer, n_head, n_embd):
+            raise AstroptError(f"cannot resume {run}: its model is {saved.n_layer} layers, {saved.n_head} heads, "
+                               f"{saved.n_embd} wide; the flags ask for {n_layer}/{n_head}/{n_embd}")
+        gconf = saved
+        state = ck.load_trainer_state(ckpt_dir)
+
+    # --- device, precision, seeds
+    device = _pick_device(cfg, dist)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype] if cuda else None
+    if cfg.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16
+        echo("this GPU has no bf16: using fp16 with a GradScaler")
+    ctx = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+
+    # --- model and optimiser
+    model = GPT(gconf).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+    step, best_val, batches_done = 0, float("inf"), 0
+    if state is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ckpt_dir / ck.MODEL_FILE), device=str(device)))
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, best_val = int(state["step"]), float(state["best_val_loss"])
+        d = state["data"]
+        if (d["batch_size"], d["world_size"], d["seed"]) == (cfg.batch_size, dist.world, cfg.seed):
+            batches_done = int(d["micro_batches_done"])
+        else:
+            echo("note: batch size, process count or seed changed since the checkpoint: data restarts at a new epoch")
+            batches_done = None  # resolved below once the sampler knows its epoch length
+            next_epoch = int(d["epoch"]) + 1
+        if dist.master:
+            torch.set_rng_state(state["rng"]["torch"])
+            if cuda and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        echo(f"resumed {run} from {ckpt_dir.name} (step {step})")
+    if not dist.master or state is None:
+        torch.manual_seed(cfg.seed + 1000 * dist.rank + step)  # per-rank streams (dropout)
+    raw_model = model
+    compile_on = cfg.compile if cfg.compile is not None else cuda
+    if compile_on:
+        model = torch.compile(model)
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+
+    # --- data
+    sampler = EpochBatchSampler(split.train, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    if batches_done is None:
+        batches_done = next_epoch * sampler.batches_per_epoch
+    sampler.start_epoch, sampler.start_batch = sampler.position(batches_done)
+    workers = cfg.workers if cfg.workers is not None else (2 if cuda else 0)
+    loader = make_loader(store, sampler, workers, pin_memory=cuda)
+    dataset = TokenRows(store)
+    seq_len = store.tokens_per_image - 1
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * seq_len
+
+    # --- run folder: the config actually used
+    run_config = {
+        "model": asdict(gconf), "train": cfg.to_dict(), "vocab_size": store.vocab_size,
+        "tokens_per_image": store.tokens_per_image, "store": store_info, "split": split.rule,
+        "world_size": dist.world, "tokens_per_step": tokens_per_step, "params": raw_model.num_params(),
+    }
+    logger = display = None
+    if dist.master:
+        from astropt_tok.store import atomic_write_text
+
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / RUN_CONFIG, json.dumps(run_config, indent=2) + "\n")
+        atomic_write_text(run / RUN_TOML, to_toml(cfg))
+        logger = MetricsLogger(run, cfg.log, start_step=step, config=run_config, echo=echo)
+        display = LiveDisplay(cfg.max_iters, step, cfg.live)
+        echo = display.print
+        echo(f"model {raw_model.num_params() / 1e6:.2f}M parameters ({gconf.n_layer} layers, {gconf.n_head} heads, "
+             f"{gconf.n_embd} wide, vocab {gconf.vocab_size}); {split.rule['num_train']} train / "
+             f"{split.rule['num_val']} val rows; {tokens_per_step:,} tokens per step on {dist.world} x {device}"
+             f"{' bf16' if amp_dtype == torch.bfloat16 else ' fp16' if amp_dtype == torch.float16 else ' fp32'}"
+             f"{' compiled' if compile_on else ''}")
+    images = None
+    if dist.master and cfg.val_images > 0:
+        images = ImageGrid(cfg.codec or store.codec_id, store.bands, device, echo=echo)
+    rows_log = open(run / f"rows-rank{dist.rank}.txt", "a") if cfg.log_rows else None
+
+    last_ckpt = str(ckpt_dir) if ckpt_dir is not None else None
+    last_loss, last_val = float("nan"), None
+    rates: list[float] = []
+    stopped = None
+
+    def save(step_now: int, val_loss):
+        nonlocal last_ckpt
+        if not cfg.save:
+            return
+        if dist.master:
+            epoch, b = sampler.position(batches_done)
+            tstate = {
+                "step": step_now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})},
+                "data": {"micro_batches_done": batches_done, "epoch": epoch, "batch": b, "batch_size": cfg.batch_size,
+                         "world_size": dist.world, "seed": cfg.seed},
+                "best_val_loss": best_val,
+            }
+            path = ck.save_checkpoint(run, step_now, raw_model.state_dict(),
+                                      {**run_config, "step": step_now, "val_loss": val_loss}, tstate)
+            best = ck.read_best(run)
+            if val_loss is not None and (best is None or val_loss < best["val_loss"]):
+                ck.write_best(run, step_now, val_loss)
+            ck.prune(run, cfg.keep_last)
+            last_ckpt = str(path)
+        if dist.ddp:
+            tdist.barrier()
+
+    def check_finite(loss_value: float, at: int):
+        if not math.isfinite(loss_value):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+            raise AstroptError(f"loss is {loss_value} at step {at}: training stopped; {where} "
+                               f"(try a lower --lr, more --warmup-iters, or --dtype bf16/fp32)")
+
+    # --- the loop
+    it = iter(loader)
+    model.train()
+    t_last, steps_since = time.perf_counter(), 0
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    try:
+        while step < cfg.max_iters:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_acc = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                batch = next(it)
+                if rows_log is not None:
+                    e, b = sampler.position(batches_done + micro)
+                    rows = sampler.rank_rows(e)[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    rows_log.write(" ".join(map(str, rows.tolist())) + "\n")
+                x, y = to_device(batch, device)
+                sync = micro == cfg.grad_accum - 1
+                with (model.no_sync() if dist.ddp and not sync else nullcontext()), ctx:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                scaler.scale(loss).backward()
+                loss_acc += loss.detach().float()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            bad |= ~torch.isfinite(loss_acc)
+            step += 1
+            batches_done += cfg.grad_accum
+            steps_since += 1
+            if dist.ddp:  # every rank stops at the same step
+                flag = torch.tensor([1.0 if stop.signum else 0.0], device=device)
+                tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+                if flag.item() and stop.signum is None:
+                    stop.signum = signal.SIGTERM
+            stopping = stop.signum is not None
+            is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
+            is_log = step % cfg.log_interval == 0 or step == cfg.max_iters or is_eval or stopping
+            is_ckpt = (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_iters or stopping
+            if is_log or is_ckpt:
+                last_loss = float(loss_acc.item())
+                if bool(bad.item()):
+                    check_finite(float("nan") if math.isfinite(last_loss) else last_loss, step)
+                check_finite(last_loss, step)
+            if is_log:
+                dt = time.perf_counter() - t_last
+                tps = steps_since * tokens_per_step / dt
+                rates.append(tps)
+                record = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tps,
+                          "grad_norm": float(grad_norm.item())}
+                if cuda:
+                    record["mfu"] = raw_model.estimate_mfu(tps / dist.world, seq_len=seq_len)
+                if is_eval:
+                    last_val = evaluate(model.module if dist.ddp else model, dataset, split.val, cfg.batch_size, cfg.eval_iters, device, ctx,
+                                        dist.rank, dist.world)
+                    record["val_loss"] = last_val
+                    if images is not None:
+                        targets = dataset.__getitems__(split.val[: cfg.val_images])
+                        images.write(targets, predict_tokens(raw_model, targets, device, ctx),
+                                     run / "val_images" / f"step-{step:08d}.png")
+                if dist.master:
+                    logger.log(record)
+                    display.update(step, record)
+                    if is_eval:
+                        logger.plot()
+                t_last, steps_since = time.perf_counter(), 0
+            if is_eval and last_val < best_val:
+                best_val = last_val
+            if is_ckpt:
+                save(step, last_val if is_eval else None)
+            if stopping:
+                stopped = signal.Signals(stop.signum).name
+                echo(f"stopped by {stopped} at step {step}"
+                     + (f"; checkpoint {last_ckpt}; continue with --resume" if cfg.save else ""))
+                break
+    finally:
+        if rows_log is not None:
+            rows_log.close()
+        if display is not None:
+            display.close()
+        if logger is not None:
+            logger.close()
+
+    steady = rates[1:] if len(rates) > 1 else rates
+    tps = statistics.median(steady) if steady else 0.0
+    summary = {
+        "step": step, "loss": last_loss, "val_loss": last_val,
+        "best_val_loss": best_val if math.isfinite(best_val) else None, "run_dir": str(run),
+        "checkpoint": last_ckpt, "tokens_per_s": tps, "stopped": stopped, "params": raw_model.num_params(),
+        "device": str(device),
+    }
+    if cuda:
+        summary["mfu"] = raw_model.estimate_mfu(tps / dist.world, seq_len=seq_len)
+        summary["gpu"] = torch.cuda.get_device_name(device)
+    return summary

@@ -1,0 +1,121 @@
+"""Validation: mean loss over held-out rows, and a PNG of a few validation galaxies decoded by the codec,
+target beside the model's argmax prediction. This is the only module of the trainer that touches the codec,
+and it imports it only when it first draws images."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from astropt_train.data import TokenRows, to_device, val_batch_rows
+
+RGB_BANDS = ("DES-Z", "DES-R", "DES-G")  # red, green, blue when the store has them
+
+
+def evaluate(model, dataset: TokenRows, val_rows: np.ndarray, batch_size: int, eval_iters: int, device,
+             ctx=None, rank: int = 0, world: int = 1) -> float:
+    """Mean validation loss over eval_iters batches per rank (the same batches at every eval), averaged over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    ctx = ctx or nullcontext()
+    was_training = model.training
+    model.eval()
+    losses = torch.zeros(eval_iters, device=device)
+    with torch.no_grad():
+        for i in range(eval_iters):
+            x, y = to_device(dataset.__getitems__(val_batch_rows(val_rows, batch_size, i, rank, world)), device)
+            with ctx:
+                _, loss = model(x, y)
+            losses[i] = loss.float()
+    mean = losses.mean()
+    if world > 1:
+        dist.all_reduce(mean)
+        mean /= world
+    model.train(was_training)
+    return float(mean.item())
+
+
+def predict_tokens(model, tokens, device, ctx=None):
+    """Teacher-forced argmax prediction of every token after the first: (n, T) int16 -> (n, T) int64 on CPU."""
+    import torch
+
+    ctx = ctx or nullcontext()
+    x, y = to_device(tokens, device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), ctx:
+        logits, _ = model(x, y)  # (n, T-1, vocab)
+    model.train(was_training)
+    pred = logits.argmax(dim=-1)  # (n, T-1): the prediction for positions 1..T-1
+    return torch.cat([x[:, :1], pred], dim=1).cpu()
+
+
+def _stretch(flux: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """asinh stretch of (C, H, W) flux into [0, 1] with the given limits."""
+    x = np.arcsinh((flux - lo) / max(hi - lo, 1e-12) * 10) / np.arcsinh(10)
+    return np.clip(x, 0, 1)
+
+
+class ImageGrid:
+    """Decodes validation targets and predictions with the codec into RUN/val_images/step-N.png.
+
+    The codec loads on first use; if it cannot (offline, missing), this says so once and draws nothing after.
+    """
+
+    def __init__(self, codec_id: str, store_bands: list[str], device, echo=print):
+        self.codec_id, self.store_bands, self.device, self.echo = codec_id, list(store_bands), device, echo
+        self._codec = None
+        self.failed = False
+        wanted = [b for b in RGB_BANDS if b in self.store_bands]
+        self.bands = wanted if len(wanted) == 3 else (self.store_bands[:3] or ["DES-G", "DES-R", "DES-Z"])
+
+    def _load(self):
+        if self._codec is None and not self.failed:
+            try:
+                from astropt_tok.codec import load_image_codec
+
+                self._codec = load_image_codec(self.codec_id, device=str(self.device)).codec
+            except Exception as exc:  # AstroptError (offline, bad folder) or anything the codec raises
+                self.failed = True
+                self.echo(f"validation images off: cannot load codec {self.codec_id!r} ({exc}); training goes on")
+        return self._codec
+
+    def decode(self, tokens) -> np.ndarray:
+        """(n, T) int tokens -> (n, 3, H, W) float flux in self.bands order."""
+        import torch
+
+        codec = self._load()
+        with torch.no_grad():
+            img = codec.decode(tokens.to(self.device).long(), bands=self.bands)
+        return img.flux.float().cpu().numpy()
+
+    def write(self, targets, predictions, path: str | Path) -> Path | None:
+        """Draw target | prediction rows for (n, T) token tensors into a PNG; None when the codec is unavailable."""
+        if self._load() is None:
+            return None
+        try:
+            t, p = self.decode(targets), self.decode(predictions)
+        except Exception as exc:
+            self.failed = True
+            self.echo(f"validation images off: decoding with codec {self.codec_id!r} failed ({exc}); training goes on")
+            return None
+        from PIL import Image, ImageDraw
+
+        rows = []
+        for a, b in zip(t, p):
+            lo, hi = np.percentile(a, 1), np.percentile(a, 99.5)  # one scale per galaxy: the target's
+            pair = [(_stretch(im, lo, hi).transpose(1, 2, 0) * 255).astype(np.uint8) for im in (a, b)]
+            gap = np.full((pair[0].shape[0], 4, 3), 255, np.uint8)
+            rows.append(np.concatenate([pair[0], gap, pair[1]], axis=1))
+        grid = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+        header = np.full((14, grid.shape[1], 3), 255, np.uint8)
+        img = Image.fromarray(np.concatenate([header, grid])).resize((grid.shape[1] * 2, (grid.shape[0] + 14) * 2),
+                                                                     Image.NEAREST)
+        ImageDraw.Draw(img).text((4, 2), "target | prediction (argmax, teacher-forced)", fill=(0, 0, 0))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        return path
