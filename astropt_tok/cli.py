@@ -76,7 +76,7 @@ _register_subcommands()
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns an Exit's code instead of exiting
     except AstroptError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -94,6 +94,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

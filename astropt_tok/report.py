@@ -47,3 +47,17 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
     if figures["rejected"] and rejects.is_file():
         console.print(f"rejected rows are listed in {rejects}")
     return figures
+
+
+def print_tokenise_summary(summary, console: Console | None = None) -> None:
+    """The closing table of a tokenise run."""
+    console = console or Console()
+    table = Table(title=f"tokenise -> {summary.out}", show_header=False)
+    skipped = sum(r.skipped for r in summary.results)
+    table.add_row("shards (this process)", f"{len(summary.my_shards)} of {summary.num_shards} ({skipped} already done)")
+    table.add_row("rows written", f"{summary.rows:,}")
+    table.add_row("rows rejected", f"{summary.rejected:,}")
+    table.add_row("throughput", f"{summary.rows_per_s:,.1f} rows/s on {summary.device} ({summary.precision})")
+    table.add_row("wall time", f"{summary.seconds:,.1f} s")
+    table.add_row("store", "complete" if summary.complete else "incomplete: other processes' shards are not all done yet")
+    console.print(table)

@@ -1,0 +1,51 @@
+"""`astropt tokenise`: flags -> TokeniseConfig -> astropt_tok.tokenise.tokenise."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from astropt_tok.codec import DEFAULT_CODEC
+from astropt_tok.source import DEFAULT_SOURCE
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `tokenise` command to the app."""
+
+    @app.command(epilog="Example: astropt tokenise --source data/survey --out data/tokens --shards 256 --batch-size 256")
+    def tokenise(
+        source: str = typer.Option(DEFAULT_SOURCE, "--source", help="Hub dataset id, or a local folder/file/glob of parquet or arrow files in the Legacy Survey schema."),
+        out: str = typer.Option("data/tokens", "--out", help="Token store folder to write."),
+        shards: int = typer.Option(..., "--shards", help="Number of shards (independent units of work; e.g. 256)."),
+        codec: str = typer.Option(DEFAULT_CODEC, "--codec", help="AION codec: hub id or a local snapshot in the hub layout (codecs/image/...)."),
+        column: str = typer.Option("legacysurvey_image", "--column", help="Image column: a struct with 'band' and 'flux'."),
+        bands: str = typer.Option("DES-G,DES-R,DES-I,DES-Z", "--bands", help="Bands, in the channel order given to the codec."),
+        split: str = typer.Option("train", "--split", help="Dataset split."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images per codec call (use 256+ on a GPU)."),
+        device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N or cpu."),
+        storage: str = typer.Option("arrow", "--format", help="Shard format: arrow (IPC stream, memory-mappable) or zarr (v3)."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Tokenise only the first ROWS rows of the source."),
+        workers: int = typer.Option(2, "--workers", help="Threads decoding source batches ahead of the codec."),
+        id_column: str = typer.Option("object_id", "--id-column", help="Column copied into the store as object_id (skipped when absent)."),
+        strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row instead of skipping it into rejects.jsonl."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with a different codec, bands, shard count or source."),
+        precision: str = typer.Option("fp32", "--precision", help="Codec precision: fp32, tf32, bf16 or fp16 (recorded in the manifest)."),
+        reader: str = typer.Option("pyarrow", "--reader", help="pyarrow (direct, fastest) or datasets (streaming IterableDataset)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+    ) -> None:
+        """Stream a survey through the AION image codec into a sharded int16 token store.
+
+        Deterministic and resumable: re-running the same command skips complete shards. Under torchrun
+        (RANK/WORLD_SIZE) or a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) each process takes its own shards.
+        """
+        from astropt_tok.report import print_tokenise_summary
+        from astropt_tok.tokenise import TokeniseConfig, tokenise as run
+
+        cfg = TokeniseConfig(
+            source=source, out=out, shards=shards, codec=codec, column=column,
+            bands=tuple(b.strip() for b in bands.split(",") if b.strip()), split=split, batch_size=batch_size,
+            device=device, storage=storage, limit=limit, workers=workers, id_column=id_column or None,
+            strict=strict, overwrite=overwrite, precision=precision, reader=reader, progress=progress,
+        )
+        print_tokenise_summary(run(cfg))

@@ -1,0 +1,384 @@
+"""Reading a survey: resolve a hub id or local parquet/arrow files into a plan of files with row counts,
+read any global row range straight from the files that cover it, and turn the nested image column into a
+float32 [rows, bands, H, W] array with Arrow-native operations (never through Python lists).
+
+The image column (`legacysurvey_image`) is a struct with `band` (list of strings) and `flux` (a list of
+per-band 2-D images). `datasets` stores each image as an Array2D extension type; read without `datasets`
+the same bytes are plain nested lists; other writers use fixed-size lists. All three are handled here.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError
+
+DEFAULT_SOURCE = "Smith42/legacysurvey_hsc_crossmatched"
+IMAGE_SIZE = 160  # the Legacy Survey cutouts are 160x160 pixels
+SOURCE_SUFFIXES = (".parquet", ".arrow")
+
+
+@dataclass
+class SourceFile:
+    """One file of the source and how many rows it holds."""
+
+    path: str  # a local path or an fsspec URL (hf://datasets/...)
+    num_rows: int
+    row_group_rows: list[int] | None = None  # parquet only: rows per row group, for reading a slice
+
+
+@dataclass
+class SourcePlan:
+    """A source resolved to its files, in order: global row g is row g - start(file) of its file."""
+
+    source_id: str
+    kind: str  # "hub" or "local"
+    split: str
+    column: str
+    id_column: str | None  # None when the source has no id column
+    files: list[SourceFile]
+    revision: str | None = None
+    limit: int | None = None
+    schema_note: str = ""
+    starts: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.starts = np.concatenate([[0], np.cumsum([f.num_rows for f in self.files])]).astype(np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the run covers: the source length, or --limit when smaller."""
+        total = int(self.starts[-1])
+        return total if self.limit is None else min(total, self.limit)
+
+    def describe(self) -> dict:
+        """The source section of a store manifest."""
+        return {
+            "id": self.source_id,
+            "kind": self.kind,
+            "revision": self.revision,
+            "split": self.split,
+            "column": self.column,
+            "id_column": self.id_column,
+            "files": [{"path": f.path, "rows": f.num_rows} for f in self.files],
+            "limit": self.limit,
+            "num_rows": self.num_rows,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resolving a source
+
+
+def _local_files(source: str, split: str) -> list[str] | None:
+    """Local parquet/arrow files for `source` (folder, file or glob), or None when it is not local."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in SOURCE_SUFFIXES and f.is_file())
+        # A hub-style snapshot keeps splits apart by name (data/train-0000x-of-0000n.parquet): use the split's.
+        in_split = [f for f in files if Path(f).name.startswith(f"{split}-") or f"/{split}/" in f]
+        return in_split or files
+    if any(ch in source for ch in "*?["):
+        return sorted(f for f in globlib.glob(os.path.expanduser(source), recursive=True)
+                      if f.endswith(SOURCE_SUFFIXES))
+    return None
+
+
+def _hub_files(source: str, split: str) -> tuple[list[str], str | None]:
+    """The parquet files of a hub dataset's split, resolved by `datasets` (honours HF_HUB_OFFLINE and the cache)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AstroptError(
+            f"unknown source {source!r}: not a local file, folder or glob, and the Hugging Face hub cannot "
+            f"resolve it ({reason[:200]}); pass local parquet/arrow files with --source PATH"
+        ) from None
+    data_files = builder.config.data_files or {}
+    if split not in data_files:
+        raise AstroptError(f"source {source!r} has no split {split!r} (it has: {', '.join(data_files) or 'none'})")
+    files = [str(f) for f in data_files[split]]
+    revision = getattr(builder, "hash", None)
+    return files, revision
+
+
+def _open(path: str):
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return path
+
+
+def _file_rows(path: str) -> SourceFile:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.endswith(".arrow"):
+            return SourceFile(path, _arrow_reader(path)[1])
+        meta = pq.ParquetFile(_open(path)).metadata
+        return SourceFile(path, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise AstroptError(f"source file {path} is unreadable: {exc}") from None
+
+
+def _arrow_reader(path: str):
+    """(list of record batches, rows) of an Arrow IPC file, stream or file format, memory-mapped."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path, "r")
+    try:
+        reader = pa.ipc.open_file(source)
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    except pa.ArrowInvalid:
+        source.seek(0)
+        batches = list(pa.ipc.open_stream(source))
+    return batches, sum(b.num_rows for b in batches)
+
+
+def _file_schema(path: str):
+    import pyarrow.parquet as pq
+
+    if path.endswith(".arrow"):
+        batches, _ = _arrow_reader(path)
+        if not batches:
+            raise AstroptError(f"source file {path} holds no record batches")
+        return batches[0].schema
+    return pq.ParquetFile(_open(path)).schema_arrow
+
+
+def resolve_source(
+    source: str = DEFAULT_SOURCE,
+    split: str = "train",
+    column: str = "legacysurvey_image",
+    id_column: str | None = "object_id",
+    limit: int | None = None,
+) -> SourcePlan:
+    """Resolve a hub dataset id or local parquet/arrow files into a plan; check the columns exist."""
+    import pyarrow as pa
+
+    files = _local_files(source, split)
+    if files is not None:
+        kind, revision = "local", None
+        if not files:
+            raise AstroptError(f"source {source} holds no .parquet or .arrow files")
+        source_id = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise AstroptError(f"source {source!r} does not exist (expected a folder, file or glob of parquet/arrow "
+                           f"files, or a hub dataset id like {DEFAULT_SOURCE})")
+    else:
+        kind, source_id = "hub", source
+        files, revision = _hub_files(source, split)
+    schema = _file_schema(files[0])
+    if column not in schema.names:
+        raise AstroptError(f"source {source} has no column {column!r} (columns: {', '.join(schema.names)})")
+    image_type = schema.field(column).type
+    if not pa.types.is_struct(image_type) or {"band", "flux"} - {image_type.field(i).name for i in range(image_type.num_fields)}:
+        raise AstroptError(f"column {column!r} of {source} is not an image struct with 'band' and 'flux' fields")
+    if id_column is not None and id_column not in schema.names:
+        id_column = None  # recorded as absent in the manifest; shards then carry no object_id column
+    plan = SourcePlan(source_id, kind, split, column, id_column, [_file_rows(f) for f in files], revision, limit)
+    if limit is not None and limit < 0:
+        raise AstroptError(f"--limit must be positive, got {limit}")
+    return plan
+
+
+def plan_from_manifest(section: dict) -> SourcePlan:
+    """Rebuild a source plan from a store manifest's source section (to re-read rows for --compare)."""
+    files = []
+    for f in section["files"]:
+        if "://" not in f["path"] and not Path(f["path"]).exists():
+            raise AstroptError(f"the store's source file {f['path']} is no longer there")
+        files.append(_file_rows(f["path"]))
+    return SourcePlan(section["id"], section["kind"], section["split"], section["column"], section.get("id_column"),
+                      files, section.get("revision"), section.get("limit"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading row ranges
+
+
+def iter_row_range(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:
+    """Yield (global row of the first row, pyarrow.RecordBatch) covering global rows [lo, hi) in order.
+
+    Reads only the files and parquet row groups that overlap the range, and only the image and id columns.
+    """
+    import pyarrow.parquet as pq
+
+    columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
+    for fi, f in enumerate(plan.files):
+        f_lo, f_hi = int(plan.starts[fi]), int(plan.starts[fi + 1])
+        a, b = max(lo, f_lo), min(hi, f_hi)
+        if a >= b:
+            continue
+        if f.path.endswith(".arrow"):
+            batches, _ = _arrow_reader(f.path)
+            pos = f_lo
+            for batch in batches:
+                s, e = max(a, pos), min(b, pos + batch.num_rows)
+                if s < e:
+                    part = batch.select(columns).slice(s - pos, e - s)
+                    for k in range(0, part.num_rows, batch_rows):
+                        yield s + k, part.slice(k, batch_rows)
+                pos += batch.num_rows
+            continue
+        pf = pq.ParquetFile(_open(f.path))
+        rg_starts = np.concatenate([[0], np.cumsum(f.row_group_rows)]) + f_lo
+        groups = [g for g in range(len(f.row_group_rows)) if rg_starts[g] < b and rg_starts[g + 1] > a]
+        pos = int(rg_starts[groups[0]])
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=True):
+            s, e = max(a, pos), min(b, pos + batch.num_rows)
+            if s < e:
+                yield s, batch.slice(s - pos, e - s)
+            pos += batch.num_rows
+            if pos >= b:
+                break
+
+
+def iter_row_range_datasets(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:
+    """Same as `iter_row_range`, through the `datasets` streaming reader (one IterableDataset per file)."""
+    import datasets
+
+    columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
+    for fi, f in enumerate(plan.files):
+        f_lo, f_hi = int(plan.starts[fi]), int(plan.starts[fi + 1])
+        a, b = max(lo, f_lo), min(hi, f_hi)
+        if a >= b:
+            continue
+        builder = "arrow" if f.path.endswith(".arrow") else "parquet"
+        ds = datasets.load_dataset(builder, data_files=[f.path], split="train", streaming=True)
+        ds = ds.select_columns(columns).skip(a - f_lo).take(b - a).with_format("arrow")
+        pos = a
+        for table in ds.iter(batch_size=batch_rows):
+            for batch in table.to_batches():
+                yield pos, batch
+                pos += batch.num_rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nested image column -> float32 array
+
+
+def _lengths(list_array) -> np.ndarray:
+    """Per-entry list lengths as int64, -1 for a null entry."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.list_value_length(list_array), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _storage(arr):
+    import pyarrow as pa
+
+    return arr.storage if isinstance(arr.type, pa.BaseExtensionType) else arr  # datasets' Array2D -> nested lists
+
+
+def batch_to_flux(
+    batch, column: str, bands: list[str], out: np.ndarray | None = None, size: int = IMAGE_SIZE, crop: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Convert one record batch's image column into float32 flux in `bands` order.
+
+    Returns (flux [n_good, len(bands), S, S], good row positions [n_good] within the batch, reason per row:
+    None for a good row, else why it is bad). S is `crop` (a centre crop, AION's rule) or `size`. When `out`
+    (an owned, writable buffer, e.g. pinned memory) is given, flux is written into out[:n_good].
+    """
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    images_col = batch.column(batch.schema.get_field_index(column))
+    band_lists = pc.struct_field(images_col, "band").to_pylist()  # a few short strings per row: cheap
+    flux_lists = pc.struct_field(images_col, "flux")  # respects the struct's nulls and offset
+    n_images = _lengths(flux_lists)  # [n] images per row, -1 for a null row
+    images = _storage(flux_lists.flatten())  # [sum n_images] one entry per (row, band) image
+    image_rows = _lengths(images)  # [n_img] rows per image
+    pixel_rows = _storage(images.flatten())  # [sum image_rows] one entry per image row
+    row_pixels = _lengths(pixel_rows)  # [n_pixel_rows] pixels per image row
+    pixels = pixel_rows.flatten().to_numpy(zero_copy_only=False)  # nulls become NaN, caught below
+    if pixels.dtype != np.float32:
+        pixels = pixels.astype(np.float32)
+
+    # image i is well-shaped when it has `size` rows of `size` pixels each
+    first_row = np.concatenate([[0], np.cumsum(np.maximum(image_rows, 0))])  # [n_img + 1]
+    bad_rows_before = np.concatenate([[0], np.cumsum(row_pixels != size)])
+    image_ok = (image_rows == size) & (bad_rows_before[first_row[1:]] == bad_rows_before[first_row[:-1]])
+    first_pixel = np.concatenate([[0], np.cumsum(np.maximum(row_pixels, 0))])[first_row[:-1]]  # [n_img]
+
+    reasons: list[str | None] = [None] * n
+    first_image = np.concatenate([[0], np.cumsum(np.maximum(n_images, 0))])
+    pick = np.zeros((n, len(bands)), dtype=np.int64)  # image index of each requested band of each row
+    for r in range(n):
+        row_bands = band_lists[r]
+        if n_images[r] < 0 or row_bands is None:
+            reasons[r] = "null image"
+            continue
+        if len(row_bands) != n_images[r]:
+            reasons[r] = f"{len(row_bands)} band names for {n_images[r]} flux images"
+            continue
+        missing = [b for b in bands if b not in row_bands]
+        if missing:
+            reasons[r] = f"missing band {','.join(missing)} (row has {','.join(map(str, row_bands))})"
+            continue
+        idx = first_image[r] + np.array([row_bands.index(b) for b in bands], dtype=np.int64)
+        if not image_ok[idx].all():
+            reasons[r] = f"flux image is not {size}x{size}"
+            continue
+        pick[r] = idx
+
+    good = np.array([r for r in range(n) if reasons[r] is None], dtype=np.int64)
+    side = crop or size
+    off = (size - side) // 2  # AION's CenterCrop: start = (W - crop) // 2
+    within = (np.arange(side)[:, None] + off) * size + (np.arange(side)[None, :] + off)  # [S, S] pixel offsets
+    if out is None:
+        out = np.empty((len(good), len(bands), side, side), dtype=np.float32)
+    flux = out[: len(good)]
+    if not len(good):
+        return flux, good, reasons
+    starts = first_pixel[pick[good]]  # [n_good, n_bands]
+    np.take(pixels, starts[:, :, None, None] + within[None, None], out=flux)
+    # a row must be finite everywhere, not only inside the crop the codec sees
+    finite = np.array([np.isfinite(pixels[s:s + size * size]).all() for s in starts.reshape(-1)]).reshape(starts.shape).all(axis=1)
+    if not finite.all():
+        for r in good[~finite]:
+            reasons[r] = "non-finite flux (NaN or inf)"
+        kept = flux[finite].copy()
+        good = good[finite]
+        flux = out[: len(good)]
+        flux[:] = kept
+    return flux, good, reasons
+
+
+def object_ids_of(batch, id_column: str | None) -> list[str | None]:
+    """The id column of a record batch as strings (None when the source has no id column)."""
+    if id_column is None:
+        return [None] * batch.num_rows
+    return [None if v is None else str(v) for v in batch.column(batch.schema.get_field_index(id_column)).to_pylist()]
+
+
+def read_source_flux(section: dict, rows, bands: list[str], crop: int | None = None) -> np.ndarray:
+    """Re-read global source rows from a store manifest's source section: float32 [n, bands, S, S].
+
+    Used by `astropt decode --compare`. A row that is bad in the source raises AstroptError.
+    """
+    plan = plan_from_manifest(section)
+    rows = np.asarray(rows, dtype=np.int64)
+    side = crop or IMAGE_SIZE
+    out = np.empty((len(rows), len(bands), side, side), dtype=np.float32)
+    for k, g in enumerate(rows):
+        if g < 0 or g >= plan.num_rows:
+            raise AstroptError(f"source row {g} is outside the source's {plan.num_rows} rows")
+        for _, batch in iter_row_range(plan, int(g), int(g) + 1, batch_rows=1):
+            flux, good, reasons = batch_to_flux(batch, plan.column, bands, crop=crop)
+            if not len(good):
+                raise AstroptError(f"source row {g} is bad: {reasons[0]}")
+            out[k] = flux[0]
+    return out

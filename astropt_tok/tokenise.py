@@ -1,0 +1,506 @@
+"""The tokenise pipeline: source rows -> checked float32 flux -> AION codec on the device -> checked tokens
+-> shards. Each shard is an independent unit of work: a rerun skips the done ones, and processes under
+torchrun or a SLURM array split the shards between them (the executor is `shards_for_this_process`).
+
+Follow one galaxy: `source.iter_row_range` reads its record batch, `source.batch_to_flux` turns its image
+column into a [bands, 96, 96] crop in `--bands` order, `encode_batch` runs the codec, and
+`store.write_shard` puts its 576 tokens in the row of its shard.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from astropt_tok import store as st
+from astropt_tok.codec import CROP_SIZE, DEFAULT_CODEC
+from astropt_tok.errors import AstroptError
+from astropt_tok.source import DEFAULT_SOURCE, batch_to_flux, iter_row_range, iter_row_range_datasets, object_ids_of
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass
+class TokeniseConfig:
+    """Everything `astropt tokenise` needs; the CLI maps its flags onto these fields."""
+
+    source: str = DEFAULT_SOURCE
+    out: str = "data/tokens"
+    shards: int = 256
+    codec: str = DEFAULT_CODEC
+    column: str = "legacysurvey_image"
+    bands: tuple[str, ...] = ("DES-G", "DES-R", "DES-I", "DES-Z")
+    split: str = "train"
+    batch_size: int = 64
+    device: str = "auto"
+    storage: str = "arrow"  # --format
+    limit: int | None = None
+    workers: int = 2  # threads decoding record batches ahead of the codec
+    id_column: str | None = "object_id"
+    strict: bool = False
+    overwrite: bool = False
+    precision: str = "fp32"
+    reader: str = "pyarrow"  # or "datasets": the `datasets` streaming reader
+    progress: bool = True
+    # executor: None -> from the environment (torchrun's RANK/WORLD_SIZE or a SLURM array)
+    rank: int | None = None
+    world_size: int | None = None
+
+
+@dataclass
+class ShardResult:
+    """What one process did to one shard."""
+
+    index: int
+    rows: int
+    rejected: int
+    skipped: bool  # already complete from an earlier run
+    seconds: float = 0.0
+
+
+@dataclass
+class TokeniseSummary:
+    """The outcome of one process's `tokenise` call."""
+
+    out: str
+    num_shards: int
+    my_shards: list[int]
+    results: list[ShardResult] = field(default_factory=list)
+    complete: bool = False
+    rows_per_s: float = 0.0
+    seconds: float = 0.0
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    @property
+    def rows(self) -> int:
+        return sum(r.rows for r in self.results if not r.skipped)
+
+    @property
+    def rejected(self) -> int:
+        return sum(r.rejected for r in self.results if not r.skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# executor: which shards are this process's
+
+
+def process_rank(cfg: TokeniseConfig) -> tuple[int, int]:
+    """(rank, world size): from the config, else torchrun's RANK/WORLD_SIZE, else a SLURM array, else (0, 1)."""
+    if cfg.rank is not None or cfg.world_size is not None:
+        rank, world = int(cfg.rank or 0), int(cfg.world_size or 1)
+    elif "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        rank, world = 0, 1
+    if not 0 <= rank < world:
+        raise AstroptError(f"process rank {rank} is outside a world of {world} processes")
+    return rank, world
+
+
+def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]:
+    """Shards i with i % world == rank: every process gets an even share, in a fixed order."""
+    return list(range(rank, num_shards, world))
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun), else cpu."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AstroptError("--device cuda asked for, but torch sees no GPU")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the store's identity: what a rerun must agree on
+
+
+IDENTITY_KEYS = ("codec.weights_sha256", "codec.config", "bands", "storage", "sharding.num_shards",
+                 "source.id", "source.split", "source.column", "source.files", "source.limit", "precision")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def check_rerun(existing: dict, wanted: dict) -> list[str]:
+    """Fields where an existing store differs from what this run would write."""
+    return [k for k in IDENTITY_KEYS if _get(existing, k) != _get(wanted, k)]
+
+
+def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Create the store folder, or check that an existing one was made by the same command."""
+    path = out / st.MANIFEST
+    if path.is_file():
+        try:
+            existing = st.read_manifest(out)
+        except AstroptError:
+            existing = None
+        diff = ["manifest"] if existing is None else check_rerun(existing, manifest)
+        if diff and not overwrite:
+            raise AstroptError(
+                f"{out} holds a store made with a different {', '.join(diff)}; "
+                f"choose another --out or pass --overwrite to replace it"
+            )
+        if diff:
+            _clear_store(out)
+        elif existing.get("complete"):
+            return  # nothing to do but report
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        if any(p.name.startswith("shard-") for p in out.iterdir()):
+            raise AstroptError(f"{out} holds shards but no manifest; pass --overwrite to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        st.write_manifest(out, manifest)
+
+
+def _clear_store(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name.startswith(("shard-", ".shard-")) or p.name in (st.MANIFEST, st.REJECTS, st.DONE_DIR):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _remove_stale_temporaries(out: Path, index: int) -> None:
+    name = st.shard_name(index, "x").rsplit(".", 1)[0]
+    for p in out.glob(f".{name}.*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encoding
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of checked flux ready for the codec, with the bookkeeping of the rows it came from."""
+
+    flux: object  # torch tensor [n, bands, 96, 96] float32 (pinned on a GPU run)
+    rows: np.ndarray  # [n] global source rows of the good rows
+    object_ids: list  # [n]
+    rejects: list[dict]  # bad rows met while preparing this batch
+
+
+def prepare_batches(plan, lo: int, hi: int, cfg: TokeniseConfig, pin: bool) -> Iterator[PreparedBatch]:
+    """Read rows [lo, hi), convert them in `cfg.workers` threads, and yield codec-sized batches in row order."""
+    import torch
+
+    reader = iter_row_range_datasets if cfg.reader == "datasets" else iter_row_range
+    bands = list(cfg.bands)
+
+    def convert(item):
+        first_row, batch = item
+        buffer = torch.empty((batch.num_rows, len(bands), CROP_SIZE, CROP_SIZE), dtype=torch.float32, pin_memory=pin)
+        flux, good, reasons = batch_to_flux(batch, plan.column, bands, out=buffer.numpy(), crop=CROP_SIZE)
+        ids = object_ids_of(batch, plan.id_column)
+        rejects = [_reject(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
+        return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
+
+    items = reader(plan, lo, hi, batch_rows=cfg.batch_size)
+    if cfg.workers <= 0:
+        chunks = map(convert, items)
+    else:
+        chunks = _ordered_map(convert, items, cfg.workers)
+    yield from _rebatch(chunks, cfg.batch_size)
+
+
+def _ordered_map(fn, items, workers: int, ahead: int = 2):
+    """`map(fn, items)` on a thread pool with up to workers*ahead results in flight, in input order."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astropt-decode")
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        in_flight = 0
+        for item in items:
+            pending.put(pool.submit(fn, item))
+            in_flight += 1
+            if in_flight >= workers * ahead:
+                yield pending.get().result()
+                in_flight -= 1
+        while in_flight:
+            yield pending.get().result()
+            in_flight -= 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rebatch(chunks: Iterator[PreparedBatch], batch_size: int) -> Iterator[PreparedBatch]:
+    """Regroup converted chunks into batches of exactly `batch_size` good rows (the last one smaller)."""
+    held: list[PreparedBatch] = []
+    count = 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(chunk.rows)
+        while count >= batch_size:
+            yield _merge(held, batch_size)
+            held = _rest(held, batch_size)
+            count = sum(len(c.rows) for c in held)
+    if held:
+        yield _merge(held, count)
+
+
+def _merge(held: list[PreparedBatch], n: int) -> PreparedBatch:
+    """The first n good rows of `held`, with every reject `held` carries."""
+    import torch
+
+    rejects = [r for c in held for r in c.rejects]
+    if len(held[0].rows) >= n:
+        first = held[0]
+        return PreparedBatch(first.flux[:n], first.rows[:n], first.object_ids[:n], rejects)
+    flux, rows, ids, taken = [], [], [], 0
+    for c in held:
+        k = min(n - taken, len(c.rows))
+        flux.append(c.flux[:k])
+        rows.append(c.rows[:k])
+        ids.extend(c.object_ids[:k])
+        taken += k
+    merged = torch.cat(flux)
+    if held[0].flux.is_pinned():
+        merged = merged.pin_memory()
+    return PreparedBatch(merged, np.concatenate(rows), ids, rejects)
+
+
+def _rest(held: list[PreparedBatch], n: int) -> list[PreparedBatch]:
+    """What remains of `held` after its first n good rows and all its rejects were handed on."""
+    rest, taken = [], 0
+    for c in held:
+        k = min(n - taken, len(c.rows))
+        taken += k
+        if k < len(c.rows):
+            rest.append(PreparedBatch(c.flux[k:], c.rows[k:], c.object_ids[k:], []))
+    return rest
+
+
+def _reject(row: int, object_id, reason: str) -> dict:
+    rec = {"row": int(row)}
+    if object_id is not None:
+        rec["object_id"] = object_id
+    rec["reason"] = reason
+    return rec
+
+
+class Encoder:
+    """The codec on its device, with the precision the manifest records; `encode` returns checked tokens."""
+
+    def __init__(self, loaded, device: str, precision: str, bands: list[str]):
+        import torch
+
+        if precision not in PRECISIONS:
+            raise AstroptError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.loaded = loaded
+        self.codec = loaded.codec
+        self.device = torch.device(device)
+        self.precision = precision
+        self.bands = bands
+        self.vocab = loaded.vocab_size
+        if self.device.type == "cuda":
+            allow = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            torch.backends.cudnn.allow_tf32 = allow
+        from aion.modalities import HSCImage, LegacySurveyImage
+
+        self.image_type = HSCImage if bands[0].startswith("HSC") else LegacySurveyImage
+
+    def encode(self, flux) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [n, T] int64 on the host, ok [n] bool): ok is False where a token is outside 0..vocab-1."""
+        import torch
+
+        x = flux.to(self.device, non_blocking=True)
+        if x.data_ptr() == flux.data_ptr():
+            x = x.clone()  # AION's Clamp writes into its input: never hand it memory we do not own
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            tokens = self.codec.encode(self.image_type(flux=x, bands=self.bands))
+        ok = ((tokens >= 0) & (tokens < self.vocab)).all(dim=1)
+        return tokens.cpu().numpy().astype(np.int64), ok.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one shard
+
+
+def tokenise_shard(plan, encoder: Encoder, cfg: TokeniseConfig, out: Path, index: int, lo: int, hi: int,
+                   dtype: np.dtype, on_rows=None) -> ShardResult:
+    """Encode global rows [lo, hi) into shard `index`; write it and its completion record atomically."""
+    t0 = time.perf_counter()
+    _remove_stale_temporaries(out, index)
+    tokens_parts, rows_parts, ids, rejects = [], [], [], []
+    pin = encoder.device.type == "cuda"
+    for batch in prepare_batches(plan, lo, hi, cfg, pin):
+        for rej in batch.rejects:
+            _bad_row(rej, cfg, rejects)
+        if len(batch.rows):
+            tokens, ok = encoder.encode(batch.flux)
+            for j in np.nonzero(~ok)[0]:
+                _bad_row(_reject(batch.rows[j], batch.object_ids[j], "codec produced tokens outside the vocabulary "
+                                 "(non-finite values inside the codec)"), cfg, rejects)
+            tokens_parts.append(tokens[ok].astype(dtype))
+            rows_parts.append(batch.rows[ok])
+            ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
+        if on_rows is not None:
+            on_rows(len(batch.rows) + len(batch.rejects))
+    T = encoder.loaded.tokens_per_image
+    tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
+    rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
+    rejects.sort(key=lambda r: r["row"])
+    object_ids = ids if plan.id_column else None
+    record = st.write_shard(out, index, cfg.storage, tokens, rows, object_ids, rejected=len(rejects))
+    st.mark_shard_done(out, record, rejects)
+    return ShardResult(index, record.rows, len(rejects), False, time.perf_counter() - t0)
+
+
+def _bad_row(rej: dict, cfg: TokeniseConfig, rejects: list) -> None:
+    if cfg.strict:
+        who = f" ({rej['object_id']})" if "object_id" in rej else ""
+        raise AstroptError(f"bad source row {rej['row']}{who}: {rej['reason']} (--strict stops at the first bad row)")
+    rejects.append(rej)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole job
+
+
+def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
+    """Tokenise this process's shards of the source into the store at `cfg.out`; finalize when all are done."""
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.source import resolve_source
+
+    t_start = time.perf_counter()
+    if cfg.storage not in st.STORAGES:
+        raise AstroptError(f"--format must be one of {', '.join(st.STORAGES)}, got {cfg.storage!r}")
+    if cfg.batch_size < 1:
+        raise AstroptError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.reader not in ("pyarrow", "datasets"):
+        raise AstroptError(f"--reader must be pyarrow or datasets, got {cfg.reader!r}")
+    bands = list(cfg.bands)
+    from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
+
+    unknown = [b for b in bands if b not in BAND_TO_INDEX]
+    if unknown or len({b.split("-")[0] for b in bands}) != 1:
+        raise AstroptError(f"--bands must be bands of one survey known to AION ({', '.join(BAND_TO_INDEX)}); "
+                           f"got {','.join(bands)}")
+    rank, world = process_rank(cfg)
+    plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit)
+    device = resolve_device(cfg.device)
+    loaded = load_image_codec(cfg.codec, device=device)
+    dtype = st.token_dtype(loaded.vocab_size)
+    out = Path(cfg.out)
+    manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision, plan.describe())
+    if rank == 0 or not (out / st.MANIFEST).is_file():
+        prepare_store(out, manifest, cfg.overwrite)
+    else:
+        _wait_for_manifest(out, manifest)
+    bounds = st.shard_bounds(plan.num_rows, cfg.shards)
+    mine = shards_for_this_process(cfg.shards, rank, world)
+    done = st.read_done_records(out, cfg.shards)
+    summary = TokeniseSummary(str(out), cfg.shards, mine, device=device, precision=cfg.precision)
+    encoder = Encoder(loaded, device, cfg.precision, bands)
+
+    todo = [i for i in mine if i not in done]
+    for i in mine:
+        if i in done:
+            s = done[i]["shard"]
+            summary.results.append(ShardResult(i, s["rows"], s["rejected"], True))
+    total_rows = sum(bounds[i + 1] - bounds[i] for i in todo)
+    with _Progress(cfg.progress and rank == 0, total_rows, len(mine), len(mine) - len(todo),
+                   loaded.tokens_per_image) as progress:
+        for i in todo:
+            result = tokenise_shard(plan, encoder, cfg, out, i, bounds[i], bounds[i + 1], dtype, progress.advance)
+            summary.results.append(result)
+            progress.shard_done()
+    summary.results.sort(key=lambda r: r.index)
+    _wait_for_other_processes(world)
+    final = st.finalize_store(out, st.read_manifest(out) if (out / st.MANIFEST).is_file() else manifest)
+    summary.complete = final is not None
+    summary.seconds = time.perf_counter() - t_start
+    worked = sum(r.seconds for r in summary.results if not r.skipped)
+    summary.rows_per_s = (summary.rows + summary.rejected) / worked if worked else 0.0
+    return summary
+
+
+def _wait_for_manifest(out: Path, manifest: dict, timeout: float = 600.0) -> None:
+    """Non-zero ranks wait for rank 0 to create the store, then check it is the same job."""
+    t0 = time.time()
+    while not (out / st.MANIFEST).is_file():
+        if time.time() - t0 > timeout:
+            raise AstroptError(f"rank 0 did not create {out / st.MANIFEST} within {timeout:.0f} s")
+        time.sleep(0.2)
+    diff = check_rerun(st.read_manifest(out), manifest)
+    if diff:
+        raise AstroptError(f"{out} holds a store made with a different {', '.join(diff)}")
+
+
+def _wait_for_other_processes(world: int) -> None:
+    """Under torchrun, a gloo barrier so that the finalizing check sees every rank's shards."""
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return  # SLURM arrays and independent processes: whoever finishes last completes the manifest
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+class _Progress:
+    """A rich progress bar (rows/s, tokens/s, shards done, ETA), or nothing when not wanted."""
+
+    def __init__(self, enabled: bool, total_rows: int, total_shards: int, done_shards: int, tokens_per_image: int):
+        self.enabled = enabled and total_rows > 0
+        self.tokens_per_image = tokens_per_image
+        self.total_shards, self.done_shards = total_shards, done_shards
+        self.t0 = time.perf_counter()
+        self.rows = 0
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]tokenise"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
+                TextColumn("{task.fields[rate]}"), TextColumn("shards {task.fields[shards]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("tokenise", total=total_rows, rate="", shards=self._shards())
+
+    def _shards(self) -> str:
+        return f"{self.done_shards}/{self.total_shards}"
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+
+    def advance(self, rows: int) -> None:
+        self.rows += rows
+        if self.enabled:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            rate = f"{self.rows / dt:,.1f} rows/s {self.rows * self.tokens_per_image / dt:,.0f} tok/s"
+            self.bar.update(self.task, advance=rows, rate=rate)
+
+    def shard_done(self) -> None:
+        self.done_shards += 1
+        if self.enabled:
+            self.bar.update(self.task, shards=self._shards())

@@ -1,0 +1,385 @@
+"""The tokenise pipeline against the real AION ImageCodec (tiny), real parquet written by `datasets`, and real
+arrow/zarr shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from astropt_tok import store as st
+from astropt_tok.cli import main
+from astropt_tok.errors import AstroptError
+from astropt_tok.tokenise import TokeniseConfig, process_rank, tokenise
+
+BANDS = ("DES-G", "DES-R", "DES-I", "DES-Z")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `astropt ARGV` in-process; return (exit code, stdout, stderr)."""
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def config(survey, codec, out, **kw) -> TokeniseConfig:
+    kw.setdefault("shards", 4)
+    kw.setdefault("batch_size", 8)
+    return TokeniseConfig(source=str(survey), codec=str(codec), out=str(out), progress=False, **kw)
+
+
+def direct_tokens(codec_dir, flux: np.ndarray) -> np.ndarray:
+    """AION's own encode of float32 [n, 4, 160, 160] flux, as the reference."""
+    import torch
+    from aion.modalities import LegacySurveyImage
+
+    from astropt_tok.codec import load_image_codec
+
+    codec = load_image_codec(str(codec_dir)).codec
+    with torch.inference_mode():
+        return codec.encode(LegacySurveyImage(flux=torch.from_numpy(flux.copy()), bands=list(BANDS))).numpy()
+
+
+def survey_flux(survey_dir) -> tuple[np.ndarray, list[str]]:
+    """Every row's flux [n, 4, 160, 160] and object ids, read the slow obvious way (Python lists)."""
+    flux, ids = [], []
+    for f in sorted(Path(survey_dir).glob("*.parquet")):
+        t = pq.read_table(f, columns=["object_id", "legacysurvey_image"])
+        for rec in t.to_pylist():
+            img = rec["legacysurvey_image"]
+            if not set(BANDS) <= set(img["band"]):
+                flux.append(np.full((len(BANDS), 160, 160), np.nan, dtype=np.float32))
+            else:
+                order = [img["band"].index(b) for b in BANDS]
+                flux.append(np.array(img["flux"], dtype=np.float32)[order])
+            ids.append(rec["object_id"])
+    return np.stack(flux), ids
+
+
+@pytest.fixture(scope="module")
+def store_arrow(tmp_path_factory, survey_dir, codec_dir):
+    out = tmp_path_factory.mktemp("tok") / "arrow"
+    summary = tokenise(config(survey_dir, codec_dir, out))
+    assert summary.complete
+    return out
+
+
+def test_tokens_equal_direct_codec_encode(store_arrow, survey_dir, codec_dir):
+    flux, ids = survey_flux(survey_dir)
+    expected = direct_tokens(codec_dir, flux)
+    store = st.TokenStore(store_arrow)
+    assert store.num_rows == len(ids)
+    got = store.take(np.arange(store.num_rows))
+    assert got.dtype == np.int16
+    np.testing.assert_array_equal(got.astype(np.int64), expected)
+    assert store.object_ids(np.arange(store.num_rows)) == ids
+    np.testing.assert_array_equal(store.source_rows(np.arange(store.num_rows)), np.arange(len(ids)))
+    m = st.read_manifest(store_arrow)
+    assert m["complete"] and m["vocab_size"] == 4375 and m["tokens_per_image"] == 576 and m["dtype"] == "int16"
+    assert m["totals"] == {"rows": len(ids), "rejected": 0}
+    assert [s["rows"] for s in m["shards"]] == [10, 10, 10, 10]
+
+
+def test_datasets_streaming_reader_gives_the_same_store(store_arrow, survey_dir, codec_dir, tmp_path):
+    out = tmp_path / "via-datasets"
+    tokenise(config(survey_dir, codec_dir, out, reader="datasets"))
+    for s in st.read_manifest(store_arrow)["shards"]:
+        assert (out / s["file"]).read_bytes() == (store_arrow / s["file"]).read_bytes()
+
+
+def test_arrow_shard_opens_with_datasets_and_zero_copy(store_arrow):
+    import datasets
+
+    ds = datasets.Dataset.from_file(str(store_arrow / "shard-00000.arrow"))
+    assert ds.column_names == ["tokens", "row", "object_id"] and len(ds) == 10
+    store = st.TokenStore(store_arrow)
+    tokens = store.shard_tokens(0)
+    assert not tokens.flags.owndata and not tokens.flags.writeable  # a view of the memory map
+    np.testing.assert_array_equal(np.array(ds["tokens"], dtype=np.int16), tokens)
+
+
+def test_zarr_format_round_trips(store_arrow, survey_dir, codec_dir, tmp_path):
+    import zarr
+
+    out = tmp_path / "zarr"
+    tokenise(config(survey_dir, codec_dir, out, storage="zarr"))
+    za, ar = st.TokenStore(out), st.TokenStore(store_arrow)
+    idx = np.array([39, 0, 17, 5, 22])
+    np.testing.assert_array_equal(za.take(idx), ar.take(idx))
+    assert za.object_ids(idx) == ar.object_ids(idx)
+    g = zarr.open_group(str(out / "shard-00001.zarr"), mode="r")
+    assert g["tokens"].shape == (10, 576) and g["tokens"].dtype == np.int16
+    assert st.verify_store(out) == []
+
+
+def _plant_bad_rows(row, cols, j):
+    img = cols["legacysurvey_image"][j]
+    if row == 3:
+        img["flux"][1] = img["flux"][1].copy()
+        img["flux"][1][80, 80] = np.nan  # inside the 96x96 crop: AION would return -2**31 tokens
+    elif row == 7:
+        img["flux"][0] = img["flux"][0].copy()
+        img["flux"][0][2, 3] = np.inf  # outside the crop, still a bad row
+    elif row == 12:
+        img["band"] = ["DES-G", "DES-R", "DES-I", "DES-Y"]  # lacks DES-Z
+    elif row == 18:
+        img["band"] = img["band"][::-1]  # reordered bands are fine: channels follow each row's own list
+
+
+@pytest.fixture(scope="module")
+def bad_survey(tmp_path_factory):
+    from astropt_tok.synthetic import write_synthetic_survey
+
+    out = tmp_path_factory.mktemp("bad-survey")
+    write_synthetic_survey(out, n_rows=20, n_files=2, seed=1, with_hsc=False, edit_rows=_plant_bad_rows)
+    return out
+
+
+def test_bad_rows_are_skipped_and_recorded(bad_survey, codec_dir, tmp_path):
+    out = tmp_path / "tok"
+    summary = tokenise(config(bad_survey, codec_dir, out, shards=3))
+    assert summary.complete and summary.rejected == 3
+    rejects = [json.loads(line) for line in (out / st.REJECTS).read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [3, 7, 12]
+    assert rejects[0]["object_id"] == "LS01-0000003"
+    assert "non-finite" in rejects[0]["reason"] and "non-finite" in rejects[1]["reason"]
+    assert "missing band DES-Z" in rejects[2]["reason"]
+    m = st.read_manifest(out)
+    assert m["totals"] == {"rows": 17, "rejected": 3}
+    store = st.TokenStore(out)
+    rows = store.source_rows(np.arange(store.num_rows))
+    assert sorted(set(range(20)) - set(rows.tolist())) == [3, 7, 12]
+    # row 18 lists its bands backwards: its channels follow its own band list into --bands order
+    flux, _ = survey_flux(bad_survey)
+    k = int(np.nonzero(rows == 18)[0][0])
+    expected = direct_tokens(codec_dir, flux[18:19])[0]
+    np.testing.assert_array_equal(store.take([k])[0].astype(np.int64), expected)
+    assert not np.array_equal(expected, direct_tokens(codec_dir, flux[18:19, ::-1].copy())[0])
+
+
+def test_strict_stops_at_first_bad_row_and_marks_nothing_complete(bad_survey, codec_dir, tmp_path, capsys):
+    out = tmp_path / "strict"
+    code, _, err = run_cli(capsys, "tokenise", "--source", str(bad_survey), "--codec", str(codec_dir), "--out",
+                           str(out), "--shards", "1", "--strict", "--no-progress")
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "bad source row 3 (LS01-0000003)" in err
+    assert not st.read_manifest(out)["complete"]
+    assert not list(out.glob("shard-*"))
+
+
+def test_codec_producing_out_of_range_tokens_is_caught(survey_dir, codec_dir, tmp_path):
+    """A codec with a NaN weight returns -2**31 for every token; no such row may reach the store."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken-codec"
+    shutil.copytree(codec_dir, broken)
+    weights = broken / "codecs/image/model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("pre_quant_proj.weight"))
+    state[key][0, 0] = torch.nan
+    save_file(state, str(weights))
+    out = tmp_path / "tok"
+    summary = tokenise(config(survey_dir, broken, out, shards=2, limit=6))
+    assert summary.rejected == 6 and summary.rows == 0
+    reasons = {json.loads(line)["reason"] for line in (out / st.REJECTS).read_text().splitlines()}
+    assert reasons == {"codec produced tokens outside the vocabulary (non-finite values inside the codec)"}
+
+
+def _plain_list_survey(path: Path, flux: np.ndarray, fixed: bool) -> None:
+    """The same galaxies written by pyarrow alone: plain nested lists, or fixed-size lists."""
+    n, b, h, w = flux.shape
+    values = pa.array(flux.reshape(-1), type=pa.float32())
+    if fixed:
+        rows = pa.FixedSizeListArray.from_arrays(values, w)
+        images = pa.FixedSizeListArray.from_arrays(rows, h)
+        per_row = pa.FixedSizeListArray.from_arrays(images, b)
+    else:
+        rows = pa.ListArray.from_arrays(pa.array(np.arange(0, n * b * h * w + 1, w, dtype=np.int32)), values)
+        images = pa.ListArray.from_arrays(pa.array(np.arange(0, n * b * h + 1, h, dtype=np.int32)), rows)
+        per_row = pa.ListArray.from_arrays(pa.array(np.arange(0, n * b + 1, b, dtype=np.int32)), images)
+    bands = pa.array([list(BANDS)] * n, type=pa.list_(pa.string()))
+    image = pa.StructArray.from_arrays([bands, per_row], names=["band", "flux"])
+    pq.write_table(pa.table({"legacysurvey_image": image}), path, row_group_size=4)
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["plain-lists", "fixed-size-lists"])
+def test_plain_and_fixed_size_list_schemas(survey_dir, codec_dir, tmp_path, fixed):
+    flux, _ = survey_flux(survey_dir)
+    src = tmp_path / "src"
+    src.mkdir()
+    _plain_list_survey(src / "train-00000-of-00001.parquet", flux[:10], fixed)
+    out = tmp_path / "tok"
+    tokenise(config(src, codec_dir, out, shards=2))
+    store = st.TokenStore(out)
+    np.testing.assert_array_equal(store.take(np.arange(10)).astype(np.int64), direct_tokens(codec_dir, flux[:10]))
+    assert store.object_ids([0]) == [None] and st.read_manifest(out)["source"]["id_column"] is None
+
+
+def test_limit_and_more_shards_than_files(survey_dir, codec_dir, tmp_path):
+    out = tmp_path / "tok"
+    tokenise(config(survey_dir, codec_dir, out, shards=7, limit=15))
+    m = st.read_manifest(out)
+    assert m["totals"]["rows"] == 15 and [s["rows"] for s in m["shards"]] == [2, 2, 2, 2, 2, 2, 3]
+
+
+def _run_tokenise_subprocess(args, env=None):
+    cmd = [sys.executable, "-m", "astropt_tok.cli", "tokenise", "--no-progress", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def test_sigkill_then_rerun_gives_identical_bytes(survey_dir, codec_dir, store_arrow, tmp_path):
+    out = tmp_path / "killed"
+    args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--shards", "4",
+            "--batch-size", "8"]
+    # 20 shards of 2 rows, one row per codec call: slow enough to be caught between shards
+    slow = args[:-4] + ["--shards", "20", "--batch-size", "1"]
+    proc = _run_tokenise_subprocess(slow)
+    done_dir = out / st.DONE_DIR
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(done_dir.glob("*.json")))
+    assert 3 <= n_done < 20, "the run must be killed part-way"
+    assert not st.read_manifest(out)["complete"]
+    with pytest.raises(AstroptError, match="incomplete"):
+        st.TokenStore(out)
+    summary = tokenise(config(survey_dir, codec_dir, out, shards=20, batch_size=1))
+    assert summary.complete and sum(r.skipped for r in summary.results) == n_done
+    reference = tmp_path / "straight"
+    tokenise(config(survey_dir, codec_dir, reference, shards=20, batch_size=1))
+    for s in st.read_manifest(reference)["shards"]:
+        assert (out / s["file"]).read_bytes() == (reference / s["file"]).read_bytes(), s["file"]
+    assert st.read_manifest(out)["shards"] == st.read_manifest(reference)["shards"]
+    rows = st.TokenStore(out).source_rows(np.arange(40))
+    np.testing.assert_array_equal(rows, np.arange(40))  # none lost, none duplicated
+    assert not list(out.glob(".shard-*"))  # no temporaries left
+
+
+def test_mismatched_rerun_is_refused_unless_overwrite(store_arrow, survey_dir, codec_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    shutil.copytree(store_arrow, out)
+    base = ["tokenise", "--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--no-progress"]
+    code, _, err = run_cli(capsys, *base, "--shards", "5")
+    assert code == 1 and "different sharding.num_shards" in err and "--overwrite" in err
+    code, _, err = run_cli(capsys, *base, "--shards", "4", "--bands", "DES-G,DES-R,DES-Z")
+    assert code == 1 and "different bands" in err
+    code, _, _ = run_cli(capsys, *base, "--shards", "4")  # the same command: nothing to redo
+    assert code == 0
+    code, _, err = run_cli(capsys, *base, "--shards", "5", "--overwrite")
+    assert code == 0, err
+    assert st.read_manifest(out)["sharding"]["num_shards"] == 5 and not (out / "shard-00005.arrow").exists()
+    assert st.verify_store(out) == []
+
+
+def test_verify_catches_flipped_byte_and_truncated_shard(store_arrow, tmp_path, capsys):
+    out = tmp_path / "tok"
+    shutil.copytree(store_arrow, out)
+    code, stdout, _ = run_cli(capsys, "verify", str(out))
+    assert code == 0 and "OK" in stdout
+    flipped = out / "shard-00001.arrow"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated = out / "shard-00003.arrow"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    code, _, err = run_cli(capsys, "verify", str(out))
+    assert code == 1
+    bad = [line for line in err.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 2 and "shard-00001.arrow" in bad[0] and "shard-00003.arrow" in bad[1]
+    with pytest.raises(AstroptError, match="shard-00003.arrow is .* bytes"):
+        st.TokenStore(out)
+
+
+def test_info_summarises_store(store_arrow, capsys):
+    code, stdout, _ = run_cli(capsys, "info", str(store_arrow))
+    assert code == 0 and "4375" in stdout and "codebook_used" in stdout and "40" in stdout
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_give_the_same_store_as_one(store_arrow, survey_dir, codec_dir, tmp_path):
+    out = tmp_path / "tok2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "astropt_tok.cli", "tokenise", "--source", str(survey_dir), "--codec", str(codec_dir),
+           "--out", str(out), "--shards", "4", "--batch-size", "8", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert st.read_manifest(out) == {**st.read_manifest(store_arrow), "codec": st.read_manifest(out)["codec"]}
+    for s in st.read_manifest(store_arrow)["shards"]:
+        assert (out / s["file"]).read_bytes() == (store_arrow / s["file"]).read_bytes()
+
+
+def test_slurm_array_processes_split_shards_and_last_one_finalizes(store_arrow, survey_dir, codec_dir, tmp_path):
+    out = tmp_path / "slurm"
+    env = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
+    for task in ("1", "0"):
+        os.environ.update(env, SLURM_ARRAY_TASK_ID=task)
+        try:
+            summary = tokenise(config(survey_dir, codec_dir, out))
+        finally:
+            for k in (*env, "SLURM_ARRAY_TASK_ID"):
+                os.environ.pop(k, None)
+        assert summary.my_shards == ([1, 3] if task == "1" else [0, 2])
+        assert summary.complete == (task == "0")
+    for s in st.read_manifest(store_arrow)["shards"]:
+        assert (out / s["file"]).read_bytes() == (store_arrow / s["file"]).read_bytes()
+
+
+def test_process_rank_from_environment(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert process_rank(TokeniseConfig()) == (2, 4)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    assert process_rank(TokeniseConfig()) == (5, 8)  # torchrun wins
+
+
+def test_token_dtype_never_wraps():
+    assert st.token_dtype(4375) == np.int16 and st.token_dtype(32768) == np.int16
+    assert st.token_dtype(32769) == np.uint16 and st.token_dtype(65536) == np.uint16
+    with pytest.raises(AstroptError, match="does not fit"):
+        st.token_dtype(65537)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "/nonexistent/survey"], "does not exist"),
+        (["--column", "hsc_flux"], "has no column 'hsc_flux'"),
+        (["--codec", "polymathic-ai/aion-base"], "pass a local snapshot with --codec DIR"),
+        (["--codec", "/nonexistent/codec"], "neither an existing folder nor a hub id"),
+        (["--bands", "DES-G,HSC-R"], "--bands must be bands of one survey"),
+    ],
+    ids=["missing-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir", "mixed-bands"],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message, survey_dir, codec_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = {"--source": str(survey_dir), "--codec": str(codec_dir)}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["tokenise", "--out", str(tmp_path / "tok"), "--shards", "2", "--no-progress"]
+    for k, v in base.items():
+        argv += [k, v]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and message in err
+    manifest = tmp_path / "tok" / st.MANIFEST
+    assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
