@@ -38,6 +38,7 @@ def decode_command(
     save_flux: Optional[Path] = typer.Option(None, "--save-flux", help="Write decoded float32 flux [N, bands, 96, 96] as .npy or .fits."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per decode / model batch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's; 1 is often fastest for sampling on a busy CPU)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Decode tokens back to galaxies: stored rows (--compare: what the codec loses), or a model's predictions, completions and samples."""
@@ -49,6 +50,7 @@ def decode_command(
         checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
         temperature=temperature, top_k=top_k, kv_cache=not no_kv_cache, bands=_split(bands),
         rgb_bands=tuple(rgb_bands), save_flux=save_flux, device=device, batch_size=batch_size,
+        threads=threads,
     )
     result = decode(cfg)
     summary = summarise(result)
@@ -67,7 +69,8 @@ def decode_command(
         console.print(f"wrote {result.flux_path}: float32 flux {list(result.flux.shape)}, bands {','.join(result.bands)}")
     table_rows = metrics_rows(result)
     if table_rows:
-        table = Table(title="reconstruction vs original, 96x96 centre crop (PSNR range: max-min of each original)")
+        table = Table(title="reconstruction vs original (96x96 centre crop)",
+                      caption="mean over images; PSNR range = max - min of each original crop")
         for col in ("band", "MSE", "PSNR dB"):
             table.add_column(col, justify="right")
         for r in table_rows:

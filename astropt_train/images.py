@@ -40,7 +40,7 @@ def rgb_indices(bands: Sequence[str], rgb_bands: Sequence[str] = DEFAULT_RGB_BAN
     return [bands.index(b) for b in rgb_bands]
 
 
-def fit_stretch(rgb_flux: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.7, soft_frac: float = 0.05) -> Stretch:
+def fit_stretch(rgb_flux: np.ndarray, lo_pct: float = 50.0, hi_pct: float = 99.8, soft_frac: float = 0.1) -> Stretch:
     """Fit one arcsinh stretch to every panel of a figure. rgb_flux: [N, 3, H, W] (red, green, blue)."""
     per_channel = np.moveaxis(np.asarray(rgb_flux, dtype=np.float64), 1, 0).reshape(3, -1)
     finite = [c[np.isfinite(c)] for c in per_channel]
