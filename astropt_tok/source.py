@@ -209,41 +209,59 @@ def plan_from_manifest(section: dict) -> SourcePlan:
 # reading row ranges
 
 
-def iter_row_range(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:
-    """Yield (global row of the first row, pyarrow.RecordBatch) covering global rows [lo, hi) in order.
+@dataclass
+class ReadTask:
+    """One independently readable piece of a row range: rows [start, start+count) of one parquet row group
+    (or Arrow record batch) of one file; `first_row` is the global index of its first row."""
 
-    Reads only the files and parquet row groups that overlap the range, and only the image and id columns.
-    """
-    import pyarrow.parquet as pq
+    file: int
+    unit: int  # row group (parquet) or record batch (arrow) index within the file
+    start: int
+    count: int
+    first_row: int
 
-    columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
+
+def read_tasks(plan: SourcePlan, lo: int, hi: int) -> list[ReadTask]:
+    """Split global rows [lo, hi) into per-row-group read tasks, in row order (only the units that overlap)."""
+    tasks = []
     for fi, f in enumerate(plan.files):
         f_lo, f_hi = int(plan.starts[fi]), int(plan.starts[fi + 1])
         a, b = max(lo, f_lo), min(hi, f_hi)
         if a >= b:
             continue
-        if f.path.endswith(".arrow"):
-            batches, _ = _arrow_reader(f.path)
-            pos = f_lo
-            for batch in batches:
-                s, e = max(a, pos), min(b, pos + batch.num_rows)
-                if s < e:
-                    part = batch.select(columns).slice(s - pos, e - s)
-                    for k in range(0, part.num_rows, batch_rows):
-                        yield s + k, part.slice(k, batch_rows)
-                pos += batch.num_rows
-            continue
-        pf = pq.ParquetFile(_open(f.path))
-        rg_starts = np.concatenate([[0], np.cumsum(f.row_group_rows)]) + f_lo
-        groups = [g for g in range(len(f.row_group_rows)) if rg_starts[g] < b and rg_starts[g + 1] > a]
-        pos = int(rg_starts[groups[0]])
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=True):
-            s, e = max(a, pos), min(b, pos + batch.num_rows)
+        sizes = f.row_group_rows if f.row_group_rows is not None else [x.num_rows for x in _arrow_reader(f.path)[0]]
+        pos = f_lo
+        for u, size in enumerate(sizes):
+            s, e = max(a, pos), min(b, pos + size)
             if s < e:
-                yield s, batch.slice(s - pos, e - s)
-            pos += batch.num_rows
-            if pos >= b:
-                break
+                tasks.append(ReadTask(fi, u, s - pos, e - s, s))
+            pos += size
+    return tasks
+
+
+def read_task(plan: SourcePlan, task: ReadTask):
+    """The record batch of one read task: only the image and id columns of one row group, sliced."""
+    import pyarrow.parquet as pq
+
+    columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
+    f = plan.files[task.file]
+    if f.row_group_rows is None:
+        batch = _arrow_reader(f.path)[0][task.unit].select(columns)
+    else:
+        table = pq.ParquetFile(_open(f.path)).read_row_group(task.unit, columns=columns, use_threads=False)
+        batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+    return batch.slice(task.start, task.count)
+
+
+def iter_row_range(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:
+    """Yield (global row of the first row, pyarrow.RecordBatch) covering global rows [lo, hi) in order.
+
+    Reads only the files and parquet row groups that overlap the range, and only the image and id columns.
+    """
+    for task in read_tasks(plan, lo, hi):
+        batch = read_task(plan, task)
+        for k in range(0, batch.num_rows, batch_rows):
+            yield task.first_row + k, batch.slice(k, batch_rows)
 
 
 def iter_row_range_datasets(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:

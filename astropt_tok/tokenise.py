@@ -2,7 +2,7 @@
 -> shards. Each shard is an independent unit of work: a rerun skips the done ones, and processes under
 torchrun or a SLURM array split the shards between them (the executor is `shards_for_this_process`).
 
-Follow one galaxy: `source.iter_row_range` reads its record batch, `source.batch_to_flux` turns its image
+Follow one galaxy: `source.read_task` reads its row group, `source.batch_to_flux` turns its image
 column into a [bands, 96, 96] crop in `--bands` order, `encode_batch` runs the codec, and
 `store.write_shard` puts its 576 tokens in the row of its shard.
 """
@@ -24,7 +24,8 @@ import numpy as np
 from astropt_tok import store as st
 from astropt_tok.codec import CROP_SIZE, DEFAULT_CODEC
 from astropt_tok.errors import AstroptError
-from astropt_tok.source import DEFAULT_SOURCE, batch_to_flux, iter_row_range, iter_row_range_datasets, object_ids_of
+from astropt_tok.source import (DEFAULT_SOURCE, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task,
+                                read_tasks)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
@@ -201,30 +202,35 @@ class PreparedBatch:
 
 
 def prepare_batches(plan, lo: int, hi: int, cfg: TokeniseConfig, pin: bool) -> Iterator[PreparedBatch]:
-    """Read rows [lo, hi), convert them in `cfg.workers` threads, and yield codec-sized batches in row order."""
+    """Read rows [lo, hi) and convert them in `cfg.workers` threads (one parquet row group each, so decoding
+    runs in parallel), then yield codec-sized batches in row order."""
     import torch
 
-    reader = iter_row_range_datasets if cfg.reader == "datasets" else iter_row_range
     bands = list(cfg.bands)
 
-    def convert(item):
-        first_row, batch = item
+    def convert(first_row, batch) -> PreparedBatch:
         buffer = torch.empty((batch.num_rows, len(bands), CROP_SIZE, CROP_SIZE), dtype=torch.float32, pin_memory=pin)
         flux, good, reasons = batch_to_flux(batch, plan.column, bands, out=buffer.numpy(), crop=CROP_SIZE)
         ids = object_ids_of(batch, plan.id_column)
         rejects = [_reject(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
         return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
 
-    items = reader(plan, lo, hi, batch_rows=cfg.batch_size)
-    if cfg.workers <= 0:
-        chunks = map(convert, items)
+    if cfg.reader == "datasets":
+        items = iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size)
+        chunks = _ordered_map(lambda item: convert(*item), items, cfg.workers)
     else:
-        chunks = _ordered_map(convert, items, cfg.workers)
+        def read_and_convert(task) -> PreparedBatch:
+            return convert(task.first_row, read_task(plan, task))
+
+        chunks = _ordered_map(read_and_convert, iter(read_tasks(plan, lo, hi)), cfg.workers)
     yield from _rebatch(chunks, cfg.batch_size)
 
 
 def _ordered_map(fn, items, workers: int, ahead: int = 2):
     """`map(fn, items)` on a thread pool with up to workers*ahead results in flight, in input order."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astropt-decode")
     pending: queue.SimpleQueue = queue.SimpleQueue()
     try:
