@@ -63,6 +63,8 @@ def register(app: typer.Typer) -> None:
                 overrides[k] = str(overrides[k])
         cfg = build_config(overrides, config_file=config)
         summary = run_training(cfg)
+        if summary["rank"] != 0:
+            return
         if summary.get("stopped"):
             typer.echo(f"stopped by {summary['stopped']} at step {summary['step']}")
         else:

@@ -246,7 +246,10 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
     images = None
     if dist.master and cfg.val_images > 0:
         images = ImageGrid(cfg.codec or store.codec_id, store.bands, device, echo=echo)
-    rows_log = open(run / f"rows-rank{dist.rank}.txt", "a") if cfg.log_rows else None
+    rows_log = None
+    if cfg.log_rows:
+        run.mkdir(parents=True, exist_ok=True)
+        rows_log = open(run / f"rows-rank{dist.rank}.txt", "a")
 
     last_ckpt = str(ckpt_dir) if ckpt_dir is not None else None
     last_loss, last_val = float("nan"), None
@@ -374,7 +377,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
         "step": step, "loss": last_loss, "val_loss": last_val,
         "best_val_loss": best_val if math.isfinite(best_val) else None, "run_dir": str(run),
         "checkpoint": last_ckpt, "tokens_per_s": tps, "stopped": stopped, "params": raw_model.num_params(),
-        "device": str(device),
+        "device": str(device), "rank": dist.rank, "world_size": dist.world,
     }
     if cuda:
         summary["mfu"] = raw_model.estimate_mfu(tps / dist.world, seq_len=seq_len)

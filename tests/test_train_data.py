@@ -1,0 +1,107 @@
+"""The trainer's data path: the split, the per-epoch order, DDP rank partitions, and the DataLoader's rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from astropt_tok.errors import AstroptError
+from astropt_tok.store import TokenStore, write_store_from_arrays
+from astropt_train.data import (EpochBatchSampler, TokenRows, make_loader, split_rows, to_device,
+                                val_batch_rows)
+
+
+@pytest.fixture(scope="module", params=["arrow", "zarr"])
+def small_store(request, tmp_path_factory):
+    """97 rows (an odd count, 3 uneven shards); row i's first token is i so rows identify themselves."""
+    out = tmp_path_factory.mktemp(f"store-{request.param}")
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 500, size=(97, 32))
+    tokens[:, 0] = np.arange(97)
+    write_store_from_arrays(out, tokens, num_shards=3, storage=request.param,
+                            codec={"id": "random", "vocab_size": 500, "tokens_per_image": 32}, bands=["DES-G"])
+    return out, tokens
+
+
+def test_split_is_seeded_disjoint_and_recorded():
+    a, b = split_rows(100, 0.1, seed=3), split_rows(100, 0.1, seed=3)
+    assert np.array_equal(a.val, b.val) and np.array_equal(a.train, b.train)
+    assert len(a.val) == 10 and len(a.train) == 90
+    assert set(a.val).isdisjoint(a.train) and set(a.val) | set(a.train) == set(range(100))
+    assert not np.array_equal(split_rows(100, 0.1, seed=4).val, a.val)
+    assert a.rule["num_val"] == 10 and a.rule["seed"] == 3
+    assert len(split_rows(10, 0.001, seed=0).val) == 1  # at least one row
+    with pytest.raises(AstroptError):
+        split_rows(1, 0.5, seed=0)
+
+
+def test_loader_returns_exactly_the_store_rows(small_store):
+    path, tokens = small_store
+    store = TokenStore(path)
+    split = split_rows(store.num_rows, 0.1, seed=0)
+    sampler = EpochBatchSampler(split.train, batch_size=8, seed=0)
+    n = sampler.batches_per_epoch
+    assert n == len(split.train) // 8
+    seen = []
+    for i, batch in zip(range(2 * n), make_loader(store, sampler, workers=0, pin_memory=False)):
+        assert batch.dtype == torch.int16 and batch.shape == (8, 32)
+        rows = batch[:, 0].long().numpy()
+        np.testing.assert_array_equal(batch.numpy(), tokens[rows])  # each row is the store's row, byte for byte
+        seen.append(rows)
+    first, second = np.concatenate(seen[:n]), np.concatenate(seen[n:])
+    assert len(set(first)) == len(first) and set(first) <= set(split.train)  # one epoch: no repeats, no val rows
+    assert not np.array_equal(first, second)  # a fresh permutation each epoch
+    # a resumed sampler continues with exactly the same batches
+    later = EpochBatchSampler(split.train, batch_size=8, seed=0)
+    later.start_epoch, later.start_batch = later.position(n + 2)
+    it = iter(later)
+    for k in range(3):
+        assert next(it) == seen[n + 2 + k].tolist()
+
+
+def test_loader_with_workers_matches_in_process(small_store):
+    path, _ = small_store
+    store = TokenStore(path)
+    rows = np.arange(store.num_rows)
+    a = [b for _, b in zip(range(5), make_loader(store, EpochBatchSampler(rows, 6, seed=2), 0, False))]
+    b = [b for _, b in zip(range(5), make_loader(store, EpochBatchSampler(rows, 6, seed=2), 2, False))]
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_ddp_ranks_read_disjoint_rows_every_epoch():
+    rows = np.arange(1000, 1101)  # 101 train rows
+    for epoch in range(3):
+        parts = [EpochBatchSampler(rows, 4, seed=9, rank=r, world=3).rank_rows(epoch) for r in range(3)]
+        assert all(len(p) == 33 for p in parts)
+        flat = np.concatenate(parts)
+        assert len(set(flat)) == len(flat) and set(flat) <= set(rows)
+
+
+def test_targets_shift_by_one_and_widen_on_device():
+    batch = torch.arange(10, dtype=torch.int16).view(2, 5)
+    x, y = to_device(batch, "cpu")
+    assert x.dtype == torch.int64 and x.shape == (2, 4)
+    assert torch.equal(y, batch[:, 1:].long()) and torch.equal(x, batch[:, :-1].long())
+
+
+def test_val_batches_are_fixed_and_split_across_ranks():
+    val = np.arange(10)
+    assert np.array_equal(val_batch_rows(val, 4, 2), [8, 9, 0, 1])
+    r0, r1 = val_batch_rows(val, 2, 0, 0, 2), val_batch_rows(val, 2, 0, 1, 2)
+    assert set(r0).isdisjoint(r1)
+
+
+def test_batch_larger_than_the_store_is_a_clear_error():
+    with pytest.raises(AstroptError, match="batch"):
+        EpochBatchSampler(np.arange(5), batch_size=8, seed=0)
+
+
+def test_dataset_does_not_copy_the_store(small_store):
+    path, _ = small_store
+    ds = TokenRows(TokenStore(path))
+    import pickle
+
+    blob = pickle.dumps(ds)  # what a DataLoader worker receives: no token data, no open maps
+    assert len(blob) < 20_000

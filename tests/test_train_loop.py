@@ -1,0 +1,229 @@
+"""End-to-end training on CPU: overfitting, exact resume, checkpoints, refusals, NaN stop, signals, DDP,
+validation images, and the codec staying out of the loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from astropt_tok.errors import AstroptError
+from astropt_tok.store import write_store_from_arrays
+from astropt_train import checkpoint as ck
+from astropt_train.config import build_config
+from astropt_train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB, T = 256, 48
+
+
+def make_store(out, vocab=VOCAB, rows=40, t=T, codec_id="random", seed=0):
+    """A store of `rows` rows drawn from 4 fixed token sequences: learnable by a tiny model."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, vocab, size=(4, t))
+    write_store_from_arrays(out, base[rng.integers(0, 4, size=rows)], num_shards=2,
+                            codec={"id": codec_id, "vocab_size": vocab, "tokens_per_image": t}, bands=["DES-G"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("train-store"))
+
+
+def cfg(store, out, **kw):
+    base = dict(tokens=str(store), out=str(out), n_layer=2, n_head=2, n_embd=32, batch_size=4, max_iters=20,
+                lr=1e-2, warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=1, val_images=0, live=False,
+                checkpoint_interval=5, keep_last=2)
+    base.update(kw)
+    return build_config(base)
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_tiny_model_overfits_tiny_store(store, tmp_path):
+    summary = train(cfg(store, tmp_path / "run", max_iters=60, eval_interval=30, checkpoint_interval=0))
+    assert summary["step"] == 60
+    assert summary["loss"] < 0.25 * math.log(VOCAB)
+    assert summary["best_val_loss"] < 0.25 * math.log(VOCAB)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(recs[0])
+    assert [r["step"] for r in recs if "val_loss" in r] == [30, 60]
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+    assert (tmp_path / "run" / "metrics.csv").read_text().startswith("step,loss")
+    run_cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_cfg["split"]["num_val"] == 2 and run_cfg["model"]["block_size"] == T
+    assert "max_iters = 60" in (tmp_path / "run" / "train_config.toml").read_text()
+
+
+def test_resume_gives_the_same_losses_as_a_straight_run(store, tmp_path):
+    straight = train(cfg(store, tmp_path / "a", max_iters=20, lr_decay_iters=20))
+    train(cfg(store, tmp_path / "b", max_iters=10, lr_decay_iters=20))
+    resumed = train(cfg(store, tmp_path / "b", max_iters=20, lr_decay_iters=20, resume=True))
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(lb) == list(range(1, 21))  # the resumed log continues the first one
+    for s in range(1, 21):
+        assert la[s] == pytest.approx(lb[s], abs=1e-6, rel=0), s
+    assert resumed["best_val_loss"] == pytest.approx(straight["best_val_loss"], abs=1e-6)
+    # model weights agree too
+    ma, _ = ck.load_model(tmp_path / "a")
+    mb, _ = ck.load_model(tmp_path / "b")
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        torch.testing.assert_close(va, vb, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_folder_format_and_retention(store, tmp_path):
+    run = tmp_path / "run"
+    train(cfg(store, run, max_iters=20, checkpoint_interval=5, keep_last=2, eval_interval=5))
+    steps = [s for s, _ in ck.list_checkpoints(run)]
+    best = ck.read_best(run)
+    assert steps[-2:] == [15, 20] and set(steps) <= {best["step"], 15, 20}
+    last = run / "checkpoints" / "step-00000020"
+    assert sorted(p.name for p in last.iterdir()) == ["config.json", "model.safetensors", "trainer_state.pt"]
+    state = torch.load(last / "trainer_state.pt", weights_only=True)  # no pickled Python objects needed
+    assert state["step"] == 20 and state["data"]["micro_batches_done"] == 20
+    conf = json.loads((last / "config.json").read_text())
+    assert conf["vocab_size"] == VOCAB and conf["tokens_per_image"] == T and conf["step"] == 20
+    assert set(conf["store"]) == {"dir", "manifest_sha256", "codec_id", "bands"}
+    assert conf["model"]["n_embd"] == 32 and conf["train"]["max_iters"] == 20
+    model, conf2 = ck.load_model(last)
+    assert model.config.vocab_size == VOCAB and conf2["step"] == 20
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # a second fresh run into the same folder is refused rather than mixing two runs
+    with pytest.raises(AstroptError, match="--resume"):
+        train(cfg(store, run))
+
+
+def test_resume_refuses_another_vocab_or_codec(store, tmp_path):
+    run = tmp_path / "run"
+    train(cfg(store, run, max_iters=5))
+    other_vocab = make_store(tmp_path / "v512", vocab=512)
+    with pytest.raises(AstroptError, match="vocab 512"):
+        train(cfg(other_vocab, run, max_iters=10, resume=True))
+    other_codec = make_store(tmp_path / "codec2", codec_id="another/codec")
+    with pytest.raises(AstroptError, match="another/codec"):
+        train(cfg(other_codec, run, max_iters=10, resume=True))
+    with pytest.raises(AstroptError, match="layers"):
+        train(cfg(store, run, max_iters=10, resume=True, n_layer=3))
+
+
+def test_missing_or_corrupt_store_is_one_clear_error(store, tmp_path):
+    import shutil
+
+    with pytest.raises(AstroptError, match="does not exist"):
+        train(cfg(tmp_path / "nope", tmp_path / "r0"))
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    shard = sorted(bad.glob("shard-*.arrow"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    with pytest.raises(AstroptError, match=shard.name):
+        train(cfg(bad, tmp_path / "r1"))
+    shard.unlink()
+    with pytest.raises(AstroptError, match=f"{shard.name} is missing"):
+        train(cfg(bad, tmp_path / "r2"))
+    assert not (tmp_path / "r1" / "checkpoints").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
+    run = tmp_path / "run"
+    # warmup 0 and a huge learning rate without clipping: step 1 is finite, then the weights blow up
+    with pytest.raises(AstroptError, match=r"loss is (nan|inf).*step-00000001"):
+        train(cfg(store, run, lr=1e9, warmup_iters=0, grad_clip=0.0, checkpoint_interval=1, max_iters=20))
+    steps = [s for s, _ in ck.list_checkpoints(run)]
+    assert steps and max(steps) < 5
+    model, _ = ck.load_model(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_trainer_never_imports_the_codec_outside_validation(store, tmp_path):
+    code = (
+        "import sys, json\n"
+        "from astropt_train.config import build_config\n"
+        "from astropt_train.loop import train\n"
+        f"train(build_config(dict(tokens={str(store)!r}, out={str(tmp_path / 'run')!r}, n_layer=1, n_head=2, "
+        "n_embd=16, batch_size=4, max_iters=3, eval_interval=2, eval_iters=1, val_images=0, live=False)))\n"
+        "bad = [m for m in ('aion', 'astropt_tok.codec') if m in sys.modules]\n"
+        "print(json.dumps(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_validation_images_with_the_real_codec(random_store, codec_dir, tmp_path):
+    run = tmp_path / "run"
+    train(build_config(dict(tokens=str(random_store), out=str(run), n_layer=1, n_head=2, n_embd=16, batch_size=2,
+                            max_iters=2, eval_interval=2, eval_iters=1, val_images=2, codec=str(codec_dir),
+                            live=False)))
+    from PIL import Image
+
+    png = run / "val_images" / "step-00000002.png"
+    w, h = Image.open(png).size
+    assert w > 2 * 96 and h > 2 * 96  # two galaxies: target | prediction
+
+
+def test_unloadable_codec_says_so_once_and_training_goes_on(random_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    summary = train(build_config(dict(tokens=str(random_store), out=str(run), n_layer=1, n_head=2, n_embd=16,
+                                      batch_size=2, max_iters=4, eval_interval=2, eval_iters=1, val_images=2,
+                                      codec=str(tmp_path / "no-codec-here"), live=False)))
+    assert summary["step"] == 4
+    assert capsys.readouterr().out.count("validation images off") == 1
+    assert not (run / "val_images").exists()
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(store, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "astropt_tok", "train", "--tokens", str(store), "--out", str(run),
+           "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--max-iters", "100000",
+           "--log-interval", "1", "--eval-interval", "100000", "--val-images", "0", "--checkpoint-interval", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGINT" in out
+    (step, path), = ck.list_checkpoints(run)
+    assert step >= 3 and torch.load(path / "trainer_state.pt", weights_only=True)["step"] == step
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_read_disjoint_rows(tmp_path):
+    store = make_store(tmp_path / "store", rows=64)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "astropt_tok", "train", "--tokens", str(store), "--out", str(run), "--n-layer", "1",
+           "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--max-iters", "12", "--eval-interval", "6",
+           "--eval-iters", "1", "--val-images", "0", "--log-interval", "3", "--device", "cpu", "--seed", "5"]
+    # log_rows is a debug setting without a flag: pass it through a TOML config
+    (tmp_path / "dbg.toml").write_text("log_rows = true\n")
+    out = subprocess.run(cmd + ["--config", str(tmp_path / "dbg.toml")], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [[list(map(int, line.split())) for line in (run / f"rows-rank{r}.txt").read_text().splitlines()]
+            for r in range(2)]
+    assert len(rows[0]) == len(rows[1]) == 12
+    # per epoch (60 train rows / 2 ranks / 4 = 7 batches per rank), the two ranks' rows never overlap
+    for e in range(2):
+        a = {x for b in rows[0][7 * e:7 * e + 7] for x in b}
+        c = {x for b in rows[1][7 * e:7 * e + 7] for x in b}
+        assert a.isdisjoint(c) and len(a) == len(c) == min(28, 4 * len(rows[0][7 * e:7 * e + 7]))
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["world_size"] == 2
+    assert [s for s, _ in ck.list_checkpoints(run)][-1] == 12
