@@ -160,20 +160,35 @@ def save_image_codec(codec: Any, out_dir: str | os.PathLike, config: dict) -> Pa
     return Path(out_dir)
 
 
-def make_tiny_codec(out_dir: str | os.PathLike, seed: int = 0, hidden_dims: int = 8) -> Path:
-    """Write a small, randomly initialised (untrained) real AION `ImageCodec` in the hub layout."""
+CODEC_SIZES = {
+    # a small real ImageCodec for tests and the demo (~10k parameters)
+    "tiny": {"hidden_dims": 8, "multisurvey_projection_dims": 12, "num_consecutive": 1},
+    # the architecture of polymathic-ai/aion-base's image codec (hidden 512, 4 residual layers per stage)
+    "full": {"hidden_dims": 512, "multisurvey_projection_dims": 54, "num_consecutive": 4},
+}
+
+
+def make_random_codec(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised (untrained) real AION `ImageCodec` in the hub layout.
+
+    `tiny` is for tests and the demo; `full` has aion-base's architecture, for throughput benchmarks on
+    machines that cannot download the real weights (speed does not depend on the weights; tokens do).
+    """
     import torch
     from aion.codecs.image import ImageCodec
 
     config = {
         "quantizer_levels": [7, 5, 5, 5, 5],  # AION's own levels: 4375 codes
-        "hidden_dims": hidden_dims,
-        "multisurvey_projection_dims": 12,
         "n_compressions": 2,
-        "num_consecutive": 1,
         "embedding_dim": 5,
         "range_compression_factor": 0.01,
         "mult_factor": 10.0,
+        **CODEC_SIZES[size],
     }
     torch.manual_seed(seed)
     return save_image_codec(ImageCodec(**config), out_dir, config)
+
+
+def make_tiny_codec(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised real AION `ImageCodec` in the hub layout (tests, demo)."""
+    return make_random_codec(out_dir, "tiny", seed)

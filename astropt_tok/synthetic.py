@@ -106,25 +106,34 @@ def write_synthetic_survey(
     with_hsc: bool = True,
     row_group_size: int = 8,
     edit_rows=None,
+    processes: int = 1,
 ) -> list[Path]:
     """Write `n_rows` galaxies as `n_files` parquet files (train-0000i-of-0000n.parquet) in the real schema.
 
     `edit_rows(global_row, cols_for_file, local_index)` may mutate a row before writing, to plant bad rows.
+    `processes` > 1 writes files in parallel (the output is the same).
     """
-    from datasets import Dataset
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    features = survey_features(size, with_hsc)
     bounds = np.linspace(0, n_rows, n_files + 1).astype(int)
-    paths = []
-    for i in range(n_files):
-        lo, hi = int(bounds[i]), int(bounds[i + 1])
-        cols = synthetic_rows(lo, hi - lo, seed, bands, size, with_hsc)
-        if edit_rows is not None:
-            for j in range(hi - lo):
-                edit_rows(lo + j, cols, j)
-        path = out / f"train-{i:05d}-of-{n_files:05d}.parquet"
-        Dataset.from_dict(cols, features=features).to_parquet(str(path), batch_size=row_group_size)
-        paths.append(path)
-    return paths
+    jobs = [(out / f"train-{i:05d}-of-{n_files:05d}.parquet", int(bounds[i]), int(bounds[i + 1]), seed, tuple(bands),
+             size, with_hsc, row_group_size, edit_rows) for i in range(n_files)]
+    if processes > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(processes) as pool:
+            return pool.starmap(_write_file, jobs)
+    return [_write_file(*job) for job in jobs]
+
+
+def _write_file(path: Path, lo: int, hi: int, seed, bands, size, with_hsc, row_group_size, edit_rows) -> Path:
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    cols = synthetic_rows(lo, hi - lo, seed, bands, size, with_hsc)
+    if edit_rows is not None:
+        for j in range(hi - lo):
+            edit_rows(lo + j, cols, j)
+    Dataset.from_dict(cols, features=survey_features(size, with_hsc)).to_parquet(str(path), batch_size=row_group_size)
+    return path

@@ -1,0 +1,226 @@
+"""Tokenise benchmarks, each measured side by side with its baseline in one run (medians of repeats).
+
+decode:    source decoding rows/s on the same parquet: this project's reader (row groups in parallel threads,
+           checks, crop) vs pyarrow direct (read_table + flatten to numpy, no checks), `datasets` Arrow batches,
+           and the Python-dict path (`datasets` rows as dicts, as upstream's collate sees them).
+encode:    end-to-end `tokenise` rows/s vs the codec alone on pre-loaded tensors (the ceiling), same rows,
+           codec, device, batch size and precision.
+precision: codec-alone throughput per precision, and the fraction of tokens identical to fp32.
+
+    python benchmarks/bench_tokenise.py --rows 512 decode
+    python benchmarks/bench_tokenise.py --rows 48 --codec-size full --batch-size 16 encode
+    python benchmarks/bench_tokenise.py --rows 4096 --codec-size full --device cuda --batch-size 256 encode precision
+
+Prints one JSON object per benchmark (and writes them to --json when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BANDS = ["DES-G", "DES-R", "DES-I", "DES-Z"]
+
+
+def timed(fn, repeats: int) -> tuple[float, int]:
+    """(median seconds, rows) of `repeats` calls of fn() -> rows."""
+    times, rows = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rows = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), rows
+
+
+def bench_decode(survey: Path, args) -> dict:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from astropt_tok.source import resolve_source
+    from astropt_tok.tokenise import TokeniseConfig, prepare_batches
+
+    files = sorted(str(p) for p in survey.glob("*.parquet"))
+    plan = resolve_source(str(survey))
+
+    def ours() -> int:
+        cfg = TokeniseConfig(batch_size=args.batch_size, workers=args.workers)
+        return sum(len(b.rows) for b in prepare_batches(plan, 0, plan.num_rows, cfg, pin=False))
+
+    def pyarrow_direct() -> int:
+        n = 0
+        for f in files:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                col = pf.read_row_group(g, columns=["legacysurvey_image"]).column(0).combine_chunks()
+                images = col.field("flux").flatten()
+                images = images.storage if isinstance(images.type, pa.BaseExtensionType) else images
+                n += images.flatten().flatten().to_numpy().reshape(-1, 4, 160, 160).shape[0]
+        return n
+
+    def datasets_arrow_batches() -> int:
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        ds = ds.select_columns(["legacysurvey_image"]).with_format("arrow")
+        n = 0
+        for table in ds.iter(batch_size=args.batch_size):
+            images = table.column(0).combine_chunks().field("flux").flatten()
+            images = images.storage if isinstance(images.type, pa.BaseExtensionType) else images
+            n += images.flatten().flatten().to_numpy().reshape(-1, 4, 160, 160).shape[0]
+        return n
+
+    def python_dicts() -> int:
+        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        n = 0
+        for row in ds.select_columns(["legacysurvey_image"]):
+            np.asarray(row["legacysurvey_image"]["flux"], dtype=np.float32)
+            n += 1
+        return n
+
+    results = {}
+    for name, fn in [("ours", ours), ("pyarrow_direct", pyarrow_direct),
+                     ("datasets_arrow_batches", datasets_arrow_batches), ("python_dicts", python_dicts)]:
+        fn()  # warm the page cache and imports
+    for _ in range(args.repeats):  # interleave the contenders so machine noise hits all alike
+        for name, fn in [("ours", ours), ("pyarrow_direct", pyarrow_direct),
+                         ("datasets_arrow_batches", datasets_arrow_batches), ("python_dicts", python_dicts)]:
+            t, n = timed(fn, 1)
+            results.setdefault(name, []).append(n / t)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"benchmark": "decode", "rows": plan.num_rows, "workers": args.workers, "rows_per_s": med,
+            "ours_vs_pyarrow_direct": med["ours"] / med["pyarrow_direct"],
+            "ours_vs_python_dicts": med["ours"] / med["python_dicts"]}
+
+
+def _survey_flux(survey: Path, rows: int) -> "np.ndarray":
+    from astropt_tok.source import batch_to_flux, iter_row_range, resolve_source
+
+    plan = resolve_source(str(survey))
+    parts = [batch_to_flux(b, plan.column, BANDS)[0] for _, b in iter_row_range(plan, 0, min(rows, plan.num_rows))]
+    return np.concatenate(parts)
+
+
+def codec_alone(codec, flux, batch_size: int, device: str, precision: str) -> tuple[float, np.ndarray]:
+    """(rows/s, tokens) of the codec on tensors already on the device (inputs copied per batch, since encode
+    clamps in place). The ceiling for the pipeline."""
+    import torch
+    from aion.modalities import LegacySurveyImage
+
+    x_all = torch.from_numpy(flux).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    out = []
+
+    def run():
+        out.clear()
+        for i in range(0, len(x_all), batch_size):
+            x = x_all[i:i + batch_size].clone()
+            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+                out.append(codec.encode(LegacySurveyImage(flux=x, bands=BANDS)))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return len(x_all)
+
+    t, n = timed(run, 1)
+    return n / t, torch.cat(out).cpu().numpy()
+
+
+def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
+    import torch
+
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.tokenise import Encoder, TokeniseConfig, resolve_device, tokenise
+
+    device = resolve_device(args.device)
+    loaded = load_image_codec(str(codec_dir), device=device)
+    Encoder(loaded, device, args.precision, BANDS)  # applies the TF32 settings the pipeline uses
+    flux = _survey_flux(survey, args.rows)
+    codec_alone(loaded.codec, flux[: args.batch_size], args.batch_size, device, args.precision)  # warm-up
+    pipe, alone = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            rate, _ = codec_alone(loaded.codec, flux, args.batch_size, device, args.precision)
+            alone.append(rate)
+            cfg = TokeniseConfig(source=str(survey), out=f"{tmp}/tok{r}", shards=args.shards, codec=str(codec_dir),
+                                 batch_size=args.batch_size, device=device, workers=args.workers, limit=args.rows,
+                                 precision=args.precision, progress=False)
+            summary = tokenise(cfg)
+            pipe.append(summary.rows / sum(x.seconds for x in summary.results))
+    return {"benchmark": "encode", "rows": len(flux), "device": device, "precision": args.precision,
+            "codec_size": args.codec_size, "batch_size": args.batch_size, "workers": args.workers,
+            "pipeline_rows_per_s": statistics.median(pipe), "codec_alone_rows_per_s": statistics.median(alone),
+            "pipeline_vs_codec_alone": statistics.median(pipe) / statistics.median(alone)}
+
+
+def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.tokenise import Encoder, resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_image_codec(str(codec_dir), device=device)
+    flux = _survey_flux(survey, args.rows)
+    out = {"benchmark": "precision", "rows": len(flux), "device": device, "codec_size": args.codec_size,
+           "batch_size": args.batch_size, "rows_per_s": {}, "identical_to_fp32": {}}
+    reference = None
+    for precision in ("fp32", "tf32", "bf16"):
+        Encoder(loaded, device, precision, BANDS)
+        codec_alone(loaded.codec, flux[: args.batch_size], args.batch_size, device, precision)  # warm-up
+        rates, tokens = [], None
+        for _ in range(args.repeats):
+            rate, tokens = codec_alone(loaded.codec, flux, args.batch_size, device, precision)
+            rates.append(rate)
+        out["rows_per_s"][precision] = statistics.median(rates)
+        if reference is None:
+            reference = tokens
+        out["identical_to_fp32"][precision] = float((tokens == reference).mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", nargs="+", choices=["decode", "encode", "precision"])
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--survey", type=Path, help="existing survey folder (default: write a synthetic one)")
+    ap.add_argument("--codec", type=Path, help="codec folder in the hub layout (default: a random one)")
+    ap.add_argument("--codec-size", choices=["tiny", "full"], default="full")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=2, help="processes writing the synthetic survey")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from astropt_tok.codec import make_random_codec
+    from astropt_tok.synthetic import write_synthetic_survey
+
+    with tempfile.TemporaryDirectory() as tmp:
+        survey = args.survey
+        if survey is None:
+            survey = Path(tmp) / "survey"
+            write_synthetic_survey(survey, n_rows=args.rows, n_files=args.files, seed=7, row_group_size=64,
+                                   processes=args.processes)
+        codec_dir = args.codec or make_random_codec(Path(tmp) / "codec", args.codec_size)
+        results = []
+        for which in args.which:
+            if which == "decode":
+                r = bench_decode(survey, args)
+            elif which == "encode":
+                r = bench_encode(survey, codec_dir, args)
+            else:
+                r = bench_precision(survey, codec_dir, args)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
