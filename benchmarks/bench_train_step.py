@@ -1,0 +1,75 @@
+"""Training-step throughput through the real trainer (`astropt_train.loop.train`): tokens/s and, on CUDA, MFU.
+
+Builds a synthetic token store (random AION-sized rows: vocab 4375, 576 tokens) in a temporary folder, runs
+--steps optimiser steps, and prints one JSON object. The first log interval (compilation, warm-up) is left
+out of the reported figure, which is the median of the remaining intervals.
+
+    python benchmarks/bench_train_step.py --preset 95M --dtype bf16 --compile --steps 60 --batch-size 32
+    python benchmarks/bench_train_step.py --preset tiny --steps 6 --batch-size 2 --device cpu   # a CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse flags, train on a synthetic store, print and return the JSON summary."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="95M")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--log-interval", type=int, default=None, help="default: steps // 6")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--rows", type=int, default=None, help="store rows (default: enough for one epoch of steps)")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from astropt_tok.store import write_store_from_arrays
+    from astropt_train.config import build_config
+    from astropt_train.loop import train
+
+    rows = args.rows or max(512, args.batch_size * args.grad_accum * args.steps + 64)
+    log_interval = args.log_interval or max(1, args.steps // 6)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        store = Path(tmp) / "store"
+        tokens = np.random.default_rng(0).integers(0, 4375, size=(rows, 576), dtype=np.int16)
+        write_store_from_arrays(store, tokens, num_shards=4, bands=["DES-G", "DES-R", "DES-I", "DES-Z"],
+                                codec={"id": "synthetic", "vocab_size": 4375, "tokens_per_image": 576})
+        cfg = build_config(dict(
+            tokens=str(store), out=str(Path(tmp) / "run"), preset=args.preset, dtype=args.dtype,
+            compile=args.compile, max_iters=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+            warmup_iters=min(10, args.steps), log_interval=log_interval, eval_interval=args.steps, eval_iters=1,
+            val_images=0, save=False, device=args.device, workers=args.workers, live=False, val_fraction=0.01,
+        ))
+        t1 = time.perf_counter()
+        summary = train(cfg)
+        t2 = time.perf_counter()
+    out = {
+        "preset": args.preset, "dtype": args.dtype, "compile": args.compile, "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum, "steps": args.steps, "params": summary["params"],
+        "device": summary.get("gpu", summary["device"]), "tokens_per_s": round(summary["tokens_per_s"]),
+        "mfu": None if summary.get("mfu") is None else round(summary["mfu"], 4),
+        "final_loss": summary["loss"], "store_build_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
