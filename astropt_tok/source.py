@@ -361,10 +361,18 @@ def batch_to_flux(
     flux = out[: len(good)]
     if not len(good):
         return flux, good, reasons
-    starts = first_pixel[pick[good]]  # [n_good, n_bands]
-    np.take(pixels, starts[:, :, None, None] + within[None, None], out=flux)
-    # a row must be finite everywhere, not only inside the crop the codec sees
-    finite = np.array([np.isfinite(pixels[s:s + size * size]).all() for s in starts.reshape(-1)]).reshape(starts.shape).all(axis=1)
+    image_pixels = size * size
+    if len(first_pixel) and np.array_equal(first_pixel, np.arange(len(first_pixel)) * image_pixels):
+        # the common case: every image is size x size, back to back, so the pixels are one [n_img, S, S] array
+        stack = pixels[: len(first_pixel) * image_pixels].reshape(-1, size, size)
+        chosen = stack[pick[good]]  # [n_good, n_bands, size, size], one gather
+        np.copyto(flux, chosen[:, :, off:off + side, off:off + side])
+        finite = np.isfinite(chosen).all(axis=(1, 2, 3))  # everywhere, not only inside the crop
+    else:
+        starts = first_pixel[pick[good]]  # [n_good, n_bands]
+        np.take(pixels, starts[:, :, None, None] + within[None, None], out=flux)
+        finite = np.array([np.isfinite(pixels[s:s + image_pixels]).all() for s in starts.reshape(-1)])
+        finite = finite.reshape(starts.shape).all(axis=1)
     if not finite.all():
         for r in good[~finite]:
             reasons[r] = "non-finite flux (NaN or inf)"
