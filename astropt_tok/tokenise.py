@@ -201,9 +201,13 @@ class PreparedBatch:
     rejects: list[dict]  # bad rows met while preparing this batch
 
 
-def prepare_batches(plan, lo: int, hi: int, cfg: TokeniseConfig, pin: bool) -> Iterator[PreparedBatch]:
-    """Read rows [lo, hi) and convert them in `cfg.workers` threads (one parquet row group each, so decoding
-    runs in parallel), then yield codec-sized batches in row order."""
+def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig, pin: bool):
+    """For each (index, lo, hi) in `shards`, in order, yield (index, iterator of codec-sized PreparedBatch).
+
+    Row groups are read and converted in `cfg.workers` threads, ahead of the codec and across shard
+    boundaries, so the device does not wait while one shard is written and the next begins. Each shard's
+    iterator must be consumed before the next is taken.
+    """
     import torch
 
     bands = list(cfg.bands)
@@ -216,14 +220,45 @@ def prepare_batches(plan, lo: int, hi: int, cfg: TokeniseConfig, pin: bool) -> I
         return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
 
     if cfg.reader == "datasets":
-        items = iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size)
-        chunks = _ordered_map(lambda item: convert(*item), items, cfg.workers)
+        items = ((i, item) for i, lo, hi in shards
+                 for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
+        chunks = _ordered_map(lambda tagged: (tagged[0], convert(*tagged[1])), items, cfg.workers)
     else:
-        def read_and_convert(task) -> PreparedBatch:
-            return convert(task.first_row, read_task(plan, task))
+        tasks = ((i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi))
+        chunks = _ordered_map(lambda tagged: (tagged[0], convert(tagged[1].first_row, read_task(plan, tagged[1]))),
+                              tasks, cfg.workers)
+    stream = _Peekable(chunks)
 
-        chunks = _ordered_map(read_and_convert, iter(read_tasks(plan, lo, hi)), cfg.workers)
-    yield from _rebatch(chunks, cfg.batch_size)
+    def one_shard(index: int) -> Iterator[PreparedBatch]:
+        def mine():
+            while stream.peek() is not None and stream.peek()[0] == index:
+                yield next(stream)[1]
+
+        yield from _rebatch(mine(), cfg.batch_size)
+
+    for index, _, _ in shards:
+        yield index, one_shard(index)
+
+
+class _Peekable:
+    """An iterator whose next item can be looked at (None at the end)."""
+
+    _END = object()
+
+    def __init__(self, it):
+        self.it, self.head = it, self._END
+
+    def peek(self):
+        if self.head is self._END:
+            self.head = next(self.it, None)
+        return self.head
+
+    def __next__(self):
+        item = self.peek()
+        self.head = self._END
+        if item is None:
+            raise StopIteration
+        return item
 
 
 def _ordered_map(fn, items, workers: int, ahead: int = 2):
@@ -343,14 +378,13 @@ class Encoder:
 # one shard
 
 
-def tokenise_shard(plan, encoder: Encoder, cfg: TokeniseConfig, out: Path, index: int, lo: int, hi: int,
-                   dtype: np.dtype, on_rows=None) -> ShardResult:
-    """Encode global rows [lo, hi) into shard `index`; write it and its completion record atomically."""
+def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: TokeniseConfig, out: Path, index: int,
+                   dtype: np.dtype, has_ids: bool, on_rows=None) -> ShardResult:
+    """Encode one shard's batches; write the shard and its completion record atomically."""
     t0 = time.perf_counter()
     _remove_stale_temporaries(out, index)
     tokens_parts, rows_parts, ids, rejects = [], [], [], []
-    pin = encoder.device.type == "cuda"
-    for batch in prepare_batches(plan, lo, hi, cfg, pin):
+    for batch in batches:
         for rej in batch.rejects:
             _bad_row(rej, cfg, rejects)
         if len(batch.rows):
@@ -367,7 +401,7 @@ def tokenise_shard(plan, encoder: Encoder, cfg: TokeniseConfig, out: Path, index
     tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     rejects.sort(key=lambda r: r["row"])
-    object_ids = ids if plan.id_column else None
+    object_ids = ids if has_ids else None
     record = st.write_shard(out, index, cfg.storage, tokens, rows, object_ids, rejected=len(rejects))
     st.mark_shard_done(out, record, rejects)
     return ShardResult(index, record.rows, len(rejects), False, time.perf_counter() - t0)
@@ -428,8 +462,10 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     total_rows = sum(bounds[i + 1] - bounds[i] for i in todo)
     with _Progress(cfg.progress and rank == 0, total_rows, len(mine), len(mine) - len(todo),
                    loaded.tokens_per_image) as progress:
-        for i in todo:
-            result = tokenise_shard(plan, encoder, cfg, out, i, bounds[i], bounds[i + 1], dtype, progress.advance)
+        pin = encoder.device.type == "cuda"
+        work = prepare_shards(plan, [(i, bounds[i], bounds[i + 1]) for i in todo], cfg, pin)
+        for i, batches in work:
+            result = tokenise_shard(batches, encoder, cfg, out, i, dtype, plan.id_column is not None, progress.advance)
             summary.results.append(result)
             progress.shard_done()
     summary.results.sort(key=lambda r: r.index)

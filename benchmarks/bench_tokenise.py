@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 BANDS = ["DES-G", "DES-R", "DES-I", "DES-Z"]
 
@@ -44,14 +47,15 @@ def bench_decode(survey: Path, args) -> dict:
     import pyarrow.parquet as pq
 
     from astropt_tok.source import resolve_source
-    from astropt_tok.tokenise import TokeniseConfig, prepare_batches
+    from astropt_tok.tokenise import TokeniseConfig, prepare_shards
 
     files = sorted(str(p) for p in survey.glob("*.parquet"))
     plan = resolve_source(str(survey))
 
     def ours() -> int:
         cfg = TokeniseConfig(batch_size=args.batch_size, workers=args.workers)
-        return sum(len(b.rows) for b in prepare_batches(plan, 0, plan.num_rows, cfg, pin=False))
+        shards = prepare_shards(plan, [(0, 0, plan.num_rows)], cfg, pin=False)
+        return sum(len(b.rows) for _, batches in shards for b in batches)
 
     def pyarrow_direct() -> int:
         n = 0
