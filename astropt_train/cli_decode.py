@@ -95,12 +95,13 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed for the survey, codec, model and sampling."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete earlier demo outputs in --workdir first."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads on CPU (0: torch's default). One is fastest for the demo's tiny model on a small or busy machine."),
 ) -> None:
     """Run the whole pipeline offline in one command: synthetic survey -> tokenise -> train -> decode pictures."""
     from astropt_train.demo import DemoConfig, print_demo_summary, run_demo
 
     cfg = DemoConfig(workdir=workdir, rows=rows, steps=steps, codec=codec, source=source, limit=limit, seed=seed,
-                     device=device, fresh=fresh)
+                     device=device, fresh=fresh, cpu_threads=threads or None)
     print_demo_summary(run_demo(cfg))
 
 

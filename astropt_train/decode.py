@@ -15,7 +15,6 @@ Every token sequence is [N, tokens_per_image] (576 for AION). Decoded flux is fl
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,7 +455,8 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
 
 
 def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
-    name = Path(codec_id).name if os.sep in str(codec_id) else codec_id
+    p = Path(codec_id)
+    name = "/".join(p.parts[-2:]) if p.exists() else codec_id  # a folder: its last two parts are enough
     what = {"stored": "stored rows", "predict": "teacher-forced prediction", "complete": f"completion from {cfg.complete_from}",
             "generate": f"generated (T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed})"}[mode]
     return f"{what} | codec {name}"
