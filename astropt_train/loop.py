@@ -58,8 +58,8 @@ def _pick_device(cfg: TrainConfig, dist: Dist):
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AstroptError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
-        dev = torch.device(f"cuda:{dist.local_rank}" if dist.ddp else want)
-        torch.cuda.set_device(dev)
+        dev = torch.device(f"cuda:{dist.local_rank}" if dist.ddp or want == "cuda" else want)
+        torch.cuda.set_device(dev)  # needs an index: plain "cuda" means this process's local GPU
         return dev
     return torch.device("cpu")
 
