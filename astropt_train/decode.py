@@ -348,6 +348,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     from astropt_tok.store import TokenStore
 
     mode = _mode(cfg)
+    _check_options(cfg)
     device = resolve_device(cfg.device)
     model, ckpt = None, {}
     if cfg.checkpoint is not None:
@@ -452,6 +453,20 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     return DecodeResult(mode=mode, out=out, tokens=np.asarray(final, dtype=np.int64), flux=final_flux,
                         bands=flux_bands, labels=labels, codec_id=codec.codec_id, rows=rows, metrics=metrics,
                         flux_path=flux_path, columns=columns)
+
+
+def _check_options(cfg: DecodeConfig) -> None:
+    """Refuse bad output names and sampling settings before any work is done."""
+    if Path(cfg.out).suffix.lower() != ".png":
+        raise AstroptError(f"--out must be a .png file, got {cfg.out}")
+    if cfg.save_flux is not None and Path(cfg.save_flux).suffix.lower() not in (".npy", ".fits", ".fit"):
+        raise AstroptError(f"--save-flux must end in .npy or .fits, got {Path(cfg.save_flux).name}")
+    if cfg.temperature < 0:
+        raise AstroptError(f"--temperature must be >= 0 (0: greedy), got {cfg.temperature}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise AstroptError(f"--top-k must be at least 1, got {cfg.top_k}")
+    if cfg.batch_size < 1:
+        raise AstroptError(f"--batch-size must be at least 1, got {cfg.batch_size}")
 
 
 def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:

@@ -148,6 +148,8 @@ def _run_cli(argv):
         (["--rows", "1", "--compare"], "source"),
         (["--rows", "1", "--save-flux", "x.txt"], ".npy or .fits"),
         (["--rows", "1", "--rgb", "DES-G,DES-R,DES-Q"], "DES-Q"),
+        (["--random", "301"], "300 rows"),
+        (["--rows", "1", "--top-k", "0"], "--top-k"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(random_store, codec_dir, tmp_path, capsys, extra, message):
