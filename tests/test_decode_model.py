@@ -69,6 +69,21 @@ def test_generation_with_kv_cache_equals_without(model):
     assert len(np.unique(with_cache)) > 20  # really sampled, not one repeated token
 
 
+def test_sampling_feeds_each_position_through_the_model_once_with_the_cache(model):
+    fed = []  # token positions run through the model, per forward call
+    hook = model.encoders["images_aion"].register_forward_hook(lambda mod, args, out: fed.append(args[0].shape[1]))
+    try:
+        with torch_threads(1):
+            generate_tokens(model, 1, np.full(4375, 1 / 4375), 576, seed=0, kv_cache=True)
+            cached = list(fed)
+            fed.clear()
+            generate_tokens(model, 1, np.full(4375, 1 / 4375), 576, seed=0, kv_cache=False)
+    finally:
+        hook.remove()
+    assert cached == [1] * 575  # one new position per step: not 575 full forward passes
+    assert fed == list(range(1, 576))  # without the cache every step re-runs the whole prefix
+
+
 def test_generate_from_checkpoint_draws_first_tokens_from_the_store(run_dir, random_store, tmp_path):
     from astropt_tok.store import TokenStore
 
