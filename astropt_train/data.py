@@ -45,11 +45,69 @@ def split_rows(num_rows: int, val_fraction: float, seed: int) -> Split:
     return Split(train=train, val=val, rule=rule)
 
 
-class TokenRows:
-    """Map-style Dataset over store rows; `__getitems__` fetches a whole batch with one index per shard."""
+MADV_DONTNEED = 4  # Linux: drop this process's page-table entries for a range (clean file pages stay cached)
 
-    def __init__(self, store: TokenStore):
+
+class _PageRelease:
+    """Unmaps (MADV_DONTNEED) the pages a process has touched in memory-mapped arrow shards.
+
+    Reading a random row faults in the kernel's fault-around window (64 KiB) of the file, and those pages
+    count in the process's RSS until it exits: after enough random batches a process would appear to hold
+    the whole store. The pages are clean copies of the file, so dropping the mappings is safe; the data stays
+    in the page cache and the next read maps it again. A no-op where madvise is unavailable (not Linux).
+    """
+
+    def __init__(self):
+        self._madvise = None
+        try:
+            import ctypes
+            import mmap
+            import sys
+
+            if sys.platform.startswith("linux"):
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self._madvise, self._page = libc.madvise, mmap.PAGESIZE
+        except (OSError, AttributeError):
+            self._madvise = None
+
+    def __call__(self, arrays) -> None:
+        """Drop the mapped pages of each numpy array (a view of a memory map)."""
+        if self._madvise is None:
+            return
+        for a in arrays:
+            if not isinstance(a, np.ndarray) or a.nbytes == 0:
+                continue
+            addr = a.__array_interface__["data"][0]
+            start = addr - addr % self._page
+            self._madvise(start, a.nbytes + (addr - start), MADV_DONTNEED)
+
+
+FAULT_AROUND_BYTES = 64 * 1024  # what one random row read maps, at most (Linux's default fault-around)
+
+
+class TokenRows:
+    """Map-style Dataset over store rows; `__getitems__` fetches a whole batch with one index per shard.
+
+    Keeps at most about `mapped_mb` MiB of arrow store pages mapped: once the rows read since the last release
+    could have mapped that much, the touched shards' pages are released (see `_PageRelease`), so a process's
+    RSS stays flat however large the store and however long the run. A store no larger than `mapped_mb` is
+    never released (it is all mapped at most); mapped_mb=0 never releases (fastest once the store is resident).
+    """
+
+    def __init__(self, store: TokenStore, mapped_mb: int = 32):
         self.store = store
+        store_bytes = sum(int(s["bytes"]) for s in store.shards)
+        budget = mapped_mb * 2**20
+        self.release_rows = 0
+        if store.storage == "arrow" and budget and store_bytes > budget:
+            self.release_rows = max(1, budget // FAULT_AROUND_BYTES)
+        self._since, self._touched, self._release = 0, set(), None
+
+    def __getstate__(self):  # workers get the store (which drops its maps) and make their own releaser
+        state = dict(self.__dict__)
+        state["_release"], state["_since"], state["_touched"] = None, 0, set()
+        return state
 
     def __len__(self) -> int:
         return self.store.num_rows
@@ -62,7 +120,21 @@ class TokenRows:
         """Rows (store indices) -> [len(rows), tokens_per_image] int16 tensor."""
         import torch
 
-        return torch.from_numpy(self.store.take(np.asarray(rows, dtype=np.int64)))
+        rows = np.asarray(rows, dtype=np.int64)
+        out = torch.from_numpy(self.store.take(rows))
+        if self.release_rows:
+            self._since += len(rows)
+            self._touched.update(np.unique(self.store.locate(rows)[0]).tolist())
+            if self._since >= self.release_rows:
+                self.release()
+        return out
+
+    def release(self) -> None:
+        """Unmap the pages read so far from the shards touched since the last release."""
+        if self._release is None:
+            self._release = _PageRelease()
+        self._release([self.store.shard_tokens(i) for i in sorted(self._touched)])
+        self._since, self._touched = 0, set()
 
 
 def pass_through(batch):
@@ -114,12 +186,12 @@ class EpochBatchSampler:
             epoch, b = epoch + 1, 0
 
 
-def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool):
+def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, mapped_mb: int = 32):
     """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        TokenRows(store),
+        TokenRows(store, mapped_mb),
         batch_sampler=sampler,
         collate_fn=pass_through,
         num_workers=workers,

@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="rows in the store")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the store loader")
+    ap.add_argument("--mapped-mb", type=int, nargs="+", default=[32, 0],
+                    help="page budgets of the store loader to time (32: the trainer's default; 0: never release)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the store timing (median reported)")
     args = ap.parse_args()
 
@@ -104,23 +106,27 @@ def main() -> None:
                                 codec={"id": "aion-full-random", "vocab_size": 4375, "tokens_per_image": tpi},
                                 bands=BANDS)
         store = TokenStore(store_dir)
-        ours = []
-        for r in range(args.repeats):
-            sampler = EpochBatchSampler(np.arange(store.num_rows), args.batch_size, seed=r)
-            loader = make_loader(store, sampler, args.workers, pin_memory=False)
-            ours.append(time_loader(loader, args.store_batches, warmup=10))
-            del loader
-        ours_s = statistics.median(ours)
+        ours = {}
+        for mb in args.mapped_mb:
+            times = []
+            for r in range(args.repeats):
+                sampler = EpochBatchSampler(np.arange(store.num_rows), args.batch_size, seed=r)
+                loader = make_loader(store, sampler, args.workers, pin_memory=False, mapped_mb=mb)
+                times.append(time_loader(loader, args.store_batches, warmup=10))
+                del loader
+            ours[mb] = statistics.median(times)
 
     up_tps = args.batch_size * tpi / up_s
-    our_tps = args.batch_size * tpi / ours_s
-    print(json.dumps({
+    result = {
         "batch_size": args.batch_size, "tokens_per_image": tpi, "store_rows": args.rows, "workers": args.workers,
-        "upstream_style_tokens_per_s": round(up_tps, 1),
-        "upstream_style_images_per_s": round(args.batch_size / up_s, 2),
-        "store_loader_tokens_per_s": round(our_tps), "store_loader_images_per_s": round(args.batch_size / ours_s),
-        "speedup": round(our_tps / up_tps), "torch_threads": torch.get_num_threads(),
-    }, indent=2))
+        "torch_threads": torch.get_num_threads(), "upstream_batches": args.upstream_batches,
+        "upstream_style_tokens_per_s": round(up_tps, 1), "upstream_style_images_per_s": round(args.batch_size / up_s, 2),
+    }
+    for mb, s in ours.items():
+        tps = args.batch_size * tpi / s
+        result[f"store_loader_mapped_mb_{mb}_tokens_per_s"] = round(tps)
+        result[f"speedup_mapped_mb_{mb}"] = round(tps / up_tps)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,29 @@ def test_dataset_does_not_copy_the_store(small_store):
 
     blob = pickle.dumps(ds)  # what a DataLoader worker receives: no token data, no open maps
     assert len(blob) < 20_000
+
+
+def _rss_file_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_loader_keeps_mapped_store_pages_bounded(tmp_path):
+    """Random reads map the kernel's fault-around window per row; the loader releases them past its budget."""
+    rows = 20_000  # 23 MB of tokens
+    write_store_from_arrays(tmp_path / "s", np.random.default_rng(0).integers(0, 4375, size=(rows, 576), dtype=np.int16),
+                            num_shards=2, codec={"id": "random", "vocab_size": 4375, "tokens_per_image": 576},
+                            bands=["DES-G"])
+    grown = {}
+    for mb in (0, 2):
+        ds = TokenRows(TokenStore(tmp_path / "s"), mapped_mb=mb)
+        before = _rss_file_kb()
+        for b in np.random.default_rng(mb).integers(0, rows, size=(200, 16)):
+            ds.__getitems__(b)
+        grown[mb] = (_rss_file_kb() - before) / 1024
+        del ds
+    assert grown[2] < 4, grown
+    assert grown[0] > 3 * grown[2], grown  # without releases the same reads stay mapped
