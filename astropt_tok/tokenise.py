@@ -9,6 +9,7 @@ column into a [bands, 96, 96] crop in `--bands` order, `encode_batch` runs the c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import shutil
@@ -45,7 +46,7 @@ class TokeniseConfig:
     device: str = "auto"
     storage: str = "arrow"  # --format
     limit: int | None = None
-    workers: int = 2  # threads decoding record batches ahead of the codec
+    workers: int | None = None  # processes reading row groups ahead of the codec; None: min(8, cores - 1)
     id_column: str | None = "object_id"
     strict: bool = False
     overwrite: bool = False
@@ -114,6 +115,12 @@ def process_rank(cfg: TokeniseConfig) -> tuple[int, int]:
 def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]:
     """Shards i with i % world == rank: every process gets an even share, in a fixed order."""
     return list(range(rank, num_shards, world))
+
+
+def default_workers() -> int:
+    """Reader processes when --workers is not given: one core is left to drive the codec."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, cores - 1))
 
 
 def resolve_device(device: str) -> str:
@@ -200,33 +207,33 @@ class PreparedBatch:
     object_ids: list  # [n]
     rejects: list[dict]  # bad rows met while preparing this batch
 
+    def pin_memory(self) -> "PreparedBatch":
+        """Called by the DataLoader's pinning thread on a GPU run."""
+        return PreparedBatch(self.flux.pin_memory(), self.rows, self.object_ids, self.rejects)
+
 
 def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig, pin: bool):
     """For each (index, lo, hi) in `shards`, in order, yield (index, iterator of codec-sized PreparedBatch).
 
-    Row groups are read and converted in `cfg.workers` threads, ahead of the codec and across shard
-    boundaries, so the device does not wait while one shard is written and the next begins. Each shard's
-    iterator must be consumed before the next is taken.
+    Parquet row groups are read and converted by `cfg.workers` DataLoader worker processes (no GIL between
+    them and the thread that drives the codec), pinned by the DataLoader on a GPU run, ahead of the codec
+    and across shard boundaries, so the device does not wait while one shard is written and the next begins.
+    Each shard's iterator must be consumed before the next is taken.
     """
-    import torch
-
-    bands = list(cfg.bands)
-
-    def convert(first_row, batch) -> PreparedBatch:
-        buffer = torch.empty((batch.num_rows, len(bands), CROP_SIZE, CROP_SIZE), dtype=torch.float32, pin_memory=pin)
-        flux, good, reasons = batch_to_flux(batch, plan.column, bands, out=buffer.numpy(), crop=CROP_SIZE)
-        ids = object_ids_of(batch, plan.id_column)
-        rejects = [_reject(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
-        return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
-
-    if cfg.reader == "datasets":
+    if cfg.reader == "datasets":  # a streaming source: convert its batches in threads, in order
         items = ((i, item) for i, lo, hi in shards
                  for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
+        convert = _Converter(plan, list(cfg.bands), pin)
         chunks = _ordered_map(lambda tagged: (tagged[0], convert(*tagged[1])), items, cfg.workers)
     else:
-        tasks = ((i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi))
-        chunks = _ordered_map(lambda tagged: (tagged[0], convert(tagged[1].first_row, read_task(plan, tagged[1]))),
-                              tasks, cfg.workers)
+        import torch
+
+        tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
+        loader = torch.utils.data.DataLoader(
+            _RowGroups(plan, tasks, list(cfg.bands)), batch_size=None, shuffle=False, num_workers=cfg.workers,
+            collate_fn=_as_is, pin_memory=pin, prefetch_factor=4 if cfg.workers > 0 else None,
+        )
+        chunks = iter(loader)
     stream = _Peekable(chunks)
 
     def one_shard(index: int) -> Iterator[PreparedBatch]:
@@ -238,6 +245,42 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
 
     for index, _, _ in shards:
         yield index, one_shard(index)
+
+
+class _Converter:
+    """One record batch -> a PreparedBatch of checked, cropped, band-ordered flux."""
+
+    def __init__(self, plan, bands: list[str], pin: bool):
+        self.plan, self.bands, self.pin = plan, bands, pin
+
+    def __call__(self, first_row: int, batch) -> PreparedBatch:
+        import torch
+
+        shape = (batch.num_rows, len(self.bands), CROP_SIZE, CROP_SIZE)
+        buffer = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
+        flux, good, reasons = batch_to_flux(batch, self.plan.column, self.bands, out=buffer.numpy(), crop=CROP_SIZE)
+        ids = object_ids_of(batch, self.plan.id_column)
+        rejects = [_reject(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
+        return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
+
+
+class _RowGroups:
+    """A map-style dataset of read tasks: item k is (shard, PreparedBatch) of task k, read in a worker."""
+
+    def __init__(self, plan, tasks: list, bands: list[str]):
+        self.plan, self.tasks = plan, tasks
+        self.convert = _Converter(plan, bands, pin=False)  # the DataLoader pins, in the main process
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, k: int):
+        shard, task = self.tasks[k]
+        return shard, self.convert(task.first_row, read_task(self.plan, task))
+
+
+def _as_is(item):
+    return item
 
 
 class _Peekable:
@@ -313,9 +356,8 @@ def _merge(held: list[PreparedBatch], n: int) -> PreparedBatch:
         rows.append(c.rows[:k])
         ids.extend(c.object_ids[:k])
         taken += k
-    merged = torch.cat(flux)
-    if held[0].flux.is_pinned():
-        merged = merged.pin_memory()
+    merged = torch.empty((n, *held[0].flux.shape[1:]), dtype=held[0].flux.dtype, pin_memory=held[0].flux.is_pinned())
+    torch.cat(flux, out=merged)  # straight into pinned memory on a GPU run
     return PreparedBatch(merged, np.concatenate(rows), ids, rejects)
 
 
@@ -437,6 +479,8 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     if unknown or len({b.split("-")[0] for b in bands}) != 1:
         raise AstroptError(f"--bands must be bands of one survey known to AION ({', '.join(BAND_TO_INDEX)}); "
                            f"got {','.join(bands)}")
+    if cfg.workers is None:
+        cfg = dataclasses.replace(cfg, workers=default_workers())
     rank, world = process_rank(cfg)
     plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit)
     device = resolve_device(cfg.device)
