@@ -318,12 +318,16 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
             step += 1
             batches_done += cfg.grad_accum
             steps_since += 1
-            if dist.ddp:  # every rank stops at the same step
-                flag = torch.tensor([1.0 if stop.signum else 0.0], device=device)
-                tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-                if flag.item() and stop.signum is None:
-                    stop.signum = signal.SIGTERM
-            stopping = stop.signum is not None
+            if dist.ddp:  # every rank stops at the same step: the flags are combined at log steps only (no per-step sync)
+                stopping = False
+                if step % cfg.log_interval == 0:
+                    flag = torch.tensor([1.0 if stop.signum else 0.0], device=device)
+                    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+                    stopping = bool(flag.item())
+                    if stopping and stop.signum is None:
+                        stop.signum = signal.SIGTERM
+            else:
+                stopping = stop.signum is not None
             is_eval = step % cfg.eval_interval == 0 or step == cfg.max_iters
             is_log = step % cfg.log_interval == 0 or step == cfg.max_iters or is_eval or stopping
             is_ckpt = (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_iters or stopping
