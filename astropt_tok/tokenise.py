@@ -402,8 +402,9 @@ class Encoder:
 
         self.image_type = HSCImage if bands[0].startswith("HSC") else LegacySurveyImage
 
-    def encode(self, flux) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens [n, T] int64 on the host, ok [n] bool): ok is False where a token is outside 0..vocab-1."""
+    def submit(self, flux):
+        """Start encoding [n, bands, 96, 96] flux; returns a handle for `result`. On a GPU nothing waits here:
+        the host copy of the tokens lands in pinned memory when the device gets there."""
         import torch
 
         x = flux.to(self.device, non_blocking=True)
@@ -411,9 +412,26 @@ class Encoder:
             x = x.clone()  # AION's Clamp writes into its input: never hand it memory we do not own
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            tokens = self.codec.encode(self.image_type(flux=x, bands=self.bands))
-        ok = ((tokens >= 0) & (tokens < self.vocab)).all(dim=1)
-        return tokens.cpu().numpy().astype(np.int64), ok.cpu().numpy()
+            tokens = self.codec.encode(self.image_type(flux=x, bands=self.bands))  # [n, T] int32
+        if self.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def result(self, handle) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [n, T] int64, ok [n] bool) of a submitted batch: ok is False where a token is outside 0..vocab-1."""
+        host, done = handle
+        if done is not None:
+            done.synchronize()
+        tokens = host.numpy().astype(np.int64)
+        return tokens, ((tokens >= 0) & (tokens < self.vocab)).all(axis=1)
+
+    def encode(self, flux) -> tuple[np.ndarray, np.ndarray]:
+        """`result(submit(flux))`: encode one batch and wait for it."""
+        return self.result(self.submit(flux))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,19 +444,31 @@ def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: Toke
     t0 = time.perf_counter()
     _remove_stale_temporaries(out, index)
     tokens_parts, rows_parts, ids, rejects = [], [], [], []
+    in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
+
+    def collect(batch: PreparedBatch, handle) -> None:
+        tokens, ok = encoder.result(handle)
+        for j in np.nonzero(~ok)[0]:
+            _bad_row(_reject(batch.rows[j], batch.object_ids[j], "codec produced tokens outside the vocabulary "
+                             "(non-finite values inside the codec)"), cfg, rejects)
+        tokens_parts.append(tokens[ok].astype(dtype))
+        rows_parts.append(batch.rows[ok])
+        ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
+        if on_rows is not None:
+            on_rows(len(batch.rows))
+
     for batch in batches:
         for rej in batch.rejects:
             _bad_row(rej, cfg, rejects)
-        if len(batch.rows):
-            tokens, ok = encoder.encode(batch.flux)
-            for j in np.nonzero(~ok)[0]:
-                _bad_row(_reject(batch.rows[j], batch.object_ids[j], "codec produced tokens outside the vocabulary "
-                                 "(non-finite values inside the codec)"), cfg, rejects)
-            tokens_parts.append(tokens[ok].astype(dtype))
-            rows_parts.append(batch.rows[ok])
-            ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
         if on_rows is not None:
-            on_rows(len(batch.rows) + len(batch.rejects))
+            on_rows(len(batch.rejects))
+        if len(batch.rows):
+            handle = encoder.submit(batch.flux)
+            if in_flight is not None:
+                collect(*in_flight)
+            in_flight = (batch, handle)
+    if in_flight is not None:
+        collect(*in_flight)
     T = encoder.loaded.tokens_per_image
     tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
