@@ -45,68 +45,84 @@ def split_rows(num_rows: int, val_fraction: float, seed: int) -> Split:
     return Split(train=train, val=val, rule=rule)
 
 
+_PAGE = 4096
+try:
+    import mmap as _mmap
+
+    _PAGE = _mmap.PAGESIZE
+except ImportError:  # pragma: no cover
+    pass
+
+MADV_RANDOM = 1  # Linux: no readahead, no large-folio mappings per fault: a random row maps ~64 KiB, not ~400
 MADV_DONTNEED = 4  # Linux: drop this process's page-table entries for a range (clean file pages stay cached)
 
 
-class _PageRelease:
-    """Unmaps (MADV_DONTNEED) the pages a process has touched in memory-mapped arrow shards.
+class _Madvise:
+    """madvise(2) over the memory-mapped arrow shards' token arrays; a no-op where unavailable (not Linux).
 
-    Reading a random row faults in the kernel's fault-around window (64 KiB) of the file, and those pages
-    count in the process's RSS until it exits: after enough random batches a process would appear to hold
-    the whole store. The pages are clean copies of the file, so dropping the mappings is safe; the data stays
-    in the page cache and the next read maps it again. A no-op where madvise is unavailable (not Linux).
+    Reading a random row maps a window of the file around it (fault-around, readahead's large folios), and
+    those pages count in the process's RSS until it exits: after enough random batches a process would
+    appear to hold the whole store. The pages are clean copies of the file, so dropping the mappings
+    (MADV_DONTNEED) is safe: the data stays in the page cache and the next read maps it again.
     """
 
     def __init__(self):
         self._madvise = None
         try:
             import ctypes
-            import mmap
             import sys
 
             if sys.platform.startswith("linux"):
                 libc = ctypes.CDLL(None, use_errno=True)
                 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                self._madvise, self._page = libc.madvise, mmap.PAGESIZE
+                self._madvise = libc.madvise
         except (OSError, AttributeError):
             self._madvise = None
 
-    def __call__(self, arrays) -> None:
-        """Drop the mapped pages of each numpy array (a view of a memory map)."""
+    def __call__(self, arrays, advice: int) -> None:
+        """Apply `advice` to the pages under each numpy array (a view of a memory map)."""
         if self._madvise is None:
             return
         for a in arrays:
             if not isinstance(a, np.ndarray) or a.nbytes == 0:
                 continue
             addr = a.__array_interface__["data"][0]
-            start = addr - addr % self._page
-            self._madvise(start, a.nbytes + (addr - start), MADV_DONTNEED)
+            start = addr - addr % _PAGE
+            self._madvise(start, a.nbytes + (addr - start), advice)
 
 
-FAULT_AROUND_BYTES = 64 * 1024  # what one random row read maps, at most (Linux's default fault-around)
+CHECK_ROWS = 32  # rows read between looks at this process's mapped file pages (one read of /proc/self/statm)
+
+
+def mapped_file_bytes() -> int | None:
+    """Resident file-backed (and shared) memory of this process, from /proc/self/statm; None off Linux."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[2]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class TokenRows:
     """Map-style Dataset over store rows; `__getitems__` fetches a whole batch with one index per shard.
 
-    Keeps at most about `mapped_mb` MiB of arrow store pages mapped: once the rows read since the last release
-    could have mapped that much, the touched shards' pages are released (see `_PageRelease`), so a process's
-    RSS stays flat however large the store and however long the run. A store no larger than `mapped_mb` is
-    never released (it is all mapped at most); mapped_mb=0 never releases (fastest once the store is resident).
+    Keeps about `mapped_mb` MiB of arrow store pages mapped at most: every CHECK_ROWS rows it reads the
+    process's resident file-backed memory, and when that has grown by more than the budget since the last
+    release, it releases the touched shards' pages (see `_Madvise`). So a process's RSS stays flat however
+    large the store and however long the run, whatever the kernel maps per fault (fault-around, large folios).
+    A store no larger than `mapped_mb` is never released; mapped_mb=0 never releases (fastest once resident).
     """
 
     def __init__(self, store: TokenStore, mapped_mb: int = 32):
         self.store = store
         store_bytes = sum(int(s["bytes"]) for s in store.shards)
-        budget = mapped_mb * 2**20
-        self.release_rows = 0
-        if store.storage == "arrow" and budget and store_bytes > budget:
-            self.release_rows = max(1, budget // FAULT_AROUND_BYTES)
-        self._since, self._touched, self._release = 0, set(), None
+        self.budget = mapped_mb * 2**20
+        self.active = store.storage == "arrow" and self.budget > 0 and store_bytes > self.budget
+        self._since, self._touched, self._madvise, self._base, self._advised = 0, set(), None, None, set()
 
     def __getstate__(self):  # workers get the store (which drops its maps) and make their own releaser
         state = dict(self.__dict__)
-        state["_release"], state["_since"], state["_touched"] = None, 0, set()
+        state.update(_madvise=None, _since=0, _touched=set(), _base=None, _advised=set())
         return state
 
     def __len__(self) -> int:
@@ -122,19 +138,35 @@ class TokenRows:
 
         rows = np.asarray(rows, dtype=np.int64)
         out = torch.from_numpy(self.store.take(rows))
-        if self.release_rows:
+        if self.active:
             self._since += len(rows)
-            self._touched.update(np.unique(self.store.locate(rows)[0]).tolist())
-            if self._since >= self.release_rows:
-                self.release()
+            touched = set(np.unique(self.store.locate(rows)[0]).tolist())
+            new = touched - self._advised
+            if new:  # random access: ask the kernel to map only what is read
+                self._advise([self.store.shard_tokens(i) for i in sorted(new)], MADV_RANDOM)
+                self._advised |= new
+            self._touched |= touched
+            if self._since >= CHECK_ROWS:
+                self._since = 0
+                now = mapped_file_bytes()
+                if now is None:
+                    self.active = False
+                elif self._base is None:
+                    self._base = now
+                elif now - self._base > self.budget:
+                    self.release()
         return out
+
+    def _advise(self, arrays, advice: int) -> None:
+        if self._madvise is None:
+            self._madvise = _Madvise()
+        self._madvise(arrays, advice)
 
     def release(self) -> None:
         """Unmap the pages read so far from the shards touched since the last release."""
-        if self._release is None:
-            self._release = _PageRelease()
-        self._release([self.store.shard_tokens(i) for i in sorted(self._touched)])
-        self._since, self._touched = 0, set()
+        self._advise([self.store.shard_tokens(i) for i in sorted(self._touched)], MADV_DONTNEED)
+        self._touched = set()
+        self._base = mapped_file_bytes()
 
 
 def pass_through(batch):
