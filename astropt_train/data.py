@@ -218,6 +218,14 @@ class EpochBatchSampler:
             epoch, b = epoch + 1, 0
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: SIGINT/SIGTERM are the training process's to handle (save, then stop the workers)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, mapped_mb: int = 32):
     """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor."""
     from torch.utils.data import DataLoader
@@ -229,6 +237,7 @@ def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
     )
 

@@ -188,13 +188,16 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(store, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "astropt_tok", "train", "--tokens", str(store), "--out", str(run),
            "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--max-iters", "100000",
-           "--log-interval", "1", "--eval-interval", "100000", "--val-images", "0", "--checkpoint-interval", "0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--log-interval", "1", "--eval-interval", "100000", "--val-images", "0", "--checkpoint-interval", "0",
+           "--workers", "1"]  # a loader worker must not die of the signal before the trainer saves
+    # its own process group, signalled as a whole like Ctrl-C in a terminal (or a scheduler's SIGTERM)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped by SIGINT" in out
