@@ -30,6 +30,8 @@ UNTRAINED_NOTE = (
     "Hugging Face hub is reachable."
 )
 
+DEMO_OUTPUTS = ("survey", "codec", "tokens", "run", "pictures", "demo-summary.json")  # what run_demo writes
+
 
 @dataclass
 class DemoConfig:
@@ -43,7 +45,7 @@ class DemoConfig:
     limit: int | None = None  # tokenise at most this many source rows
     seed: int = 0
     device: str = "auto"
-    fresh: bool = False  # delete the cached survey and codec first
+    fresh: bool = False  # delete the demo's earlier outputs (DEMO_OUTPUTS) in workdir first
     preset: str = "tiny"  # model shape (astropt_train.config.PRESETS)
     batch_size: int = 8
     shards: int = 4
@@ -70,6 +72,16 @@ class DemoResult:
     untrained_codec: bool
     train_summary: dict = field(default_factory=dict)
     note: str = ""
+
+
+def clean_workdir(workdir: Path) -> None:
+    """Delete the demo's own earlier outputs in `workdir`, never anything else in a folder the user named."""
+    for name in DEMO_OUTPUTS:
+        path = Path(workdir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _cached(stamp: Path, settings: dict) -> bool:
@@ -137,8 +149,8 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
 
     if cfg.steps < 1:
         raise AstroptError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.fresh and cfg.workdir.exists():
-        shutil.rmtree(cfg.workdir)
+    if cfg.fresh:
+        clean_workdir(cfg.workdir)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     say = print if cfg.progress else (lambda *a, **k: None)

@@ -198,3 +198,14 @@ def test_fits_without_astropy_is_a_clear_error(random_store, codec_dir, tmp_path
                                 save_flux=tmp_path / "f.fits"))
     else:
         pytest.skip("astropy is installed: FITS is written (see the test above)")
+
+
+def test_cli_module_imports_only_typer_and_stdlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, astropt_train.cli_decode as m; "
+            "heavy = [x for x in ('torch', 'numpy', 'aion', 'datasets', 'pyarrow', 'PIL', 'rich') if x in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -65,6 +65,18 @@ def test_demo_reuses_its_cached_survey_and_codec(demo):
     assert codec_weights.stat().st_mtime_ns == codec_before
 
 
+def test_fresh_deletes_only_the_demos_own_outputs(tmp_path):
+    from astropt_train.demo import clean_workdir
+
+    work = tmp_path / "w"
+    (work / "run").mkdir(parents=True)
+    (work / "run" / "old.txt").write_text("old")
+    (work / "demo-summary.json").write_text("{}")
+    (work / "mine.txt").write_text("keep me")
+    clean_workdir(work)
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
+
+
 def test_demo_refuses_bad_sizes(tmp_path):
     from astropt_tok.errors import AstroptError
 
