@@ -51,7 +51,7 @@ class DecodeConfig:
     bands: list[str] | None = None  # bands of --save-flux (default: the store's bands)
     rgb_bands: tuple[str, str, str] = DEFAULT_RGB_BANDS  # displayed as (red, green, blue)
     save_flux: Path | None = None  # .npy or .fits
-    device: str = "cpu"  # "cpu", "cuda", "auto"
+    device: str = "auto"  # "cpu", "cuda", "auto" (cuda when available)
     batch_size: int = 32  # images per codec decode / model batch
     ncols: int | None = None  # panels per grid row (default: about 8)
     threads: int | None = None  # torch CPU threads while decoding/sampling (None: torch's default)
