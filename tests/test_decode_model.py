@@ -69,6 +69,17 @@ def test_generation_with_kv_cache_equals_without(model):
     assert len(np.unique(with_cache)) > 20  # really sampled, not one repeated token
 
 
+def test_completion_with_kv_cache_equals_without(model, random_store):
+    from astropt_tok.store import TokenStore
+
+    stored = TokenStore(random_store).take(np.arange(2)).astype(np.int64)
+    with torch_threads(1):  # a 400-token prefix goes through the cache's multi-token prefill path
+        a = complete_tokens(model, stored, keep=400, top_k=20, seed=9, kv_cache=True)
+        b = complete_tokens(model, stored, keep=400, top_k=20, seed=9, kv_cache=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[:, :400], stored[:, :400])
+
+
 def test_sampling_feeds_each_position_through_the_model_once_with_the_cache(model):
     fed = []  # token positions run through the model, per forward call
     hook = model.encoders["images_aion"].register_forward_hook(lambda mod, args, out: fed.append(args[0].shape[1]))
