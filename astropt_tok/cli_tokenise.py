@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N or cpu."),
         storage: str = typer.Option("arrow", "--format", help="Shard format: arrow (IPC stream, memory-mappable) or zarr (v3)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Tokenise only the first ROWS rows of the source."),
-        workers: Optional[int] = typer.Option(None, "--workers", help="Processes reading and decoding parquet row groups ahead of the codec [default: min(8, cores - 1)]."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Processes reading and decoding parquet row groups ahead of the codec [default: min(8, cores - 1) on a GPU, 0 (in-process) on a CPU]."),
         id_column: str = typer.Option("object_id", "--id-column", help="Column copied into the store as object_id (skipped when absent)."),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row instead of skipping it into rejects.jsonl."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with a different codec, bands, shard count or source."),

@@ -46,7 +46,7 @@ class TokeniseConfig:
     device: str = "auto"
     storage: str = "arrow"  # --format
     limit: int | None = None
-    workers: int | None = None  # processes reading row groups ahead of the codec; None: min(8, cores - 1)
+    workers: int | None = None  # processes reading row groups ahead of the codec; None: see default_workers
     id_column: str | None = "object_id"
     strict: bool = False
     overwrite: bool = False
@@ -117,8 +117,11 @@ def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]
     return list(range(rank, num_shards, world))
 
 
-def default_workers() -> int:
-    """Reader processes when --workers is not given: one core is left to drive the codec."""
+def default_workers(device: str) -> int:
+    """Reader processes when --workers is not given: on a GPU, min(8, cores - 1), leaving a core to drive the
+    codec; on a CPU none, since the codec needs every core and reads in-process as fast as pyarrow itself."""
+    if not device.startswith("cuda"):
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(8, cores - 1))
 
@@ -509,11 +512,11 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     if unknown or len({b.split("-")[0] for b in bands}) != 1:
         raise AstroptError(f"--bands must be bands of one survey known to AION ({', '.join(BAND_TO_INDEX)}); "
                            f"got {','.join(bands)}")
-    if cfg.workers is None:
-        cfg = dataclasses.replace(cfg, workers=default_workers())
     rank, world = process_rank(cfg)
     plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit)
     device = resolve_device(cfg.device)
+    if cfg.workers is None:
+        cfg = dataclasses.replace(cfg, workers=default_workers(device))
     loaded = load_image_codec(cfg.codec, device=device)
     dtype = st.token_dtype(loaded.vocab_size)
     out = Path(cfg.out)
