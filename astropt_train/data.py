@@ -137,24 +137,25 @@ class TokenRows:
         import torch
 
         rows = np.asarray(rows, dtype=np.int64)
+        if not self.active:
+            return torch.from_numpy(self.store.take(rows))
+        if self._base is None:  # before this process's first read of the store
+            self._base = mapped_file_bytes()
+            if self._base is None:
+                self.active = False
+        touched = set(np.unique(self.store.locate(rows)[0]).tolist())
+        new = touched - self._advised
+        if new:  # before the first read of a shard: random access, so map only what is read
+            self._advise([self.store.shard_tokens(i) for i in sorted(new)], MADV_RANDOM)
+            self._advised |= new
         out = torch.from_numpy(self.store.take(rows))
-        if self.active:
-            self._since += len(rows)
-            touched = set(np.unique(self.store.locate(rows)[0]).tolist())
-            new = touched - self._advised
-            if new:  # random access: ask the kernel to map only what is read
-                self._advise([self.store.shard_tokens(i) for i in sorted(new)], MADV_RANDOM)
-                self._advised |= new
-            self._touched |= touched
-            if self._since >= CHECK_ROWS:
-                self._since = 0
-                now = mapped_file_bytes()
-                if now is None:
-                    self.active = False
-                elif self._base is None:
-                    self._base = now
-                elif now - self._base > self.budget:
-                    self.release()
+        self._touched |= touched
+        self._since += len(rows)
+        if self._since >= CHECK_ROWS:
+            self._since = 0
+            now = mapped_file_bytes()
+            if now is not None and now - self._base > self.budget:
+                self.release()
         return out
 
     def _advise(self, arrays, advice: int) -> None:
