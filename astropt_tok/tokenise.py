@@ -521,10 +521,14 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     dtype = st.token_dtype(loaded.vocab_size)
     out = Path(cfg.out)
     manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision, plan.describe())
-    if rank == 0 or not (out / st.MANIFEST).is_file():
+    group = _TorchrunGroup(world)
+    if rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
         prepare_store(out, manifest, cfg.overwrite)
-    else:
-        _wait_for_manifest(out, manifest)
+    group.barrier()  # under torchrun, the other ranks look only once rank 0 has created or checked the store
+    if rank != 0 and group.active:
+        diff = check_rerun(st.read_manifest(out), manifest)
+        if diff:
+            raise AstroptError(f"{out} holds a store made with a different {', '.join(diff)}")
     bounds = st.shard_bounds(plan.num_rows, cfg.shards)
     mine = shards_for_this_process(cfg.shards, rank, world)
     done = st.read_done_records(out, cfg.shards)
@@ -546,7 +550,8 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
             summary.results.append(result)
             progress.shard_done()
     summary.results.sort(key=lambda r: r.index)
-    _wait_for_other_processes(world)
+    group.barrier()  # every rank's shards are written before anyone checks whether the store is complete
+    group.close()
     final = st.finalize_store(out, st.read_manifest(out) if (out / st.MANIFEST).is_file() else manifest)
     summary.complete = final is not None
     summary.seconds = time.perf_counter() - t_start
@@ -555,30 +560,30 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     return summary
 
 
-def _wait_for_manifest(out: Path, manifest: dict, timeout: float = 600.0) -> None:
-    """Non-zero ranks wait for rank 0 to create the store, then check it is the same job."""
-    t0 = time.time()
-    while not (out / st.MANIFEST).is_file():
-        if time.time() - t0 > timeout:
-            raise AstroptError(f"rank 0 did not create {out / st.MANIFEST} within {timeout:.0f} s")
-        time.sleep(0.2)
-    diff = check_rerun(st.read_manifest(out), manifest)
-    if diff:
-        raise AstroptError(f"{out} holds a store made with a different {', '.join(diff)}")
+class _TorchrunGroup:
+    """A gloo process group when running under torchrun (RANK/WORLD_SIZE/MASTER_ADDR), else nothing."""
 
+    def __init__(self, world: int):
+        self.active = world > 1 and "MASTER_ADDR" in os.environ
+        if self.active:
+            import datetime
 
-def _wait_for_other_processes(world: int) -> None:
-    """Under torchrun, a gloo barrier so that the finalizing check sees every rank's shards."""
-    if world <= 1 or "MASTER_ADDR" not in os.environ:
-        return  # SLURM arrays and independent processes: whoever finishes last completes the manifest
-    import datetime
+            import torch.distributed as dist
 
-    import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-    dist.barrier()
-    dist.destroy_process_group()
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 class _Progress:
