@@ -74,3 +74,42 @@ def test_kv_cache_generation_matches_no_cache():
         assert outs[0].shape == (2, 23)
         assert torch.equal(outs[0], outs[1]), kwargs
         assert torch.equal(outs[0][:, :3], prefix)
+
+
+UPSTREAM_MIRROR = "/work/.mirror/Smith42+astroPT/repo"
+
+
+def test_state_dict_loads_into_upstream_astropt(tmp_path):
+    """When a checkout of upstream AstroPT is at hand, our weights load strictly into its GPT and agree."""
+    import os
+    import subprocess
+    import sys
+    import types
+
+    if not os.path.isdir(UPSTREAM_MIRROR):
+        import pytest
+
+        pytest.skip("no upstream AstroPT mirror on this machine")
+    src = subprocess.run(["git", "-C", UPSTREAM_MIRROR, "show", "HEAD:src/astropt/model.py"], capture_output=True,
+                         text=True)
+    if src.returncode:
+        import pytest
+
+        pytest.skip("cannot read upstream model.py")
+    (tmp_path / "upstream_astropt_model.py").write_text(src.stdout)
+    sys.modules.setdefault("loralib", types.ModuleType("loralib"))  # imported by upstream; unused without LoRA
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import upstream_astropt_model as U
+    finally:
+        sys.path.remove(str(tmp_path))
+    mods = [U.ModalityConfig(name="images_aion", input_size=300, pos_input_size=1, patch_size=0, embed_pos=True,
+                             vocab_size=300)]
+    theirs = U.GPT(U.GPTConfig(block_size=40, n_layer=2, n_head=2, n_embd=32, tokeniser="affine", modalities=mods),
+                   U.ModalityRegistry(mods), master_process=False).eval()
+    ours = GPT(GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=2, n_embd=32)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randint(0, 300, (2, 40))
+    out, _ = theirs({"images_aion": x, "images_aion_positions": torch.arange(40).expand(2, 40)})
+    logits, _ = ours(x, x)
+    torch.testing.assert_close(out["images_aion"], logits, atol=1e-5, rtol=1e-5)
