@@ -385,3 +385,31 @@ def test_bad_input_is_one_line_and_nonzero(args, message, survey_dir, codec_dir,
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and message in err
     manifest = tmp_path / "tok" / st.MANIFEST
     assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
+
+
+def test_wrong_shape_and_null_rows_are_rejected(survey_dir, codec_dir, tmp_path):
+    """Plain nested lists can hold what Array2D cannot: a 150-row image, a null image, a null flux list."""
+    flux, _ = survey_flux(survey_dir)
+    rows = []
+    for i in range(5):
+        image = {"band": list(BANDS), "flux": [band.tolist() for band in flux[i]]}
+        if i == 1:
+            image["flux"][2] = image["flux"][2][:150]  # 150 x 160
+        elif i == 2:
+            image = None
+        elif i == 3:
+            image["flux"] = None
+        rows.append(image)
+    image_type = pa.struct([("band", pa.list_(pa.string())), ("flux", pa.list_(pa.list_(pa.list_(pa.float32()))))])
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"legacysurvey_image": pa.array(rows, type=image_type)}), src / "train-0.parquet")
+    out = tmp_path / "tok"
+    summary = tokenise(config(src, codec_dir, out, shards=1))
+    rejects = [json.loads(line) for line in (out / st.REJECTS).read_text().splitlines()]
+    assert summary.rejected == 3
+    assert [(r["row"], r["reason"]) for r in rejects] == [
+        (1, "flux image is not 160x160"), (2, "null image"), (3, "null image")]
+    store = st.TokenStore(out)
+    np.testing.assert_array_equal(store.source_rows([0, 1]), [0, 4])
+    np.testing.assert_array_equal(store.take([0, 1]).astype(np.int64), direct_tokens(codec_dir, flux[[0, 4]]))
