@@ -13,7 +13,6 @@ import dataclasses
 import os
 import queue
 import shutil
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -234,7 +233,7 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
         tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
         loader = torch.utils.data.DataLoader(
             _RowGroups(plan, tasks, list(cfg.bands)), batch_size=None, shuffle=False, num_workers=cfg.workers,
-            collate_fn=_as_is, pin_memory=pin, prefetch_factor=4 if cfg.workers > 0 else None,
+            collate_fn=_as_is, pin_memory=pin, prefetch_factor=2 if cfg.workers > 0 else None,
         )
         chunks = iter(loader)
     stream = _Peekable(chunks)

@@ -112,7 +112,6 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
-    import numpy as np
     import torch
     import torch.distributed as tdist
 

@@ -134,7 +134,6 @@ def codec_alone(codec, flux, batch_size: int, device: str, precision: str) -> tu
 
 
 def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
-    import torch
 
     from astropt_tok.codec import load_image_codec
     from astropt_tok.tokenise import Encoder, TokeniseConfig, resolve_device, tokenise

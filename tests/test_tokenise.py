@@ -4,7 +4,6 @@ arrow/zarr shards."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
