@@ -364,12 +364,13 @@ def test_token_dtype_never_wraps():
     "args, message",
     [
         (["--source", "/nonexistent/survey"], "does not exist"),
+        (["--source", "nobody/no-such-survey"], "unknown source 'nobody/no-such-survey'"),
         (["--column", "hsc_flux"], "has no column 'hsc_flux'"),
         (["--codec", "polymathic-ai/aion-base"], "pass a local snapshot with --codec DIR"),
         (["--codec", "/nonexistent/codec"], "neither an existing folder nor a hub id"),
         (["--bands", "DES-G,HSC-R"], "--bands must be bands of one survey"),
     ],
-    ids=["missing-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir", "mixed-bands"],
+    ids=["missing-source", "unreachable-hub-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir", "mixed-bands"],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, survey_dir, codec_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
