@@ -3,7 +3,7 @@
 torchrun or a SLURM array split the shards between them (the executor is `shards_for_this_process`).
 
 Follow one galaxy: `source.read_task` reads its row group, `source.batch_to_flux` turns its image
-column into a [bands, 96, 96] crop in `--bands` order, `encode_batch` runs the codec, and
+column into a [bands, 96, 96] crop in `--bands` order, `Encoder.submit` runs the codec, and
 `store.write_shard` puts its 576 tokens in the row of its shard.
 """
 
@@ -117,12 +117,14 @@ def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]
 
 
 def default_workers(device: str) -> int:
-    """Reader processes when --workers is not given: on a GPU, min(8, cores - 1), leaving a core to drive the
-    codec; on a CPU none, since the codec needs every core and reads in-process as fast as pyarrow itself."""
+    """Reader processes when --workers is not given: on a GPU, min(8, this process's share of the cores - 1),
+    leaving a core to drive the codec (torchrun's LOCAL_WORLD_SIZE processes share the node); on a CPU none,
+    since the codec needs every core and reading in-process is as fast as pyarrow itself."""
     if not device.startswith("cuda"):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, min(8, cores - 1))
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, share - 1))
 
 
 def resolve_device(device: str) -> str:
