@@ -378,9 +378,11 @@ class TokenStore:
 
     def take(self, indices) -> np.ndarray:
         """Tokens of store rows `indices`, [n, tokens_per_image] in the store dtype, in the order asked."""
-        indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((indices.size, self.tokens_per_image), dtype=self.dtype)
-        shard, local = self.locate(indices)
+        return self.gather(*self.locate(indices))
+
+    def gather(self, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """`take` for rows already located: (shard, row within shard) pairs from `locate`."""
+        out = np.empty((shard.size, self.tokens_per_image), dtype=self.dtype)
         for i in np.unique(shard):
             sel = np.nonzero(shard == i)[0]
             tokens = self.shard_tokens(int(i))

@@ -143,12 +143,13 @@ class TokenRows:
             self._base = mapped_file_bytes()
             if self._base is None:
                 self.active = False
-        touched = set(np.unique(self.store.locate(rows)[0]).tolist())
+        shard, local = self.store.locate(rows)
+        touched = set(np.unique(shard).tolist())
         new = touched - self._advised
         if new:  # before the first read of a shard: random access, so map only what is read
             self._advise([self.store.shard_tokens(i) for i in sorted(new)], MADV_RANDOM)
             self._advised |= new
-        out = torch.from_numpy(self.store.take(rows))
+        out = torch.from_numpy(self.store.gather(shard, local))
         self._touched |= touched
         self._since += len(rows)
         if self._since >= CHECK_ROWS:
