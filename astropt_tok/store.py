@@ -435,6 +435,8 @@ def _open_arrow(path: Path) -> dict:
     if tokens_col.num_chunks == 1:
         values = tokens_col.chunk(0).flatten()
         cols["tokens"] = values.to_numpy(zero_copy_only=True).reshape(-1, t)
+    elif tokens_col.num_chunks == 0:  # an empty shard (more shards than rows): its stream holds no batch
+        cols["tokens"] = np.zeros((0, t), dtype=tokens_col.type.value_type.to_pandas_dtype())
     else:  # not written by this tool, but still readable
         cols["tokens"] = np.concatenate([c.flatten().to_numpy() for c in tokens_col.chunks]).reshape(-1, t)
     cols["row"] = table.column("row").to_numpy()

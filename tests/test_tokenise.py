@@ -239,6 +239,18 @@ def test_limit_and_more_shards_than_files(survey_dir, codec_dir, tmp_path):
     assert m["totals"]["rows"] == 15 and [s["rows"] for s in m["shards"]] == [2, 2, 2, 2, 2, 2, 3]
 
 
+@pytest.mark.parametrize("storage", ["arrow", "zarr"])
+def test_more_shards_than_rows_leaves_valid_empty_shards(survey_dir, codec_dir, tmp_path, storage):
+    out = tmp_path / "tok"
+    tokenise(config(survey_dir, codec_dir, out, shards=12, limit=5, storage=storage))
+    m = st.read_manifest(out)
+    assert [s["rows"] for s in m["shards"]] == [0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1]  # floor(i*5/12) steps
+    assert st.verify_store(out) == []
+    store = st.TokenStore(out)
+    assert store.shard_tokens(0).shape == (0, 576)
+    np.testing.assert_array_equal(store.source_rows(np.arange(5)), np.arange(5))
+
+
 def _run_tokenise_subprocess(args, env=None):
     cmd = [sys.executable, "-m", "astropt_tok.cli", "tokenise", "--no-progress", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
