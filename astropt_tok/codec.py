@@ -96,7 +96,9 @@ def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
             f"on a machine without internet pass a local snapshot with --codec DIR "
             f"(made elsewhere with `huggingface-cli download {codec_id} --include '{CODEC_SUBFOLDER}/*' --local-dir DIR`)"
         ) from None
-    revision = weights_path.parent.parent.name if weights_path.parent.parent.parent.name == "snapshots" else None
+    # the HF cache keeps files at .../snapshots/<commit>/codecs/image/model.safetensors
+    snapshot = weights_path.parents[len(Path(WEIGHTS_FILE).parts) - 1]
+    revision = snapshot.name if snapshot.parent.name == "snapshots" else None
     return CodecFiles(codec_id=codec_id, config_path=config_path, weights_path=weights_path, revision=revision)
 
 
@@ -126,7 +128,11 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
         state = load_file(str(files.weights_path))
     except Exception as exc:
         raise AstroptError(f"codec weights {files.weights_path} are unreadable: {exc}") from None
-    missing, unexpected = codec.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = codec.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit the config
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
+        raise AstroptError(f"codec weights {files.weights_path} do not match its config ({detail})") from None
     # The quantizer's `levels` buffer is rebuilt from the config; anything else missing is a real mismatch.
     missing = [k for k in missing if not k.endswith("levels")]
     if missing or unexpected:
