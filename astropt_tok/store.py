@@ -329,14 +329,19 @@ class TokenStore:
                         f"(corrupt or truncated; run `astropt verify {self.dir}`)"
                     )
         self._open: dict[int, dict] = {}  # shard index -> {"tokens": array-like, "row": ..., "object_id": ...}
+        self._fds: dict[int, int] = {}  # shard index -> file descriptor, for `read_rows`
 
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getstate__(self):  # DataLoader workers reopen their own memory maps
+    def __getstate__(self):  # DataLoader workers reopen their own memory maps and files
         state = dict(self.__dict__)
-        state["_open"] = {}
+        state["_open"], state["_fds"] = {}, {}
         return state
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
 
     def _shard(self, i: int) -> dict:
         if i not in self._open:
@@ -393,6 +398,30 @@ class TokenStore:
                 out[sel[order]] = tokens.oindex[local[sel][order], :]  # zarr reads only the chunks it needs
         return out
 
+    def read_rows(self, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """`gather` through the file instead of the memory map: one pread per row into the batch.
+
+        Pages read this way live in the page cache, not in this process: its resident memory does not grow
+        with the store however many random rows it reads (reading through the map, every row touched stays
+        mapped and counts in RSS). Zarr shards, and arrow shards not written by this tool, use `gather`.
+        """
+        if self.storage != "arrow":
+            return self.gather(shard, local)
+        row_bytes = self.tokens_per_image * self.dtype.itemsize
+        out = np.empty((shard.size, self.tokens_per_image), dtype=self.dtype)
+        view = memoryview(out).cast("B")
+        for j, (i, r) in enumerate(zip(shard.tolist(), local.tolist())):
+            opened = self._shard(i)
+            if "file_offset" not in opened:
+                out[j] = opened["tokens"][r]
+                continue
+            fd = self._fds.get(i)
+            if fd is None:
+                fd = self._fds[i] = os.open(self.dir / self.shards[i]["file"], os.O_RDONLY)
+            if os.preadv(fd, [view[j * row_bytes:(j + 1) * row_bytes]], opened["file_offset"] + r * row_bytes) != row_bytes:
+                raise AstroptError(f"token store {self.dir}: shard {self.shards[i]['file']} ended early (truncated?)")
+        return out
+
     def source_rows(self, indices) -> np.ndarray:
         """Global source row index of each store row in `indices`."""
         shard, local = self.locate(indices)
@@ -427,14 +456,16 @@ class TokenStore:
 def _open_arrow(path: Path) -> dict:
     import pyarrow as pa
 
-    source = pa.memory_map(str(path), "r")
-    table = pa.ipc.open_stream(source).read_all()
+    whole = pa.memory_map(str(path), "r").read_buffer()  # the whole file, zero-copy
+    table = pa.ipc.open_stream(whole).read_all()
     cols = {}
     tokens_col = table.column("tokens")
     t = tokens_col.type.list_size
     if tokens_col.num_chunks == 1:
         values = tokens_col.chunk(0).flatten()
         cols["tokens"] = values.to_numpy(zero_copy_only=True).reshape(-1, t)
+        # where row 0's tokens start in the file, for reading rows with pread instead of through the map
+        cols["file_offset"] = cols["tokens"].__array_interface__["data"][0] - whole.address
     elif tokens_col.num_chunks == 0:  # an empty shard (more shards than rows): its stream holds no batch
         cols["tokens"] = np.zeros((0, t), dtype=tokens_col.type.value_type.to_pandas_dtype())
     else:  # not written by this tool, but still readable

@@ -45,8 +45,9 @@ def register(app: typer.Typer) -> None:
                                             "(default: the store's)."),
         log: Optional[str] = typer.Option(None, "--log", help="csv, wandb or tensorboard (csv)."),
         workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (0 on CPU, 2 on CUDA)."),
-        mapped_mb: Optional[int] = typer.Option(None, "--mapped-mb", help="Store pages each loader process keeps "
-                                                "mapped before releasing them; 0: never (32)."),
+        store_reads: Optional[str] = typer.Option(None, "--store-reads", help="pread: one read per row, memory "
+                                                  "flat however large the store; mmap: through the memory maps, "
+                                                  "RSS grows toward the store's size (pread)."),
         checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval",
                                                           help="Steps between checkpoints; 0: only at the end (1000)."),
         keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept, plus the best (3)."),

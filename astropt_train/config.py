@@ -73,7 +73,7 @@ class TrainConfig:
     compile: bool | None = None  # None: compile on CUDA only
     seed: int = 1337
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
-    mapped_mb: int = 32  # store pages a loader process keeps mapped before releasing them; 0: never release
+    store_reads: str = "pread"  # "pread": RSS flat however large the store; "mmap": gather through the maps
     # checkpoints and logs
     resume: bool = False
     checkpoint_interval: int = 1000  # 0: only at the end of the run
@@ -114,8 +114,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise AstroptError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if min(self.warmup_iters, self.checkpoint_interval, self.val_images, self.mapped_mb) < 0 or self.keep_last < 1:
-            raise AstroptError("warmup-iters, checkpoint-interval, val-images and mapped-mb must be >= 0, keep-last >= 1")
+        if min(self.warmup_iters, self.checkpoint_interval, self.val_images) < 0 or self.keep_last < 1:
+            raise AstroptError("warmup-iters, checkpoint-interval and val-images must be >= 0, keep-last >= 1")
+        if self.store_reads not in ("pread", "mmap"):
+            raise AstroptError(f"store-reads must be pread or mmap, got {self.store_reads!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise AstroptError(f"val-fraction must be between 0 and 1, got {self.val_fraction}")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):

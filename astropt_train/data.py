@@ -1,8 +1,9 @@
 """Batches of token rows from the store: a seeded train/validation split, a map-style Dataset with a batched
 fetch, a deterministic per-epoch batch sampler that splits every epoch across DDP ranks, and the DataLoader.
 
-Nothing here holds a copy of the store: rows are gathered from memory-mapped shards one batch at a time
-(`TokenStore.take`), and DataLoader workers reopen their own maps. Tokens stay int16 until the device.
+Nothing here holds a copy of the store: each batch's rows are read from the shard files (at the offsets their
+memory maps give, `TokenStore.read_rows`) or gathered through the maps, and DataLoader workers reopen their own
+maps and files. Tokens stay int16 until the device.
 """
 
 from __future__ import annotations
@@ -45,85 +46,23 @@ def split_rows(num_rows: int, val_fraction: float, seed: int) -> Split:
     return Split(train=train, val=val, rule=rule)
 
 
-_PAGE = 4096
-try:
-    import mmap as _mmap
-
-    _PAGE = _mmap.PAGESIZE
-except ImportError:  # pragma: no cover
-    pass
-
-MADV_RANDOM = 1  # Linux: no readahead, no large-folio mappings per fault: a random row maps ~64 KiB, not ~400
-MADV_DONTNEED = 4  # Linux: drop this process's page-table entries for a range (clean file pages stay cached)
-
-
-class _Madvise:
-    """madvise(2) over the memory-mapped arrow shards' token arrays; a no-op where unavailable (not Linux).
-
-    Reading a random row maps a window of the file around it (fault-around, readahead's large folios), and
-    those pages count in the process's RSS until it exits: after enough random batches a process would
-    appear to hold the whole store. The pages are clean copies of the file, so dropping the mappings
-    (MADV_DONTNEED) is safe: the data stays in the page cache and the next read maps it again.
-    """
-
-    def __init__(self):
-        self._madvise = None
-        try:
-            import ctypes
-            import sys
-
-            if sys.platform.startswith("linux"):
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                self._madvise = libc.madvise
-        except (OSError, AttributeError):
-            self._madvise = None
-
-    def __call__(self, arrays, advice: int) -> None:
-        """Apply `advice` to the pages under each numpy array (a view of a memory map)."""
-        if self._madvise is None:
-            return
-        for a in arrays:
-            if not isinstance(a, np.ndarray) or a.nbytes == 0:
-                continue
-            addr = a.__array_interface__["data"][0]
-            start = addr - addr % _PAGE
-            self._madvise(start, a.nbytes + (addr - start), advice)
-
-
-CHECK_ROWS = 32  # rows read between looks at this process's mapped file pages (one read of /proc/self/statm)
-
-
-def mapped_file_bytes() -> int | None:
-    """Resident file-backed (and shared) memory of this process, from /proc/self/statm; None off Linux."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[2]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return None
+READ_MODES = ("pread", "mmap")
 
 
 class TokenRows:
-    """Map-style Dataset over store rows; `__getitems__` fetches a whole batch with one index per shard.
+    """Map-style Dataset over store rows; `__getitems__` fetches a whole batch, one vectorised lookup per batch.
 
-    Keeps about `mapped_mb` MiB of arrow store pages mapped at most: every CHECK_ROWS rows it reads the
-    process's resident file-backed memory, and when that has grown by more than the budget since the last
-    release, it releases the touched shards' pages (see `_Madvise`). So a process's RSS stays flat however
-    large the store and however long the run, whatever the kernel maps per fault (fault-around, large folios).
-    A store no larger than `mapped_mb` is never released; mapped_mb=0 never releases (fastest once resident).
+    `reads="pread"` (the default) reads each row from its shard file with one pread at the offset the memory
+    map gives (`TokenStore.read_rows`): pages stay in the page cache, so a process's resident memory is flat
+    however large the store and however long the run. `reads="mmap"` gathers through the memory maps
+    (`TokenStore.gather`): as fast once the store is resident, but every page touched stays mapped and counts
+    in the process's RSS, which then grows toward the store's size.
     """
 
-    def __init__(self, store: TokenStore, mapped_mb: int = 32):
-        self.store = store
-        store_bytes = sum(int(s["bytes"]) for s in store.shards)
-        self.budget = mapped_mb * 2**20
-        self.active = store.storage == "arrow" and self.budget > 0 and store_bytes > self.budget
-        self._since, self._touched, self._madvise, self._base, self._advised = 0, set(), None, None, set()
-
-    def __getstate__(self):  # workers get the store (which drops its maps) and make their own releaser
-        state = dict(self.__dict__)
-        state.update(_madvise=None, _since=0, _touched=set(), _base=None, _advised=set())
-        return state
+    def __init__(self, store: TokenStore, reads: str = "pread"):
+        if reads not in READ_MODES:
+            raise AstroptError(f"store reads must be one of {', '.join(READ_MODES)}, got {reads!r}")
+        self.store, self.reads = store, reads
 
     def __len__(self) -> int:
         return self.store.num_rows
@@ -136,39 +75,9 @@ class TokenRows:
         """Rows (store indices) -> [len(rows), tokens_per_image] int16 tensor."""
         import torch
 
-        rows = np.asarray(rows, dtype=np.int64)
-        if not self.active:
-            return torch.from_numpy(self.store.take(rows))
-        if self._base is None:  # before this process's first read of the store
-            self._base = mapped_file_bytes()
-            if self._base is None:
-                self.active = False
-        shard, local = self.store.locate(rows)
-        touched = set(np.unique(shard).tolist())
-        new = touched - self._advised
-        if new:  # before the first read of a shard: random access, so map only what is read
-            self._advise([self.store.shard_tokens(i) for i in sorted(new)], MADV_RANDOM)
-            self._advised |= new
-        out = torch.from_numpy(self.store.gather(shard, local))
-        self._touched |= touched
-        self._since += len(rows)
-        if self._since >= CHECK_ROWS:
-            self._since = 0
-            now = mapped_file_bytes()
-            if now is not None and now - self._base > self.budget:
-                self.release()
-        return out
-
-    def _advise(self, arrays, advice: int) -> None:
-        if self._madvise is None:
-            self._madvise = _Madvise()
-        self._madvise(arrays, advice)
-
-    def release(self) -> None:
-        """Unmap the pages read so far from the shards touched since the last release."""
-        self._advise([self.store.shard_tokens(i) for i in sorted(self._touched)], MADV_DONTNEED)
-        self._touched = set()
-        self._base = mapped_file_bytes()
+        located = self.store.locate(np.asarray(rows, dtype=np.int64))
+        tokens = self.store.read_rows(*located) if self.reads == "pread" else self.store.gather(*located)
+        return torch.from_numpy(tokens)
 
 
 def pass_through(batch):
@@ -228,12 +137,12 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, mapped_mb: int = 32):
+def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, reads: str = "pread"):
     """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        TokenRows(store, mapped_mb),
+        TokenRows(store, reads),
         batch_sampler=sampler,
         collate_fn=pass_through,
         num_workers=workers,

@@ -216,8 +216,8 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
         batches_done = next_epoch * sampler.batches_per_epoch
     sampler.start_epoch, sampler.start_batch = sampler.position(batches_done)
     workers = cfg.workers if cfg.workers is not None else (2 if cuda else 0)
-    loader = make_loader(store, sampler, workers, pin_memory=cuda, mapped_mb=cfg.mapped_mb)
-    dataset = TokenRows(store, cfg.mapped_mb)
+    loader = make_loader(store, sampler, workers, pin_memory=cuda, reads=cfg.store_reads)
+    dataset = TokenRows(store, cfg.store_reads)
     seq_len = store.tokens_per_image - 1
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * seq_len
 

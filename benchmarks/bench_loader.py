@@ -71,8 +71,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="rows in the store")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the store loader")
-    ap.add_argument("--mapped-mb", type=int, nargs="+", default=[32, 0],
-                    help="page budgets of the store loader to time (32: the trainer's default; 0: never release)")
+    ap.add_argument("--store-reads", nargs="+", default=["pread", "mmap"], choices=["pread", "mmap"],
+                    help="how the store loader reads rows (pread: the trainer's default; mmap: through the maps)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the store timing (median reported)")
     args = ap.parse_args()
 
@@ -110,14 +110,14 @@ def main() -> None:
                                 bands=BANDS)
         store = TokenStore(store_dir)
         ours = {}
-        for mb in args.mapped_mb:
+        for reads in args.store_reads:
             times = []
             for r in range(args.repeats):
                 sampler = EpochBatchSampler(np.arange(store.num_rows), args.batch_size, seed=r)
-                loader = make_loader(store, sampler, args.workers, pin_memory=False, mapped_mb=mb)
+                loader = make_loader(store, sampler, args.workers, pin_memory=False, reads=reads)
                 times.append(time_loader(loader, args.store_batches, warmup=10))
                 del loader
-            ours[mb] = statistics.median(times)
+            ours[reads] = statistics.median(times)
 
     up_tps = up_bs * tpi / up_s
     result = {
@@ -125,10 +125,10 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "upstream_batches": args.upstream_batches,
         "upstream_style_tokens_per_s": round(up_tps, 1), "upstream_style_images_per_s": round(up_bs / up_s, 2), "upstream_batch_size": up_bs,
     }
-    for mb, s in ours.items():
+    for reads, s in ours.items():
         tps = args.batch_size * tpi / s
-        result[f"store_loader_mapped_mb_{mb}_tokens_per_s"] = round(tps)
-        result[f"speedup_mapped_mb_{mb}"] = round(tps / up_tps)
+        result[f"store_loader_{reads}_tokens_per_s"] = round(tps)
+        result[f"speedup_{reads}"] = round(tps / up_tps)
     print(json.dumps(result, indent=2))
 
 
