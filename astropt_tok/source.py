@@ -355,7 +355,6 @@ def batch_to_flux(
     good = np.array([r for r in range(n) if reasons[r] is None], dtype=np.int64)
     side = crop or size
     off = (size - side) // 2  # AION's CenterCrop: start = (W - crop) // 2
-    within = (np.arange(side)[:, None] + off) * size + (np.arange(side)[None, :] + off)  # [S, S] pixel offsets
     if out is None:
         out = np.empty((len(good), len(bands), side, side), dtype=np.float32)
     flux = out[: len(good)]
@@ -370,6 +369,7 @@ def batch_to_flux(
         finite = np.isfinite(chosen).all(axis=(1, 2, 3))  # everywhere, not only inside the crop
     else:
         starts = first_pixel[pick[good]]  # [n_good, n_bands]
+        within = (np.arange(side)[:, None] + off) * size + (np.arange(side)[None, :] + off)  # [S, S] pixel offsets
         np.take(pixels, starts[:, :, None, None] + within[None, None], out=flux)
         finite = np.array([np.isfinite(pixels[s:s + image_pixels]).all() for s in starts.reshape(-1)])
         finite = finite.reshape(starts.shape).all(axis=1)

@@ -425,16 +425,17 @@ class TokenStore:
     def source_rows(self, indices) -> np.ndarray:
         """Global source row index of each store row in `indices`."""
         shard, local = self.locate(indices)
-        return np.array([self.shard_source_rows(int(s))[j] for s, j in zip(shard, local)], dtype=np.int64)
+        out = np.empty(shard.size, dtype=np.int64)
+        for i in np.unique(shard):  # each shard's row column read once, not once per asked row
+            sel = shard == i
+            out[sel] = self.shard_source_rows(int(i))[local[sel]]
+        return out
 
     def object_ids(self, indices) -> list[str | None]:
         """Object id of each store row in `indices` (None where the source had no id column)."""
         shard, local = self.locate(indices)
-        out = []
-        for s, j in zip(shard, local):
-            ids = self.shard_object_ids(int(s))
-            out.append(None if ids is None else ids[j])
-        return out
+        ids = {int(i): self.shard_object_ids(int(i)) for i in np.unique(shard)}  # each shard's ids read once
+        return [None if ids[int(s)] is None else ids[int(s)][j] for s, j in zip(shard, local)]
 
     def find_object_ids(self, wanted: Iterable[str]) -> np.ndarray:
         """Store row index of each object id in `wanted`; an unknown id is an AstroptError."""
