@@ -14,6 +14,7 @@ import dataclasses
 import os
 import queue
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -212,23 +213,22 @@ class PreparedBatch:
     object_ids: list  # [n]
     rejects: list[dict]  # bad rows met while preparing this batch
 
-    def pin_memory(self) -> "PreparedBatch":
-        """Called by the DataLoader's pinning thread on a GPU run."""
-        return PreparedBatch(self.flux.pin_memory(), self.rows, self.object_ids, self.rejects)
-
 
 def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig, pin: bool):
     """For each (index, lo, hi) in `shards`, in order, yield (index, iterator of codec-sized PreparedBatch).
 
-    Parquet row groups are read and converted by `cfg.workers` DataLoader worker processes (no GIL between
-    them and the thread that drives the codec), pinned by the DataLoader on a GPU run, ahead of the codec
-    and across shard boundaries, so the device does not wait while one shard is written and the next begins.
-    Each shard's iterator must be consumed before the next is taken.
+    Three stages run ahead of the thread that drives the codec, so it only ever picks up a ready batch:
+    `cfg.workers` DataLoader worker processes read and convert parquet row groups (no GIL between them and
+    the codec's thread); a staging thread regroups their chunks into codec-sized batches, copying them
+    straight into pinned memory on a GPU run (one copy, made while the codec runs, not between batches);
+    and a queue holds a few batches across shard boundaries, so the device does not wait while one shard is
+    written and the next begins. Each shard's iterator must be consumed before the next is taken; `close()`
+    on this generator (or its garbage collection) stops the stages.
     """
     if cfg.reader == "datasets":  # a streaming source: convert its batches in threads, in order
         items = ((i, item) for i, lo, hi in shards
                  for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
-        convert = _Converter(plan, list(cfg.bands), pin)
+        convert = _Converter(plan, list(cfg.bands))
         chunks = _ordered_map(lambda tagged: (tagged[0], convert(*tagged[1])), items, cfg.workers)
     else:
         import torch
@@ -236,33 +236,93 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
         tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
         loader = torch.utils.data.DataLoader(
             _RowGroups(plan, tasks, list(cfg.bands)), batch_size=None, shuffle=False, num_workers=cfg.workers,
-            collate_fn=_as_is, pin_memory=pin, prefetch_factor=2 if cfg.workers > 0 else None,
+            collate_fn=_as_is, prefetch_factor=2 if cfg.workers > 0 else None,
         )
-        chunks = iter(loader)
-    stream = _Peekable(chunks)
+        chunks = iter(loader)  # worker processes start here, in the calling thread, not in the staging one
+    staged = _Staged(_shard_batches(chunks, [i for i, _, _ in shards], cfg.batch_size, pin))
+    try:
+        for index, _, _ in shards:
+            yield index, staged.shard(index)
+    finally:
+        staged.close()
 
-    def one_shard(index: int) -> Iterator[PreparedBatch]:
+
+def _shard_batches(chunks, indices: list[int], batch_size: int, pin: bool):
+    """The staging work: (shard, PreparedBatch) for each batch of each shard in `indices` order, then
+    (shard, None) to close that shard (also for a shard with no rows)."""
+    stream = _Peekable(chunks)
+    for index in indices:
         def mine():
             while stream.peek() is not None and stream.peek()[0] == index:
                 yield next(stream)[1]
 
-        yield from _rebatch(mine(), cfg.batch_size)
+        for batch in _rebatch(mine(), batch_size, pin):
+            yield index, batch
+        yield index, None
 
-    for index, _, _ in shards:
-        yield index, one_shard(index)
+
+class _Staged:
+    """Runs a generator of (shard, batch-or-None) in a thread, `depth` items ahead of the consumer."""
+
+    _STOP = object()
+
+    def __init__(self, items, depth: int = 3):
+        self.items = items
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="astropt-staging", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                if not self._put(item):
+                    return
+            self._put(self._STOP)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self._put(exc)
+        finally:
+            self.items = None  # drops the DataLoader iterator, which stops its workers
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def shard(self, index: int) -> Iterator[PreparedBatch]:
+        """The batches of shard `index`, which must be the next shard in the staged order."""
+        while True:
+            item = self.ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is self._STOP:
+                raise RuntimeError(f"the staging thread ended before shard {index}")
+            shard, batch = item
+            assert shard == index, f"staged shard {shard} where shard {index} was expected"
+            if batch is None:
+                return
+            yield batch
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
 
 
 class _Converter:
     """One record batch -> a PreparedBatch of checked, cropped, band-ordered flux."""
 
-    def __init__(self, plan, bands: list[str], pin: bool):
-        self.plan, self.bands, self.pin = plan, bands, pin
+    def __init__(self, plan, bands: list[str]):
+        self.plan, self.bands = plan, bands
 
     def __call__(self, first_row: int, batch) -> PreparedBatch:
         import torch
 
         shape = (batch.num_rows, len(self.bands), CROP_SIZE, CROP_SIZE)
-        buffer = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin)
+        buffer = torch.empty(shape, dtype=torch.float32)
         flux, good, reasons = batch_to_flux(batch, self.plan.column, self.bands, out=buffer.numpy(), crop=CROP_SIZE)
         ids = object_ids_of(batch, self.plan.id_column)
         rejects = [_reject(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
@@ -274,7 +334,7 @@ class _RowGroups:
 
     def __init__(self, plan, tasks: list, bands: list[str]):
         self.plan, self.tasks = plan, tasks
-        self.convert = _Converter(plan, bands, pin=False)  # the DataLoader pins, in the main process
+        self.convert = _Converter(plan, bands)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -331,27 +391,29 @@ def _ordered_map(fn, items, workers: int, ahead: int = 2):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _rebatch(chunks: Iterator[PreparedBatch], batch_size: int) -> Iterator[PreparedBatch]:
-    """Regroup converted chunks into batches of exactly `batch_size` good rows (the last one smaller)."""
+def _rebatch(chunks: Iterator[PreparedBatch], batch_size: int, pin: bool = False) -> Iterator[PreparedBatch]:
+    """Regroup converted chunks into batches of exactly `batch_size` good rows (the last one smaller), in
+    pinned memory when `pin`."""
     held: list[PreparedBatch] = []
     count = 0
     for chunk in chunks:
         held.append(chunk)
         count += len(chunk.rows)
         while count >= batch_size:
-            yield _merge(held, batch_size)
+            yield _merge(held, batch_size, pin)
             held = _rest(held, batch_size)
             count = sum(len(c.rows) for c in held)
     if held:
-        yield _merge(held, count)
+        yield _merge(held, count, pin)
 
 
-def _merge(held: list[PreparedBatch], n: int) -> PreparedBatch:
-    """The first n good rows of `held`, with every reject `held` carries."""
+def _merge(held: list[PreparedBatch], n: int, pin: bool = False) -> PreparedBatch:
+    """The first n good rows of `held`, with every reject `held` carries: a view when one chunk holds them
+    and nothing needs pinning, else one copy into a new (pinned when `pin`) buffer."""
     import torch
 
     rejects = [r for c in held for r in c.rejects]
-    if len(held[0].rows) >= n:
+    if len(held[0].rows) >= n and not pin:
         first = held[0]
         return PreparedBatch(first.flux[:n], first.rows[:n], first.object_ids[:n], rejects)
     flux, rows, ids, taken = [], [], [], 0
@@ -361,8 +423,8 @@ def _merge(held: list[PreparedBatch], n: int) -> PreparedBatch:
         rows.append(c.rows[:k])
         ids.extend(c.object_ids[:k])
         taken += k
-    merged = torch.empty((n, *held[0].flux.shape[1:]), dtype=held[0].flux.dtype, pin_memory=held[0].flux.is_pinned())
-    torch.cat(flux, out=merged)  # straight into pinned memory on a GPU run
+    merged = torch.empty((n, *held[0].flux.shape[1:]), dtype=held[0].flux.dtype, pin_memory=pin)
+    torch.cat(flux, out=merged)  # from the workers' shared memory straight into pinned memory on a GPU run
     return PreparedBatch(merged, np.concatenate(rows), ids, rejects)
 
 
@@ -559,10 +621,14 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                    loaded.tokens_per_image) as progress:
         pin = encoder.device.type == "cuda"
         work = prepare_shards(plan, [(i, bounds[i], bounds[i + 1]) for i in todo], cfg, pin)
-        for i, batches in work:
-            result = tokenise_shard(batches, encoder, cfg, out, i, dtype, plan.id_column is not None, progress.advance)
-            summary.results.append(result)
-            progress.shard_done()
+        try:
+            for i, batches in work:
+                result = tokenise_shard(batches, encoder, cfg, out, i, dtype, plan.id_column is not None,
+                                        progress.advance)
+                summary.results.append(result)
+                progress.shard_done()
+        finally:
+            work.close()  # stops the reader processes and the staging thread, also after an error
     summary.results.sort(key=lambda r: r.index)
     group.barrier()  # every rank's shards are written before anyone checks whether the store is complete
     group.close()

@@ -183,6 +183,22 @@ def test_strict_stops_at_first_bad_row_and_marks_nothing_complete(bad_survey, co
     assert not list(out.glob("shard-*"))
 
 
+def test_an_error_mid_run_stops_the_reader_processes_and_staging_thread(bad_survey, codec_dir, tmp_path):
+    import multiprocessing
+    import threading
+
+    cfg = config(bad_survey, codec_dir, tmp_path / "strict", shards=2, workers=2, batch_size=1, strict=True)
+    with pytest.raises(AstroptError, match="bad source row 3") as caught:
+        tokenise(cfg)  # `caught` keeps the traceback, and with it tokenise's frame, alive: no help from the GC
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (multiprocessing.active_children() or any(
+            t.name == "astropt-staging" for t in threading.enumerate())):
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+    assert not [t for t in threading.enumerate() if t.name == "astropt-staging"]
+    assert caught.traceback
+
+
 def test_codec_producing_out_of_range_tokens_is_caught(survey_dir, codec_dir, tmp_path):
     """A codec with a NaN weight returns -2**31 for every token; no such row may reach the store."""
     import torch
