@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -239,17 +240,66 @@ def read_tasks(plan: SourcePlan, lo: int, hi: int) -> list[ReadTask]:
     return tasks
 
 
-def read_task(plan: SourcePlan, task: ReadTask):
-    """The record batch of one read task: only the image and id columns of one row group, sliced."""
-    import pyarrow.parquet as pq
+class OpenFiles:
+    """The last few source files read, kept open, so that a parquet footer is parsed (and a remote file's
+    connection made, or an Arrow file's batches mapped) once per file per reading process, not once per row
+    group. Each reading process holds its own: a copy made by pickling (a DataLoader worker) starts empty."""
 
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.handles: OrderedDict = OrderedDict()  # path -> (ParquetFile or list of record batches, file object)
+        self.opened = 0  # files opened so far
+
+    def get(self, f: SourceFile):
+        """The open ParquetFile, or list of Arrow record batches, of source file `f`."""
+        import pyarrow.parquet as pq
+
+        handle = self.handles.pop(f.path, None)
+        if handle is None:
+            if f.row_group_rows is None:
+                handle = (_arrow_reader(f.path)[0], None)
+            else:
+                raw = _open(f.path)
+                handle = (pq.ParquetFile(raw), raw if raw is not f.path else None)
+            self.opened += 1
+        self.handles[f.path] = handle
+        while len(self.handles) > self.keep:
+            self._close(self.handles.popitem(last=False)[1])
+        return handle[0]
+
+    @staticmethod
+    def _close(handle) -> None:
+        reader, raw = handle
+        if hasattr(reader, "close"):
+            reader.close()
+        if raw is not None:
+            raw.close()
+
+    def close(self) -> None:
+        while self.handles:
+            self._close(self.handles.popitem()[1])
+
+    def __getstate__(self):
+        return {"keep": self.keep, "handles": OrderedDict(), "opened": 0}
+
+
+def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
+    """The record batch of one read task: only the image and id columns of one row group, sliced. Pass the
+    reading process's `OpenFiles` to keep files open between tasks."""
     columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
     f = plan.files[task.file]
-    if f.row_group_rows is None:
-        batch = _arrow_reader(f.path)[0][task.unit].select(columns)
-    else:
-        table = pq.ParquetFile(_open(f.path)).read_row_group(task.unit, columns=columns, use_threads=False)
-        batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+    own = files is None
+    files = OpenFiles(keep=1) if own else files
+    try:
+        reader = files.get(f)
+        if f.row_group_rows is None:
+            batch = reader[task.unit].select(columns)
+        else:
+            table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
+            batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+    finally:
+        if own:
+            files.close()
     return batch.slice(task.start, task.count)
 
 
@@ -258,10 +308,14 @@ def iter_row_range(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> 
 
     Reads only the files and parquet row groups that overlap the range, and only the image and id columns.
     """
-    for task in read_tasks(plan, lo, hi):
-        batch = read_task(plan, task)
-        for k in range(0, batch.num_rows, batch_rows):
-            yield task.first_row + k, batch.slice(k, batch_rows)
+    files = OpenFiles()
+    try:
+        for task in read_tasks(plan, lo, hi):
+            batch = read_task(plan, task, files)
+            for k in range(0, batch.num_rows, batch_rows):
+                yield task.first_row + k, batch.slice(k, batch_rows)
+    finally:
+        files.close()
 
 
 def iter_row_range_datasets(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:

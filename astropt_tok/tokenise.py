@@ -26,7 +26,7 @@ import numpy as np
 from astropt_tok import store as st
 from astropt_tok.codec import CROP_SIZE, DEFAULT_CODEC
 from astropt_tok.errors import AstroptError
-from astropt_tok.source import (DEFAULT_SOURCE, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task,
+from astropt_tok.source import (DEFAULT_SOURCE, OpenFiles, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task,
                                 read_tasks)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -68,6 +68,8 @@ class ShardResult:
     rejected: int
     skipped: bool  # already complete from an earlier run
     seconds: float = 0.0
+    input_wait_s: float = 0.0  # of `seconds`, the codec's thread waiting for its next batch
+    write_s: float = 0.0  # of `seconds`, writing the shard and its completion record
 
 
 @dataclass
@@ -83,6 +85,12 @@ class TokeniseSummary:
     seconds: float = 0.0
     device: str = "cpu"
     precision: str = "fp32"
+    first_batch_s: float = 0.0  # start-up: from the first shard's start until its first batch was ready
+
+    @property
+    def input_wait_s(self) -> float:
+        """Seconds the codec's thread waited for input, start-up included: high means raise --workers."""
+        return sum(r.input_wait_s for r in self.results if not r.skipped)
 
     @property
     def rows(self) -> int:
@@ -234,8 +242,9 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
         import torch
 
         tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
+        row_groups = _RowGroups(plan, tasks, list(cfg.bands))
         loader = torch.utils.data.DataLoader(
-            _RowGroups(plan, tasks, list(cfg.bands)), batch_size=None, shuffle=False, num_workers=cfg.workers,
+            row_groups, batch_size=None, shuffle=False, num_workers=cfg.workers,
             collate_fn=_as_is, prefetch_factor=2 if cfg.workers > 0 else None,
         )
         chunks = iter(loader)  # worker processes start here, in the calling thread, not in the staging one
@@ -245,6 +254,8 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
             yield index, staged.shard(index)
     finally:
         staged.close()
+        if cfg.reader != "datasets":
+            row_groups.files.close()  # read in this process when there are no workers
 
 
 def _shard_batches(chunks, indices: list[int], batch_size: int, pin: bool):
@@ -335,13 +346,14 @@ class _RowGroups:
     def __init__(self, plan, tasks: list, bands: list[str]):
         self.plan, self.tasks = plan, tasks
         self.convert = _Converter(plan, bands)
+        self.files = OpenFiles()  # each worker process gets its own, empty
 
     def __len__(self) -> int:
         return len(self.tasks)
 
     def __getitem__(self, k: int):
         shard, task = self.tasks[k]
-        return shard, self.convert(task.first_row, read_task(self.plan, task))
+        return shard, self.convert(task.first_row, read_task(self.plan, task, self.files))
 
 
 def _as_is(item):
@@ -518,8 +530,9 @@ class Encoder:
 
 
 def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: TokeniseConfig, out: Path, index: int,
-                   dtype: np.dtype, has_ids: bool, on_rows=None) -> ShardResult:
-    """Encode one shard's batches; write the shard and its completion record atomically."""
+                   dtype: np.dtype, has_ids: bool, on_rows=None, on_first_batch=None) -> ShardResult:
+    """Encode one shard's batches; write the shard and its completion record atomically. `on_rows(n)` is
+    told of rows as they are done, `on_first_batch(seconds)` of the wait for the first batch."""
     t0 = time.perf_counter()
     _remove_stale_temporaries(out, index)
     tokens_parts, rows_parts, ids, rejects = [], [], [], []
@@ -536,7 +549,17 @@ def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: Toke
         if on_rows is not None:
             on_rows(len(batch.rows))
 
-    for batch in batches:
+    waited = 0.0
+    batches = iter(batches)
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        if on_first_batch is not None:
+            on_first_batch(waited)
+            on_first_batch = None
         for rej in batch.rejects:
             _bad_row(rej, cfg, rejects)
         if on_rows is not None:
@@ -553,9 +576,11 @@ def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: Toke
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     rejects.sort(key=lambda r: r["row"])
     object_ids = ids if has_ids else None
+    t_write = time.perf_counter()
     record = st.write_shard(out, index, cfg.storage, tokens, rows, object_ids, rejected=len(rejects))
     st.mark_shard_done(out, record, rejects)
-    return ShardResult(index, record.rows, len(rejects), False, time.perf_counter() - t0)
+    t_end = time.perf_counter()
+    return ShardResult(index, record.rows, len(rejects), False, t_end - t0, waited, t_end - t_write)
 
 
 def _bad_row(rej: dict, cfg: TokeniseConfig, rejects: list) -> None:
@@ -621,10 +646,14 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                    loaded.tokens_per_image) as progress:
         pin = encoder.device.type == "cuda"
         work = prepare_shards(plan, [(i, bounds[i], bounds[i + 1]) for i in todo], cfg, pin)
+        def first_batch(seconds: float) -> None:
+            if not summary.first_batch_s:
+                summary.first_batch_s = seconds
+
         try:
             for i, batches in work:
                 result = tokenise_shard(batches, encoder, cfg, out, i, dtype, plan.id_column is not None,
-                                        progress.advance)
+                                        progress.advance, first_batch)
                 summary.results.append(result)
                 progress.shard_done()
         finally:

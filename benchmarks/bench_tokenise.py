@@ -3,9 +3,12 @@
 decode:    source decoding rows/s on the same parquet: this project's reader (row groups in parallel threads,
            checks, crop) vs pyarrow direct (read_table + flatten to numpy, no checks), `datasets` Arrow batches,
            and the Python-dict path (`datasets` rows as dicts, as upstream's collate sees them).
-encode:    end-to-end `tokenise` rows/s vs the codec alone on pre-loaded tensors (the ceiling), same rows,
-           codec, device, batch size and precision.
+encode:    end-to-end `tokenise` rows/s (all shard time, and after the first batch: without the readers'
+           start-up) vs the codec alone on pre-loaded device tensors (the ceiling), same rows, codec, device,
+           batch size and precision; the ceiling is the codec called as the pipeline calls it, and also as a
+           plain AION call (which zeroes a [n, 9, 96, 96] tensor on the host per batch).
 precision: codec-alone throughput per precision, and the fraction of tokens identical to fp32.
+open_files: reading every row group with its files kept open (as the readers do) vs reopening per row group.
 
     python benchmarks/bench_tokenise.py --rows 512 decode
     python benchmarks/bench_tokenise.py --rows 48 --codec-size full --batch-size 16 encode
@@ -101,6 +104,34 @@ def bench_decode(survey: Path, args) -> dict:
             "ours_vs_python_dicts": med["ours"] / med["python_dicts"]}
 
 
+def bench_open_files(survey: Path, args) -> dict:
+    """Reading every row group of the survey with its files kept open (`OpenFiles`, as the readers do) vs
+    opening the file again for each row group (parsing its footer each time)."""
+    from astropt_tok.source import OpenFiles, read_task, read_tasks, resolve_source
+
+    plan = resolve_source(str(survey))
+    tasks = read_tasks(plan, 0, plan.num_rows)
+
+    def kept_open() -> int:
+        files = OpenFiles()
+        try:
+            return sum(read_task(plan, t, files).num_rows for t in tasks)
+        finally:
+            files.close()
+
+    def reopened() -> int:
+        return sum(read_task(plan, t).num_rows for t in tasks)
+
+    results = {}
+    for _ in range(args.repeats):
+        for name, fn in [("kept_open", kept_open), ("reopened", reopened)]:
+            t, n = timed(fn, 1)
+            results.setdefault(name, []).append(n / t)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"benchmark": "open_files", "rows": plan.num_rows, "files": len(plan.files), "row_groups": len(tasks),
+            "rows_per_s": med, "kept_open_vs_reopened": med["kept_open"] / med["reopened"]}
+
+
 def _survey_flux(survey: Path, rows: int) -> "np.ndarray":
     from astropt_tok.source import batch_to_flux, iter_row_range, resolve_source
 
@@ -109,22 +140,31 @@ def _survey_flux(survey: Path, rows: int) -> "np.ndarray":
     return np.concatenate(parts)
 
 
-def codec_alone(codec, flux, batch_size: int, device: str, precision: str) -> tuple[float, np.ndarray]:
+def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plain: bool = False) -> tuple[float, np.ndarray]:
     """(rows/s, tokens) of the codec on tensors already on the device (inputs copied per batch, since encode
-    clamps in place). The ceiling for the pipeline."""
+    clamps in place): the ceiling for the pipeline. By default the codec is called as the pipeline's Encoder
+    calls it (device as the default device); `plain` calls AION's encode as its own examples do."""
     import torch
     from aion.modalities import LegacySurveyImage
 
+    from astropt_tok.tokenise import Encoder
+
     x_all = torch.from_numpy(flux).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    encoder = Encoder(loaded, device, precision, BANDS)  # also sets TF32 as the pipeline does for `precision`
+    codec = loaded.codec
     out = []
 
     def run():
         out.clear()
         for i in range(0, len(x_all), batch_size):
             x = x_all[i:i + batch_size].clone()
-            with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-                out.append(codec.encode(LegacySurveyImage(flux=x, bands=BANDS)))
+            if plain:
+                with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype,
+                                                            enabled=dtype is not None):
+                    out.append(codec.encode(LegacySurveyImage(flux=x, bands=BANDS)))
+            else:
+                out.append(encoder.encode_on_device(x))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return len(x_all)
@@ -140,23 +180,32 @@ def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
 
     device = resolve_device(args.device)
     loaded = load_image_codec(str(codec_dir), device=device)
-    Encoder(loaded, device, args.precision, BANDS)  # applies the TF32 settings the pipeline uses
     flux = _survey_flux(survey, args.rows)
-    codec_alone(loaded.codec, flux[: args.batch_size], args.batch_size, device, args.precision)  # warm-up
-    pipe, alone = [], []
+    for plain in (False, True):  # warm-up
+        codec_alone(loaded, flux[: args.batch_size], args.batch_size, device, args.precision, plain)
+    pipe, steady, waiting, alone, plain_alone = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            rate, _ = codec_alone(loaded.codec, flux, args.batch_size, device, args.precision)
-            alone.append(rate)
+        for r in range(args.repeats):  # interleaved, so machine noise hits all alike
+            alone.append(codec_alone(loaded, flux, args.batch_size, device, args.precision)[0])
+            plain_alone.append(codec_alone(loaded, flux, args.batch_size, device, args.precision, True)[0])
             cfg = TokeniseConfig(source=str(survey), out=f"{tmp}/tok{r}", shards=args.shards, codec=str(codec_dir),
                                  batch_size=args.batch_size, device=device, workers=args.workers, limit=args.rows,
                                  precision=args.precision, progress=False)
             summary = tokenise(cfg)
-            pipe.append(summary.rows / sum(x.seconds for x in summary.results))
+            worked = sum(x.seconds for x in summary.results)
+            pipe.append(summary.rows / worked)
+            steady.append(summary.rows / (worked - summary.first_batch_s))
+            waiting.append((summary.input_wait_s - summary.first_batch_s) / (worked - summary.first_batch_s))
+    med = statistics.median
     return {"benchmark": "encode", "rows": len(flux), "device": device, "precision": args.precision,
             "codec_size": args.codec_size, "batch_size": args.batch_size, "workers": args.workers,
-            "pipeline_rows_per_s": statistics.median(pipe), "codec_alone_rows_per_s": statistics.median(alone),
-            "pipeline_vs_codec_alone": statistics.median(pipe) / statistics.median(alone)}
+            "shards": args.shards,
+            "pipeline_rows_per_s": med(pipe), "pipeline_after_first_batch_rows_per_s": med(steady),
+            "codec_waiting_for_input_fraction": med(waiting),
+            "codec_alone_rows_per_s": med(alone), "codec_alone_plain_aion_call_rows_per_s": med(plain_alone),
+            "pipeline_vs_codec_alone": med(pipe) / med(alone),
+            "pipeline_after_first_batch_vs_codec_alone": med(steady) / med(alone),
+            "codec_alone_vs_plain_aion_call": med(alone) / med(plain_alone)}
 
 
 def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
@@ -170,11 +219,10 @@ def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
            "batch_size": args.batch_size, "rows_per_s": {}, "identical_to_fp32": {}}
     reference = None
     for precision in ("fp32", "tf32", "bf16"):
-        Encoder(loaded, device, precision, BANDS)
-        codec_alone(loaded.codec, flux[: args.batch_size], args.batch_size, device, precision)  # warm-up
+        codec_alone(loaded, flux[: args.batch_size], args.batch_size, device, precision)  # warm-up
         rates, tokens = [], None
         for _ in range(args.repeats):
-            rate, tokens = codec_alone(loaded.codec, flux, args.batch_size, device, precision)
+            rate, tokens = codec_alone(loaded, flux, args.batch_size, device, precision)
             rates.append(rate)
         out["rows_per_s"][precision] = statistics.median(rates)
         if reference is None:
@@ -185,9 +233,10 @@ def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="+", choices=["decode", "encode", "precision"])
+    ap.add_argument("which", nargs="+", choices=["decode", "encode", "precision", "open_files"])
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--row-group-size", type=int, default=64, help="of the synthetic survey")
     ap.add_argument("--survey", type=Path, help="existing survey folder (default: write a synthetic one)")
     ap.add_argument("--codec", type=Path, help="codec folder in the hub layout (default: a random one)")
     ap.add_argument("--codec-size", choices=["tiny", "full"], default="full")
@@ -208,13 +257,15 @@ def main() -> None:
         survey = args.survey
         if survey is None:
             survey = Path(tmp) / "survey"
-            write_synthetic_survey(survey, n_rows=args.rows, n_files=args.files, seed=7, row_group_size=64,
+            write_synthetic_survey(survey, n_rows=args.rows, n_files=args.files, seed=7, row_group_size=args.row_group_size,
                                    processes=args.processes)
         codec_dir = args.codec or make_random_codec(Path(tmp) / "codec", args.codec_size)
         results = []
         for which in args.which:
             if which == "decode":
                 r = bench_decode(survey, args)
+            elif which == "open_files":
+                r = bench_open_files(survey, args)
             elif which == "encode":
                 r = bench_encode(survey, codec_dir, args)
             else:

@@ -38,7 +38,7 @@ PY
 echo "setup: $(( $(date +%s) - t0 )) s"
 
 BENCH="python3 benchmarks/bench_tokenise.py --survey $WORK/survey --codec $WORK/codec --codec-size $CODEC_SIZE \
-  --rows $ROWS --device $DEVICE --batch-size 256 --workers $(( NPROC > 4 ? NPROC - 2 : 2 )) --shards 8 --repeats 2"
+  --rows $ROWS --device $DEVICE --batch-size 256 --workers $(( NPROC > 4 ? NPROC - 2 : 2 )) --shards 4 --repeats 2"
 $BENCH --precision fp32 encode --json "$OUT/encode_fp32.json"
 $BENCH --precision bf16 encode --json "$OUT/encode_bf16.json"
 $BENCH precision --json "$OUT/precision.json"

@@ -183,6 +183,37 @@ def test_strict_stops_at_first_bad_row_and_marks_nothing_complete(bad_survey, co
     assert not list(out.glob("shard-*"))
 
 
+def test_open_files_parse_each_footer_once_and_read_the_same_rows(survey_dir):
+    import pickle
+
+    from astropt_tok.source import OpenFiles, read_task, read_tasks, resolve_source
+
+    plan = resolve_source(str(survey_dir))
+    tasks = read_tasks(plan, 0, plan.num_rows)
+    assert len(tasks) > len(plan.files) == 2  # several row groups per file
+    files = OpenFiles(keep=1)
+    for task in tasks:
+        assert read_task(plan, task, files).equals(read_task(plan, task))
+    assert files.opened == len(plan.files)  # tasks come in file order: one open per file, even keeping one
+    assert pickle.loads(pickle.dumps(files)).opened == 0  # a worker's copy starts with nothing open
+    files.close()
+    assert not files.handles
+
+
+def test_cli_run_closes_with_a_summary_of_rows_and_where_the_time_went(bad_survey, codec_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    code, stdout, _ = run_cli(capsys, "tokenise", "--source", str(bad_survey), "--codec", str(codec_dir), "--out",
+                              str(out), "--shards", "2", "--batch-size", "4", "--no-progress")
+    assert code == 0
+    text = " ".join(stdout.replace("│", " ").split())
+    assert "rows written 17" in text and "rows rejected 3" in text and "complete" in text
+    assert "codec waiting for input" in text and "start-up" in text
+    summary = tokenise(config(bad_survey, codec_dir, tmp_path / "again", shards=2, batch_size=4))
+    worked = [r for r in summary.results if not r.skipped]
+    assert len(worked) == 2 and all(0 <= r.input_wait_s + r.write_s <= r.seconds for r in worked)
+    assert 0 < summary.first_batch_s <= summary.input_wait_s
+
+
 def test_an_error_mid_run_stops_the_reader_processes_and_staging_thread(bad_survey, codec_dir, tmp_path):
     import multiprocessing
     import threading
