@@ -137,6 +137,26 @@ def default_workers(device: str) -> int:
     return max(1, min(8, share - 1))
 
 
+PREFETCH_PER_WORKER = 2  # row groups each reader process keeps converted ahead of the codec
+
+
+def workers_for_shared_memory(workers: int, chunk_bytes: int, free_bytes: int | None) -> int:
+    """The most reader processes, up to `workers`, whose chunks in flight (PREFETCH_PER_WORKER each, plus the
+    one each is writing) fit in half of the free shared memory; None for unknown: `workers` unchanged.
+    A container's default /dev/shm (64 MB) holds few 64-galaxy row groups (9.4 MB each after the crop): a
+    reader process that outgrows it dies of SIGBUS, so fewer readers, or none, is the better outcome."""
+    if free_bytes is None or workers <= 0 or chunk_bytes <= 0:
+        return workers
+    return max(0, min(workers, free_bytes // 2 // ((PREFETCH_PER_WORKER + 1) * chunk_bytes)))
+
+
+def _free_shared_memory() -> int | None:
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun), else cpu."""
     import torch
@@ -243,9 +263,15 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
 
         tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
         row_groups = _RowGroups(plan, tasks, list(cfg.bands))
+        chunk_bytes = max((t.count for _, t in tasks), default=0) * len(cfg.bands) * CROP_SIZE * CROP_SIZE * 4
+        workers = workers_for_shared_memory(cfg.workers, chunk_bytes, _free_shared_memory())
+        if workers < cfg.workers:
+            _warn(f"warning: /dev/shm has room for the row groups of {workers} of {cfg.workers} reader processes "
+                  f"({chunk_bytes / 2**20:.0f} MB each, {PREFETCH_PER_WORKER + 1} in flight per reader); using "
+                  f"{workers}. Give the container more (docker run --shm-size 8g) to read faster.")
         loader = torch.utils.data.DataLoader(
-            row_groups, batch_size=None, shuffle=False, num_workers=cfg.workers,
-            collate_fn=_as_is, prefetch_factor=2 if cfg.workers > 0 else None,
+            row_groups, batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_as_is, prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
         )
         chunks = iter(loader)  # worker processes start here, in the calling thread, not in the staging one
     staged = _Staged(_shard_batches(chunks, [i for i, _, _ in shards], cfg.batch_size, pin))
@@ -321,6 +347,12 @@ class _Staged:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=30)
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 class _Converter:

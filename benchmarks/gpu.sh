@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One script for a single-GPU machine without internet (H100: well under 8 minutes). It measures:
 #   1. the full-size AION image codec (aion-base's architecture, random weights: no hub here) tokenising a
-#      synthetic survey end to end (`tokenise`) and alone on pre-loaded GPU tensors, fp32 and bf16;
+#      synthetic survey end to end (`tokenise`: all shard time, and after the first batch) and alone on
+#      pre-loaded GPU tensors (called as the pipeline calls it, and as a plain AION call), fp32 and bf16,
+#      with the fraction of time the codec waited for input;
 #   2. the precision table: codec-alone rows/s for fp32 / tf32 / bf16 and the fraction of tokens identical
 #      to fp32 (on random weights: the agreement of the real weights may differ);
 #   3. the training step: 95M preset, bf16, torch.compile: tokens/s and MFU.
@@ -24,6 +26,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFL
 WORK=$(mktemp -d)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+{ echo "cores $(nproc)"; df -h /dev/shm | tail -1; } | tee -a "$OUT/gpu.txt"  # reader processes need shared memory
 NPROC=$(nproc)
 
 t0=$(date +%s)

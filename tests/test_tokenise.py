@@ -183,6 +183,18 @@ def test_strict_stops_at_first_bad_row_and_marks_nothing_complete(bad_survey, co
     assert not list(out.glob("shard-*"))
 
 
+def test_reader_processes_are_fitted_to_shared_memory():
+    from astropt_tok.tokenise import PREFETCH_PER_WORKER, workers_for_shared_memory
+
+    chunk = 64 * 4 * 96 * 96 * 4  # a 64-galaxy row group after the crop
+    in_flight = (PREFETCH_PER_WORKER + 1) * chunk
+    assert workers_for_shared_memory(8, chunk, 64 * 2**20) == 64 * 2**20 // 2 // in_flight == 1  # docker's default
+    assert workers_for_shared_memory(8, chunk, 2 * 3 * in_flight) == 3
+    assert workers_for_shared_memory(8, chunk, 2**40) == 8
+    assert workers_for_shared_memory(8, chunk, 2 * in_flight - 1) == 0  # read in-process instead
+    assert workers_for_shared_memory(8, chunk, None) == 8 and workers_for_shared_memory(0, chunk, 0) == 0
+
+
 def test_open_files_parse_each_footer_once_and_read_the_same_rows(survey_dir):
     import pickle
 
