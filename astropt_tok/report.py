@@ -59,12 +59,10 @@ def print_tokenise_summary(summary, console: Console | None = None) -> None:
     table.add_row("rows rejected", f"{summary.rejected:,}")
     table.add_row("throughput", f"{summary.rows_per_s:,.1f} rows/s on {summary.device} ({summary.precision})")
     table.add_row("wall time", f"{summary.seconds:,.1f} s")
-    worked = sum(r.seconds for r in summary.results if not r.skipped)
-    if worked:
-        waited = summary.input_wait_s - summary.first_batch_s
-        hint = " (more than a tenth: raise --workers)" if waited > 0.1 * (worked - summary.first_batch_s) else ""
+    if summary.work_s:
+        waited, steady = summary.input_wait_s, summary.steady_s
+        hint = " (more than a tenth: raise --workers)" if waited > 0.1 * steady else ""
         table.add_row("codec waiting for input",
-                      f"{waited:,.1f} s of {worked - summary.first_batch_s:,.1f} s{hint}; start-up "
-                      f"{summary.first_batch_s:,.1f} s")
+                      f"{waited:,.1f} s of {steady:,.1f} s{hint}; start-up {summary.first_batch_s:,.1f} s")
     table.add_row("store", "complete" if summary.complete else "incomplete: other processes' shards are not all done yet")
     console.print(table)

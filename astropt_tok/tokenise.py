@@ -67,9 +67,9 @@ class ShardResult:
     rows: int
     rejected: int
     skipped: bool  # already complete from an earlier run
-    seconds: float = 0.0
+    seconds: float = 0.0  # the codec's thread on this shard, waits for input included
     input_wait_s: float = 0.0  # of `seconds`, the codec's thread waiting for its next batch
-    write_s: float = 0.0  # of `seconds`, writing the shard and its completion record
+    write_s: float = 0.0  # the writer thread writing the shard and its completion record (overlaps the next)
 
 
 @dataclass
@@ -85,12 +85,19 @@ class TokeniseSummary:
     seconds: float = 0.0
     device: str = "cpu"
     precision: str = "fp32"
-    first_batch_s: float = 0.0  # start-up: from the first shard's start until its first batch was ready
+    work_s: float = 0.0  # wall time of reading, encoding and writing this process's shards
+    first_batch_s: float = 0.0  # start-up: from the readers' start until the first batch was ready
+    first_wait_s: float = 0.0  # of which the codec's thread spent waiting for that batch
 
     @property
     def input_wait_s(self) -> float:
-        """Seconds the codec's thread waited for input, start-up included: high means raise --workers."""
-        return sum(r.input_wait_s for r in self.results if not r.skipped)
+        """Seconds the codec's thread waited for input after the first batch: high means raise --workers."""
+        return sum(r.input_wait_s for r in self.results if not r.skipped) - self.first_wait_s
+
+    @property
+    def steady_s(self) -> float:
+        """Seconds of work after the first batch was ready."""
+        return self.work_s - self.first_batch_s
 
     @property
     def rows(self) -> int:
@@ -561,12 +568,24 @@ class Encoder:
 # one shard
 
 
-def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: TokeniseConfig, out: Path, index: int,
-                   dtype: np.dtype, has_ids: bool, on_rows=None, on_first_batch=None) -> ShardResult:
-    """Encode one shard's batches; write the shard and its completion record atomically. `on_rows(n)` is
-    told of rows as they are done, `on_first_batch(seconds)` of the wait for the first batch."""
+@dataclass
+class EncodedShard:
+    """One shard's checked tokens, in source-row order, ready to be written."""
+
+    index: int
+    tokens: np.ndarray  # [rows, T] int16 or uint16
+    rows: np.ndarray  # [rows] int64 global source rows
+    object_ids: list | None
+    rejects: list[dict]  # sorted by row
+    seconds: float  # encoding, waits for input included
+    input_wait_s: float
+
+
+def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: TokeniseConfig, index: int,
+                 dtype: np.dtype, has_ids: bool, on_rows=None, on_first_batch=None) -> EncodedShard:
+    """Encode one shard's batches. `on_rows(n)` is told of rows as they are done, `on_first_batch(seconds)` of
+    the wait for the shard's first batch."""
     t0 = time.perf_counter()
-    _remove_stale_temporaries(out, index)
     tokens_parts, rows_parts, ids, rejects = [], [], [], []
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
 
@@ -607,12 +626,19 @@ def tokenise_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg: Toke
     tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     rejects.sort(key=lambda r: r["row"])
-    object_ids = ids if has_ids else None
-    t_write = time.perf_counter()
-    record = st.write_shard(out, index, cfg.storage, tokens, rows, object_ids, rejected=len(rejects))
-    st.mark_shard_done(out, record, rejects)
-    t_end = time.perf_counter()
-    return ShardResult(index, record.rows, len(rejects), False, t_end - t0, waited, t_end - t_write)
+    return EncodedShard(index, tokens, rows, ids if has_ids else None, rejects, time.perf_counter() - t0, waited)
+
+
+def write_encoded_shard(encoded: EncodedShard, out: Path, storage: str) -> ShardResult:
+    """Write a shard and its completion record atomically (temporary name, fsync, rename)."""
+    t0 = time.perf_counter()
+    _remove_stale_temporaries(out, encoded.index)
+    record = st.write_shard(out, encoded.index, storage, encoded.tokens, encoded.rows, encoded.object_ids,
+                            rejected=len(encoded.rejects))
+    st.mark_shard_done(out, record, encoded.rejects)
+    write_s = time.perf_counter() - t0
+    return ShardResult(encoded.index, record.rows, len(encoded.rejects), False, encoded.seconds,
+                       encoded.input_wait_s, write_s)
 
 
 def _bad_row(rej: dict, cfg: TokeniseConfig, rejects: list) -> None:
@@ -678,26 +704,41 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                    loaded.tokens_per_image) as progress:
         pin = encoder.device.type == "cuda"
         work = prepare_shards(plan, [(i, bounds[i], bounds[i + 1]) for i in todo], cfg, pin)
-        def first_batch(seconds: float) -> None:
+        t_work = time.perf_counter()
+
+        def first_batch(waited: float) -> None:
             if not summary.first_batch_s:
-                summary.first_batch_s = seconds
+                summary.first_batch_s, summary.first_wait_s = time.perf_counter() - t_work, waited
+
+        # A writer thread writes (hashes, fsyncs) each shard while the codec encodes the next; one write at a
+        # time is pending, so at most two shards' tokens are held in memory.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="astropt-writer")
+        pending = None
+
+        def finish_pending() -> None:
+            summary.results.append(pending.result())
+            progress.shard_done()
 
         try:
             for i, batches in work:
-                result = tokenise_shard(batches, encoder, cfg, out, i, dtype, plan.id_column is not None,
-                                        progress.advance, first_batch)
-                summary.results.append(result)
-                progress.shard_done()
+                encoded = encode_shard(batches, encoder, cfg, i, dtype, plan.id_column is not None,
+                                       progress.advance, first_batch)
+                if pending is not None:
+                    finish_pending()
+                pending = writer.submit(write_encoded_shard, encoded, out, cfg.storage)
+            if pending is not None:
+                finish_pending()
         finally:
             work.close()  # stops the reader processes and the staging thread, also after an error
+            writer.shutdown(wait=True)  # a shard encoded in full is still written
+        summary.work_s = time.perf_counter() - t_work
     summary.results.sort(key=lambda r: r.index)
     group.barrier()  # every rank's shards are written before anyone checks whether the store is complete
     group.close()
     final = st.finalize_store(out, st.read_manifest(out) if (out / st.MANIFEST).is_file() else manifest)
     summary.complete = final is not None
     summary.seconds = time.perf_counter() - t_start
-    worked = sum(r.seconds for r in summary.results if not r.skipped)
-    summary.rows_per_s = (summary.rows + summary.rejected) / worked if worked else 0.0
+    summary.rows_per_s = (summary.rows + summary.rejected) / summary.work_s if summary.work_s else 0.0
     return summary
 
 

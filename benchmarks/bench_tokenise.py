@@ -192,10 +192,9 @@ def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
                                  batch_size=args.batch_size, device=device, workers=args.workers, limit=args.rows,
                                  precision=args.precision, progress=False)
             summary = tokenise(cfg)
-            worked = sum(x.seconds for x in summary.results)
-            pipe.append(summary.rows / worked)
-            steady.append(summary.rows / (worked - summary.first_batch_s))
-            waiting.append((summary.input_wait_s - summary.first_batch_s) / (worked - summary.first_batch_s))
+            pipe.append(summary.rows / summary.work_s)
+            steady.append(summary.rows / summary.steady_s)
+            waiting.append(summary.input_wait_s / summary.steady_s)
     med = statistics.median
     return {"benchmark": "encode", "rows": len(flux), "device": device, "precision": args.precision,
             "codec_size": args.codec_size, "batch_size": args.batch_size, "workers": args.workers,
