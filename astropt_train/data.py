@@ -138,7 +138,10 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, reads: str = "pread"):
-    """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor."""
+    """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor. It draws its
+    worker seeds from its own generator, never from torch's global one, so dropout's random stream is the
+    same whether or not a loader was started mid-run (an exact resume needs that)."""
+    import torch
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -150,6 +153,7 @@ def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin
         persistent_workers=workers > 0,
         worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(sampler.seed + 7919 * sampler.rank),
     )
 
 

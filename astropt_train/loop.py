@@ -64,6 +64,21 @@ def _pick_device(cfg: TrainConfig, dist: Dist):
     return torch.device("cpu")
 
 
+def _rng_state(cuda: bool) -> dict:
+    import torch
+
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+
+
+def _set_rng_state(rng: dict, cuda: bool) -> bool:
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    if cuda and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return True
+
+
 def _dist_from_env() -> Dist:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
         return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
@@ -179,6 +194,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
     model = GPT(gconf).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     step, best_val, batches_done = 0, float("inf"), 0
+    rng_restored = False
     if state is not None:
         from safetensors.torch import load_file
 
@@ -194,12 +210,15 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
             echo("note: batch size, process count or seed changed since the checkpoint: data restarts at a new epoch")
             batches_done = None  # resolved below once the sampler knows its epoch length
             next_epoch = int(d["epoch"]) + 1
-        if dist.master:
-            torch.set_rng_state(state["rng"]["torch"])
-            if cuda and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        per_rank = state["rng"].get("per_rank") or [state["rng"]]  # older checkpoints: rank 0's alone
+        if len(per_rank) == dist.world:
+            rng_restored = _set_rng_state(per_rank[dist.rank], cuda)
+        elif dist.master:
+            rng_restored = _set_rng_state(state["rng"], cuda)
+            echo(f"note: the checkpoint holds the random state of {len(per_rank)} processes, not {dist.world}: "
+                 "the other ranks start new dropout streams")
         echo(f"resumed {run} from {ckpt_dir.name} (step {step})")
-    if not dist.master or state is None:
+    if not rng_restored:
         torch.manual_seed(cfg.seed + 1000 * dist.rank + step)  # per-rank streams (dropout)
     raw_model = model
     compile_on = cfg.compile if cfg.compile is not None else cuda
@@ -259,11 +278,16 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
         nonlocal last_ckpt
         if not cfg.save:
             return
+        rng = _rng_state(cuda)
+        per_rank = [rng]
+        if dist.ddp:  # every rank's dropout stream, so a resumed DDP run draws what the straight run would
+            per_rank = [None] * dist.world
+            tdist.all_gather_object(per_rank, rng)
         if dist.master:
             epoch, b = sampler.position(batches_done)
             tstate = {
                 "step": step_now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})},
+                "rng": {**rng, "per_rank": per_rank},
                 "data": {"micro_batches_done": batches_done, "epoch": epoch, "batch": b, "batch_size": cfg.batch_size,
                          "world_size": dist.world, "seed": cfg.seed},
                 "best_val_loss": best_val,
