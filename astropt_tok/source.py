@@ -260,7 +260,10 @@ class OpenFiles:
                 handle = (_arrow_reader(f.path)[0], None)
             else:
                 raw = _open(f.path)
-                handle = (pq.ParquetFile(raw), raw if raw is not f.path else None)
+                remote = raw is not f.path
+                # remote: coalesce a row group's column-chunk reads into few large requests (pyarrow's advice
+                # for high-latency filesystems)
+                handle = (pq.ParquetFile(raw, pre_buffer=remote), raw if remote else None)
             self.opened += 1
         self.handles[f.path] = handle
         while len(self.handles) > self.keep:
@@ -284,17 +287,19 @@ class OpenFiles:
 
 
 def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
-    """The record batch of one read task: only the image and id columns of one row group, sliced. Pass the
-    reading process's `OpenFiles` to keep files open between tasks."""
-    columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
+    """The record batch of one read task: only the image column's `band` and `flux` (parquet: `ivar`, `psf_fwhm`
+    and the rest are never read or decompressed) and the id column of one row group, sliced. Pass the reading
+    process's `OpenFiles` to keep files open between tasks."""
+    ids = [plan.id_column] if plan.id_column else []
     f = plan.files[task.file]
     own = files is None
     files = OpenFiles(keep=1) if own else files
     try:
         reader = files.get(f)
-        if f.row_group_rows is None:
-            batch = reader[task.unit].select(columns)
+        if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
+            batch = reader[task.unit].select([plan.column] + ids)
         else:
+            columns = [f"{plan.column}.band", f"{plan.column}.flux"] + ids
             table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
             batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
     finally:
@@ -418,9 +423,8 @@ def batch_to_flux(
     if len(first_pixel) and np.array_equal(first_pixel, np.arange(len(first_pixel)) * image_pixels):
         # the common case: every image is size x size, back to back, so the pixels are one [n_img, S, S] array
         stack = pixels[: len(first_pixel) * image_pixels].reshape(-1, size, size)
-        chosen = stack[pick[good]]  # [n_good, n_bands, size, size], one gather
-        np.copyto(flux, chosen[:, :, off:off + side, off:off + side])
-        finite = np.isfinite(chosen).all(axis=(1, 2, 3))  # everywhere, not only inside the crop
+        flux[:] = stack[pick[good], off:off + side, off:off + side]  # [n_good, n_bands, S, S]: gathers the crops only
+        finite = _finite_images(stack)[pick[good]].all(axis=1)  # everywhere, not only inside the crop
     else:
         starts = first_pixel[pick[good]]  # [n_good, n_bands]
         within = (np.arange(side)[:, None] + off) * size + (np.arange(side)[None, :] + off)  # [S, S] pixel offsets
@@ -435,6 +439,18 @@ def batch_to_flux(
         flux = out[: len(good)]
         flux[:] = kept
     return flux, good, reasons
+
+
+def _finite_images(stack: np.ndarray) -> np.ndarray:
+    """[n_img] bool: image i holds no NaN or inf. A sum is NaN or inf whenever a term is, so summing (no
+    temporary array) clears almost every image; the rare non-finite sum (a NaN, or finite values that
+    overflow) is checked pixel by pixel."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sums = np.add.reduce(stack.reshape(len(stack), -1), axis=1)
+    finite = np.isfinite(sums)
+    for i in np.nonzero(~finite)[0]:
+        finite[i] = np.isfinite(stack[i]).all()
+    return finite
 
 
 def object_ids_of(batch, id_column: str | None) -> list[str | None]:

@@ -195,6 +195,17 @@ def test_reader_processes_are_fitted_to_shared_memory():
     assert workers_for_shared_memory(8, chunk, None) == 8 and workers_for_shared_memory(0, chunk, 0) == 0
 
 
+def test_finiteness_check_is_exact_even_where_a_sum_overflows():
+    from astropt_tok.source import _finite_images
+
+    stack = np.zeros((5, 160, 160), dtype=np.float32)
+    stack[1, 0, 0] = np.nan  # a corner: outside AION's 96x96 crop, still a bad image
+    stack[2, 80, 80] = np.inf
+    stack[3, 5, 5], stack[3, 6, 6] = np.inf, -np.inf  # the sum is NaN
+    stack[4, :2] = 3e38  # finite pixels whose float32 sum overflows to inf
+    assert _finite_images(stack).tolist() == [True, False, False, False, True]
+
+
 def test_open_files_parse_each_footer_once_and_read_the_same_rows(survey_dir):
     import pickle
 
@@ -205,7 +216,10 @@ def test_open_files_parse_each_footer_once_and_read_the_same_rows(survey_dir):
     assert len(tasks) > len(plan.files) == 2  # several row groups per file
     files = OpenFiles(keep=1)
     for task in tasks:
-        assert read_task(plan, task, files).equals(read_task(plan, task))
+        batch = read_task(plan, task, files)
+        assert batch.equals(read_task(plan, task))
+        assert batch.schema.names == ["legacysurvey_image", "object_id"]  # never hsc_image, ra, dec
+        assert batch.schema.field(0).type.names == ["band", "flux"]  # never ivar, psf_fwhm, scale
     assert files.opened == len(plan.files)  # tasks come in file order: one open per file, even keeping one
     assert pickle.loads(pickle.dumps(files)).opened == 0  # a worker's copy starts with nothing open
     files.close()
