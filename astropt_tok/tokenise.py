@@ -54,6 +54,7 @@ class TokeniseConfig:
     precision: str = "fp32"
     reader: str = "pyarrow"  # or "datasets": the `datasets` streaming reader
     progress: bool = True
+    overwrite_wait_s: float = 1800.0  # SLURM array tasks > 0 with --overwrite wait this long for task 0
     # executor: None -> from the environment (torchrun's RANK/WORLD_SIZE or a SLURM array)
     rank: int | None = None
     world_size: int | None = None
@@ -221,6 +222,23 @@ def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
         st.write_manifest(out, manifest)
+
+
+def await_replaced_store(out: Path, manifest: dict, timeout_s: float) -> None:
+    """`--overwrite` in a task other than the first of a SLURM array: wait until the store's manifest is the
+    one this run would write (task 0 clears a different store and writes it), so that no task clears shards
+    another has written. A matching store is used at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if (out / st.MANIFEST).is_file() and not check_rerun(st.read_manifest(out), manifest):
+                return
+        except AstroptError:
+            pass  # being rewritten
+        if time.monotonic() >= deadline:
+            raise AstroptError(f"waited {timeout_s:g} s for array task 0 to replace {out} (with --overwrite only "
+                               "task 0 clears a store); run it, or run the --overwrite once alone first")
+        time.sleep(min(2.0, max(0.05, timeout_s / 20)))
 
 
 def _clear_store(out: Path) -> None:
@@ -681,7 +699,9 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     out = Path(cfg.out)
     manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision, plan.describe())
     group = _TorchrunGroup(world)
-    if rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
+    if rank != 0 and not group.active and cfg.overwrite:
+        await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
+    elif rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
         prepare_store(out, manifest, cfg.overwrite)
     group.barrier()  # under torchrun, the other ranks look only once rank 0 has created or checked the store
     if rank != 0 and group.active:

@@ -466,6 +466,34 @@ def test_slurm_array_processes_split_shards_and_last_one_finalizes(store_arrow, 
         assert (out / s["file"]).read_bytes() == (store_arrow / s["file"]).read_bytes()
 
 
+def test_slurm_array_overwrite_is_done_by_task_0_while_the_others_wait(store_arrow, survey_dir, codec_dir,
+                                                                       tmp_path):
+    out = tmp_path / "slurm-overwrite"
+    tokenise(config(survey_dir, codec_dir, out, shards=2, limit=8))  # an old, different store
+    array = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
+    # task 1 alone: it never clears the store, and says why it gives up
+    lone = config(survey_dir, codec_dir, out, overwrite=True, overwrite_wait_s=0.5, rank=1, world_size=2)
+    with pytest.raises(AstroptError, match="waited 0.5 s for array task 0 to replace"):
+        tokenise(lone)
+    assert st.read_manifest(out)["sharding"]["num_shards"] == 2  # untouched
+    # task 1 starts first and waits; task 0 replaces the store; both finish it
+    cmd = [sys.executable, "-m", "astropt_tok", "tokenise", "--source", str(survey_dir), "--codec", str(codec_dir),
+           "--out", str(out), "--shards", "4", "--batch-size", "8", "--overwrite", "--no-progress"]
+    waiting = subprocess.Popen(cmd, env=dict(os.environ, **array, SLURM_ARRAY_TASK_ID="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # task 1 is up and polling before task 0 starts
+        first = tokenise(config(survey_dir, codec_dir, out, overwrite=True, rank=0, world_size=2))
+        assert first.my_shards == [0, 2]
+        _, err = waiting.communicate(timeout=120)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, err[-2000:]
+    assert st.read_manifest(out)["complete"]
+    for s in st.read_manifest(store_arrow)["shards"]:
+        assert (out / s["file"]).read_bytes() == (store_arrow / s["file"]).read_bytes()
+
+
 def test_process_rank_from_environment(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
