@@ -195,13 +195,20 @@ def resolve_source(
     return plan
 
 
-def plan_from_manifest(section: dict) -> SourcePlan:
-    """Rebuild a source plan from a store manifest's source section (to re-read rows for --compare)."""
+def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> SourcePlan:
+    """Rebuild a source plan from a store manifest's source section (to re-read rows for --compare).
+    `moved_to`: the folder where the source files are now, found by file name, when they moved since."""
     files = []
     for f in section["files"]:
-        if "://" not in f["path"] and not Path(f["path"]).exists():
-            raise AstroptError(f"the store's source file {f['path']} is no longer there")
-        files.append(_file_rows(f["path"]))
+        path = str(Path(moved_to) / Path(f["path"]).name) if moved_to is not None else f["path"]
+        if "://" not in path and not Path(path).exists():
+            where = f"in {moved_to}" if moved_to is not None else "there; pass --source DIR where the files are now"
+            raise AstroptError(f"the store's source file {Path(path).name if moved_to else path} is no longer {where}")
+        found = _file_rows(path)
+        if f.get("rows") is not None and found.num_rows != f["rows"]:
+            raise AstroptError(f"source file {path} has {found.num_rows} rows; the store was made from "
+                               f"{f['rows']}: not the same file")
+        files.append(found)
     return SourcePlan(section["id"], section["kind"], section["split"], section["column"], section.get("id_column"),
                       files, section.get("revision"), section.get("limit"))
 
@@ -460,12 +467,14 @@ def object_ids_of(batch, id_column: str | None) -> list[str | None]:
     return [None if v is None else str(v) for v in batch.column(batch.schema.get_field_index(id_column)).to_pylist()]
 
 
-def read_source_flux(section: dict, rows, bands: list[str], crop: int | None = None) -> np.ndarray:
+def read_source_flux(section: dict, rows, bands: list[str], crop: int | None = None,
+                     moved_to: str | Path | None = None) -> np.ndarray:
     """Re-read global source rows from a store manifest's source section: float32 [n, bands, S, S].
 
-    Used by `astropt decode --compare`. A row that is bad in the source raises AstroptError.
+    Used by `astropt decode --compare`. A row that is bad in the source raises AstroptError. `moved_to`:
+    see `plan_from_manifest`.
     """
-    plan = plan_from_manifest(section)
+    plan = plan_from_manifest(section, moved_to)
     rows = np.asarray(rows, dtype=np.int64)
     side = crop or IMAGE_SIZE
     out = np.empty((len(rows), len(bands), side, side), dtype=np.float32)

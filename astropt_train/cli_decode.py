@@ -25,6 +25,7 @@ def decode_command(
     seed: int = typer.Option(0, "--seed", help="Seed for --random and for sampling."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Codec hub id or local folder (default: the checkpoint's, else the store's)."),
     compare: bool = typer.Option(False, "--compare", help="Re-read the rows from the store's source: original | reconstruction, per-band MSE and PSNR."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Folder where the store's source files are now, found by name (if they moved since tokenising)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint folder of `astropt train`."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     generate: Optional[int] = typer.Option(None, "--generate", help="Sample this many galaxies from the model."),
@@ -47,7 +48,7 @@ def decode_command(
     rgb_bands = _split(rgb) or []
     cfg = DecodeConfig(
         out=out, tokens=tokens, rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec, compare=compare,
-        checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
+        source=source, checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
         temperature=temperature, top_k=top_k, kv_cache=not no_kv_cache, bands=_split(bands),
         rgb_bands=tuple(rgb_bands), save_flux=save_flux, device=device, batch_size=batch_size,
         threads=threads,

@@ -15,6 +15,8 @@ Every token sequence is [N, tokens_per_image] (576 for AION). Decoded flux is fl
 
 from __future__ import annotations
 
+import sys
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ class DecodeConfig:
     seed: int = 0
     codec: str | None = None  # hub id or folder; default: the store's (or the checkpoint's store's) codec
     compare: bool = False  # re-read rows from the source: original | reconstruction, with MSE and PSNR
+    source: Path | None = None  # where the store's source files are now (by file name), if they moved
     checkpoint: Path | None = None  # run folder or checkpoint folder of `astropt train`
     step: int | None = None  # checkpoint step (default: the run's latest)
     generate: int | None = None  # sample this many galaxies from the model
@@ -289,7 +292,7 @@ def _source_rereadable(manifest: dict) -> bool:
     return manifest.get("source", {}).get("kind") in ("local", "hub") and bool(manifest["source"].get("files"))
 
 
-def _read_originals(store, rows: np.ndarray, bands: list[str], crop: int) -> np.ndarray:
+def _read_originals(store, rows: np.ndarray, bands: list[str], crop: int, moved_to: Path | None) -> np.ndarray:
     """The source flux of store rows, centre-cropped like the codec: [N, bands, crop, crop]."""
     from astropt_tok.source import read_source_flux
 
@@ -297,7 +300,7 @@ def _read_originals(store, rows: np.ndarray, bands: list[str], crop: int) -> np.
         raise AstroptError(
             f"--compare needs the store's source, but {store.dir} was not made from a survey "
             f"(its manifest source is {store.manifest.get('source', {}).get('id')!r})")
-    return read_source_flux(store.manifest["source"], store.source_rows(rows), bands, crop=crop)
+    return read_source_flux(store.manifest["source"], store.source_rows(rows), bands, crop=crop, moved_to=moved_to)
 
 
 def _mode(cfg: DecodeConfig) -> str:
@@ -413,9 +416,15 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         stored = store.take(rows).astype(np.int64)  # [N, T]
         check_token_range(stored, codec.vocab_size, what=f"store {store.dir}")
         labels = _labels_for(store, rows)
-        show_original = cfg.compare or (mode in ("complete", "predict") and _source_rereadable(store.manifest))
-        if show_original:
-            original = _read_originals(store, rows, decode_bands, crop=96)
+        original = None
+        if cfg.compare:
+            original = _read_originals(store, rows, decode_bands, 96, cfg.source)
+        elif mode in ("complete", "predict") and _source_rereadable(store.manifest):
+            try:  # a nicety beside predictions: shown when the source can still be read
+                original = _read_originals(store, rows, decode_bands, 96, cfg.source)
+            except AstroptError as exc:
+                print(f"note: no original panels: {exc}", file=sys.stderr)
+        if original is not None:
             stacks.append(original)
             columns.append("original")
         recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size)

@@ -47,3 +47,18 @@ def random_store(tmp_path_factory):
         bands=["DES-G", "DES-R", "DES-I", "DES-Z"], object_ids=[f"obj{i}" for i in range(300)],
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def moved_source_store(tmp_path_factory, survey_dir, codec_dir):
+    """(store, folder): a store tokenised from a copy of the survey, whose files then moved to `folder`."""
+    import shutil
+
+    from astropt_tok.tokenise import TokeniseConfig, tokenise
+
+    base = tmp_path_factory.mktemp("moved-source")
+    shutil.copytree(survey_dir, base / "survey")
+    tokenise(TokeniseConfig(source=str(base / "survey"), out=str(base / "store"), shards=2, codec=str(codec_dir),
+                            batch_size=16, device="cpu", progress=False))
+    (base / "survey").rename(base / "elsewhere")
+    return base / "store", base / "elsewhere"

@@ -68,3 +68,23 @@ def test_compare_grid_has_original_and_reconstruction_panels(survey_store, tmp_p
     w, h = GridLayout(ncols=6).size(6, 96, 96)  # 3 galaxies x (original, reconstruction), side by side
     with Image.open(out) as im:
         assert im.size == (w, h + GridLayout(ncols=6).label_height)
+
+
+def test_compare_reads_moved_source_files_from_source(moved_source_store, survey_store, tmp_path):
+    import shutil
+
+    from astropt_tok.errors import AstroptError
+
+    store, folder = moved_source_store
+    with pytest.raises(AstroptError, match="is no longer there; pass --source DIR"):
+        decode(DecodeConfig(tokens=store, rows="0:3", compare=True, out=tmp_path / "a.png"))
+    moved = decode(DecodeConfig(tokens=store, rows="0:3,25", compare=True, source=folder, out=tmp_path / "b.png"))
+    same = decode(DecodeConfig(tokens=survey_store, rows="0:3,25", compare=True, out=tmp_path / "c.png"))
+    np.testing.assert_array_equal(moved.metrics["reconstruction"]["mse"], same.metrics["reconstruction"]["mse"])
+    # a file of the same name holding other rows is not taken for the source
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    victim = sorted(other.glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(victim).slice(0, 3), victim)
+    with pytest.raises(AstroptError, match="has 3 rows; the store was made from 20: not the same file"):
+        decode(DecodeConfig(tokens=store, rows="0", compare=True, source=other, out=tmp_path / "d.png"))

@@ -163,3 +163,15 @@ def test_mode_errors(run_dir, random_store, tmp_path, codec_dir):
     gone = _save_run(tmp_path / "run-gone", _tiny_gpt(), tmp_path / "no-such-store", str(codec_dir), ["DES-G"])
     with pytest.raises(AstroptError, match="--tokens"):
         decode(DecodeConfig(checkpoint=gone, generate=1, out=tmp_path / "x.png"))
+
+
+def test_predict_without_the_source_files_leaves_out_the_originals(moved_source_store, codec_dir, model, tmp_path,
+                                                                   capsys):
+    store, folder = moved_source_store
+    run = _save_run(tmp_path / "run", model, store, str(codec_dir), ["DES-G", "DES-R", "DES-I", "DES-Z"])
+    res = decode(DecodeConfig(checkpoint=run, tokens=store, rows="0:2", predict=True, out=tmp_path / "p.png"))
+    assert res.columns == ["reconstruction", "prediction"]
+    assert "note: no original panels" in capsys.readouterr().err
+    res = decode(DecodeConfig(checkpoint=run, tokens=store, rows="0:2", predict=True, source=folder,
+                              out=tmp_path / "q.png"))
+    assert res.columns == ["original", "reconstruction", "prediction"]
