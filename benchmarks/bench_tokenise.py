@@ -233,6 +233,20 @@ def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
         if reference is None:
             reference = tokens
         out["identical_to_fp32"][precision] = float((tokens == reference).mean())
+    if args.channels_last:  # an experiment, not (yet) a tokenise option: NHWC weights for the codec's convolutions
+        import torch
+
+        loaded.codec.to(memory_format=torch.channels_last)
+        try:
+            codec_alone(loaded, flux[: args.batch_size], args.batch_size, device, "bf16")  # warm-up
+            rates = []
+            for _ in range(args.repeats):
+                rate, tokens = codec_alone(loaded, flux, args.batch_size, device, "bf16")
+                rates.append(rate)
+            out["rows_per_s"]["bf16_channels_last"] = statistics.median(rates)
+            out["identical_to_fp32"]["bf16_channels_last"] = float((tokens == reference).mean())
+        finally:
+            loaded.codec.to(memory_format=torch.contiguous_format)
     return out
 
 
@@ -252,6 +266,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--processes", type=int, default=2, help="processes writing the synthetic survey")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="precision: also time bf16 with the codec's weights in channels-last layout")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 

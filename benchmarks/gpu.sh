@@ -4,8 +4,9 @@
 #      synthetic survey end to end (`tokenise`: all shard time, and after the first batch) and alone on
 #      pre-loaded GPU tensors (called as the pipeline calls it, and as a plain AION call), fp32 and bf16,
 #      with the fraction of time the codec waited for input;
-#   2. the precision table: codec-alone rows/s for fp32 / tf32 / bf16 and the fraction of tokens identical
-#      to fp32 (on random weights: the agreement of the real weights may differ);
+#   2. the precision table: codec-alone rows/s for fp32 / tf32 / bf16 (and bf16 with channels-last weights,
+#      an experiment) and the fraction of tokens identical to fp32 (on random weights: the agreement of the
+#      real weights may differ);
 #   3. the training step: 95M preset, bf16, torch.compile: tokens/s and MFU.
 # Usage, from the repository root:   bash benchmarks/gpu.sh            (results as JSON under $OUT)
 # Without datasets/zarr/polymathic-aion on the machine, first gather wheels where pip works:
@@ -44,7 +45,7 @@ BENCH="python3 benchmarks/bench_tokenise.py --survey $WORK/survey --codec $WORK/
   --rows $ROWS --device $DEVICE --batch-size 256 --workers $(( NPROC > 4 ? NPROC - 2 : 2 )) --shards 4 --repeats 2"
 $BENCH --precision fp32 encode --json "$OUT/encode_fp32.json"
 $BENCH --precision bf16 encode --json "$OUT/encode_bf16.json"
-$BENCH precision --json "$OUT/precision.json"
+$BENCH precision --channels-last --json "$OUT/precision.json"
 echo "tokenise benchmarks done: $(( $(date +%s) - t0 )) s"
 
 python3 benchmarks/bench_train_step.py $TRAIN_ARGS --device $DEVICE | tee "$OUT/train_step.json"
