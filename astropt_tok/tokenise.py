@@ -2,9 +2,11 @@
 -> shards. Each shard is an independent unit of work: a rerun skips the done ones, and processes under
 torchrun or a SLURM array split the shards between them (the executor is `shards_for_this_process`).
 
-Follow one galaxy: `source.read_task` reads its row group, `source.batch_to_flux` turns its image
-column into a [bands, 96, 96] crop in `--bands` order, `Encoder.submit` runs the codec, and
-`store.write_shard` puts its 576 tokens in the row of its shard.
+Follow one galaxy: in a reader process, `source.read_task` reads its row group and `source.batch_to_flux`
+turns its image column into a [bands, 96, 96] crop in `--bands` order; the staging thread (`_Staged`) puts
+it into a codec-sized batch in pinned memory; on the main thread `Encoder.submit` runs the codec and
+`encode_shard` checks its 576 tokens; the writer thread's `write_encoded_shard` puts them in the row of its
+shard.
 """
 
 from __future__ import annotations
