@@ -134,6 +134,17 @@ def _file_rows(path: str) -> SourceFile:
         raise AstroptError(f"source file {path} is unreadable: {exc}") from None
 
 
+def _files_rows(paths: list[str]) -> list[SourceFile]:
+    """Row counts of many files, read a few footers at a time: on the hub each is a round trip, and a survey
+    of hundreds of files would otherwise spend its start-up waiting on them one by one."""
+    if len(paths) < 2:
+        return [_file_rows(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        return list(pool.map(_file_rows, paths))  # in order; the first unreadable file's error is raised
+
+
 def _arrow_reader(path: str):
     """(list of record batches, rows) of an Arrow IPC file, stream or file format, memory-mapped."""
     import pyarrow as pa
@@ -149,14 +160,18 @@ def _arrow_reader(path: str):
 
 
 def _file_schema(path: str):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.endswith(".arrow"):
-        batches, _ = _arrow_reader(path)
-        if not batches:
-            raise AstroptError(f"source file {path} holds no record batches")
-        return batches[0].schema
-    return pq.ParquetFile(_open(path)).schema_arrow
+    try:
+        if path.endswith(".arrow"):
+            batches, _ = _arrow_reader(path)
+            if not batches:
+                raise AstroptError(f"source file {path} holds no record batches")
+            return batches[0].schema
+        return pq.ParquetFile(_open(path)).schema_arrow
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise AstroptError(f"source file {path} is unreadable: {exc}") from None
 
 
 def resolve_source(
@@ -189,7 +204,7 @@ def resolve_source(
         raise AstroptError(f"column {column!r} of {source} is not an image struct with 'band' and 'flux' fields")
     if id_column is not None and id_column not in schema.names:
         id_column = None  # recorded as absent in the manifest; shards then carry no object_id column
-    plan = SourcePlan(source_id, kind, split, column, id_column, [_file_rows(f) for f in files], revision, limit)
+    plan = SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit)
     if limit is not None and limit < 0:
         raise AstroptError(f"--limit must be positive, got {limit}")
     return plan
@@ -297,18 +312,25 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
     """The record batch of one read task: only the image column's `band` and `flux` (parquet: `ivar`, `psf_fwhm`
     and the rest are never read or decompressed) and the id column of one row group, sliced. Pass the reading
     process's `OpenFiles` to keep files open between tasks."""
+    import pyarrow as pa
+
     ids = [plan.id_column] if plan.id_column else []
     f = plan.files[task.file]
     own = files is None
     files = OpenFiles(keep=1) if own else files
     try:
         reader = files.get(f)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise AstroptError(f"source file {f.path} is unreadable: {exc}") from None
+    try:
         if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
             batch = reader[task.unit].select([plan.column] + ids)
         else:
             columns = [f"{plan.column}.band", f"{plan.column}.flux"] + ids
             table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
             batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise AstroptError(f"source file {f.path}, row group {task.unit}, is unreadable: {exc}") from None
     finally:
         if own:
             files.close()

@@ -318,7 +318,10 @@ def _shard_batches(chunks, indices: list[int], batch_size: int, pin: bool):
     for index in indices:
         def mine():
             while stream.peek() is not None and stream.peek()[0] == index:
-                yield next(stream)[1]
+                chunk = next(stream)[1]
+                if isinstance(chunk, _ReadFailure):
+                    raise AstroptError(chunk.message)
+                yield chunk
 
         for batch in _rebatch(mine(), batch_size, pin):
             yield index, batch
@@ -412,7 +415,17 @@ class _RowGroups:
 
     def __getitem__(self, k: int):
         shard, task = self.tasks[k]
-        return shard, self.convert(task.first_row, read_task(self.plan, task, self.files))
+        try:
+            return shard, self.convert(task.first_row, read_task(self.plan, task, self.files))
+        except AstroptError as exc:  # passed on as a value: a worker's exception would arrive with a traceback
+            return shard, _ReadFailure(str(exc))
+
+
+@dataclass
+class _ReadFailure:
+    """A read task that failed (an unreadable row group), raised as one AstroptError where it is consumed."""
+
+    message: str
 
 
 def _as_is(item):

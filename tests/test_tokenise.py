@@ -538,6 +538,36 @@ def test_bad_input_is_one_line_and_nonzero(args, message, survey_dir, codec_dir,
     assert not manifest.exists() or not json.loads(manifest.read_text())["complete"]
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["first-file", "second-file"])
+def test_corrupt_source_file_is_one_clear_error(which, survey_dir, codec_dir, tmp_path, capsys):
+    survey = tmp_path / "survey"
+    shutil.copytree(survey_dir, survey)
+    victim = sorted(survey.glob("*.parquet"))[which]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "tokenise", "--source", str(survey), "--codec", str(codec_dir), "--out",
+                           str(tmp_path / "tok"), "--shards", "2", "--no-progress")
+    assert code == 1 and err.strip().count("\n") == 0
+    assert err.startswith(f"error: source file {victim} is unreadable")
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "worker-process"])
+def test_corrupt_row_group_is_one_clear_error_and_nothing_complete(workers, codec_dir, tmp_path, capsys):
+    from astropt_tok.synthetic import write_synthetic_survey
+
+    survey = tmp_path / "survey"
+    write_synthetic_survey(survey, n_rows=16, n_files=1, seed=0, row_group_size=4)
+    victim = next(survey.glob("*.parquet"))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 200_000] = b"\xff" * 200_000  # data pages; the footer stays intact
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "tok"
+    code, _, err = run_cli(capsys, "tokenise", "--source", str(survey), "--codec", str(codec_dir), "--out",
+                           str(out), "--shards", "1", "--workers", str(workers), "--no-progress")
+    assert code == 1 and err.strip().count("\n") == 0
+    assert err.startswith(f"error: source file {victim}, row group ") and "is unreadable" in err
+    assert not st.read_manifest(out)["complete"] and not list(out.glob("shard-*"))
+
+
 def test_wrong_shape_and_null_rows_are_rejected(survey_dir, codec_dir, tmp_path):
     """Plain nested lists can hold what Array2D cannot: a 150-row image, a null image, a null flux list."""
     flux, _ = survey_flux(survey_dir)
