@@ -324,17 +324,33 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
         raise AstroptError(f"source file {f.path} is unreadable: {exc}") from None
     try:
         if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
-            batch = reader[task.unit].select([plan.column] + ids)
+            batch = reader[task.unit]
+            _check_columns(batch.schema, f.path, plan)
+            batch = batch.select([plan.column] + ids)
         else:
             columns = [f"{plan.column}.band", f"{plan.column}.flux"] + ids
             table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
-            batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+            _check_columns(table.schema, f.path, plan)  # pyarrow skips asked-for columns a file lacks
+            batch = table.combine_chunks().to_batches()[0]
     except (OSError, pa.ArrowInvalid) as exc:
         raise AstroptError(f"source file {f.path}, row group {task.unit}, is unreadable: {exc}") from None
     finally:
         if own:
             files.close()
     return batch.slice(task.start, task.count)
+
+
+def _check_columns(schema, path: str, plan: SourcePlan) -> None:
+    """Every file must have what the first one had: the image struct with band and flux, and the id column."""
+    import pyarrow as pa
+
+    image = schema.field(plan.column).type if plan.column in schema.names else None
+    if image is None or not pa.types.is_struct(image) or {"band", "flux"} - {image.field(i).name
+                                                                             for i in range(image.num_fields)}:
+        raise AstroptError(f"source file {path} has no image column {plan.column!r} with band and flux, "
+                           f"unlike the source's first file")
+    if plan.id_column and plan.id_column not in schema.names:
+        raise AstroptError(f"source file {path} has no {plan.id_column!r} column, unlike the source's first file")
 
 
 def iter_row_range(plan: SourcePlan, lo: int, hi: int, batch_rows: int = 64) -> Iterator[tuple[int, object]]:

@@ -568,6 +568,18 @@ def test_corrupt_row_group_is_one_clear_error_and_nothing_complete(workers, code
     assert not st.read_manifest(out)["complete"] and not list(out.glob("shard-*"))
 
 
+@pytest.mark.parametrize("drop", ["legacysurvey_image", "object_id"])
+def test_a_later_file_without_a_column_is_one_clear_error(drop, survey_dir, codec_dir, tmp_path, capsys):
+    survey = tmp_path / "survey"
+    shutil.copytree(survey_dir, survey)
+    last = sorted(survey.glob("*.parquet"))[-1]
+    pq.write_table(pq.read_table(last).drop_columns([drop]), last)  # the first file still has every column
+    code, _, err = run_cli(capsys, "tokenise", "--source", str(survey), "--codec", str(codec_dir), "--out",
+                           str(tmp_path / "tok"), "--shards", "2", "--no-progress")
+    assert code == 1 and err.strip().count("\n") == 0
+    assert err.startswith(f"error: source file {last} has no ") and repr(drop) in err
+
+
 def test_wrong_shape_and_null_rows_are_rejected(survey_dir, codec_dir, tmp_path):
     """Plain nested lists can hold what Array2D cannot: a 150-row image, a null image, a null flux list."""
     flux, _ = survey_flux(survey_dir)
