@@ -184,6 +184,9 @@ def resolve_source(
     """Resolve a hub dataset id or local parquet/arrow files into a plan; check the columns exist."""
     import pyarrow as pa
 
+    if limit is not None and limit < 1:
+        raise AstroptError(f"--limit must be at least 1, got {limit}")
+
     files = _local_files(source, split)
     if files is not None:
         kind, revision = "local", None
@@ -204,10 +207,7 @@ def resolve_source(
         raise AstroptError(f"column {column!r} of {source} is not an image struct with 'band' and 'flux' fields")
     if id_column is not None and id_column not in schema.names:
         id_column = None  # recorded as absent in the manifest; shards then carry no object_id column
-    plan = SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit)
-    if limit is not None and limit < 0:
-        raise AstroptError(f"--limit must be positive, got {limit}")
-    return plan
+    return SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit)
 
 
 def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> SourcePlan:

@@ -695,6 +695,8 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         raise AstroptError(f"--format must be one of {', '.join(st.STORAGES)}, got {cfg.storage!r}")
     if cfg.batch_size < 1:
         raise AstroptError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise AstroptError(f"--workers must be 0 (read in this process) or more, got {cfg.workers}")
     if cfg.reader not in ("pyarrow", "datasets"):
         raise AstroptError(f"--reader must be pyarrow or datasets, got {cfg.reader!r}")
     bands = list(cfg.bands)

@@ -520,8 +520,11 @@ def test_token_dtype_never_wraps():
         (["--codec", "polymathic-ai/aion-base"], "pass a local snapshot with --codec DIR"),
         (["--codec", "/nonexistent/codec"], "neither an existing folder nor a hub id"),
         (["--bands", "DES-G,HSC-R"], "--bands must be bands of one survey"),
+        (["--workers", "-1"], "--workers must be 0 (read in this process) or more, got -1"),
+        (["--limit", "0"], "--limit must be at least 1, got 0"),
     ],
-    ids=["missing-source", "unreachable-hub-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir", "mixed-bands"],
+    ids=["missing-source", "unreachable-hub-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir",
+         "mixed-bands", "negative-workers", "zero-limit"],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, survey_dir, codec_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
