@@ -116,6 +116,8 @@ class TrainConfig:
                 raise AstroptError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if min(self.warmup_iters, self.checkpoint_interval, self.val_images) < 0 or self.keep_last < 1:
             raise AstroptError("warmup-iters, checkpoint-interval and val-images must be >= 0, keep-last >= 1")
+        if self.workers is not None and self.workers < 0:
+            raise AstroptError(f"workers must be 0 (read in this process) or more, got {self.workers}")
         if self.store_reads not in ("pread", "mmap"):
             raise AstroptError(f"store-reads must be pread or mmap, got {self.store_reads!r}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -54,6 +54,7 @@ def test_toml_then_flags_precedence(tmp_path):
     ({"tokens": "S", "n_head": 3, "n_embd": 64}, "multiple of n_head"),
     ({"tokens": "S", "val_fraction": 1.5}, "val-fraction"),
     ({"tokens": "S", "dtype": "fp8"}, "dtype"),
+    ({"tokens": "S", "workers": -1}, "workers must be 0"),
 ])
 def test_bad_settings_are_one_clear_error(overrides, message):
     with pytest.raises(AstroptError, match=message):
@@ -92,3 +93,11 @@ def test_bench_train_step_runs_on_cpu():
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["tokens_per_s"] > 0 and res["steps"] == 4
+
+
+@pytest.mark.parametrize("command", ["tokenise", "train", "decode"])
+def test_unknown_flag_is_a_usage_error_not_a_traceback(command, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "astropt_tok", command, "--no-such-flag"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "No such option: --no-such-flag" in out.stderr and "Traceback" not in out.stderr
