@@ -342,6 +342,7 @@ def torch_threads(n: int | None):
 
 def decode(cfg: DecodeConfig) -> DecodeResult:
     """Run one `astropt decode`: choose tokens (stored, predicted, completed or generated), decode, write files."""
+    _check_options(cfg)
     with torch_threads(cfg.threads):
         return _decode(cfg)
 
@@ -351,7 +352,6 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     from astropt_tok.store import TokenStore
 
     mode = _mode(cfg)
-    _check_options(cfg)
     device = resolve_device(cfg.device)
     model, ckpt = None, {}
     if cfg.checkpoint is not None:
@@ -476,6 +476,8 @@ def _check_options(cfg: DecodeConfig) -> None:
         raise AstroptError(f"--top-k must be at least 1, got {cfg.top_k}")
     if cfg.batch_size < 1:
         raise AstroptError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise AstroptError(f"--threads must be at least 1, got {cfg.threads}")
 
 
 def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:

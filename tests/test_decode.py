@@ -150,6 +150,7 @@ def _run_cli(argv):
         (["--rows", "1", "--rgb", "DES-G,DES-R,DES-Q"], "DES-Q"),
         (["--random", "301"], "300 rows"),
         (["--rows", "1", "--top-k", "0"], "--top-k"),
+        (["--rows", "1", "--threads", "0"], "--threads must be at least 1"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(random_store, codec_dir, tmp_path, capsys, extra, message):
