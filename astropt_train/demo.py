@@ -136,6 +136,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     """
     from astropt_train.decode import resolve_device, torch_threads
 
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        raise AstroptError(f"--threads must be 0 (torch's default) or more, got {cfg.cpu_threads}")
     threads = cfg.cpu_threads if resolve_device(cfg.device) == "cpu" else None
     with torch_threads(threads):
         return _run_demo(cfg)

@@ -82,3 +82,5 @@ def test_demo_refuses_bad_sizes(tmp_path):
 
     with pytest.raises(AstroptError, match="--steps"):
         run_demo(DemoConfig(workdir=tmp_path / "w", steps=0, progress=False))
+    with pytest.raises(AstroptError, match="--threads must be 0"):
+        run_demo(DemoConfig(workdir=tmp_path / "w", cpu_threads=-1, progress=False))
