@@ -202,6 +202,12 @@ def check_rerun(existing: dict, wanted: dict) -> list[str]:
 
 def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
     """Create the store folder, or check that an existing one was made by the same command."""
+    if out.exists() and not out.is_dir():
+        raise AstroptError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AstroptError(f"cannot create the store folder {out}: {exc.strerror or exc}") from None
     path = out / st.MANIFEST
     if path.is_file():
         try:
@@ -221,7 +227,6 @@ def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
     elif out.exists() and any(out.iterdir()) and not overwrite:
         if any(p.name.startswith("shard-") for p in out.iterdir()):
             raise AstroptError(f"{out} holds shards but no manifest; pass --overwrite to replace them")
-    out.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
         st.write_manifest(out, manifest)
 

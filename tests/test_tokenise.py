@@ -522,16 +522,19 @@ def test_token_dtype_never_wraps():
         (["--bands", "DES-G,HSC-R"], "--bands must be bands of one survey"),
         (["--workers", "-1"], "--workers must be 0 (read in this process) or more, got -1"),
         (["--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--out", "FILE"], "is a file, not a folder"),
+        (["--out", "FILE/sub"], "cannot create the store folder"),
     ],
     ids=["missing-source", "unreachable-hub-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir",
-         "mixed-bands", "negative-workers", "zero-limit"],
+         "mixed-bands", "negative-workers", "zero-limit", "out-is-a-file", "out-under-a-file"],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, survey_dir, codec_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    base = {"--source": str(survey_dir), "--codec": str(codec_dir)}
+    (tmp_path / "FILE").write_text("not a folder")
+    base = {"--source": str(survey_dir), "--codec": str(codec_dir), "--out": str(tmp_path / "tok")}
     for k, v in zip(args[::2], args[1::2]):
-        base[k] = v
-    argv = ["tokenise", "--out", str(tmp_path / "tok"), "--shards", "2", "--no-progress"]
+        base[k] = str(tmp_path / v) if k == "--out" else v
+    argv = ["tokenise", "--shards", "2", "--no-progress"]
     for k, v in base.items():
         argv += [k, v]
     code, _, err = run_cli(capsys, *argv)
