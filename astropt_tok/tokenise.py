@@ -27,7 +27,7 @@ import numpy as np
 
 from astropt_tok import store as st
 from astropt_tok.codec import CROP_SIZE, DEFAULT_CODEC
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, ensure_folder
 from astropt_tok.source import (DEFAULT_SOURCE, OpenFiles, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task,
                                 read_tasks)
 
@@ -202,12 +202,7 @@ def check_rerun(existing: dict, wanted: dict) -> list[str]:
 
 def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
     """Create the store folder, or check that an existing one was made by the same command."""
-    if out.exists() and not out.is_dir():
-        raise AstroptError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AstroptError(f"cannot create the store folder {out}: {exc.strerror or exc}") from None
+    ensure_folder(out, "the store folder")
     path = out / st.MANIFEST
     if path.is_file():
         try:

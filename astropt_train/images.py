@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, ensure_folder
 
 # Astronomical convention: the reddest band is shown red, the bluest blue.
 DEFAULT_RGB_BANDS = ("DES-Z", "DES-R", "DES-G")
@@ -118,7 +118,7 @@ def save_grid(
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise AstroptError(f"--out must be a .png file, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path.parent, "the output folder")
     canvas.save(path, format="PNG")
     return path
 
@@ -136,7 +136,7 @@ def save_flux(path: str | os.PathLike, flux: np.ndarray, bands: Sequence[str], l
     """Write decoded float32 flux [N, bands, H, W] as .npy, or as .fits (needs astropy) with bands and labels."""
     path = Path(path)
     flux = np.ascontiguousarray(flux, dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path.parent, "the output folder")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         np.save(path, flux)

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, ensure_folder
 from astropt_train.config import TrainConfig, to_toml
 
 RUN_CONFIG = "config.json"
@@ -250,7 +250,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
     if dist.master:
         from astropt_tok.store import atomic_write_text
 
-        run.mkdir(parents=True, exist_ok=True)
+        ensure_folder(run, "the run folder")
         atomic_write_text(run / RUN_CONFIG, json.dumps(run_config, indent=2) + "\n")
         atomic_write_text(run / RUN_TOML, to_toml(cfg))
         logger = MetricsLogger(run, cfg.log, start_step=step, config=run_config, echo=echo)
@@ -266,7 +266,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
         images = ImageGrid(cfg.codec or store.codec_id, store.bands, device, echo=echo)
     rows_log = None
     if cfg.log_rows:
-        run.mkdir(parents=True, exist_ok=True)
+        ensure_folder(run, "the run folder")
         rows_log = open(run / f"rows-rank{dist.rank}.txt", "a")
 
     last_ckpt = str(ckpt_dir) if ckpt_dir is not None else None

@@ -151,11 +151,14 @@ def _run_cli(argv):
         (["--random", "301"], "300 rows"),
         (["--rows", "1", "--top-k", "0"], "--top-k"),
         (["--rows", "1", "--threads", "0"], "--threads must be at least 1"),
+        (["--rows", "1", "--out", "FILE/g.png"], "the output folder"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(random_store, codec_dir, tmp_path, capsys, extra, message):
+    (tmp_path / "FILE").write_text("a file, where a folder is needed")
     code = _run_cli(["decode", "--tokens", str(random_store), "--codec", str(codec_dir), "--out",
-                     str(tmp_path / "g.png"), *[str(tmp_path / e) if e == "x.txt" else e for e in extra]])
+                     str(tmp_path / "g.png"), *[str(tmp_path / e) if e in ("x.txt", "FILE/g.png") else e
+                                                for e in extra]])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

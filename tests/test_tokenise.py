@@ -522,7 +522,7 @@ def test_token_dtype_never_wraps():
         (["--bands", "DES-G,HSC-R"], "--bands must be bands of one survey"),
         (["--workers", "-1"], "--workers must be 0 (read in this process) or more, got -1"),
         (["--limit", "0"], "--limit must be at least 1, got 0"),
-        (["--out", "FILE"], "is a file, not a folder"),
+        (["--out", "FILE"], "exists as a file, not a folder"),
         (["--out", "FILE/sub"], "cannot create the store folder"),
     ],
     ids=["missing-source", "unreachable-hub-source", "wrong-column", "unreachable-hub-codec", "missing-codec-dir",

@@ -101,3 +101,19 @@ def test_unknown_flag_is_a_usage_error_not_a_traceback(command, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "No such option: --no-such-flag" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_out_that_is_a_file_is_one_clear_error(tmp_path):
+    from astropt_tok.store import write_store_from_arrays
+
+    store = tmp_path / "store"
+    write_store_from_arrays(store, np.random.default_rng(0).integers(0, 64, size=(24, 16)), num_shards=1,
+                            codec={"id": "random", "vocab_size": 64, "tokens_per_image": 16}, bands=["DES-G"])
+    (tmp_path / "taken").write_text("a file")
+    out = subprocess.run([sys.executable, "-m", "astropt_tok", "train", "--tokens", str(store), "--out",
+                          str(tmp_path / "taken"), "--n-layer", "1", "--n-head", "1", "--n-embd", "8",
+                          "--batch-size", "4", "--max-iters", "1", "--device", "cpu", "--val-images", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [f"error: the run folder {tmp_path / 'taken'} exists as a file, "
+                                               "not a folder"]
