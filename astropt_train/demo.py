@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, ensure_folder
 
 UNTRAINED_NOTE = (
     "The demo codec is a small, randomly initialised (untrained) AION ImageCodec: its pictures show that the "
@@ -153,7 +153,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
         raise AstroptError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.fresh:
         clean_workdir(cfg.workdir)
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(cfg.workdir, "the demo folder")
     seconds: dict[str, float] = {}
     say = print if cfg.progress else (lambda *a, **k: None)
 
