@@ -9,6 +9,7 @@ the same bytes are plain nested lists; other writers use fixed-size lists. All t
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import os
 from collections import OrderedDict
@@ -121,17 +122,33 @@ def _open(path: str):
     return path
 
 
-def _file_rows(path: str) -> SourceFile:
+@contextlib.contextmanager
+def _readable(what: str):
+    """Turn a read failure inside the block (the filesystem's, or pyarrow's on a corrupt file) into one
+    AstroptError, '{what} is unreadable: ...'."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
+        yield
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise AstroptError(f"{what} is unreadable: {exc}") from None
+
+
+def _is_image_struct(arrow_type) -> bool:
+    """An image column's type: a struct with (at least) `band` and `flux` fields."""
+    import pyarrow as pa
+
+    return pa.types.is_struct(arrow_type) and {"band", "flux"} <= {f.name for f in arrow_type}
+
+
+def _file_rows(path: str) -> SourceFile:
+    import pyarrow.parquet as pq
+
+    with _readable(f"source file {path}"):
         if path.endswith(".arrow"):
             return SourceFile(path, _arrow_reader(path)[1])
         meta = pq.ParquetFile(_open(path)).metadata
         return SourceFile(path, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise AstroptError(f"source file {path} is unreadable: {exc}") from None
 
 
 def _files_rows(paths: list[str]) -> list[SourceFile]:
@@ -160,18 +177,15 @@ def _arrow_reader(path: str):
 
 
 def _file_schema(path: str):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
+    with _readable(f"source file {path}"):
         if path.endswith(".arrow"):
             batches, _ = _arrow_reader(path)
             if not batches:
                 raise AstroptError(f"source file {path} holds no record batches")
             return batches[0].schema
         return pq.ParquetFile(_open(path)).schema_arrow
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise AstroptError(f"source file {path} is unreadable: {exc}") from None
 
 
 def resolve_source(
@@ -182,8 +196,6 @@ def resolve_source(
     limit: int | None = None,
 ) -> SourcePlan:
     """Resolve a hub dataset id or local parquet/arrow files into a plan; check the columns exist."""
-    import pyarrow as pa
-
     if limit is not None and limit < 1:
         raise AstroptError(f"--limit must be at least 1, got {limit}")
 
@@ -202,8 +214,7 @@ def resolve_source(
     schema = _file_schema(files[0])
     if column not in schema.names:
         raise AstroptError(f"source {source} has no column {column!r} (columns: {', '.join(schema.names)})")
-    image_type = schema.field(column).type
-    if not pa.types.is_struct(image_type) or {"band", "flux"} - {image_type.field(i).name for i in range(image_type.num_fields)}:
+    if not _is_image_struct(schema.field(column).type):
         raise AstroptError(f"column {column!r} of {source} is not an image struct with 'band' and 'flux' fields")
     if id_column is not None and id_column not in schema.names:
         id_column = None  # recorded as absent in the manifest; shards then carry no object_id column
@@ -215,10 +226,14 @@ def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> Sou
     `moved_to`: the folder where the source files are now, found by file name, when they moved since."""
     files = []
     for f in section["files"]:
-        path = str(Path(moved_to) / Path(f["path"]).name) if moved_to is not None else f["path"]
-        if "://" not in path and not Path(path).exists():
-            where = f"in {moved_to}" if moved_to is not None else "there; pass --source DIR where the files are now"
-            raise AstroptError(f"the store's source file {Path(path).name if moved_to else path} is no longer {where}")
+        path = f["path"]
+        if moved_to is not None:
+            path = str(Path(moved_to) / Path(path).name)
+            if not Path(path).exists():
+                raise AstroptError(f"the store's source file {Path(path).name} is no longer in {moved_to}")
+        elif "://" not in path and not Path(path).exists():
+            raise AstroptError(f"the store's source file {path} is no longer there; pass --source DIR where the "
+                               "files are now")
         found = _file_rows(path)
         if f.get("rows") is not None and found.num_rows != f["rows"]:
             raise AstroptError(f"source file {path} has {found.num_rows} rows; the store was made from "
@@ -312,28 +327,23 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
     """The record batch of one read task: only the image column's `band` and `flux` (parquet: `ivar`, `psf_fwhm`
     and the rest are never read or decompressed) and the id column of one row group, sliced. Pass the reading
     process's `OpenFiles` to keep files open between tasks."""
-    import pyarrow as pa
-
     ids = [plan.id_column] if plan.id_column else []
     f = plan.files[task.file]
     own = files is None
     files = OpenFiles(keep=1) if own else files
     try:
-        reader = files.get(f)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise AstroptError(f"source file {f.path} is unreadable: {exc}") from None
-    try:
-        if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
-            batch = reader[task.unit]
-            _check_columns(batch.schema, f.path, plan)
-            batch = batch.select([plan.column] + ids)
-        else:
-            columns = [f"{plan.column}.band", f"{plan.column}.flux"] + ids
-            table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
-            _check_columns(table.schema, f.path, plan)  # pyarrow skips asked-for columns a file lacks
-            batch = table.combine_chunks().to_batches()[0]
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise AstroptError(f"source file {f.path}, row group {task.unit}, is unreadable: {exc}") from None
+        with _readable(f"source file {f.path}"):
+            reader = files.get(f)
+        with _readable(f"source file {f.path}, row group {task.unit},"):
+            if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
+                batch = reader[task.unit]
+                _check_columns(batch.schema, f.path, plan)
+                batch = batch.select([plan.column] + ids)
+            else:
+                columns = [f"{plan.column}.band", f"{plan.column}.flux"] + ids
+                table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
+                _check_columns(table.schema, f.path, plan)  # pyarrow skips asked-for columns a file lacks
+                batch = table.combine_chunks().to_batches()[0]
     finally:
         if own:
             files.close()
@@ -342,11 +352,7 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
 
 def _check_columns(schema, path: str, plan: SourcePlan) -> None:
     """Every file must have what the first one had: the image struct with band and flux, and the id column."""
-    import pyarrow as pa
-
-    image = schema.field(plan.column).type if plan.column in schema.names else None
-    if image is None or not pa.types.is_struct(image) or {"band", "flux"} - {image.field(i).name
-                                                                             for i in range(image.num_fields)}:
+    if plan.column not in schema.names or not _is_image_struct(schema.field(plan.column).type):
         raise AstroptError(f"source file {path} has no image column {plan.column!r} with band and flux, "
                            f"unlike the source's first file")
     if plan.id_column and plan.id_column not in schema.names:
@@ -516,12 +522,16 @@ def read_source_flux(section: dict, rows, bands: list[str], crop: int | None = N
     rows = np.asarray(rows, dtype=np.int64)
     side = crop or IMAGE_SIZE
     out = np.empty((len(rows), len(bands), side, side), dtype=np.float32)
-    for k, g in enumerate(rows):
-        if g < 0 or g >= plan.num_rows:
-            raise AstroptError(f"source row {g} is outside the source's {plan.num_rows} rows")
-        for _, batch in iter_row_range(plan, int(g), int(g) + 1, batch_rows=1):
-            flux, good, reasons = batch_to_flux(batch, plan.column, bands, crop=crop)
+    files = OpenFiles()  # each file opened once for all the rows, not once per row
+    try:
+        for k, g in enumerate(rows):
+            if g < 0 or g >= plan.num_rows:
+                raise AstroptError(f"source row {g} is outside the source's {plan.num_rows} rows")
+            (task,) = read_tasks(plan, int(g), int(g) + 1)
+            flux, good, reasons = batch_to_flux(read_task(plan, task, files), plan.column, bands, crop=crop)
             if not len(good):
                 raise AstroptError(f"source row {g} is bad: {reasons[0]}")
             out[k] = flux[0]
+    finally:
+        files.close()
     return out
