@@ -16,6 +16,7 @@ import dataclasses
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -280,6 +281,7 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
     written and the next begins. Each shard's iterator must be consumed before the next is taken; `close()`
     on this generator (or its garbage collection) stops the stages.
     """
+    row_groups = None
     if cfg.reader == "datasets":  # a streaming source: convert its batches in threads, in order
         items = ((i, item) for i, lo, hi in shards
                  for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
@@ -293,9 +295,9 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
         chunk_bytes = max((t.count for _, t in tasks), default=0) * len(cfg.bands) * CROP_SIZE * CROP_SIZE * 4
         workers = workers_for_shared_memory(cfg.workers, chunk_bytes, _free_shared_memory())
         if workers < cfg.workers:
-            _warn(f"warning: /dev/shm has room for the row groups of {workers} of {cfg.workers} reader processes "
+            print(f"warning: /dev/shm has room for the row groups of {workers} of {cfg.workers} reader processes "
                   f"({chunk_bytes / 2**20:.0f} MB each, {PREFETCH_PER_WORKER + 1} in flight per reader); using "
-                  f"{workers}. Give the container more (docker run --shm-size 8g) to read faster.")
+                  f"{workers}. Give the container more (docker run --shm-size 8g) to read faster.", file=sys.stderr)
         loader = torch.utils.data.DataLoader(
             row_groups, batch_size=None, shuffle=False, num_workers=workers,
             collate_fn=_as_is, prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
@@ -307,7 +309,7 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg: TokeniseConfig
             yield index, staged.shard(index)
     finally:
         staged.close()
-        if cfg.reader != "datasets":
+        if row_groups is not None:
             row_groups.files.close()  # read in this process when there are no workers
 
 
@@ -377,12 +379,6 @@ class _Staged:
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=30)
-
-
-def _warn(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
 
 
 class _Converter:
