@@ -70,13 +70,12 @@ def _rng_state(cuda: bool) -> dict:
     return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
 
 
-def _set_rng_state(rng: dict, cuda: bool) -> bool:
+def _set_rng_state(rng: dict, cuda: bool) -> None:
     import torch
 
     torch.set_rng_state(rng["torch"])
     if cuda and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"])
-    return True
 
 
 def _dist_from_env() -> Dist:
@@ -211,10 +210,11 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
             batches_done = None  # resolved below once the sampler knows its epoch length
             next_epoch = int(d["epoch"]) + 1
         per_rank = state["rng"].get("per_rank") or [state["rng"]]  # older checkpoints: rank 0's alone
-        if len(per_rank) == dist.world:
-            rng_restored = _set_rng_state(per_rank[dist.rank], cuda)
-        elif dist.master:
-            rng_restored = _set_rng_state(state["rng"], cuda)
+        same_world = len(per_rank) == dist.world
+        if same_world or dist.master:  # the master is rank 0, whose state comes first
+            _set_rng_state(per_rank[dist.rank], cuda)
+            rng_restored = True
+        if not same_world and dist.master:
             echo(f"note: the checkpoint holds the random state of {len(per_rank)} processes, not {dist.world}: "
                  "the other ranks start new dropout streams")
         echo(f"resumed {run} from {ckpt_dir.name} (step {step})")
@@ -287,7 +287,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
             epoch, b = sampler.position(batches_done)
             tstate = {
                 "step": step_now, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {**rng, "per_rank": per_rank},
+                "rng": {"per_rank": per_rank},  # [rank] -> {"torch", "cuda"?}
                 "data": {"micro_batches_done": batches_done, "epoch": epoch, "batch": b, "batch_size": cfg.batch_size,
                          "world_size": dist.world, "seed": cfg.seed},
                 "best_val_loss": best_val,
