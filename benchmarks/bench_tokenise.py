@@ -45,6 +45,17 @@ def timed(fn, repeats: int) -> tuple[float, int]:
     return statistics.median(times), rows
 
 
+def interleaved_rates(contenders: list[tuple[str, object]], repeats: int) -> dict[str, float]:
+    """Median rows/s of each (name, fn() -> rows), the contenders run in turn `repeats` times so that machine
+    noise hits all alike."""
+    rates: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, fn in contenders:
+            t, n = timed(fn, 1)
+            rates.setdefault(name, []).append(n / t)
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def bench_decode(survey: Path, args) -> dict:
     import datasets
     import pyarrow as pa
@@ -96,14 +107,9 @@ def bench_decode(survey: Path, args) -> dict:
     contenders = [("ours", ours), ("pyarrow_direct", pyarrow_direct),
                   ("pyarrow_direct_flux_leaves", pyarrow_direct_flux_leaves),
                   ("datasets_arrow_batches", datasets_arrow_batches), ("python_dicts", python_dicts)]
-    results = {}
     for name, fn in contenders:
         fn()  # warm the page cache and imports
-    for _ in range(args.repeats):  # interleave the contenders so machine noise hits all alike
-        for name, fn in contenders:
-            t, n = timed(fn, 1)
-            results.setdefault(name, []).append(n / t)
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = interleaved_rates(contenders, args.repeats)
     return {"benchmark": "decode", "rows": plan.num_rows, "workers": args.workers, "rows_per_s": med,
             "ours_vs_pyarrow_direct": med["ours"] / med["pyarrow_direct"],
             "ours_vs_pyarrow_direct_flux_leaves": med["ours"] / med["pyarrow_direct_flux_leaves"],
@@ -128,12 +134,7 @@ def bench_open_files(survey: Path, args) -> dict:
     def reopened() -> int:
         return sum(read_task(plan, t).num_rows for t in tasks)
 
-    results = {}
-    for _ in range(args.repeats):
-        for name, fn in [("kept_open", kept_open), ("reopened", reopened)]:
-            t, n = timed(fn, 1)
-            results.setdefault(name, []).append(n / t)
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = interleaved_rates([("kept_open", kept_open), ("reopened", reopened)], args.repeats)
     return {"benchmark": "open_files", "rows": plan.num_rows, "files": len(plan.files), "row_groups": len(tasks),
             "rows_per_s": med, "kept_open_vs_reopened": med["kept_open"] / med["reopened"]}
 
@@ -182,7 +183,7 @@ def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plai
 def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
 
     from astropt_tok.codec import load_image_codec
-    from astropt_tok.tokenise import Encoder, TokeniseConfig, resolve_device, tokenise
+    from astropt_tok.tokenise import TokeniseConfig, resolve_device, tokenise
 
     device = resolve_device(args.device)
     loaded = load_image_codec(str(codec_dir), device=device)
@@ -215,7 +216,7 @@ def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
 
 def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
     from astropt_tok.codec import load_image_codec
-    from astropt_tok.tokenise import Encoder, resolve_device
+    from astropt_tok.tokenise import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_image_codec(str(codec_dir), device=device)
@@ -223,28 +224,27 @@ def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
     out = {"benchmark": "precision", "rows": len(flux), "device": device, "codec_size": args.codec_size,
            "batch_size": args.batch_size, "rows_per_s": {}, "identical_to_fp32": {}}
     reference = None
-    for precision in ("fp32", "tf32", "bf16"):
+
+    def measure(name: str, precision: str) -> None:
+        nonlocal reference
         codec_alone(loaded, flux[: args.batch_size], args.batch_size, device, precision)  # warm-up
         rates, tokens = [], None
         for _ in range(args.repeats):
             rate, tokens = codec_alone(loaded, flux, args.batch_size, device, precision)
             rates.append(rate)
-        out["rows_per_s"][precision] = statistics.median(rates)
+        out["rows_per_s"][name] = statistics.median(rates)
         if reference is None:
             reference = tokens
-        out["identical_to_fp32"][precision] = float((tokens == reference).mean())
+        out["identical_to_fp32"][name] = float((tokens == reference).mean())
+
+    for precision in ("fp32", "tf32", "bf16"):
+        measure(precision, precision)
     if args.channels_last:  # an experiment, not (yet) a tokenise option: NHWC weights for the codec's convolutions
         import torch
 
         loaded.codec.to(memory_format=torch.channels_last)
         try:
-            codec_alone(loaded, flux[: args.batch_size], args.batch_size, device, "bf16")  # warm-up
-            rates = []
-            for _ in range(args.repeats):
-                rate, tokens = codec_alone(loaded, flux, args.batch_size, device, "bf16")
-                rates.append(rate)
-            out["rows_per_s"]["bf16_channels_last"] = statistics.median(rates)
-            out["identical_to_fp32"]["bf16_channels_last"] = float((tokens == reference).mean())
+            measure("bf16_channels_last", "bf16")
         finally:
             loaded.codec.to(memory_format=torch.contiguous_format)
     return out
