@@ -139,15 +139,6 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, what: str = "tokens")
 # codec and metrics
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'."""
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """AION decode of token sequences [N, T] -> float32 flux [N, len(bands), 96, 96], in batches.
 
@@ -350,6 +341,7 @@ def decode(cfg: DecodeConfig) -> DecodeResult:
 def _decode(cfg: DecodeConfig) -> DecodeResult:
     from astropt_tok.codec import load_image_codec
     from astropt_tok.store import TokenStore
+    from astropt_tok.tokenise import resolve_device
 
     mode = _mode(cfg)
     device = resolve_device(cfg.device)

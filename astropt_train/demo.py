@@ -134,7 +134,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     each other at every op (measured on the shared 2-core dev box: training 3.4x and sampling 18x slower
     with 2 threads than with 1).
     """
-    from astropt_train.decode import resolve_device, torch_threads
+    from astropt_tok.tokenise import resolve_device
+    from astropt_train.decode import torch_threads
 
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise AstroptError(f"--threads must be 0 (torch's default) or more, got {cfg.cpu_threads}")
