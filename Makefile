@@ -15,8 +15,10 @@ test: install
 demo: install
 	astropt demo
 
+# The CPU side-by-side figures of BENCHMARKS.md's tokenise section (the GPU ones: bash benchmarks/gpu.sh).
 bench: install
-	$(PYTHON) benchmarks/bench_cpu.py
+	$(PYTHON) benchmarks/bench_tokenise.py --rows 512 --repeats 5 --workers 0 decode
+	$(PYTHON) benchmarks/bench_tokenise.py --rows 1024 --files 2 --row-group-size 8 --repeats 5 open_files
 
 clean:
 	rm -rf data runs .astropt-demo .pytest_cache build *.egg-info
