@@ -60,7 +60,7 @@ def _register_subcommands() -> None:
     from astropt_tok.cli_tokenise import register as register_tokenise
 
     register_tokenise(app)
-    for module in ("astropt_train.cli_train", "astropt_train.cli_decode"):
+    for module in ("astropt_train.cli_train", "astropt_train.use.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:

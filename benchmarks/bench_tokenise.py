@@ -62,7 +62,8 @@ def bench_decode(survey: Path, args) -> dict:
     import pyarrow.parquet as pq
 
     from astropt_tok.source import resolve_source
-    from astropt_tok.tokenise import TokeniseConfig, prepare_shards
+    from astropt_tok.stages import prepare_shards
+    from astropt_tok.tokenise import TokeniseConfig
 
     files = sorted(str(p) for p in survey.glob("*.parquet"))
     plan = resolve_source(str(survey))
@@ -154,7 +155,7 @@ def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plai
     import torch
     from aion.modalities import LegacySurveyImage
 
-    from astropt_tok.tokenise import Encoder
+    from astropt_tok.encoder import Encoder
 
     x_all = torch.from_numpy(flux).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -183,7 +184,8 @@ def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plai
 def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
 
     from astropt_tok.codec import load_image_codec
-    from astropt_tok.tokenise import TokeniseConfig, resolve_device, tokenise
+    from astropt_tok.executor import resolve_device
+    from astropt_tok.tokenise import TokeniseConfig, tokenise
 
     device = resolve_device(args.device)
     loaded = load_image_codec(str(codec_dir), device=device)
@@ -216,7 +218,7 @@ def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
 
 def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
     from astropt_tok.codec import load_image_codec
-    from astropt_tok.tokenise import resolve_device
+    from astropt_tok.executor import resolve_device
 
     device = resolve_device(args.device)
     loaded = load_image_codec(str(codec_dir), device=device)

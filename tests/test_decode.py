@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from astropt_tok.errors import AstroptError
-from astropt_train.decode import (
+from astropt_train.use.decode import (
     DecodeConfig,
     check_token_range,
     decode,
@@ -17,7 +17,7 @@ from astropt_train.decode import (
     parse_rows,
     reconstruction_metrics,
 )
-from astropt_train.images import GridLayout, rgb_composite, save_grid
+from astropt_train.use.images import GridLayout, rgb_composite, save_grid
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_cli_module_imports_only_typer_and_stdlib():
     import subprocess
     import sys
 
-    code = ("import sys, astropt_train.cli_decode as m; "
+    code = ("import sys, astropt_train.use.cli as m; "
             "heavy = [x for x in ('torch', 'numpy', 'aion', 'datasets', 'pyarrow', 'PIL', 'rich') if x in sys.modules]; "
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from astropt_train.decode import DecodeConfig, decode
+from astropt_train.use.decode import DecodeConfig, decode
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_compare_metrics_equal_a_direct_computation(survey_store, survey_dir, co
 def test_compare_grid_has_original_and_reconstruction_panels(survey_store, tmp_path):
     from PIL import Image
 
-    from astropt_train.images import GridLayout
+    from astropt_train.use.images import GridLayout
 
     out = tmp_path / "cmp.png"
     decode(DecodeConfig(tokens=survey_store, rows="0:3", compare=True, out=out))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from astropt_tok.errors import AstroptError
-from astropt_train.decode import (
+from astropt_train.use.decode import (
     DecodeConfig,
     complete_tokens,
     decode,

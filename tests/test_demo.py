@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from astropt_train.demo import UNTRAINED_NOTE, DemoConfig, print_demo_summary, run_demo
+from astropt_train.use.demo import UNTRAINED_NOTE, DemoConfig, print_demo_summary, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_demo_reuses_its_cached_survey_and_codec(demo):
     before = {p: p.stat().st_mtime_ns for p in (cfg.workdir / "survey").glob("*.parquet")}
     codec_weights = cfg.workdir / "codec" / "codecs" / "image" / "model.safetensors"
     codec_before = codec_weights.stat().st_mtime_ns
-    from astropt_train.demo import prepare_codec, prepare_survey
+    from astropt_train.use.demo import prepare_codec, prepare_survey
 
     assert prepare_survey(cfg) == res.survey and prepare_codec(cfg) == res.codec
     assert {p: p.stat().st_mtime_ns for p in (cfg.workdir / "survey").glob("*.parquet")} == before
@@ -66,7 +66,7 @@ def test_demo_reuses_its_cached_survey_and_codec(demo):
 
 
 def test_fresh_deletes_only_the_demos_own_outputs(tmp_path):
-    from astropt_train.demo import clean_workdir
+    from astropt_train.use.demo import clean_workdir
 
     work = tmp_path / "w"
     (work / "run").mkdir(parents=True)

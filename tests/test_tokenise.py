@@ -20,7 +20,8 @@ import pytest
 from astropt_tok import store as st
 from astropt_tok.cli import main
 from astropt_tok.errors import AstroptError
-from astropt_tok.tokenise import TokeniseConfig, process_rank, tokenise
+from astropt_tok.executor import process_rank
+from astropt_tok.tokenise import TokeniseConfig, tokenise
 
 BANDS = ("DES-G", "DES-R", "DES-I", "DES-Z")
 
@@ -184,7 +185,7 @@ def test_strict_stops_at_first_bad_row_and_marks_nothing_complete(bad_survey, co
 
 
 def test_reader_processes_are_fitted_to_shared_memory():
-    from astropt_tok.tokenise import PREFETCH_PER_WORKER, workers_for_shared_memory
+    from astropt_tok.executor import PREFETCH_PER_WORKER, workers_for_shared_memory
 
     chunk = 64 * 4 * 96 * 96 * 4  # a 64-galaxy row group after the crop
     in_flight = (PREFETCH_PER_WORKER + 1) * chunk
@@ -286,7 +287,7 @@ def test_encoder_allocates_nothing_batch_sized_on_the_host(codec_dir):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from astropt_tok.codec import load_image_codec
-    from astropt_tok.tokenise import Encoder
+    from astropt_tok.encoder import Encoder
 
     class HostAllocations(TorchDispatchMode):
         def __init__(self):

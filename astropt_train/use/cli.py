@@ -43,7 +43,7 @@ def decode_command(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Decode tokens back to galaxies: stored rows (--compare: what the codec loses), or a model's predictions, completions and samples."""
-    from astropt_train.decode import DecodeConfig, decode, metrics_rows, summarise
+    from astropt_train.use.decode import DecodeConfig, decode, metrics_rows, summarise
 
     rgb_bands = _split(rgb) or []
     cfg = DecodeConfig(
@@ -99,7 +99,7 @@ def demo_command(
     threads: int = typer.Option(1, "--threads", help="Torch threads on CPU (0: torch's default). One is fastest for the demo's tiny model on a small or busy machine."),
 ) -> None:
     """Run the whole pipeline offline in one command: synthetic survey -> tokenise -> train -> decode pictures."""
-    from astropt_train.demo import DemoConfig, print_demo_summary, run_demo
+    from astropt_train.use.demo import DemoConfig, print_demo_summary, run_demo
 
     cfg = DemoConfig(workdir=workdir, rows=rows, steps=steps, codec=codec, source=source, limit=limit, seed=seed,
                      device=device, fresh=fresh, cpu_threads=threads or None)

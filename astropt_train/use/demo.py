@@ -134,8 +134,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     each other at every op (measured on the shared 2-core dev box: training 3.4x and sampling 18x slower
     with 2 threads than with 1).
     """
-    from astropt_tok.tokenise import resolve_device
-    from astropt_train.decode import torch_threads
+    from astropt_tok.executor import resolve_device
+    from astropt_train.use.decode import torch_threads
 
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise AstroptError(f"--threads must be 0 (torch's default) or more, got {cfg.cpu_threads}")
@@ -147,7 +147,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 def _run_demo(cfg: DemoConfig) -> DemoResult:
     from astropt_tok.tokenise import TokeniseConfig, tokenise
     from astropt_train.config import TrainConfig
-    from astropt_train.decode import DecodeConfig, decode
+    from astropt_train.use.decode import DecodeConfig, decode
     from astropt_train.loop import train
 
     if cfg.steps < 1:

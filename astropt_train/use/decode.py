@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from astropt_tok.errors import AstroptError
-from astropt_train.images import DEFAULT_RGB_BANDS, GridLayout, fit_stretch, apply_stretch, rgb_indices, save_flux, save_grid
+from astropt_train.use.images import DEFAULT_RGB_BANDS, GridLayout, fit_stretch, apply_stretch, rgb_indices, save_flux, save_grid
 
 MODES = ("stored", "predict", "complete", "generate")
 
@@ -341,7 +341,7 @@ def decode(cfg: DecodeConfig) -> DecodeResult:
 def _decode(cfg: DecodeConfig) -> DecodeResult:
     from astropt_tok.codec import load_image_codec
     from astropt_tok.store import TokenStore
-    from astropt_tok.tokenise import resolve_device
+    from astropt_tok.executor import resolve_device
 
     mode = _mode(cfg)
     device = resolve_device(cfg.device)

@@ -1,0 +1,155 @@
+"""The encoder: the AION codec on its device, at the precision the manifest records, and the checks on what
+it returns, one shard at a time (`encode_shard`)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError
+from astropt_tok.stages import PreparedBatch, reject_record
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+class Encoder:
+    """The codec on its device, with the precision the manifest records; `encode` returns checked tokens."""
+
+    def __init__(self, loaded, device: str, precision: str, bands: list[str]):
+        import torch
+
+        if precision not in PRECISIONS:
+            raise AstroptError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.loaded = loaded
+        self.codec = loaded.codec
+        self.device = torch.device(device)
+        self.precision = precision
+        self.bands = bands
+        self.vocab = loaded.vocab_size
+        if self.device.type == "cuda":
+            allow = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            torch.backends.cudnn.allow_tf32 = allow
+        from aion.modalities import HSCImage, LegacySurveyImage
+
+        self.image_type = HSCImage if bands[0].startswith("HSC") else LegacySurveyImage
+
+    def submit(self, flux):
+        """Start encoding [n, bands, 96, 96] flux; returns a handle for `result`. On a GPU nothing waits here:
+        the host copy of the tokens lands in pinned memory when the device gets there."""
+        import torch
+
+        x = flux.to(self.device, non_blocking=True)
+        if x.data_ptr() == flux.data_ptr():
+            x = x.clone()  # AION's Clamp writes into its input: never hand it memory we do not own
+        tokens = self.encode_on_device(x)  # [n, T] int32
+        if self.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def encode_on_device(self, x):
+        """The codec on flux `x` already on the device (and ours to modify): [n, T] int32 tokens, still there.
+
+        The device is made the default one while AION encodes: its ImagePadder builds a zero tensor
+        [n, 9 bands, 96, 96] with `torch.zeros(...).to(image.device)`, which would otherwise be allocated and
+        zeroed on the host and copied over (85 MB at n=256, a pageable copy that waits for the device) on
+        every batch. Under the default device it is made on the device; the tokens are the same."""
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        mixed = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), mixed, self.device:
+            return self.codec.encode(self.image_type(flux=x, bands=self.bands))
+
+    def result(self, handle) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [n, T] int64, ok [n] bool) of a submitted batch: ok is False where a token is outside 0..vocab-1."""
+        host, done = handle
+        if done is not None:
+            done.synchronize()
+        tokens = host.numpy().astype(np.int64)
+        return tokens, ((tokens >= 0) & (tokens < self.vocab)).all(axis=1)
+
+    def encode(self, flux) -> tuple[np.ndarray, np.ndarray]:
+        """`result(submit(flux))`: encode one batch and wait for it."""
+        return self.result(self.submit(flux))
+
+
+
+
+
+@dataclass
+class EncodedShard:
+    """One shard's checked tokens, in source-row order, ready to be written."""
+
+    index: int
+    tokens: np.ndarray  # [rows, T] int16 or uint16
+    rows: np.ndarray  # [rows] int64 global source rows
+    object_ids: list | None
+    rejects: list[dict]  # sorted by row
+    seconds: float  # encoding, waits for input included
+    input_wait_s: float
+
+
+def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index: int,
+                 dtype: np.dtype, has_ids: bool, on_rows=None, on_first_batch=None) -> EncodedShard:
+    """Encode one shard's batches. `on_rows(n)` is told of rows as they are done, `on_first_batch(seconds)` of
+    the wait for the shard's first batch."""
+    t0 = time.perf_counter()
+    tokens_parts, rows_parts, ids, rejects = [], [], [], []
+    in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
+
+    def collect(batch: PreparedBatch, handle) -> None:
+        tokens, ok = encoder.result(handle)
+        for j in np.nonzero(~ok)[0]:
+            _bad_row(reject_record(batch.rows[j], batch.object_ids[j], "codec produced tokens outside the vocabulary "
+                             "(non-finite values inside the codec)"), cfg, rejects)
+        tokens_parts.append(tokens[ok].astype(dtype))
+        rows_parts.append(batch.rows[ok])
+        ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
+        if on_rows is not None:
+            on_rows(len(batch.rows))
+
+    waited = 0.0
+    batches = iter(batches)
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t_wait
+        if batch is None:
+            break
+        if on_first_batch is not None:
+            on_first_batch(waited)
+            on_first_batch = None
+        for rej in batch.rejects:
+            _bad_row(rej, cfg, rejects)
+        if on_rows is not None:
+            on_rows(len(batch.rejects))
+        if len(batch.rows):
+            handle = encoder.submit(batch.flux)
+            if in_flight is not None:
+                collect(*in_flight)
+            in_flight = (batch, handle)
+    if in_flight is not None:
+        collect(*in_flight)
+    T = encoder.loaded.tokens_per_image
+    tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
+    rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
+    rejects.sort(key=lambda r: r["row"])
+    return EncodedShard(index, tokens, rows, ids if has_ids else None, rejects, time.perf_counter() - t0, waited)
+
+
+def _bad_row(rej: dict, cfg, rejects: list) -> None:
+    if cfg.strict:
+        who = f" ({rej['object_id']})" if "object_id" in rej else ""
+        raise AstroptError(f"bad source row {rej['row']}{who}: {rej['reason']} (--strict stops at the first bad row)")
+    rejects.append(rej)
+
+

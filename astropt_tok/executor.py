@@ -1,0 +1,179 @@
+"""The executor: which process does which shards (torchrun ranks, SLURM array tasks), on which device, with
+how many reader processes, and who creates or replaces the store while the others wait. The work itself
+(reading, encoding, writing) knows nothing of processes; it is handed a list of shard indices.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from astropt_tok import store as st
+from astropt_tok.errors import AstroptError, ensure_folder
+
+def process_rank(cfg) -> tuple[int, int]:
+    """(rank, world size): from the config, else torchrun's RANK/WORLD_SIZE, else a SLURM array, else (0, 1)."""
+    if cfg.rank is not None or cfg.world_size is not None:
+        rank, world = int(cfg.rank or 0), int(cfg.world_size or 1)
+    elif "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
+        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        rank, world = 0, 1
+    if not 0 <= rank < world:
+        raise AstroptError(f"process rank {rank} is outside a world of {world} processes")
+    return rank, world
+
+
+def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]:
+    """Shards i with i % world == rank: every process gets an even share, in a fixed order."""
+    return list(range(rank, num_shards, world))
+
+
+def default_workers(device: str) -> int:
+    """Reader processes when --workers is not given: on a GPU, min(8, this process's share of the cores - 1),
+    leaving a core to drive the codec (torchrun's LOCAL_WORLD_SIZE processes share the node); on a CPU none,
+    since the codec needs every core and reading in-process is as fast as pyarrow itself."""
+    if not device.startswith("cuda"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, share - 1))
+
+
+PREFETCH_PER_WORKER = 2  # row groups each reader process keeps converted ahead of the codec
+
+
+def workers_for_shared_memory(workers: int, chunk_bytes: int, free_bytes: int | None) -> int:
+    """The most reader processes, up to `workers`, whose chunks in flight (PREFETCH_PER_WORKER each, plus the
+    one each is writing) fit in half of the free shared memory; None for unknown: `workers` unchanged.
+    A container's default /dev/shm (64 MB) holds few 64-galaxy row groups (9.4 MB each after the crop): a
+    reader process that outgrows it dies of SIGBUS, so fewer readers, or none, is the better outcome."""
+    if free_bytes is None or workers <= 0 or chunk_bytes <= 0:
+        return workers
+    return max(0, min(workers, free_bytes // 2 // ((PREFETCH_PER_WORKER + 1) * chunk_bytes)))
+
+
+def free_shared_memory() -> int | None:
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun), else cpu."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AstroptError("--device cuda asked for, but torch sees no GPU")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the store's identity: what a rerun must agree on
+
+
+IDENTITY_KEYS = ("codec.weights_sha256", "codec.config", "bands", "storage", "sharding.num_shards",
+                 "source.id", "source.split", "source.column", "source.files", "source.limit", "precision")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def check_rerun(existing: dict, wanted: dict) -> list[str]:
+    """Fields where an existing store differs from what this run would write."""
+    return [k for k in IDENTITY_KEYS if _get(existing, k) != _get(wanted, k)]
+
+
+def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Create the store folder, or check that an existing one was made by the same command."""
+    ensure_folder(out, "the store folder")
+    path = out / st.MANIFEST
+    if path.is_file():
+        try:
+            existing = st.read_manifest(out)
+        except AstroptError:
+            existing = None
+        diff = ["manifest"] if existing is None else check_rerun(existing, manifest)
+        if diff and not overwrite:
+            raise AstroptError(
+                f"{out} holds a store made with a different {', '.join(diff)}; "
+                f"choose another --out or pass --overwrite to replace it"
+            )
+        if diff:
+            _clear_store(out)
+        elif existing.get("complete"):
+            return  # nothing to do but report
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        if any(p.name.startswith("shard-") for p in out.iterdir()):
+            raise AstroptError(f"{out} holds shards but no manifest; pass --overwrite to replace them")
+    if not path.is_file():
+        st.write_manifest(out, manifest)
+
+
+def await_replaced_store(out: Path, manifest: dict, timeout_s: float) -> None:
+    """`--overwrite` in a task other than the first of a SLURM array: wait until the store's manifest is the
+    one this run would write (task 0 clears a different store and writes it), so that no task clears shards
+    another has written. A matching store is used at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if (out / st.MANIFEST).is_file() and not check_rerun(st.read_manifest(out), manifest):
+                return
+        except AstroptError:
+            pass  # being rewritten
+        if time.monotonic() >= deadline:
+            raise AstroptError(f"waited {timeout_s:g} s for array task 0 to replace {out} (with --overwrite only "
+                               "task 0 clears a store); run it, or run the --overwrite once alone first")
+        time.sleep(min(2.0, max(0.05, timeout_s / 20)))
+
+
+def _clear_store(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name.startswith(("shard-", ".shard-")) or p.name in (st.MANIFEST, st.REJECTS, st.DONE_DIR):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def remove_stale_temporaries(out: Path, index: int) -> None:
+    name = st.shard_name(index, "x").rsplit(".", 1)[0]
+    for p in out.glob(f".{name}.*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+class TorchrunGroup:
+    """A gloo process group when running under torchrun (RANK/WORLD_SIZE/MASTER_ADDR), else nothing."""
+
+    def __init__(self, world: int):
+        self.active = world > 1 and "MASTER_ADDR" in os.environ
+        if self.active:
+            import datetime
+
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

@@ -1,0 +1,290 @@
+"""The reading stages ahead of the codec: reader processes convert parquet row groups into checked,
+cropped, band-ordered float32 flux; a staging thread regroups them into codec-sized batches (pinned on a
+GPU run) and keeps a few ready across shard boundaries. `prepare_shards` is the entry point.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from astropt_tok.codec import CROP_SIZE
+from astropt_tok.errors import AstroptError
+from astropt_tok.executor import PREFETCH_PER_WORKER, free_shared_memory, workers_for_shared_memory
+from astropt_tok.source import OpenFiles, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task, read_tasks
+
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of checked flux ready for the codec, with the bookkeeping of the rows it came from."""
+
+    flux: object  # torch tensor [n, bands, 96, 96] float32 (pinned on a GPU run)
+    rows: np.ndarray  # [n] global source rows of the good rows
+    object_ids: list  # [n]
+    rejects: list[dict]  # bad rows met while preparing this batch
+
+
+def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg, pin: bool):
+    """For each (index, lo, hi) in `shards`, in order, yield (index, iterator of codec-sized PreparedBatch).
+
+    Three stages run ahead of the thread that drives the codec, so it only ever picks up a ready batch:
+    `cfg.workers` DataLoader worker processes read and convert parquet row groups (no GIL between them and
+    the codec's thread); a staging thread regroups their chunks into codec-sized batches, copying them
+    straight into pinned memory on a GPU run (one copy, made while the codec runs, not between batches);
+    and a queue holds a few batches across shard boundaries, so the device does not wait while one shard is
+    written and the next begins. Each shard's iterator must be consumed before the next is taken; `close()`
+    on this generator (or its garbage collection) stops the stages.
+    """
+    row_groups = None
+    if cfg.reader == "datasets":  # a streaming source: convert its batches in threads, in order
+        items = ((i, item) for i, lo, hi in shards
+                 for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
+        convert = _Converter(plan, list(cfg.bands))
+        chunks = _ordered_map(lambda tagged: (tagged[0], convert(*tagged[1])), items, cfg.workers)
+    else:
+        import torch
+
+        tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
+        row_groups = _RowGroups(plan, tasks, list(cfg.bands))
+        chunk_bytes = max((t.count for _, t in tasks), default=0) * len(cfg.bands) * CROP_SIZE * CROP_SIZE * 4
+        workers = workers_for_shared_memory(cfg.workers, chunk_bytes, free_shared_memory())
+        if workers < cfg.workers:
+            print(f"warning: /dev/shm has room for the row groups of {workers} of {cfg.workers} reader processes "
+                  f"({chunk_bytes / 2**20:.0f} MB each, {PREFETCH_PER_WORKER + 1} in flight per reader); using "
+                  f"{workers}. Give the container more (docker run --shm-size 8g) to read faster.", file=sys.stderr)
+        loader = torch.utils.data.DataLoader(
+            row_groups, batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_as_is, prefetch_factor=PREFETCH_PER_WORKER if workers > 0 else None,
+        )
+        chunks = iter(loader)  # worker processes start here, in the calling thread, not in the staging one
+    staged = _Staged(_shard_batches(chunks, [i for i, _, _ in shards], cfg.batch_size, pin))
+    try:
+        for index, _, _ in shards:
+            yield index, staged.shard(index)
+    finally:
+        staged.close()
+        if row_groups is not None:
+            row_groups.files.close()  # read in this process when there are no workers
+
+
+def _shard_batches(chunks, indices: list[int], batch_size: int, pin: bool):
+    """The staging work: (shard, PreparedBatch) for each batch of each shard in `indices` order, then
+    (shard, None) to close that shard (also for a shard with no rows)."""
+    stream = _Peekable(chunks)
+    for index in indices:
+        def mine():
+            while stream.peek() is not None and stream.peek()[0] == index:
+                chunk = next(stream)[1]
+                if isinstance(chunk, _ReadFailure):
+                    raise AstroptError(chunk.message)
+                yield chunk
+
+        for batch in _rebatch(mine(), batch_size, pin):
+            yield index, batch
+        yield index, None
+
+
+class _Staged:
+    """Runs a generator of (shard, batch-or-None) in a thread, `depth` items ahead of the consumer."""
+
+    _STOP = object()
+
+    def __init__(self, items, depth: int = 3):
+        self.items = items
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="astropt-staging", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.items:
+                if not self._put(item):
+                    return
+            self._put(self._STOP)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self._put(exc)
+        finally:
+            self.items = None  # drops the DataLoader iterator, which stops its workers
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def shard(self, index: int) -> Iterator[PreparedBatch]:
+        """The batches of shard `index`, which must be the next shard in the staged order."""
+        while True:
+            item = self.ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is self._STOP:
+                raise RuntimeError(f"the staging thread ended before shard {index}")
+            shard, batch = item
+            assert shard == index, f"staged shard {shard} where shard {index} was expected"
+            if batch is None:
+                return
+            yield batch
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+class _Converter:
+    """One record batch -> a PreparedBatch of checked, cropped, band-ordered flux."""
+
+    def __init__(self, plan, bands: list[str]):
+        self.plan, self.bands = plan, bands
+
+    def __call__(self, first_row: int, batch) -> PreparedBatch:
+        import torch
+
+        shape = (batch.num_rows, len(self.bands), CROP_SIZE, CROP_SIZE)
+        buffer = torch.empty(shape, dtype=torch.float32)
+        flux, good, reasons = batch_to_flux(batch, self.plan.column, self.bands, out=buffer.numpy(), crop=CROP_SIZE)
+        ids = object_ids_of(batch, self.plan.id_column)
+        rejects = [reject_record(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
+        return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
+
+
+class _RowGroups:
+    """A map-style dataset of read tasks: item k is (shard, PreparedBatch) of task k, read in a worker."""
+
+    def __init__(self, plan, tasks: list, bands: list[str]):
+        self.plan, self.tasks = plan, tasks
+        self.convert = _Converter(plan, bands)
+        self.files = OpenFiles()  # each worker process gets its own, empty
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, k: int):
+        shard, task = self.tasks[k]
+        try:
+            return shard, self.convert(task.first_row, read_task(self.plan, task, self.files))
+        except AstroptError as exc:  # passed on as a value: a worker's exception would arrive with a traceback
+            return shard, _ReadFailure(str(exc))
+
+
+@dataclass
+class _ReadFailure:
+    """A read task that failed (an unreadable row group), raised as one AstroptError where it is consumed."""
+
+    message: str
+
+
+def _as_is(item):
+    return item
+
+
+class _Peekable:
+    """An iterator whose next item can be looked at (None at the end)."""
+
+    _END = object()
+
+    def __init__(self, it):
+        self.it, self.head = it, self._END
+
+    def peek(self):
+        if self.head is self._END:
+            self.head = next(self.it, None)
+        return self.head
+
+    def __next__(self):
+        item = self.peek()
+        self.head = self._END
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def _ordered_map(fn, items, workers: int, ahead: int = 2):
+    """`map(fn, items)` on a thread pool with up to workers*ahead results in flight, in input order."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="astropt-decode")
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        in_flight = 0
+        for item in items:
+            pending.put(pool.submit(fn, item))
+            in_flight += 1
+            if in_flight >= workers * ahead:
+                yield pending.get().result()
+                in_flight -= 1
+        while in_flight:
+            yield pending.get().result()
+            in_flight -= 1
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _rebatch(chunks: Iterator[PreparedBatch], batch_size: int, pin: bool = False) -> Iterator[PreparedBatch]:
+    """Regroup converted chunks into batches of exactly `batch_size` good rows (the last one smaller), in
+    pinned memory when `pin`."""
+    held: list[PreparedBatch] = []
+    count = 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(chunk.rows)
+        while count >= batch_size:
+            yield _merge(held, batch_size, pin)
+            held = _rest(held, batch_size)
+            count = sum(len(c.rows) for c in held)
+    if held:
+        yield _merge(held, count, pin)
+
+
+def _merge(held: list[PreparedBatch], n: int, pin: bool = False) -> PreparedBatch:
+    """The first n good rows of `held`, with every reject `held` carries: a view when one chunk holds them
+    and nothing needs pinning, else one copy into a new (pinned when `pin`) buffer."""
+    import torch
+
+    rejects = [r for c in held for r in c.rejects]
+    if len(held[0].rows) >= n and not pin:
+        first = held[0]
+        return PreparedBatch(first.flux[:n], first.rows[:n], first.object_ids[:n], rejects)
+    flux, rows, ids, taken = [], [], [], 0
+    for c in held:
+        k = min(n - taken, len(c.rows))
+        flux.append(c.flux[:k])
+        rows.append(c.rows[:k])
+        ids.extend(c.object_ids[:k])
+        taken += k
+    merged = torch.empty((n, *held[0].flux.shape[1:]), dtype=held[0].flux.dtype, pin_memory=pin)
+    torch.cat(flux, out=merged)  # from the workers' shared memory straight into pinned memory on a GPU run
+    return PreparedBatch(merged, np.concatenate(rows), ids, rejects)
+
+
+def _rest(held: list[PreparedBatch], n: int) -> list[PreparedBatch]:
+    """What remains of `held` after its first n good rows and all its rejects were handed on."""
+    rest, taken = [], 0
+    for c in held:
+        k = min(n - taken, len(c.rows))
+        taken += k
+        if k < len(c.rows):
+            rest.append(PreparedBatch(c.flux[k:], c.rows[k:], c.object_ids[k:], []))
+    return rest
+
+
+
+def reject_record(row: int, object_id, reason: str) -> dict:
+    """One rejects.jsonl record: the global source row, its object id when known, and why it was skipped."""
+    rec = {"row": int(row)}
+    if object_id is not None:
+        rec["object_id"] = object_id
+    rec["reason"] = reason
+    return rec
