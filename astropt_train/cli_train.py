@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Transformer blocks (overrides the preset)."),
         n_head: Optional[int] = typer.Option(None, "--n-head", help="Attention heads (overrides the preset)."),
         n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Embedding width (overrides the preset)."),
+        head: Optional[str] = typer.Option(None, "--head", help="Head to vocab logits: affine (one Linear) or aim "
+                                           "(Linear to 4 x width, GELU, Linear), upstream AstroPT's two (affine)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch per process (16)."),
         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step (1)."),
         max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Optimiser steps in total (1000)."),

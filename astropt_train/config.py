@@ -49,6 +49,7 @@ class TrainConfig:
     n_embd: int | None = None
     dropout: float = 0.0
     bias: bool = False
+    head: str = "affine"  # "affine" or "aim": upstream AstroPT's two heads (its `tokeniser`)
     # optimisation
     batch_size: int = 16  # micro-batch per process
     grad_accum: int = 1
@@ -116,6 +117,8 @@ class TrainConfig:
                 raise AstroptError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if min(self.warmup_iters, self.checkpoint_interval, self.val_images) < 0 or self.keep_last < 1:
             raise AstroptError("warmup-iters, checkpoint-interval and val-images must be >= 0, keep-last >= 1")
+        if self.head not in ("affine", "aim"):
+            raise AstroptError(f"head must be affine or aim, got {self.head!r}")
         if self.workers is not None and self.workers < 0:
             raise AstroptError(f"workers must be 0 (read in this process) or more, got {self.workers}")
         if self.store_reads not in ("pread", "mmap"):

@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
         raise AstroptError(f"{run} already holds checkpoints; pass --resume to continue that run, or choose another --out")
     n_layer, n_head, n_embd = cfg.model_dims()
     gconf = GPTConfig(vocab_size=store.vocab_size, block_size=store.tokens_per_image, n_layer=n_layer,
-                      n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias)
+                      n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias, head=cfg.head)
     state = None
     if ckpt_dir is not None:
         old = ck.read_config(ckpt_dir)

@@ -3,10 +3,13 @@
 A galaxy is a sequence of `block_size` (576) AION image tokens. The model embeds each token id
 (`encoders.images_aion.wpe`, a [vocab, n_embd] table) and each position 0..575
 (`embedders.images_aion.wpe`, [block_size, n_embd]), runs pre-LayerNorm transformer blocks with causal
-`scaled_dot_product_attention` and a GELU MLP, a final LayerNorm, and a linear head to vocab logits
-(`decoders.images_aion.c_fc`, [vocab, n_embd]). Parameter names and shapes are those of upstream AstroPT's
-`GPT` built with one modality `images_aion` (vocab_size > 0, embed_pos=True) and tokeniser "affine", so a
-state dict saved here loads into upstream's model for its downstream tools.
+`scaled_dot_product_attention` and a GELU MLP, a final LayerNorm, and a head to vocab logits: "affine", one
+linear layer (`decoders.images_aion.c_fc`, [vocab, n_embd]), or "aim", upstream's default two-layer head
+(`decoders.images_aion.c_fc` [4 n_embd, n_embd], GELU, `decoders.images_aion.c_proj` [vocab, 4 n_embd]).
+Parameter names and shapes are those of upstream AstroPT's `GPT` built with one modality `images_aion`
+(vocab_size > 0, embed_pos=True) and the same `tokeniser`, so a state dict saved here loads into upstream's
+model for its downstream tools, and upstream's AION checkpoints load here. (Upstream's tokeniser choice
+changes only the decoder for a token modality: its encoder is a lookup table either way.)
 
 Written after reading nanoGPT and AstroPT; the code is our own.
 """
@@ -38,6 +41,10 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = False  # bias in Linears and LayerNorms; False like upstream's default
+    head: str = "affine"  # "affine" (one Linear) or "aim" (Linear to 4n, GELU, Linear): upstream's `tokeniser`
+
+
+HEADS = ("affine", "aim")
 
 
 class LayerNorm(nn.Module):
@@ -147,15 +154,24 @@ class TokenEmbedding(nn.Module):
 
 
 class Head(nn.Module):
-    """The linear head to vocab logits, held as `.c_fc` like upstream's affine decoder."""
+    """The head to vocab logits, upstream's decoder: affine `.c_fc`, or aim `.c_fc` to 4C, GELU, `.c_proj`."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        if config.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {config.head!r}")
+        self.kind = config.head
+        if self.kind == "affine":
+            self.c_fc = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+        else:
+            self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+            self.c_proj = nn.Linear(4 * config.n_embd, config.vocab_size, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, vocab)."""
-        return self.c_fc(x)
+        if self.kind == "affine":
+            return self.c_fc(x)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (B, T, 4C) inside
 
 
 class GPT(nn.Module):
@@ -222,6 +238,24 @@ class GPT(nn.Module):
         logits = self.decoders[MODALITY](x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def hidden_states(self, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """tokens (B, T) int64 -> one (B, T, C) per entry of `layers`: i < n_layer is block i's output (no final
+        LayerNorm), n_layer is the final output after `ln_f` (what the head sees). Runs only the blocks needed."""
+        B, T = tokens.size()
+        if T > self.config.block_size:
+            raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=tokens.device)  # (T,)
+        x = self.transformer.drop(self.encoders[MODALITY](tokens) + self.embedders[MODALITY](pos))  # (B, T, C)
+        wanted, out = set(layers), {}
+        last = min(max(layers), self.config.n_layer - 1)
+        for i, block in enumerate(self.transformer.h[: last + 1]):
+            x = block(x)
+            if i in wanted:
+                out[i] = x
+        if self.config.n_layer in wanted:
+            out[self.config.n_layer] = self.transformer.ln_f(x)
+        return [out[i] for i in layers]
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str

@@ -67,6 +67,13 @@ def test_tiny_model_overfits_tiny_store(store, tmp_path):
     assert "max_iters = 60" in (tmp_path / "run" / "train_config.toml").read_text()
 
 
+def test_aim_head_is_recorded_and_honoured_by_load_model(store, tmp_path):
+    summary = train(cfg(store, tmp_path / "run", head="aim", max_iters=6, eval_interval=6, checkpoint_interval=0))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["head"] == "aim"
+    model, conf = ck.load_model(summary["checkpoint"])
+    assert conf["model"]["head"] == "aim" and model.decoders["images_aion"].c_proj.weight.shape == (VOCAB, 4 * 32)
+
+
 def test_resume_gives_the_same_losses_as_a_straight_run(store, tmp_path):
     straight = train(cfg(store, tmp_path / "a", max_iters=20, lr_decay_iters=20))
     train(cfg(store, tmp_path / "b", max_iters=10, lr_decay_iters=20))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from astropt_train.model import GPT, GPTConfig
@@ -38,6 +39,14 @@ def test_state_dict_keys_match_upstream():
         model = GPT(GPTConfig(vocab_size=4375, block_size=576, n_layer=2, n_head=2, n_embd=32, bias=bias))
         got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert got == upstream_keys(2, 32, 4375, 576, bias)
+        aim = GPT(GPTConfig(vocab_size=4375, block_size=576, n_layer=2, n_head=2, n_embd=32, bias=bias, head="aim"))
+        want = upstream_keys(2, 32, 4375, 576, bias)
+        want["decoders.images_aion.c_fc.weight"] = (4 * 32, 32)  # aim: Linear to 4n, GELU, Linear to vocab
+        want["decoders.images_aion.c_proj.weight"] = (4375, 4 * 32)
+        if bias:
+            want["decoders.images_aion.c_fc.bias"] = (4 * 32,)
+            want["decoders.images_aion.c_proj.bias"] = (4375,)
+        assert {k: tuple(v.shape) for k, v in aim.state_dict().items()} == want
 
 
 def test_forward_shapes_and_initial_loss():
@@ -76,38 +85,47 @@ def test_kv_cache_generation_matches_no_cache():
         assert torch.equal(outs[0][:, :3], prefix)
 
 
-UPSTREAM_MIRROR = "/work/.mirror/Smith42+astroPT/repo"
-
-
-def test_state_dict_loads_into_upstream_astropt(tmp_path):
-    """When a checkout of upstream AstroPT is at hand, our weights load strictly into its GPT and agree."""
+def import_upstream_model(tmp_path):
+    """Upstream AstroPT's model.py from the checkout named by $ASTROPT_UPSTREAM_GIT, imported from tmp_path; skip
+    without one. Only its optional `loralib` import is stubbed (unused without LoRA)."""
     import os
     import subprocess
     import sys
     import types
 
-    if not os.path.isdir(UPSTREAM_MIRROR):
-        import pytest
+    import pytest
 
-        pytest.skip("no upstream AstroPT mirror on this machine")
-    src = subprocess.run(["git", "-C", UPSTREAM_MIRROR, "show", "HEAD:src/astropt/model.py"], capture_output=True,
-                         text=True)
+    git_dir = os.environ.get("ASTROPT_UPSTREAM_GIT")
+    if not git_dir:
+        pytest.skip("ASTROPT_UPSTREAM_GIT (a checkout of github.com/Smith42/astroPT) is not set")
+    src = subprocess.run(["git", "-C", git_dir, "show", "HEAD:src/astropt/model.py"], capture_output=True, text=True)
     if src.returncode:
-        import pytest
-
-        pytest.skip("cannot read upstream model.py")
+        pytest.skip(f"cannot read src/astropt/model.py from {git_dir}")
     (tmp_path / "upstream_astropt_model.py").write_text(src.stdout)
-    sys.modules.setdefault("loralib", types.ModuleType("loralib"))  # imported by upstream; unused without LoRA
+    sys.modules.setdefault("loralib", types.ModuleType("loralib"))
     sys.path.insert(0, str(tmp_path))
     try:
         import upstream_astropt_model as U
     finally:
         sys.path.remove(str(tmp_path))
-    mods = [U.ModalityConfig(name="images_aion", input_size=300, pos_input_size=1, patch_size=0, embed_pos=True,
-                             vocab_size=300)]
-    theirs = U.GPT(U.GPTConfig(block_size=40, n_layer=2, n_head=2, n_embd=32, tokeniser="affine", modalities=mods),
-                   U.ModalityRegistry(mods), master_process=False).eval()
-    ours = GPT(GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=2, n_embd=32)).eval()
+    return U
+
+
+def upstream_gpt(U, vocab: int, block: int, n_layer: int, n_head: int, n_embd: int, head: str, bias: bool = False):
+    """Upstream's GPT with one AION modality, built as its train_aion.py does, with tokeniser=head."""
+    mods = [U.ModalityConfig(name="images_aion", input_size=vocab, pos_input_size=1, patch_size=0, embed_pos=True,
+                             vocab_size=vocab)]
+    conf = U.GPTConfig(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, tokeniser=head, bias=bias,
+                       modalities=mods)
+    return U.GPT(conf, U.ModalityRegistry(mods), master_process=False).eval()
+
+
+@pytest.mark.parametrize("head", ["affine", "aim"])
+def test_state_dict_loads_into_upstream_astropt(tmp_path, head):
+    """With a checkout of upstream AstroPT, our weights (either head) load strictly into its GPT and agree."""
+    U = import_upstream_model(tmp_path)
+    theirs = upstream_gpt(U, 300, 40, 2, 2, 32, head)
+    ours = GPT(GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=2, n_embd=32, head=head)).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randint(0, 300, (2, 40))
     out, _ = theirs({"images_aion": x, "images_aion_positions": torch.arange(40).expand(2, 40)})
