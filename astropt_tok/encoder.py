@@ -14,6 +14,9 @@ from astropt_tok.errors import AstroptError
 from astropt_tok.stages import PreparedBatch, reject_record
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+# the reasons rejects.jsonl gives for a row the codec failed on
+NONFINITE_LATENTS = "codec latents not finite (NaN or inf before quantisation: overflow or a non-finite weight)"
+OUT_OF_VOCABULARY = "codec produced tokens outside the vocabulary"
 
 
 class Encoder:
@@ -40,23 +43,33 @@ class Encoder:
 
     def submit(self, flux):
         """Start encoding [n, bands, 96, 96] flux; returns a handle for `result`. On a GPU nothing waits here:
-        the host copy of the tokens lands in pinned memory when the device gets there."""
+        the host copies of the tokens and of the finite-latents flags land in pinned memory when the device
+        gets there."""
         import torch
 
         x = flux.to(self.device, non_blocking=True)
         if x.data_ptr() == flux.data_ptr():
             x = x.clone()  # AION's Clamp writes into its input: never hand it memory we do not own
-        tokens = self.encode_on_device(x)  # [n, T] int32
+        tokens, finite = self.encode_on_device(x)  # [n, T] int32, [n] bool
         if self.device.type != "cuda":
-            return tokens, None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return tokens, finite, None
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_finite.copy_(finite, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return host, done
+        return host_tokens, host_finite, done
 
     def encode_on_device(self, x):
-        """The codec on flux `x` already on the device (and ours to modify): [n, T] int32 tokens, still there.
+        """The codec on flux `x` already on the device (and ours to modify): ([n, T] int32 tokens, [n] bool
+        finite), both still there. `finite` is False for an image whose latents (the codec's output before
+        quantisation) hold a NaN or an infinity: its tokens mean nothing, whatever the float-to-int cast made
+        of them (tanh of an infinite latent is a valid code; NaN casts to -2**31 on a CPU but to codes in the
+        vocabulary on some GPUs). One reduction on the device: no per-image wait.
+
+        This is AION's `Codec.encode` in its two steps (`_encode` to the latents, then `quantizer.encode`),
+        so the tokens are the same as `codec.encode`'s.
 
         The device is made the default one while AION encodes: its ImagePadder builds a zero tensor
         [n, 9 bands, 96, 96] with `torch.zeros(...).to(image.device)`, which would otherwise be allocated and
@@ -67,22 +80,23 @@ class Encoder:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         mixed = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), mixed, self.device:
-            return self.codec.encode(self.image_type(flux=x, bands=self.bands))
+            latents = self.codec._encode(self.image_type(flux=x, bands=self.bands))  # [n, C, T] float
+            tokens = self.codec.quantizer.encode(latents)  # [n, T] int32
+            finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [n] bool
+        return tokens, finite
 
-    def result(self, handle) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens [n, T] int64, ok [n] bool) of a submitted batch: ok is False where a token is outside 0..vocab-1."""
-        host, done = handle
+    def result(self, handle) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [n, T] int64, finite [n] bool, in_vocab [n] bool) of a submitted batch: `finite` is False
+        where the codec's latents were not finite, `in_vocab` where a token is outside 0..vocab-1."""
+        tokens, finite, done = handle
         if done is not None:
             done.synchronize()
-        tokens = host.numpy().astype(np.int64)
-        return tokens, ((tokens >= 0) & (tokens < self.vocab)).all(axis=1)
+        tokens = tokens.numpy().astype(np.int64)
+        return tokens, finite.numpy().copy(), ((tokens >= 0) & (tokens < self.vocab)).all(axis=1)
 
-    def encode(self, flux) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, flux) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`result(submit(flux))`: encode one batch and wait for it."""
         return self.result(self.submit(flux))
-
-
-
 
 
 @dataclass
@@ -107,10 +121,11 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
 
     def collect(batch: PreparedBatch, handle) -> None:
-        tokens, ok = encoder.result(handle)
+        tokens, finite, in_vocab = encoder.result(handle)
+        ok = finite & in_vocab
         for j in np.nonzero(~ok)[0]:
-            _bad_row(reject_record(batch.rows[j], batch.object_ids[j], "codec produced tokens outside the vocabulary "
-                             "(non-finite values inside the codec)"), cfg, rejects)
+            reason = OUT_OF_VOCABULARY if finite[j] else NONFINITE_LATENTS
+            _bad_row(reject_record(batch.rows[j], batch.object_ids[j], reason), cfg, rejects)
         tokens_parts.append(tokens[ok].astype(dtype))
         rows_parts.append(batch.rows[ok])
         ids.extend(i for i, good in zip(batch.object_ids, ok) if good)

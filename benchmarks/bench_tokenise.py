@@ -172,7 +172,7 @@ def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plai
                                                             enabled=dtype is not None):
                     out.append(codec.encode(LegacySurveyImage(flux=x, bands=BANDS)))
             else:
-                out.append(encoder.encode_on_device(x))
+                out.append(encoder.encode_on_device(x)[0])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return len(x_all)

@@ -258,23 +258,97 @@ def test_an_error_mid_run_stops_the_reader_processes_and_staging_thread(bad_surv
     assert caught.traceback
 
 
-def test_codec_producing_out_of_range_tokens_is_caught(survey_dir, codec_dir, tmp_path):
-    """A codec with a NaN weight returns -2**31 for every token; no such row may reach the store."""
-    import torch
+def _edited_codec(codec_dir, dest: Path, edit) -> Path:
+    """A copy of the codec whose pre-quantisation projection (`pre_quant_proj`: weight [C, hidden, 1, 1], bias
+    [C]) is edited in place by `edit(weight, bias)`."""
     from safetensors.torch import load_file, save_file
 
-    broken = tmp_path / "broken-codec"
-    shutil.copytree(codec_dir, broken)
-    weights = broken / "codecs/image/model.safetensors"
+    shutil.copytree(codec_dir, dest)
+    weights = dest / "codecs/image/model.safetensors"
     state = load_file(str(weights))
-    key = next(k for k in state if k.endswith("pre_quant_proj.weight"))
-    state[key][0, 0] = torch.nan
+    prefix = next(k for k in state if k.endswith("pre_quant_proj.weight")).removesuffix("weight")
+    edit(state[prefix + "weight"], state[prefix + "bias"])
     save_file(state, str(weights))
+    return dest
+
+
+def _latents_and_tokens(codec_dir, flux: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([n, hidden, T] features, [n, C, T] latents, [n, T] tokens) of AION's own `codec.encode` on CPU: the
+    features and latents are the input and output of the projection that makes the latents, caught by a
+    forward hook on it (independent of how the Encoder reads them)."""
+    import torch
+    from aion.modalities import LegacySurveyImage
+
+    from astropt_tok.codec import load_image_codec
+
+    codec = load_image_codec(str(codec_dir)).codec
+    caught = []
+    hook = codec.pre_quant_proj.register_forward_hook(lambda module, args, out: caught.append((args[0], out)))
+    try:
+        with torch.inference_mode():
+            tokens = codec.encode(LegacySurveyImage(flux=torch.from_numpy(flux.copy()), bands=list(BANDS)))
+    finally:
+        hook.remove()
+    features, latents = caught[0]
+    return features.flatten(2).numpy(), latents.flatten(2).numpy(), tokens.numpy()
+
+
+def _reasons(out: Path) -> dict[int, str]:
+    return {r["row"]: r["reason"] for r in map(json.loads, (out / st.REJECTS).read_text().splitlines())}
+
+
+@pytest.mark.parametrize("fault", ["nan weight", "+inf bias", "-inf bias"])
+def test_codec_with_non_finite_latents_is_caught(fault, survey_dir, codec_dir, tmp_path):
+    """Every image's latents are NaN or +/-inf: no such row may reach the store, and the reason says so.
+    A NaN latent casts to -2**31 on a CPU (also out of the vocabulary), but to in-range codes on some GPUs;
+    tanh of an infinite latent is a valid code on every device, so only the latents check sees those."""
+    from astropt_tok.encoder import NONFINITE_LATENTS
+
+    def edit(weight, bias):
+        if fault == "nan weight":
+            weight[0, 0] = float("nan")
+        else:
+            bias[0] = float(fault.split()[0])
+
+    broken = _edited_codec(codec_dir, tmp_path / "broken-codec", edit)
     out = tmp_path / "tok"
     summary = tokenise(config(survey_dir, broken, out, shards=2, limit=6))
     assert summary.rejected == 6 and summary.rows == 0
-    reasons = {json.loads(line)["reason"] for line in (out / st.REJECTS).read_text().splitlines()}
-    assert reasons == {"codec produced tokens outside the vocabulary (non-finite values inside the codec)"}
+    assert set(_reasons(out).values()) == {NONFINITE_LATENTS}
+
+
+def test_rows_whose_latents_overflow_are_rejected_and_the_others_kept(survey_dir, codec_dir, tmp_path):
+    """The projection to the latents scaled so that it overflows float32 for some images only: exactly those
+    rows are rejected (their AION tokens are in the vocabulary, so the range check alone would keep them),
+    and the other rows are stored with AION's own tokens."""
+    from astropt_tok.encoder import NONFINITE_LATENTS
+
+    flux, _ = survey_flux(survey_dir)
+    features, _, _ = _latents_and_tokens(codec_dir, flux)
+    # latent channel 0 becomes scale * feature 0 alone (one product, no sum): it overflows exactly where
+    # |feature 0| * scale > float32's max, i.e. for the images whose largest |feature 0| is above the median
+    largest = np.abs(features[:, 0]).max(axis=1)  # [n]
+    scale = float(np.finfo(np.float32).max) / float(np.median(largest))
+
+    def edit(weight, bias):
+        weight[0] = 0.0
+        weight[0, 0] = scale
+        bias[0] = 0.0
+
+    overflowing = _edited_codec(codec_dir, tmp_path / "overflowing-codec", edit)
+    _, latents, tokens = _latents_and_tokens(overflowing, flux)
+    bad = ~np.isfinite(latents).all(axis=(1, 2))
+    in_vocab = ((tokens >= 0) & (tokens < 4375)).all(axis=1)
+    assert 0 < bad.sum() < len(bad)  # some rows overflow, some do not
+    assert (bad & in_vocab).any()  # and some of those would pass the range check
+
+    out = tmp_path / "tok"
+    summary = tokenise(config(survey_dir, overflowing, out, shards=2))
+    assert _reasons(out) == {int(r): NONFINITE_LATENTS for r in np.nonzero(bad)[0]}
+    assert summary.rows == int((~bad).sum())
+    store = st.TokenStore(out)
+    np.testing.assert_array_equal(store.source_rows(np.arange(store.num_rows)), np.nonzero(~bad)[0])
+    np.testing.assert_array_equal(store.take(np.arange(store.num_rows)).astype(np.int64), tokens[~bad])
 
 
 def test_encoder_allocates_nothing_batch_sized_on_the_host(codec_dir):
@@ -308,10 +382,11 @@ def test_encoder_allocates_nothing_batch_sized_on_the_host(codec_dir):
     with HostAllocations() as plain, torch.inference_mode():
         expected = loaded.codec.encode(LegacySurveyImage(flux=flux.clone(), bands=list(BANDS)))
     with HostAllocations() as ours:
-        tokens = encoder.encode_on_device(flux.clone())
+        tokens, finite = encoder.encode_on_device(flux.clone())
     assert max(plain.numels) == 8 * 9 * 96 * 96  # the check can fail: AION does allocate on the host
     assert max(ours.numels, default=0) < 96 * 96
     assert tokens.shape == expected.shape == (8, 576) and tokens.device.type == "meta"
+    assert finite.shape == (8,) and finite.device.type == "meta"
 
 
 def _plain_list_survey(path: Path, flux: np.ndarray, fixed: bool) -> None:
