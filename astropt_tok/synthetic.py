@@ -2,8 +2,10 @@
 
 Rows look like `Smith42/legacysurvey_hsc_crossmatched`: an `object_id` string and a `legacysurvey_image`
 column encoded by `datasets` as a Sequence of per-band dicts (`band`, `flux` and `ivar` as Array2D
-[160, 160] float32, `psf_fwhm`, `scale`), plus an `hsc_image` column that the tokeniser must never decode.
-Galaxies are Sersic profiles with varied sizes, indices, ellipticities, angles and colours, plus noise.
+[160, 160] float32, `psf_fwhm`, `scale`), plus (by default) the same galaxy seen by HSC in `hsc_image`, the
+same struct with five bands (HSC-G/R/I/Z/Y): finer pixels (0.168" against 0.262"), a sharper PSF (a 0.6"
+Gaussian) and lower noise (deeper), as the crossmatched survey pairs them. Galaxies are Sersic profiles with
+varied sizes, indices, ellipticities, angles and colours, plus noise.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_BANDS = ("DES-G", "DES-R", "DES-I", "DES-Z")
+HSC_BANDS = ("HSC-G", "HSC-R", "HSC-I", "HSC-Z", "HSC-Y")
 IMAGE_SIZE = 160
+LS_PIXEL_ARCSEC, HSC_PIXEL_ARCSEC = 0.262, 0.168
+HSC_PSF_FWHM_ARCSEC = 0.6
+HSC_NOISE_FACTOR = 0.35  # HSC's sky noise per pixel relative to the Legacy Survey draw: deeper imaging
+# effective wavelengths (nm): an HSC band's colour is the Legacy Survey colour interpolated at its wavelength
+LS_WAVELENGTH_NM = (473.0, 642.0, 784.0, 926.0)
+HSC_WAVELENGTH_NM = (475.0, 617.0, 765.0, 891.0, 977.0)
 
 
 def survey_features(image_size: int = IMAGE_SIZE, with_hsc: bool = True):
@@ -40,28 +49,70 @@ def survey_features(image_size: int = IMAGE_SIZE, with_hsc: bool = True):
     return Features(cols)
 
 
-def galaxy_flux(rng: np.random.Generator, n_bands: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One synthetic galaxy, float32 [n_bands, size, size], in nanomaggy-like units with sky noise."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
-    x = x - rng.normal(0, 2)
-    y = y - rng.normal(0, 2)
-    r_eff = rng.uniform(2.0, 14.0)
-    n_sersic = rng.uniform(0.6, 4.0)
-    q = rng.uniform(0.3, 1.0)  # axis ratio
-    theta = rng.uniform(0, np.pi)
-    xr = x * np.cos(theta) + y * np.sin(theta)
-    yr = (-x * np.sin(theta) + y * np.cos(theta)) / q
-    r = np.sqrt(xr**2 + yr**2)
-    b_n = 2.0 * n_sersic - 1.0 / 3.0
-    profile = np.exp(-b_n * ((r / r_eff) ** (1.0 / n_sersic) - 1.0)).astype(np.float32)
-    profile /= profile.max()
-    amplitude = rng.uniform(0.3, 4.0)
+def galaxy_params(rng: np.random.Generator, n_bands: int) -> dict:
+    """The drawn properties of one galaxy (offset and r_eff in Legacy Survey pixels), in a fixed draw order."""
+    p = {"dx": rng.normal(0, 2), "dy": rng.normal(0, 2)}
+    p["r_eff"] = rng.uniform(2.0, 14.0)
+    p["n_sersic"] = rng.uniform(0.6, 4.0)
+    p["q"] = rng.uniform(0.3, 1.0)  # axis ratio
+    p["theta"] = rng.uniform(0, np.pi)
+    p["amplitude"] = rng.uniform(0.3, 4.0)
     colour = np.sort(rng.uniform(0.3, 1.6, size=n_bands))  # redder galaxies brighter in z
     if rng.random() < 0.3:
         colour = colour[::-1].copy()
-    noise = rng.uniform(0.005, 0.05)
-    flux = amplitude * colour[:, None, None] * profile[None] + rng.normal(0, noise, (n_bands, size, size))
+    p["colour"] = colour
+    p["noise"] = rng.uniform(0.005, 0.05)
+    return p
+
+
+def sersic_profile(p: dict, size: int, pixel_scale: float = 1.0) -> np.ndarray:
+    """The galaxy's Sersic profile, peak 1, [size, size] float32; `pixel_scale` > 1 draws it on finer pixels."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
+    x = x - p["dx"] * pixel_scale
+    y = y - p["dy"] * pixel_scale
+    r_eff = p["r_eff"] * pixel_scale
+    xr = x * np.cos(p["theta"]) + y * np.sin(p["theta"])
+    yr = (-x * np.sin(p["theta"]) + y * np.cos(p["theta"])) / p["q"]
+    r = np.sqrt(xr**2 + yr**2)
+    b_n = 2.0 * p["n_sersic"] - 1.0 / 3.0
+    profile = np.exp(-b_n * ((r / r_eff) ** (1.0 / p["n_sersic"]) - 1.0)).astype(np.float32)
+    profile /= profile.max()
+    return profile
+
+
+def galaxy_flux(rng: np.random.Generator, n_bands: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One synthetic galaxy, float32 [n_bands, size, size], in nanomaggy-like units with sky noise."""
+    p = galaxy_params(rng, n_bands)
+    profile = sersic_profile(p, size)
+    flux = p["amplitude"] * p["colour"][:, None, None] * profile[None] + rng.normal(0, p["noise"], (n_bands, size, size))
     return flux.astype(np.float32)
+
+
+def gaussian_blur(image: np.ndarray, fwhm_pixels: float) -> np.ndarray:
+    """[..., H, W] convolved with a circular Gaussian PSF of the given FWHM (FFT, periodic edges)."""
+    sigma = fwhm_pixels / 2.3548
+    fy = np.fft.fftfreq(image.shape[-2])[:, None]
+    fx = np.fft.rfftfreq(image.shape[-1])[None, :]
+    transfer = np.exp(-2 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))  # the Gaussian's Fourier transform
+    return np.fft.irfft2(np.fft.rfft2(image) * transfer, s=image.shape[-2:]).astype(np.float32)
+
+
+def hsc_flux(seed: int, row: int, size: int = IMAGE_SIZE, n_ls_bands: int = len(DEFAULT_BANDS)) -> tuple[np.ndarray, float]:
+    """The galaxy of (seed, row) as HSC sees it: (flux [5, size, size] float32, sky noise sigma).
+
+    The galaxy's properties are the Legacy Survey draw's (the same generator stream); its own noise comes from a
+    second stream, so the Legacy Survey image is unchanged by drawing this one.
+    """
+    p = galaxy_params(np.random.default_rng([seed, row]), n_ls_bands)
+    scale = LS_PIXEL_ARCSEC / HSC_PIXEL_ARCSEC  # HSC pixels per Legacy Survey pixel
+    profile = gaussian_blur(sersic_profile(p, size, scale), HSC_PSF_FWHM_ARCSEC / HSC_PIXEL_ARCSEC)
+    profile /= max(float(profile.max()), 1e-12)
+    ls_wavelengths = LS_WAVELENGTH_NM if n_ls_bands == len(LS_WAVELENGTH_NM) else np.linspace(473, 926, n_ls_bands)
+    colour = np.interp(HSC_WAVELENGTH_NM, ls_wavelengths, p["colour"])  # [5]
+    area = 1.0 / scale**2  # the same surface brightness spread over smaller pixels
+    sigma = p["noise"] * HSC_NOISE_FACTOR
+    noise = np.random.default_rng([seed, row, 1]).normal(0, sigma, (len(HSC_BANDS), size, size))
+    return (p["amplitude"] * area * colour[:, None, None] * profile[None] + noise).astype(np.float32), sigma
 
 
 def synthetic_rows(
@@ -84,10 +135,11 @@ def synthetic_rows(
             }
         )
         if with_hsc:
-            hsc_bands = ["HSC-G", "HSC-R"]
-            hsc_flux = np.zeros((len(hsc_bands), size, size), np.float32)
-            hsc.append({"band": hsc_bands, "flux": list(hsc_flux), "ivar": list(hsc_flux + 1),
-                        "psf_fwhm": [0.6] * 2, "scale": [0.168] * 2})
+            flux_hsc, sigma = hsc_flux(seed, row, size, len(bands))
+            hsc.append({"band": list(HSC_BANDS), "flux": list(flux_hsc),
+                        "ivar": list(np.full_like(flux_hsc, 1.0 / sigma**2)),
+                        "psf_fwhm": [HSC_PSF_FWHM_ARCSEC] * len(HSC_BANDS),
+                        "scale": [HSC_PIXEL_ARCSEC] * len(HSC_BANDS)})
             ras.append(150.0 + row * 1e-3)
             decs.append(2.0 - row * 1e-3)
     cols = {"object_id": ids, "legacysurvey_image": images}
