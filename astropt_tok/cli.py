@@ -33,10 +33,15 @@ def verify(
         "separate processes, then verify it."),
 ) -> None:
     """Re-hash every shard against the manifest; check shapes, dtypes and token ranges. Non-zero exit names each bad shard."""
+    from astropt_tok.source import check_recorded_files
     from astropt_tok.store import finalize_store, read_manifest, verify_store
 
     if finalize:
         manifest = read_manifest(store)
+        if not manifest.get("complete"):
+            note = check_recorded_files(manifest["source"])  # refuses a source that changed meanwhile
+            if note:
+                typer.echo(f"note: {note}", err=True)
         if not manifest.get("complete") and finalize_store(store, manifest) is None:
             raise AstroptError(f"{store}: not every shard is done yet; re-run `astropt tokenise` to finish them")
     problems = verify_store(store)

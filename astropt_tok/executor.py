@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -93,9 +94,40 @@ def _get(d: dict, dotted: str):
     return d
 
 
+def _file_list(files) -> list | None:
+    """(absolute path, rows) of a manifest's source files: fingerprints are compared apart (`source_changed`),
+    and relative paths of format-1 stores count from the working folder, as they did when recorded."""
+    if not isinstance(files, list):
+        return None
+    return [(f.get("path") if "://" in str(f.get("path")) else os.path.abspath(str(f.get("path"))), f.get("rows"))
+            if isinstance(f, dict) else f for f in files]
+
+
 def check_rerun(existing: dict, wanted: dict) -> list[str]:
     """Fields where an existing store differs from what this run would write."""
-    return [k for k in IDENTITY_KEYS if _get(existing, k) != _get(wanted, k)]
+    norm = {"source.files": _file_list}
+    return [k for k in IDENTITY_KEYS
+            if norm.get(k, lambda v: v)(_get(existing, k)) != norm.get(k, lambda v: v)(_get(wanted, k))]
+
+
+def _changed_source_files(existing: dict, wanted: dict) -> list[str]:
+    from astropt_tok.source import SourceFile, changed_files
+
+    found = [SourceFile(f["path"], f["rows"], None, f.get("bytes"), f.get("fingerprint"))
+             for f in wanted["source"].get("files") or []]
+    return changed_files(existing["source"].get("files") or [], found)
+
+
+def check_source_unchanged(out: Path, existing: dict, wanted: dict) -> None:
+    """Refuse a store whose source files changed since it was begun (same path and rows, other content)."""
+    changed = _changed_source_files(existing, wanted)
+    if changed:
+        raise AstroptError(f"source file {changed[0]} changed since {out} was begun from it (its size or parquet "
+                           f"footer differ): a store must not mix two versions of a survey; restore the file, "
+                           f"or pass --overwrite to start the store again")
+    if any(isinstance(f, dict) and not f.get("fingerprint") for f in existing["source"].get("files") or []):
+        print(f"note: {out} was made by an older version that kept no source fingerprints: whether the source "
+              "files changed since cannot be checked", file=sys.stderr)
 
 
 def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
@@ -108,6 +140,10 @@ def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
         except AstroptError:
             existing = None
         diff = ["manifest"] if existing is None else check_rerun(existing, manifest)
+        if not diff and not overwrite:
+            check_source_unchanged(out, existing, manifest)
+        elif not diff and changed_source(existing, manifest):
+            diff = ["source file"]
         if diff and not overwrite:
             raise AstroptError(
                 f"{out} holds a store made with a different {', '.join(diff)}; "
@@ -116,12 +152,22 @@ def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
         if diff:
             _clear_store(out)
         elif existing.get("complete"):
-            return  # nothing to do but report
+            bad = st.shards_not_matching(out, existing)
+            if not bad:
+                return  # nothing to do but report
+            print(f"note: store {out} was complete, but {', '.join(bad)} is missing or not of its recorded size: "
+                  f"redoing it", file=sys.stderr)
+            st.write_manifest(out, manifest)  # not complete while they are redone
     elif out.exists() and any(out.iterdir()) and not overwrite:
         if any(p.name.startswith("shard-") for p in out.iterdir()):
             raise AstroptError(f"{out} holds shards but no manifest; pass --overwrite to replace them")
     if not path.is_file():
         st.write_manifest(out, manifest)
+
+
+def changed_source(existing: dict, wanted: dict) -> bool:
+    """Whether any source file's fingerprint differs from the one the existing store recorded."""
+    return bool(_changed_source_files(existing, wanted))
 
 
 def await_replaced_store(out: Path, manifest: dict, timeout_s: float) -> None:
@@ -131,8 +177,10 @@ def await_replaced_store(out: Path, manifest: dict, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if (out / st.MANIFEST).is_file() and not check_rerun(st.read_manifest(out), manifest):
-                return
+            if (out / st.MANIFEST).is_file():
+                existing = st.read_manifest(out)
+                if not check_rerun(existing, manifest) and not changed_source(existing, manifest):
+                    return
         except AstroptError:
             pass  # being rewritten
         if time.monotonic() >= deadline:

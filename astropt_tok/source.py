@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as globlib
+import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ SOURCE_SUFFIXES = (".parquet", ".arrow")
 class SourceFile:
     """One file of the source and how many rows it holds."""
 
-    path: str  # a local path or an fsspec URL (hf://datasets/...)
+    path: str  # an absolute local path or an fsspec URL (hf://datasets/...)
     num_rows: int
     row_group_rows: list[int] | None = None  # parquet only: rows per row group, for reading a slice
+    bytes: int | None = None  # the file's size
+    fingerprint: str | None = None  # sha256 of its parquet footer (arrow: of its first and last 64 KiB)
 
 
 @dataclass
@@ -68,7 +71,8 @@ class SourcePlan:
             "split": self.split,
             "column": self.column,
             "id_column": self.id_column,
-            "files": [{"path": f.path, "rows": f.num_rows} for f in self.files],
+            "files": [{"path": f.path, "rows": f.num_rows, "bytes": f.bytes, "fingerprint": f.fingerprint}
+                      for f in self.files],
             "limit": self.limit,
             "num_rows": self.num_rows,
         }
@@ -80,7 +84,7 @@ class SourcePlan:
 
 def _local_files(source: str, split: str) -> list[str] | None:
     """Local parquet/arrow files for `source` (folder, file or glob), or None when it is not local."""
-    p = Path(source).expanduser()
+    p = Path(os.path.abspath(Path(source).expanduser()))  # absolute: a store works from any folder
     if p.is_file():
         return [str(p)]
     if p.is_dir():
@@ -89,7 +93,7 @@ def _local_files(source: str, split: str) -> list[str] | None:
         in_split = [f for f in files if Path(f).name.startswith(f"{split}-") or f"/{split}/" in f]
         return in_split or files
     if any(ch in source for ch in "*?["):
-        return sorted(f for f in globlib.glob(os.path.expanduser(source), recursive=True)
+        return sorted(os.path.abspath(f) for f in globlib.glob(os.path.expanduser(source), recursive=True)
                       if f.endswith(SOURCE_SUFFIXES))
     return None
 
@@ -141,14 +145,63 @@ def _is_image_struct(arrow_type) -> bool:
     return pa.types.is_struct(arrow_type) and {"band", "flux"} <= {f.name for f in arrow_type}
 
 
+ENDS_BYTES = 1 << 16  # an arrow file's fingerprint covers its first and last 64 KiB
+
+
+def _fingerprint(fh, arrow: bool, path: str) -> tuple[int, str]:
+    """(size, fingerprint) of an open binary file: the sha256 of its parquet footer (the file's schema, row
+    groups, column offsets and statistics; one small read, cheap for a remote file), or of an arrow file's
+    first and last 64 KiB (schema, and the IPC footer or last batch). Any rewrite of the data moves them."""
+    size = fh.seek(0, os.SEEK_END)
+    h = hashlib.sha256(str(size).encode() + b"\0")
+    if arrow:
+        fh.seek(0)
+        h.update(fh.read(ENDS_BYTES))
+        fh.seek(max(0, size - ENDS_BYTES))
+        h.update(fh.read(ENDS_BYTES))
+        return size, "ends-sha256:" + h.hexdigest()
+    if size < 12:
+        raise AstroptError(f"source file {path} is unreadable: {size} bytes is too short for a parquet file")
+    fh.seek(size - 8)
+    tail = fh.read(8)
+    footer_len = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or footer_len > size - 12:
+        raise AstroptError(f"source file {path} is unreadable: no parquet footer (truncated or not parquet)")
+    fh.seek(size - 8 - footer_len)
+    h.update(fh.read(footer_len))
+    return size, "footer-sha256:" + h.hexdigest()
+
+
+def _open_binary(path: str):
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
 def _file_rows(path: str) -> SourceFile:
+    """A source file's row counts and fingerprint (its footer only is read)."""
     import pyarrow.parquet as pq
 
     with _readable(f"source file {path}"):
-        if path.endswith(".arrow"):
-            return SourceFile(path, _arrow_reader(path)[1])
-        meta = pq.ParquetFile(_open(path)).metadata
-        return SourceFile(path, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+        arrow = path.endswith(".arrow")
+        with _open_binary(path) as fh:
+            size, fingerprint = _fingerprint(fh, arrow, path)
+            if arrow:
+                return SourceFile(path, _arrow_reader(path)[1], None, size, fingerprint)
+            fh.seek(0)
+            meta = pq.ParquetFile(fh).metadata
+        return SourceFile(path, meta.num_rows, [meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                          size, fingerprint)
+
+
+def changed_files(recorded: list[dict], found: list[SourceFile]) -> list[str]:
+    """Paths of source files whose fingerprint differs from the one a manifest recorded (same path, other
+    content). Files recorded without a fingerprint (stores of format version 1) cannot be checked."""
+    known = {f["path"]: f for f in recorded if isinstance(f, dict) and f.get("fingerprint")}
+    return [f.path for f in found if f.path in known and f.fingerprint is not None
+            and (known[f.path]["fingerprint"], known[f.path].get("bytes")) != (f.fingerprint, f.bytes)]
 
 
 def _files_rows(paths: list[str]) -> list[SourceFile]:
@@ -221,14 +274,45 @@ def resolve_source(
     return SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit)
 
 
+def check_recorded_files(section: dict) -> str | None:
+    """Re-read the footers of a manifest's source files: AstroptError naming the first that changed since;
+    a note (or None) when some cannot be checked (unreachable, or recorded without fingerprints)."""
+    recorded = [f for f in section.get("files") or [] if isinstance(f, dict) and f.get("fingerprint")]
+    if not section.get("files"):
+        return None
+    if not recorded:
+        return "the store records no source fingerprints (made by an older version): the source is not checked"
+
+    def look(path: str):
+        try:
+            return _file_rows(path)
+        except AstroptError:
+            return None
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(16, len(recorded))) as pool:
+        found = list(pool.map(look, [f["path"] for f in recorded]))
+    changed = changed_files(recorded, [f for f in found if f is not None])
+    if changed:
+        raise AstroptError(f"source file {changed[0]} changed since the store was made from it (its size or "
+                           "footer differ): its shards may mix two versions of the survey; re-tokenise with "
+                           "--overwrite")
+    missing = [f["path"] for f, got in zip(recorded, found) if got is None]
+    if missing:
+        return f"{len(missing)} source file(s) cannot be read to check them (first: {missing[0]})"
+    return None
+
+
 def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> SourcePlan:
     """Rebuild a source plan from a store manifest's source section (to re-read rows for --compare).
-    `moved_to`: the folder where the source files are now, found by file name, when they moved since."""
+    `moved_to`: the folder where the source files are now, found by file name, when they moved since.
+    A file whose rows or fingerprint differ from the recorded ones is refused: it is not the same file."""
     files = []
     for f in section["files"]:
         path = f["path"]
         if moved_to is not None:
-            path = str(Path(moved_to) / Path(path).name)
+            path = str(Path(moved_to).resolve() / Path(path).name)
             if not Path(path).exists():
                 raise AstroptError(f"the store's source file {Path(path).name} is no longer in {moved_to}")
         elif "://" not in path and not Path(path).exists():
@@ -238,6 +322,9 @@ def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> Sou
         if f.get("rows") is not None and found.num_rows != f["rows"]:
             raise AstroptError(f"source file {path} has {found.num_rows} rows; the store was made from "
                                f"{f['rows']}: not the same file")
+        if f.get("fingerprint") and (found.fingerprint, found.bytes) != (f["fingerprint"], f.get("bytes")):
+            raise AstroptError(f"source file {path} changed since the store was made from it (its size or "
+                               "footer differ): not the same file")
         files.append(found)
     return SourcePlan(section["id"], section["kind"], section["split"], section["column"], section.get("id_column"),
                       files, section.get("revision"), section.get("limit"))

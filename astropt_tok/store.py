@@ -1,15 +1,17 @@
 """The token store: a folder of independent shards plus a manifest. This module writes and reads it.
 
-Format (version 1)
+Format (version 2; version 1 stores, without source fingerprints and shard row/token ranges, are still read)
 ------------------
 DIR/manifest.json
-    {"format": "astropt-token-store", "format_version": 1, "tool_version", "complete": bool,
+    {"format": "astropt-token-store", "format_version": 2, "tool_version", "complete": bool,
      "codec": {"id", "revision", "config", "weights_sha256", "vocab_size", "tokens_per_image"},
      "vocab_size", "tokens_per_image", "dtype": "int16" | "uint16", "bands": [...], "precision",
      "storage": "arrow" | "zarr",
-     "source": {"id", "kind", "revision", "split", "column", "id_column", "files": [...], "num_rows"},
+     "source": {"id", "kind", "revision", "split", "column", "id_column", "num_rows",
+                "files": [{"path" (absolute, or a URL), "rows", "bytes", "fingerprint"}, ...]},
      "sharding": {"rule", "num_shards"},
-     "shards": [{"index", "file", "rows", "rejected", "sha256", "bytes"}, ...],   # only when complete
+     "shards": [{"index", "file", "rows", "rejected", "sha256", "bytes", "first_row", "last_row",
+                 "token_min", "token_max"}, ...],                                   # only when complete
      "totals": {"rows", "rejected"}}                                             # only when complete
     Rewritten atomically (temporary file, fsync, rename). `complete` is true only once every shard is done.
 DIR/shard-00000.arrow ...
@@ -22,7 +24,7 @@ DIR/shard-00000.zarr/ ... (`--format zarr`)
     `object_id` [rows] (variable-length strings). Its sha256 is taken over its files in sorted path order.
 DIR/.done/shard-00000.json
     The completion record of one shard (its manifest entry and its rejected rows). A shard counts as done
-    only when this record exists; shards and records appear only when complete (temporary name, fsync,
+    only when this record exists and its file has the recorded size (else it is redone); shards and records appear only when complete (temporary name, fsync,
     rename), so a killed run leaves nothing partial that looks finished.
 DIR/rejects.jsonl
     One JSON object per skipped source row, in shard order: {"row", "object_id" (when known), "reason"}.
@@ -45,7 +47,8 @@ import numpy as np
 from astropt_tok.errors import AstroptError
 
 FORMAT = "astropt-token-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no source fingerprints, no per-shard row or token ranges
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 DONE_DIR = ".done"
@@ -127,6 +130,10 @@ class ShardRecord:
     rejected: int
     sha256: str
     bytes: int
+    first_row: int | None = None  # global source row of the shard's first row (None: an empty shard)
+    last_row: int | None = None
+    token_min: int | None = None  # smallest and largest token id in the shard
+    token_max: int | None = None
 
 
 def write_shard(
@@ -159,7 +166,10 @@ def write_shard(
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     os.replace(tmp, final)
     _fsync_dir(out)
-    return ShardRecord(index, final.name, int(rows.shape[0]), int(rejected), sha256_path(final), path_bytes(final))
+    n = int(rows.shape[0])
+    return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
+                       int(rows[0]) if n else None, int(rows[-1]) if n else None,
+                       int(tokens.min()) if tokens.size else None, int(tokens.max()) if tokens.size else None)
 
 
 def _arrow_table(tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None):
@@ -220,8 +230,9 @@ def mark_shard_done(out_dir: str | os.PathLike, record: ShardRecord, rejects: li
     atomic_write_text(path, json.dumps({"shard": asdict(record), "rejects": rejects}))
 
 
-def read_done_records(out_dir: str | os.PathLike, num_shards: int) -> dict[int, dict]:
-    """Completion records of the shards that are done, whose shard file is present."""
+def read_done_records(out_dir: str | os.PathLike, num_shards: int, storage: str | None = None) -> dict[int, dict]:
+    """Completion records of the shards that are done: a readable record whose shard file is present with the
+    recorded size (a truncated, grown or replaced shard is not done, and is redone)."""
     out = Path(out_dir)
     done = {}
     for i in range(num_shards):
@@ -230,11 +241,23 @@ def read_done_records(out_dir: str | os.PathLike, num_shards: int) -> dict[int, 
             continue
         try:
             rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # an unreadable record means the shard is redone
-        if (out / rec["shard"]["file"]).exists():
+            shard = rec["shard"]
+            name, size, rejects = shard["file"], shard["bytes"], rec["rejects"]
+            if shard["index"] != i or not isinstance(size, int) or not isinstance(rejects, list):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable or damaged record means the shard is redone
+        expected = {shard_name(i, s) for s in ([storage] if storage else STORAGES)}
+        if name in expected and (out / name).exists() and path_bytes(out / name) == size:
             done[i] = rec
     return done
+
+
+def shards_not_matching(store_dir: str | os.PathLike, manifest: dict) -> list[str]:
+    """Files of a complete manifest's shards that are missing or not of their recorded size (a cheap check)."""
+    out = Path(store_dir)
+    return [s["file"] for s in manifest.get("shards", [])
+            if not (out / s["file"]).exists() or path_bytes(out / s["file"]) != s["bytes"]]
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
@@ -246,7 +269,7 @@ def finalize_store(out_dir: str | os.PathLike, manifest: dict) -> dict | None:
     """If every shard is done, write rejects.jsonl and the complete manifest; return it, else None."""
     out = Path(out_dir)
     n = int(manifest["sharding"]["num_shards"])
-    done = read_done_records(out, n)
+    done = read_done_records(out, n, manifest.get("storage"))
     if len(done) < n:
         return None
     shards = [done[i]["shard"] for i in range(n)]
@@ -265,7 +288,7 @@ def finalize_store(out_dir: str | os.PathLike, manifest: dict) -> dict | None:
 
 
 def read_manifest(store_dir: str | os.PathLike) -> dict:
-    """Load and check DIR/manifest.json (format and version); any problem is one AstroptError."""
+    """Load and check DIR/manifest.json (format, version, fields and their types); any problem is one AstroptError."""
     path = Path(store_dir) / MANIFEST
     if not Path(store_dir).is_dir():
         raise AstroptError(f"token store {store_dir} does not exist")
@@ -273,15 +296,62 @@ def read_manifest(store_dir: str | os.PathLike) -> dict:
         raise AstroptError(f"{store_dir} is not a token store: no {MANIFEST}")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AstroptError(f"{path} is unreadable: {exc}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AstroptError(f"{path} is not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise AstroptError(
-            f"{path} has format version {manifest.get('format_version')}; this tool reads version {FORMAT_VERSION}"
+            f"{path} has format version {manifest.get('format_version')}; this tool reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    _check_manifest(manifest, path)
     return manifest
+
+
+def _check_manifest(m: dict, path: Path) -> None:
+    """Every field a reader relies on is there with the right type; shard entries name their own files."""
+    def need(obj, key, kind, where=""):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if not ok:
+            raise AstroptError(f"{path} is damaged: {where}{key!r} is {'missing' if value is None else repr(value)}"
+                               f" (expected {getattr(kind, '__name__', 'a ' + ' or '.join(k.__name__ for k in kind))})")
+        return value
+
+    need(m, "complete", bool)
+    need(need(m, "codec", dict), "id", str, "codec.")
+    vocab, per_image = need(m, "vocab_size", int), need(m, "tokens_per_image", int)
+    if vocab < 1 or per_image < 1:
+        raise AstroptError(f"{path} is damaged: vocab_size {vocab} and tokens_per_image {per_image} must be positive")
+    if need(m, "dtype", str) not in ("int16", "uint16"):
+        raise AstroptError(f"{path} is damaged: dtype {m['dtype']!r} is not int16 or uint16")
+    bands = need(m, "bands", list)
+    if not bands or not all(isinstance(b, str) for b in bands):
+        raise AstroptError(f"{path} is damaged: bands {bands!r} is not a list of band names")
+    if need(m, "storage", str) not in STORAGES:
+        raise AstroptError(f"{path} is damaged: storage {m['storage']!r} is not one of {', '.join(STORAGES)}")
+    need(m, "source", dict)
+    num_shards = need(need(m, "sharding", dict), "num_shards", int, "sharding.")
+    if num_shards < 1:
+        raise AstroptError(f"{path} is damaged: sharding.num_shards is {num_shards}")
+    if not m["complete"]:
+        return
+    shards = need(m, "shards", list)
+    if len(shards) != num_shards:
+        raise AstroptError(f"{path} is damaged: {len(shards)} shard entries for {num_shards} shards")
+    for i, s in enumerate(shards):
+        where = f"shards[{i}]."
+        for key, kind in (("index", int), ("file", str), ("rows", int), ("rejected", int), ("sha256", str),
+                          ("bytes", int)):
+            need(s, key, kind, where)
+        for key in ("first_row", "last_row", "token_min", "token_max"):
+            if s.get(key) is not None:
+                need(s, key, int, where)
+        if s["index"] != i or s["file"] != shard_name(i, m["storage"]) or s["rows"] < 0:
+            raise AstroptError(f"{path} is damaged: shard entry {i} is {s['file']!r} (index {s['index']}, "
+                               f"{s['rows']} rows), expected {shard_name(i, m['storage'])}")
+    need(m, "totals", dict)
 
 
 def manifest_sha256(store_dir: str | os.PathLike) -> str:
@@ -358,7 +428,34 @@ class TokenStore:
                     f"token store {self.dir}: shard {path.name} holds {tuple(t.shape)} {t.dtype}, the manifest says "
                     f"({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
                 )
+            self._check_row_ids(i, path)
         return self._open[i]
+
+    def _check_row_ids(self, i: int, path: Path) -> None:
+        """A shard is the one the manifest describes: its first and last source rows are the recorded ones
+        (a same-sized file of another shard or store at its name is refused)."""
+        s = self.shards[i]
+        if s.get("first_row") is None or not s["rows"]:
+            return  # format version 1, or an empty shard
+        rows = self._open[i]["row"]
+        first, last = int(rows[0]), int(rows[s["rows"] - 1])
+        if (first, last) != (s["first_row"], s["last_row"]):
+            del self._open[i]
+            raise AstroptError(
+                f"token store {self.dir}: shard {path.name} holds source rows {first}..{last}, the manifest says "
+                f"{s['first_row']}..{s['last_row']}: not this store's shard (run `astropt verify {self.dir}`)")
+
+    def check_token_range(self) -> bool:
+        """Refuse a store whose recorded per-shard token range leaves the vocabulary; False when the manifest
+        records no ranges (format version 1), True when every shard is within 0..vocab_size-1."""
+        if any(s.get("token_min") is None and s["rows"] for s in self.shards):
+            return False
+        for s in self.shards:
+            if s["rows"] and not (0 <= s["token_min"] and s["token_max"] < self.vocab_size):
+                raise AstroptError(
+                    f"token store {self.dir}: shard {s['file']} holds tokens {s['token_min']}..{s['token_max']}, "
+                    f"outside the vocabulary 0..{self.vocab_size - 1}")
+        return True
 
     def shard_tokens(self, i: int):
         """Shard i's tokens, [rows, tokens_per_image]: a zero-copy numpy view (arrow) or a zarr array."""
@@ -518,6 +615,10 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
             continue
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= store.vocab_size):
             problems.append(f"{s['file']}: tokens outside 0..{store.vocab_size - 1}")
+        elif tokens.size and s.get("token_min") is not None and (s["token_min"], s["token_max"]) != (
+                int(tokens.min()), int(tokens.max())):
+            problems.append(f"{s['file']}: tokens span {int(tokens.min())}..{int(tokens.max())}, the manifest says "
+                            f"{s['token_min']}..{s['token_max']}")
         rows = store.shard_source_rows(i)
         if rows.shape[0] != s["rows"] or (rows.size > 1 and np.any(np.diff(rows) <= 0)):
             problems.append(f"{s['file']}: source row column is not {s['rows']} ascending rows")

@@ -24,8 +24,9 @@ from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
 from astropt_tok.encoder import EncodedShard, Encoder, encode_shard
 from astropt_tok.errors import AstroptError
-from astropt_tok.executor import (TorchrunGroup, await_replaced_store, check_rerun, default_workers, prepare_store,
-                                  process_rank, remove_stale_temporaries, resolve_device, shards_for_this_process)
+from astropt_tok.executor import (TorchrunGroup, await_replaced_store, check_rerun, check_source_unchanged,
+                                  default_workers, prepare_store, process_rank, remove_stale_temporaries,
+                                  resolve_device, shards_for_this_process)
 from astropt_tok.source import DEFAULT_SOURCE
 from astropt_tok.stages import prepare_shards
 
@@ -109,6 +110,14 @@ class TokeniseSummary:
 
 
 
+def _record_fits(shard: dict, lo: int, hi: int) -> bool:
+    """A completion record belongs to the shard of source rows [lo, hi): the rows it records lie inside (a
+    record without a row range, of format 1 or of an empty shard, is trusted)."""
+    if shard.get("first_row") is None:
+        return True
+    return lo <= shard["first_row"] <= shard["last_row"] < hi
+
+
 def write_encoded_shard(encoded: EncodedShard, out: Path, storage: str) -> ShardResult:
     """Write a shard and its completion record atomically (temporary name, fsync, rename)."""
     t0 = time.perf_counter()
@@ -144,9 +153,12 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
 
     unknown = [b for b in bands if b not in BAND_TO_INDEX]
-    if unknown or len({b.split("-")[0] for b in bands}) != 1:
+    if not bands or unknown or len({b.split("-")[0] for b in bands}) != 1:
         raise AstroptError(f"--bands must be bands of one survey known to AION ({', '.join(BAND_TO_INDEX)}); "
                            f"got {','.join(bands)}")
+    repeated = sorted({b for b in bands if bands.count(b) > 1})
+    if repeated:
+        raise AstroptError(f"--bands names {','.join(repeated)} more than once; give each band once")
     rank, world = process_rank(cfg)
     plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit)
     device = resolve_device(cfg.device)
@@ -163,12 +175,15 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         prepare_store(out, manifest, cfg.overwrite)
     group.barrier()  # under torchrun, the other ranks look only once rank 0 has created or checked the store
     if rank != 0 and group.active:
-        diff = check_rerun(st.read_manifest(out), manifest)
+        existing = st.read_manifest(out)
+        diff = check_rerun(existing, manifest)
         if diff:
             raise AstroptError(f"{out} holds a store made with a different {', '.join(diff)}")
+        check_source_unchanged(out, existing, manifest)
     bounds = st.shard_bounds(plan.num_rows, cfg.shards)
     mine = shards_for_this_process(cfg.shards, rank, world)
-    done = st.read_done_records(out, cfg.shards)
+    done = {i: rec for i, rec in st.read_done_records(out, cfg.shards, cfg.storage).items()
+            if _record_fits(rec["shard"], bounds[i], bounds[i + 1])}
     summary = TokeniseSummary(str(out), cfg.shards, mine, device=device, precision=cfg.precision)
     encoder = Encoder(loaded, device, cfg.precision, bands)
 

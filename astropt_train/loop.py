@@ -141,6 +141,9 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
 
     # --- store: manifest, dtype, vocab and every shard's size are checked before the first step
     store = TokenStore(cfg.tokens)
+    if not store.check_token_range():  # refuses tokens outside the vocabulary before the model sees one
+        echo(f"note: {cfg.tokens} records no per-shard token ranges (an older store): "
+             f"`astropt verify {cfg.tokens}` checks every token")
     store_info = {"dir": str(Path(cfg.tokens).resolve()), "manifest_sha256": manifest_sha256(cfg.tokens),
                   "codec_id": store.codec_id, "bands": store.bands}
     split = split_rows(store.num_rows, cfg.val_fraction, cfg.seed)
