@@ -75,7 +75,8 @@ def shard_name(index: int, storage: str) -> str:
 # atomic file helpers
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so a rename inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -92,7 +93,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def sha256_path(path: str | os.PathLike) -> str:
@@ -165,7 +166,7 @@ def write_shard(
     if final.exists():  # an earlier, unrecorded attempt at this shard: replace it
         shutil.rmtree(final) if final.is_dir() else final.unlink()
     os.replace(tmp, final)
-    _fsync_dir(out)
+    fsync_dir(out)
     n = int(rows.shape[0])
     return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
                        int(rows[0]) if n else None, int(rows[-1]) if n else None,

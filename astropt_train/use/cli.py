@@ -106,7 +106,48 @@ def demo_command(
     print_demo_summary(run_demo(cfg))
 
 
+def embed_command(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint folder of `astropt train`, or an upstream AstroPT ckpt.pt (or its folder)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Embeddings store folder to write."),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store (default: the one the checkpoint was trained on)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    pool: str = typer.Option("mean", "--pool", help="Reduction over positions: mean, last or exp_decay (upstream AstroPT's)."),
+    layer: str = typer.Option("final", "--layer", help="final (after the last LayerNorm), centre (block n_layer//2, upstream's draw_from_centre), a block index, or a comma list."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="Store rows A:B (default: all)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many rows."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Galaxies per forward pass."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available; bf16 autocast there)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the embeddings: float32 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace embeddings in --out made with other settings."),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="Check an embeddings store against its manifest instead."),
+) -> None:
+    """Per-galaxy embeddings from a trained model: one Arrow shard per token shard, a manifest, resumable and verifiable."""
+    from astropt_tok.errors import AstroptError
+
+    if verify is not None:
+        from astropt_train.use.embed import verify_embeddings
+
+        problems = verify_embeddings(verify)
+        for line in problems:
+            typer.echo(f"BAD {line}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"OK {verify}: every shard matches its manifest")
+        return
+    if checkpoint is None or out is None:
+        raise AstroptError("pass --checkpoint RUN and --out DIR (or --verify DIR)")
+    from astropt_train.use.embed import EmbedConfig, embed
+
+    r = embed(EmbedConfig(checkpoint=checkpoint, out=out, tokens=tokens, step=step, pool=pool, layers=layer, rows=rows,
+                          limit=limit, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite))
+    m = r.manifest
+    typer.echo(f"wrote {r.out}: {r.rows} embeddings of {m['n_embd']} ({', '.join(x['name'] for x in m['layers'])}; "
+               f"{m['pool']} pooling; {m['dtype']}) in {len(m['shards'])} shards ({r.shards_skipped} already done); "
+               f"{r.embeddings_per_s:,.1f} embeddings/s")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `decode` and `demo` commands to the `astropt` app."""
+    """Add the `decode`, `demo` and `embed` commands to the `astropt` app."""
     app.command("decode")(decode_command)
     app.command("demo")(demo_command)
+    app.command("embed")(embed_command)

@@ -1,0 +1,456 @@
+"""`astropt embed`: pooled per-galaxy embeddings from a trained model, written as a sharded, verifiable store.
+
+Each galaxy's 576 tokens go through the model in one pass; the hidden states of one or more layers are
+pooled over positions with upstream AstroPT's reductions (`GPT.generate_embeddings`):
+    mean       the mean over positions
+    last       the last position's state
+    exp_decay  a weighted mean with weights 10**linspace(0, -1, T) (torch.logspace(0, -1, T)): early positions
+               weigh up to 10x the last
+Layers: `final` (default) is the output after the final LayerNorm, what the head sees; `centre` is block
+n_layer // 2's output, upstream's `draw_from_centre`; an integer i is block i's output (0-based).
+
+Embeddings store (format version 1)
+-----------------------------------
+EMB/manifest.json
+    {"format": "astropt-embeddings", "format_version": 1, "complete",
+     "checkpoint": {"kind", "path", "step", "weights_sha256", "model", "random_init_seed"},
+     "tokens": {"dir", "manifest_sha256", "num_rows", "codec_id"}, "store_rows": [start, stop],
+     "pool", "layers": [{"name", "index", "column"}], "n_embd", "dtype",
+     "shards": [{"index", "file", "rows", "rejected", "sha256", "bytes"}, ...]}   # shards: once complete
+EMB/shard-00000.arrow ...
+    One Arrow IPC stream per token shard (same index), uncompressed: `row` int64 (the token store's global
+    source row), `store_row` int64 (the row's index in the token store), `object_id` string (null when the
+    store has none), and one fixed_size_list<float32 | float16>[n_embd] column per layer: `embedding` for a
+    single layer, `embedding_<name>` for each of several. `datasets.Dataset.from_file` and `pyarrow` read it.
+EMB/.done/shard-00000.json
+    The shard's completion record, as in a token store; a shard without one is redone on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError, ensure_folder
+
+FORMAT = "astropt-embeddings"
+FORMAT_VERSION = 1
+POOLS = ("mean", "last", "exp_decay")
+DTYPES = ("float32", "float16")
+IDENTITY_KEYS = ("checkpoint", "tokens", "store_rows", "pool", "layers", "dtype")  # what a rerun must agree on
+
+
+@dataclass
+class EmbedConfig:
+    """Everything `astropt embed` needs; every flag is one field."""
+
+    checkpoint: Path | str
+    out: Path | str
+    tokens: Path | str | None = None  # default: the store the checkpoint was trained on
+    step: int | None = None
+    pool: str = "mean"
+    layers: str = "final"  # comma list of final, centre, or block indices
+    rows: str | None = None  # "A:B" store rows
+    limit: int | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "float32"  # storage dtype of the embeddings
+    random_init_seed: int | None = None  # embed with a fresh model of the same shape, seeded so (probe baseline)
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EmbedResult:
+    """What one `embed` call did."""
+
+    out: Path
+    rows: int  # rows in the whole embeddings store
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    rows_embedded: int = 0  # rows computed by this call
+    loader_seconds: float = 0.0  # time the model waited for token batches
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def embeddings_per_s(self) -> float:
+        return self.rows_embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the arithmetic
+
+
+def parse_layers(spec: str, n_layer: int) -> list[dict]:
+    """`final,centre,3` -> [{"name", "index", "column"}]: index n_layer is after ln_f, i < n_layer block i's output."""
+    names = [s.strip().lower() for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise AstroptError("--layer names no layer: use final, centre or a block index")
+    layers = []
+    for name in names:
+        if name == "final":
+            index = n_layer
+        elif name in ("centre", "center"):
+            name, index = "centre", n_layer // 2
+        else:
+            try:
+                index = int(name)
+            except ValueError:
+                raise AstroptError(f"--layer {name!r}: use final, centre or a block index 0..{n_layer - 1}") from None
+            if not 0 <= index < n_layer:
+                raise AstroptError(f"--layer {index}: the model has blocks 0..{n_layer - 1}")
+        if any(lay["name"] == name for lay in layers):
+            raise AstroptError(f"--layer names {name} twice")
+        layers.append({"name": name, "index": index})
+    for lay in layers:
+        lay["column"] = "embedding" if len(layers) == 1 else f"embedding_{lay['name']}"
+    return layers
+
+
+def pool_hidden(hidden, pool: str):
+    """(B, T, C) hidden states -> (B, C) in float32 with upstream's reduction `pool`."""
+    import torch
+
+    hidden = hidden.float()
+    if pool == "mean":
+        return hidden.mean(dim=1)
+    if pool == "last":
+        return hidden[:, -1, :]
+    if pool == "exp_decay":
+        weights = torch.logspace(0, -1, hidden.shape[1], device=hidden.device).unsqueeze(0).unsqueeze(-1)  # (1, T, 1)
+        return (weights * hidden).sum(dim=1) / weights.sum(dim=1)
+    raise AstroptError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+
+
+def embed_batch(model, tokens, layers: list[dict], pool: str) -> list:
+    """tokens (B, T) int64 on the model's device -> one (B, C) float32 tensor per layer."""
+    import torch
+
+    with torch.no_grad():
+        hidden = model.hidden_states(tokens, [lay["index"] for lay in layers])
+    return [pool_hidden(h, pool) for h in hidden]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading token batches ahead of the model
+
+
+class _BatchReader:
+    """Token batches (int64 tensors, pinned on CUDA) read by a thread a few batches ahead of the model."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, pin: bool, ahead: int = 3):
+        self.tokens, self.batch_size, self.pin = tokens, batch_size, pin
+        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self.wait_s = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch
+
+        try:
+            for a in range(0, len(self.tokens), self.batch_size):
+                batch = torch.from_numpy(np.asarray(self.tokens[a : a + self.batch_size]).astype(np.int64))
+                self.queue.put(batch.pin_memory() if self.pin else batch)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self.queue.put(exc)
+        self.queue.put(None)
+
+    def __iter__(self):
+        while True:
+            t0 = time.perf_counter()
+            item = self.queue.get()
+            self.wait_s += time.perf_counter() - t0
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the store
+
+
+def _read_manifest(out: Path) -> dict | None:
+    p = out / "manifest.json"
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AstroptError(f"{p} is unreadable ({exc}); remove it or pass --overwrite") from None
+    if m.get("format") != FORMAT:
+        raise AstroptError(f"{out} holds a manifest that is not an embeddings store's; choose another --out")
+    return m
+
+
+def open_embeddings(path: str | os.PathLike) -> dict:
+    """The manifest of a complete embeddings store; one clear error otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AstroptError(f"embeddings store {path} does not exist")
+    m = _read_manifest(path)
+    if m is None:
+        raise AstroptError(f"{path} is not an embeddings store: no manifest.json")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise AstroptError(f"{path} has format version {m.get('format_version')}; this tool reads {FORMAT_VERSION}")
+    if not m.get("complete"):
+        raise AstroptError(f"embeddings store {path} is incomplete: re-run the same `astropt embed` command")
+    return m
+
+
+def read_embeddings(path: str | os.PathLike, column: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+    """(embeddings [N, C] float32, source rows [N], object ids [N]) of a complete store; `column` defaults to the
+    first layer's."""
+    import pyarrow as pa
+
+    path = Path(path)
+    m = open_embeddings(path)
+    column = column or m["layers"][0]["column"]
+    if column not in [lay["column"] for lay in m["layers"]]:
+        raise AstroptError(f"{path} has no column {column!r} (it has {', '.join(lay['column'] for lay in m['layers'])})")
+    embs, rows, ids = [], [], []
+    for s in m["shards"]:
+        try:
+            with pa.memory_map(str(path / s["file"])) as src:
+                table = pa.ipc.open_stream(src).read_all()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise AstroptError(f"embeddings shard {path / s['file']} is unreadable ({exc}); run "
+                               f"`astropt embed --verify {path}`") from None
+        flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        embs.append(flat.reshape(table.num_rows, m["n_embd"]).astype(np.float32))
+        rows.append(table.column("row").to_numpy())
+        ids.extend(table.column("object_id").to_pylist())
+    n = m["n_embd"]
+    return (np.concatenate(embs) if embs else np.zeros((0, n), np.float32),
+            np.concatenate(rows) if rows else np.zeros(0, np.int64), ids)
+
+
+def _write_shard(out: Path, index: int, rows: np.ndarray, store_rows: np.ndarray, ids: list,
+                 columns: dict[str, np.ndarray], dtype: str):
+    import pyarrow as pa
+
+    from astropt_tok.store import ShardRecord, fsync_dir, path_bytes, sha256_path, shard_name
+
+    final = out / shard_name(index, "arrow")
+    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    cols = {"row": pa.array(rows, type=pa.int64()), "store_row": pa.array(store_rows, type=pa.int64()),
+            "object_id": pa.array(ids, type=pa.string())}
+    for name, emb in columns.items():  # emb [n, C]
+        flat = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1))
+        cols[name] = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+    table = pa.table(cols)
+    with open(tmp, "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(out)
+    return ShardRecord(index, final.name, int(len(rows)), 0, sha256_path(final), path_bytes(final))
+
+
+def _plan(store, start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(token shard, first local row, end local row) of every shard that meets store rows [start, stop)."""
+    plan = []
+    for i in range(len(store.shards)):
+        a, b = max(start, int(store.offsets[i])), min(stop, int(store.offsets[i + 1]))
+        if a < b:
+            plan.append((i, a - int(store.offsets[i]), b - int(store.offsets[i])))
+    return plan
+
+
+def _row_range(cfg: EmbedConfig, num_rows: int) -> tuple[int, int]:
+    start, stop = 0, num_rows
+    if cfg.rows:
+        try:
+            a, _, b = cfg.rows.partition(":")
+            start = int(a) if a.strip() else 0
+            stop = int(b) if b.strip() else num_rows
+        except ValueError:
+            raise AstroptError(f"--rows {cfg.rows!r}: give a range A:B of store rows") from None
+        if ":" not in cfg.rows:
+            stop = start + 1
+    if not 0 <= start < stop <= num_rows:
+        raise AstroptError(f"--rows {cfg.rows}: the store has rows 0..{num_rows - 1}")
+    if cfg.limit is not None:
+        stop = min(stop, start + cfg.limit)
+    return start, stop
+
+
+def _check_options(cfg: EmbedConfig) -> None:
+    if cfg.pool not in POOLS:
+        raise AstroptError(f"--pool must be one of {', '.join(POOLS)}, got {cfg.pool!r}")
+    if cfg.dtype not in DTYPES:
+        raise AstroptError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.batch_size < 1:
+        raise AstroptError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise AstroptError(f"--limit must be at least 1, got {cfg.limit}")
+
+
+def embed(cfg: EmbedConfig) -> EmbedResult:
+    """Embed the chosen rows of a token store with a checkpoint into an embeddings store (resumable per shard)."""
+    import torch
+
+    from astropt_tok.executor import resolve_device
+    from astropt_tok.store import TokenStore, manifest_sha256, mark_shard_done, read_done_records, write_manifest
+    from astropt_train.use.interop import load_any_model
+
+    _check_options(cfg)
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, info = load_any_model(cfg.checkpoint, step=cfg.step, device=device)
+    if cfg.random_init_seed is not None:  # same shape, fresh weights: the probe's random-init baseline
+        from astropt_train.model import GPT
+
+        torch.manual_seed(cfg.random_init_seed)
+        model = GPT(model.config).to(device).eval()
+    store_dir = cfg.tokens if cfg.tokens is not None else (info.get("store") or {}).get("dir")
+    if store_dir is None:
+        raise AstroptError("pass the token store with --tokens DIR")
+    if cfg.tokens is None and not Path(store_dir).exists():
+        raise AstroptError(f"the checkpoint's token store {store_dir} is not here: pass --tokens DIR")
+    store = TokenStore(store_dir)
+    if store.tokens_per_image > model.config.block_size:
+        raise AstroptError(f"{cfg.checkpoint} has {model.config.block_size} positions, fewer than the "
+                           f"{store.tokens_per_image} tokens per image of store {store.dir}")
+    if store.vocab_size > model.config.vocab_size:
+        raise AstroptError(f"{cfg.checkpoint} knows {model.config.vocab_size} tokens, fewer than the vocabulary of "
+                           f"{store.vocab_size} of store {store.dir}")
+    layers = parse_layers(cfg.layers, model.config.n_layer)
+    start, stop = _row_range(cfg, store.num_rows)
+    plan = _plan(store, start, stop)
+
+    out = Path(cfg.out)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+        "checkpoint": {**{k: info[k] for k in ("kind", "path", "step", "weights_sha256")},
+                       "model": info["model"], "random_init_seed": cfg.random_init_seed},
+        "tokens": {"dir": str(store.dir.resolve()), "manifest_sha256": manifest_sha256(store.dir),
+                   "num_rows": store.num_rows, "codec_id": store.codec_id},
+        "store_rows": [start, stop], "pool": cfg.pool, "layers": layers, "n_embd": model.config.n_embd,
+        "dtype": cfg.dtype, "planned_shards": [i for i, _, _ in plan],
+    }
+    old = _read_manifest(out) if out.is_dir() else None
+    if old is not None and any(old.get(k) != manifest[k] for k in IDENTITY_KEYS):
+        if not cfg.overwrite:
+            diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest[k]]
+            raise AstroptError(f"{out} holds embeddings made with another {', '.join(diff)}; pass --overwrite "
+                               "to replace them, or choose another --out")
+        shutil.rmtree(out)
+        old = None
+    ensure_folder(out, "the embeddings folder")
+    if old is None or not old.get("complete"):
+        write_manifest(out, manifest)
+
+    done = read_done_records(out, len(store.shards))
+    todo = [p for p in plan if p[0] not in done]
+    rows_done, loader_s = 0, 0.0
+    cuda = device.startswith("cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
+        if cuda else None
+    total = sum(b - a for _, a, b in todo)
+    bar = _progress(cfg.progress and total > 0, total)
+    try:
+        for index, a, b in todo:
+            tokens = store.shard_tokens(index)[a:b]
+            reader = _BatchReader(tokens, cfg.batch_size, pin=cuda)
+            parts: list[list[np.ndarray]] = [[] for _ in layers]
+            for batch in reader:
+                batch = batch.to(device, non_blocking=True)
+                if amp is not None:
+                    with amp:
+                        pooled = embed_batch(model, batch, layers, cfg.pool)
+                else:
+                    pooled = embed_batch(model, batch, layers, cfg.pool)
+                for k, p in enumerate(pooled):
+                    parts[k].append(p.float().cpu().numpy())
+                if bar is not None:
+                    bar.update(bar.task_ids[0], advance=batch.shape[0])
+            loader_s += reader.wait_s
+            ids = store.shard_object_ids(index)
+            record = _write_shard(
+                out, index, store.shard_source_rows(index)[a:b], np.arange(a, b) + int(store.offsets[index]),
+                ids[a:b] if ids is not None else [None] * (b - a),
+                {lay["column"]: np.concatenate(parts[k]) for k, lay in enumerate(layers)}, cfg.dtype)
+            mark_shard_done(out, record, [])
+            rows_done += b - a
+    finally:
+        if bar is not None:
+            bar.stop()
+    final = _finalize(out, manifest)
+    return EmbedResult(out=out, rows=stop - start, shards_written=len(todo), shards_skipped=len(plan) - len(todo),
+                       seconds=time.perf_counter() - t_start, rows_embedded=rows_done, loader_seconds=loader_s,
+                       manifest=final)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.add_task("embed", total=total)
+    bar.start()
+    return bar
+
+
+def _finalize(out: Path, manifest: dict) -> dict:
+    """Write the complete manifest (shards in order) once every planned shard is done."""
+    from astropt_tok.store import read_done_records, write_manifest
+
+    done = read_done_records(out, max(manifest["planned_shards"], default=-1) + 1)
+    missing = [i for i in manifest["planned_shards"] if i not in done]
+    if missing:
+        raise AstroptError(f"{out}: shards {missing[:5]} are not done; re-run the same command")
+    final = dict(manifest, complete=True, shards=[done[i]["shard"] for i in manifest["planned_shards"]])
+    write_manifest(out, final)
+    return final
+
+
+def verify_embeddings(path: str | os.PathLike) -> list[str]:
+    """Re-hash every shard against the manifest and check its columns, row count and finiteness; one line per
+    problem (empty when sound)."""
+    import pyarrow as pa
+
+    from astropt_tok.store import sha256_path
+
+    path = Path(path)
+    m = open_embeddings(path)
+    problems = []
+    want = ["row", "store_row", "object_id"] + [lay["column"] for lay in m["layers"]]
+    for s in m["shards"]:
+        p = path / s["file"]
+        if not p.exists():
+            problems.append(f"{s['file']}: missing")
+            continue
+        digest = sha256_path(p)
+        if digest != s["sha256"]:
+            problems.append(f"{s['file']}: sha256 {digest[:12]}… does not match the manifest's {s['sha256'][:12]}…")
+            continue
+        try:
+            with pa.memory_map(str(p)) as src:
+                table = pa.ipc.open_stream(src).read_all()
+        except (OSError, pa.ArrowInvalid) as exc:
+            problems.append(f"{s['file']}: unreadable ({exc})")
+            continue
+        if table.column_names != want or table.num_rows != s["rows"]:
+            problems.append(f"{s['file']}: columns {table.column_names} / {table.num_rows} rows, expected {want} / "
+                            f"{s['rows']}")
+            continue
+        for lay in m["layers"]:
+            vals = table.column(lay["column"]).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            if vals.size != s["rows"] * m["n_embd"] or not np.isfinite(vals).all():
+                problems.append(f"{s['file']}: column {lay['column']} is not {s['rows']} finite rows of {m['n_embd']}")
+    return problems
