@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -19,8 +19,9 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option("data/tokens", "--out", help="Token store folder to write."),
         shards: int = typer.Option(..., "--shards", help="Number of shards (independent units of work; e.g. 256)."),
         codec: str = typer.Option(DEFAULT_CODEC, "--codec", help="AION codec: hub id or a local snapshot in the hub layout (codecs/image/...)."),
-        column: str = typer.Option("legacysurvey_image", "--column", help="Image column: a struct with 'band' and 'flux'."),
-        bands: str = typer.Option("DES-G,DES-R,DES-I,DES-Z", "--bands", help="Bands, in the channel order given to the codec."),
+        column: List[str] = typer.Option(["legacysurvey_image"], "--column", help="Image column: a struct with 'band' and 'flux'. Several surveys of each galaxy in one store: repeat as COLUMN:BAND,BAND,... (e.g. --column legacysurvey_image:DES-G,DES-R,DES-I,DES-Z --column hsc_image:HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y); one token column each."),
+        bands: Optional[str] = typer.Option(None, "--bands", help="Bands of a single --column, in the channel order given to the codec [default: DES-G,DES-R,DES-I,DES-Z]."),
+        keep_partial: bool = typer.Option(False, "--keep-partial", help="Several --column: keep a row when at least one of its images is good; the others are zeros, marked False in <column>_valid."),
         split: str = typer.Option("train", "--split", help="Dataset split."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per codec call (use 256+ on a GPU)."),
         device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N or cpu."),
@@ -40,11 +41,12 @@ def register(app: typer.Typer) -> None:
         (RANK/WORLD_SIZE) or a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) each process takes its own shards.
         """
         from astropt_tok.report import print_tokenise_summary
-        from astropt_tok.tokenise import TokeniseConfig, tokenise as run
+        from astropt_tok.tokenise import TokeniseConfig, parse_columns, tokenise as run
 
+        single, band_list, modalities = parse_columns(column, bands)
         cfg = TokeniseConfig(
-            source=source, out=out, shards=shards, codec=codec, column=column,
-            bands=tuple(b.strip() for b in bands.split(",") if b.strip()), split=split, batch_size=batch_size,
+            source=source, out=out, shards=shards, codec=codec, column=single, bands=band_list,
+            modalities=modalities, keep_partial=keep_partial, split=split, batch_size=batch_size,
             device=device, storage=storage, limit=limit, workers=workers, id_column=id_column or None,
             strict=strict, overwrite=overwrite, precision=precision, reader=reader, progress=progress,
         )

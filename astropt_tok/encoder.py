@@ -99,6 +99,24 @@ class Encoder:
         return self.result(self.submit(flux))
 
 
+class ModalityEncoders:
+    """One `Encoder` per image column, each with its own bands, sharing one codec: a batch of several surveys of
+    the same galaxies costs one codec call per modality. `submit`/`result` take and give {column: ...}."""
+
+    def __init__(self, loaded, device: str, precision: str, modalities: list[tuple[str, tuple[str, ...]]]):
+        self.encoders = {column: Encoder(loaded, device, precision, list(bands)) for column, bands in modalities}
+        self.loaded = loaded
+        self.device = next(iter(self.encoders.values())).device
+
+    def submit(self, flux: dict) -> dict:
+        """Start encoding each modality's [n, bands, 96, 96] flux."""
+        return {column: self.encoders[column].submit(f) for column, f in flux.items()}
+
+    def result(self, handles: dict) -> dict:
+        """{column: (tokens [n, T] int64, finite [n] bool, in_vocab [n] bool)}, as `Encoder.result`."""
+        return {column: self.encoders[column].result(h) for column, h in handles.items()}
+
+
 @dataclass
 class EncodedShard:
     """One shard's checked tokens, in source-row order, ready to be written."""
@@ -110,6 +128,7 @@ class EncodedShard:
     rejects: list[dict]  # sorted by row
     seconds: float  # encoding, waits for input included
     input_wait_s: float
+    valid: dict | None = None  # several modalities with --keep-partial: {column: [rows] bool}
 
 
 def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index: int,
@@ -117,10 +136,35 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
     """Encode one shard's batches. `on_rows(n)` is told of rows as they are done, `on_first_batch(seconds)` of
     the wait for the shard's first batch."""
     t0 = time.perf_counter()
-    tokens_parts, rows_parts, ids, rejects = [], [], [], []
+    tokens_parts, rows_parts, ids, rejects, valid_parts = [], [], [], [], []
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
 
+    def collect_several(batch: PreparedBatch, handles: dict) -> None:
+        """Several modalities: a row is kept when every image encoded well (with --keep-partial, when one did;
+        the others are marked invalid and hold zeros); a reject names each failed modality."""
+        n = len(batch.rows)
+        results = encoder.result(handles)
+        tokens, valid, why = {}, {}, [[] for _ in range(n)]
+        for column, (t, finite, in_vocab) in results.items():
+            present = batch.valid[column] if batch.valid is not None else np.ones(n, dtype=bool)
+            valid[column] = present & finite & in_vocab
+            for j in np.nonzero(present & ~(finite & in_vocab))[0]:
+                why[j].append(f"{column}: {OUT_OF_VOCABULARY if finite[j] else NONFINITE_LATENTS}")
+            tokens[column] = np.where(valid[column][:, None], t, 0)
+        stacked = np.stack(list(valid.values()))  # [modalities, n]
+        ok = stacked.any(0) if batch.valid is not None else stacked.all(0)
+        for j in np.nonzero(~ok)[0]:
+            _bad_row(reject_record(batch.rows[j], batch.object_ids[j], "; ".join(why[j])), cfg, rejects)
+        tokens_parts.append({column: t[ok].astype(dtype) for column, t in tokens.items()})
+        valid_parts.append({column: v[ok] for column, v in valid.items()})
+        rows_parts.append(batch.rows[ok])
+        ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
+        if on_rows is not None:
+            on_rows(n)
+
     def collect(batch: PreparedBatch, handle) -> None:
+        if isinstance(handle, dict):
+            return collect_several(batch, handle)
         tokens, finite, in_vocab = encoder.result(handle)
         ok = finite & in_vocab
         for j in np.nonzero(~ok)[0]:
@@ -155,10 +199,19 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
     if in_flight is not None:
         collect(*in_flight)
     T = encoder.loaded.tokens_per_image
-    tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     rejects.sort(key=lambda r: r["row"])
-    return EncodedShard(index, tokens, rows, ids if has_ids else None, rejects, time.perf_counter() - t0, waited)
+    valid = None
+    if isinstance(encoder, ModalityEncoders):
+        tokens = {c: np.concatenate([p[c] for p in tokens_parts]) if tokens_parts else np.zeros((0, T), dtype=dtype)
+                  for c in encoder.encoders}
+        if getattr(cfg, "keep_partial", False):
+            valid = {c: np.concatenate([p[c] for p in valid_parts]) if valid_parts else np.zeros(0, dtype=bool)
+                     for c in encoder.encoders}
+    else:
+        tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
+    return EncodedShard(index, tokens, rows, ids if has_ids else None, rejects, time.perf_counter() - t0, waited,
+                        valid)
 
 
 def _bad_row(rej: dict, cfg, rejects: list) -> None:

@@ -85,7 +85,8 @@ def resolve_device(device: str) -> str:
 
 
 IDENTITY_KEYS = ("codec.weights_sha256", "codec.config", "bands", "storage", "sharding.num_shards",
-                 "source.id", "source.split", "source.column", "source.files", "source.limit", "precision")
+                 "source.id", "source.split", "source.column", "source.files", "source.limit", "precision",
+                 "modalities", "keep_partial")
 
 
 def _get(d: dict, dotted: str):

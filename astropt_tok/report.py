@@ -33,6 +33,8 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
         "tokens_per_image": store.tokens_per_image,
         "dtype": str(store.dtype),
         "bands": ",".join(store.bands),
+        **({"modalities": "; ".join(f"{m} ({','.join(store.modality_bands[m])})" for m in store.modalities)
+            + (" (rows may lack some: <name>_valid)" if store.partial else "")} if store.modalities else {}),
         "precision": manifest.get("precision"),
         "source": f"{src.get('id')} ({src.get('split', '-')}, {src.get('column', '-')})",
         "rejected": manifest["totals"]["rejected"],

@@ -51,10 +51,16 @@ class SourcePlan:
     revision: str | None = None
     limit: int | None = None
     schema_note: str = ""
+    extra_columns: list[str] = field(default_factory=list)  # more image columns read with `column` (one pass)
     starts: np.ndarray = field(init=False)
 
     def __post_init__(self):
         self.starts = np.concatenate([[0], np.cumsum([f.num_rows for f in self.files])]).astype(np.int64)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every image column read: `column`, then `extra_columns`."""
+        return [self.column] + list(self.extra_columns)
 
     @property
     def num_rows(self) -> int:
@@ -70,6 +76,7 @@ class SourcePlan:
             "revision": self.revision,
             "split": self.split,
             "column": self.column,
+            **({"columns": self.columns} if self.extra_columns else {}),
             "id_column": self.id_column,
             "files": [{"path": f.path, "rows": f.num_rows, "bytes": f.bytes, "fingerprint": f.fingerprint}
                       for f in self.files],
@@ -247,8 +254,10 @@ def resolve_source(
     column: str = "legacysurvey_image",
     id_column: str | None = "object_id",
     limit: int | None = None,
+    extra_columns: list[str] | None = None,
 ) -> SourcePlan:
-    """Resolve a hub dataset id or local parquet/arrow files into a plan; check the columns exist."""
+    """Resolve a hub dataset id or local parquet/arrow files into a plan; check the columns exist.
+    `extra_columns`: more image columns to read in the same pass (several surveys of each galaxy)."""
     if limit is not None and limit < 1:
         raise AstroptError(f"--limit must be at least 1, got {limit}")
 
@@ -265,13 +274,15 @@ def resolve_source(
         kind, source_id = "hub", source
         files, revision = _hub_files(source, split)
     schema = _file_schema(files[0])
-    if column not in schema.names:
-        raise AstroptError(f"source {source} has no column {column!r} (columns: {', '.join(schema.names)})")
-    if not _is_image_struct(schema.field(column).type):
-        raise AstroptError(f"column {column!r} of {source} is not an image struct with 'band' and 'flux' fields")
+    for name in [column] + list(extra_columns or []):
+        if name not in schema.names:
+            raise AstroptError(f"source {source} has no column {name!r} (columns: {', '.join(schema.names)})")
+        if not _is_image_struct(schema.field(name).type):
+            raise AstroptError(f"column {name!r} of {source} is not an image struct with 'band' and 'flux' fields")
     if id_column is not None and id_column not in schema.names:
         id_column = None  # recorded as absent in the manifest; shards then carry no object_id column
-    return SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit)
+    return SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit,
+                      extra_columns=list(extra_columns or []))
 
 
 def check_recorded_files(section: dict) -> str | None:
@@ -327,7 +338,8 @@ def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> Sou
                                "footer differ): not the same file")
         files.append(found)
     return SourcePlan(section["id"], section["kind"], section["split"], section["column"], section.get("id_column"),
-                      files, section.get("revision"), section.get("limit"))
+                      files, section.get("revision"), section.get("limit"),
+                      extra_columns=list(section.get("columns", [section["column"]])[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,7 +423,7 @@ class OpenFiles:
 
 
 def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
-    """The record batch of one read task: only the image column's `band` and `flux` (parquet: `ivar`, `psf_fwhm`
+    """The record batch of one read task: only the image columns' `band` and `flux` (parquet: `ivar`, `psf_fwhm`
     and the rest are never read or decompressed) and the id column of one row group, sliced. Pass the reading
     process's `OpenFiles` to keep files open between tasks."""
     ids = [plan.id_column] if plan.id_column else []
@@ -425,9 +437,9 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
             if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
                 batch = reader[task.unit]
                 _check_columns(batch.schema, f.path, plan)
-                batch = batch.select([plan.column] + ids)
+                batch = batch.select(plan.columns + ids)
             else:
-                columns = [f"{plan.column}.band", f"{plan.column}.flux"] + ids
+                columns = [f"{c}.{part}" for c in plan.columns for part in ("band", "flux")] + ids
                 table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
                 _check_columns(table.schema, f.path, plan)  # pyarrow skips asked-for columns a file lacks
                 batch = table.combine_chunks().to_batches()[0]
@@ -439,9 +451,10 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
 
 def _check_columns(schema, path: str, plan: SourcePlan) -> None:
     """Every file must have what the first one had: the image struct with band and flux, and the id column."""
-    if plan.column not in schema.names or not _is_image_struct(schema.field(plan.column).type):
-        raise AstroptError(f"source file {path} has no image column {plan.column!r} with band and flux, "
-                           f"unlike the source's first file")
+    for column in plan.columns:
+        if column not in schema.names or not _is_image_struct(schema.field(column).type):
+            raise AstroptError(f"source file {path} has no image column {column!r} with band and flux, "
+                               f"unlike the source's first file")
     if plan.id_column and plan.id_column not in schema.names:
         raise AstroptError(f"source file {path} has no {plan.id_column!r} column, unlike the source's first file")
 
@@ -465,7 +478,7 @@ def iter_row_range_datasets(plan: SourcePlan, lo: int, hi: int, batch_rows: int 
     """Same as `iter_row_range`, through the `datasets` streaming reader (one IterableDataset per file)."""
     import datasets
 
-    columns = [plan.column] + ([plan.id_column] if plan.id_column else [])
+    columns = plan.columns + ([plan.id_column] if plan.id_column else [])
     for fi, f in enumerate(plan.files):
         f_lo, f_hi = int(plan.starts[fi]), int(plan.starts[fi + 1])
         a, b = max(lo, f_lo), min(hi, f_hi)

@@ -25,10 +25,20 @@ from astropt_tok.source import OpenFiles, batch_to_flux, iter_row_range_datasets
 class PreparedBatch:
     """A batch of checked flux ready for the codec, with the bookkeeping of the rows it came from."""
 
-    flux: object  # torch tensor [n, bands, 96, 96] float32 (pinned on a GPU run)
+    flux: object  # torch tensor [n, bands, 96, 96] float32 (pinned on a GPU run); several modalities: {name: tensor}
     rows: np.ndarray  # [n] global source rows of the good rows
     object_ids: list  # [n]
     rejects: list[dict]  # bad rows met while preparing this batch
+    valid: dict | None = None  # several modalities: {name: [n] bool}, False where a kept row lacks that image
+
+
+def _map_flux(flux, fn):
+    """Apply fn to the flux tensor, or to each modality's."""
+    return {name: fn(f) for name, f in flux.items()} if isinstance(flux, dict) else fn(flux)
+
+
+def _map_valid(valid, fn):
+    return None if valid is None else {name: fn(v) for name, v in valid.items()}
 
 
 def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg, pin: bool):
@@ -46,14 +56,15 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg, pin: bool):
     if cfg.reader == "datasets":  # a streaming source: convert its batches in threads, in order
         items = ((i, item) for i, lo, hi in shards
                  for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
-        convert = _Converter(plan, list(cfg.bands))
+        convert = _Converter(plan, list(cfg.bands), modalities_of(cfg), cfg.keep_partial)
         chunks = _ordered_map(lambda tagged: (tagged[0], convert(*tagged[1])), items, cfg.workers)
     else:
         import torch
 
         tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
-        row_groups = _RowGroups(plan, tasks, list(cfg.bands))
-        chunk_bytes = max((t.count for _, t in tasks), default=0) * len(cfg.bands) * CROP_SIZE * CROP_SIZE * 4
+        row_groups = _RowGroups(plan, tasks, _Converter(plan, list(cfg.bands), modalities_of(cfg), cfg.keep_partial))
+        channels = sum(len(b) for _, b in modalities_of(cfg)) or len(cfg.bands)
+        chunk_bytes = max((t.count for _, t in tasks), default=0) * channels * CROP_SIZE * CROP_SIZE * 4
         workers = workers_for_shared_memory(cfg.workers, chunk_bytes, free_shared_memory())
         if workers < cfg.workers:
             print(f"warning: /dev/shm has room for the row groups of {workers} of {cfg.workers} reader processes "
@@ -142,15 +153,28 @@ class _Staged:
         self.thread.join(timeout=30)
 
 
-class _Converter:
-    """One record batch -> a PreparedBatch of checked, cropped, band-ordered flux."""
+def modalities_of(cfg) -> list[tuple[str, tuple[str, ...]]]:
+    """The (image column, bands) of a run that tokenises several columns; empty for a one-column run."""
+    modalities = list(getattr(cfg, "modalities", ()) or ())
+    return modalities if len(modalities) > 1 else []
 
-    def __init__(self, plan, bands: list[str]):
+
+class _Converter:
+    """One record batch -> a PreparedBatch of checked, cropped, band-ordered flux.
+
+    Several modalities (`modalities`: (column, bands) pairs): each column is converted on its own and a row is
+    kept when every image is good, or with `keep_partial` when at least one is (the others zero, marked
+    invalid); a rejected row's reason names each bad column."""
+
+    def __init__(self, plan, bands: list[str], modalities=(), keep_partial: bool = False):
         self.plan, self.bands = plan, bands
+        self.modalities, self.keep_partial = list(modalities), keep_partial
 
     def __call__(self, first_row: int, batch) -> PreparedBatch:
         import torch
 
+        if self.modalities:
+            return self._several(first_row, batch)
         shape = (batch.num_rows, len(self.bands), CROP_SIZE, CROP_SIZE)
         buffer = torch.empty(shape, dtype=torch.float32)
         flux, good, reasons = batch_to_flux(batch, self.plan.column, self.bands, out=buffer.numpy(), crop=CROP_SIZE)
@@ -158,13 +182,45 @@ class _Converter:
         rejects = [reject_record(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
         return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
 
+    def _several(self, first_row: int, batch) -> PreparedBatch:
+        import torch
+
+        n = batch.num_rows
+        buffers, goods, reasons = {}, {}, {}
+        for column, bands in self.modalities:
+            buffers[column] = torch.empty((n, len(bands), CROP_SIZE, CROP_SIZE), dtype=torch.float32)
+            _, goods[column], reasons[column] = batch_to_flux(batch, column, list(bands), out=buffers[column].numpy(),
+                                                              crop=CROP_SIZE)
+        good_of = {c: np.zeros(n, dtype=bool) for c in goods}  # [n] per column: its image is good
+        for c, good in goods.items():
+            good_of[c][good] = True
+        stacked = np.stack(list(good_of.values()))  # [columns, n]
+        kept = np.nonzero(stacked.any(0) if self.keep_partial else stacked.all(0))[0]  # [n_kept] batch positions
+        flux, valid = {}, {}
+        for c, good in goods.items():
+            valid[c] = good_of[c][kept]
+            if len(good) == len(kept):  # every kept row has this image, in the same order: no copy
+                flux[c] = buffers[c][: len(kept)]
+                continue
+            aligned = torch.zeros((len(kept), *buffers[c].shape[1:]), dtype=torch.float32)
+            at = np.searchsorted(good, kept[valid[c]])  # where each kept row's image sits in the compact buffer
+            aligned[torch.from_numpy(np.nonzero(valid[c])[0])] = buffers[c][torch.from_numpy(at)]
+            flux[c] = aligned
+        ids = object_ids_of(batch, self.plan.id_column)
+        rejects = []
+        for r in np.nonzero(~np.isin(np.arange(n), kept))[0]:
+            why = "; ".join(f"{c}: {reasons[c][r]}" for c in goods if reasons[c][r])
+            rejects.append(reject_record(first_row + r, ids[r], why))
+        return PreparedBatch(flux, first_row + kept, [ids[k] for k in kept], rejects,
+                             valid if self.keep_partial else None)
+
 
 class _RowGroups:
     """A map-style dataset of read tasks: item k is (shard, PreparedBatch) of task k, read in a worker."""
 
-    def __init__(self, plan, tasks: list, bands: list[str]):
+    def __init__(self, plan, tasks: list, convert: _Converter):
         self.plan, self.tasks = plan, tasks
-        self.convert = _Converter(plan, bands)
+        self.convert = convert
         self.files = OpenFiles()  # each worker process gets its own, empty
 
     def __len__(self) -> int:
@@ -256,17 +312,32 @@ def _merge(held: list[PreparedBatch], n: int, pin: bool = False) -> PreparedBatc
     rejects = [r for c in held for r in c.rejects]
     if len(held[0].rows) >= n and not pin:
         first = held[0]
-        return PreparedBatch(first.flux[:n], first.rows[:n], first.object_ids[:n], rejects)
-    flux, rows, ids, taken = [], [], [], 0
+        return PreparedBatch(_map_flux(first.flux, lambda f: f[:n]), first.rows[:n], first.object_ids[:n], rejects,
+                             _map_valid(first.valid, lambda v: v[:n]))
+    parts, rows, ids, taken = [], [], [], 0
     for c in held:
         k = min(n - taken, len(c.rows))
-        flux.append(c.flux[:k])
+        parts.append(c)
         rows.append(c.rows[:k])
         ids.extend(c.object_ids[:k])
         taken += k
-    merged = torch.empty((n, *held[0].flux.shape[1:]), dtype=held[0].flux.dtype, pin_memory=pin)
-    torch.cat(flux, out=merged)  # from the workers' shared memory straight into pinned memory on a GPU run
-    return PreparedBatch(merged, np.concatenate(rows), ids, rejects)
+    counts = [len(r) for r in rows]
+
+    def cat(pick):  # one modality's (or the only) flux of the first n rows, copied once
+        first = pick(held[0].flux)
+        merged = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+        # from the workers' shared memory straight into pinned memory on a GPU run
+        torch.cat([pick(c.flux)[:k] for c, k in zip(parts, counts)], out=merged)
+        return merged
+
+    if isinstance(held[0].flux, dict):
+        flux = {name: cat(lambda f, name=name: f[name]) for name in held[0].flux}
+    else:
+        flux = cat(lambda f: f)
+    valid = None
+    if held[0].valid is not None:
+        valid = {name: np.concatenate([c.valid[name][:k] for c, k in zip(parts, counts)]) for name in held[0].valid}
+    return PreparedBatch(flux, np.concatenate(rows), ids, rejects, valid)
 
 
 def _rest(held: list[PreparedBatch], n: int) -> list[PreparedBatch]:
@@ -276,7 +347,8 @@ def _rest(held: list[PreparedBatch], n: int) -> list[PreparedBatch]:
         k = min(n - taken, len(c.rows))
         taken += k
         if k < len(c.rows):
-            rest.append(PreparedBatch(c.flux[k:], c.rows[k:], c.object_ids[k:], []))
+            rest.append(PreparedBatch(_map_flux(c.flux, lambda f: f[k:]), c.rows[k:], c.object_ids[k:], [],
+                                      _map_valid(c.valid, lambda v: v[k:])))
     return rest
 
 

@@ -1,6 +1,7 @@
 """The token store: a folder of independent shards plus a manifest. This module writes and reads it.
 
-Format (version 2; version 1 stores, without source fingerprints and shard row/token ranges, are still read)
+Format (version 2; version 1 stores, without source fingerprints and shard row/token ranges, are still read;
+version 3: several image columns)
 ------------------
 DIR/manifest.json
     {"format": "astropt-token-store", "format_version": 2, "tool_version", "complete": bool,
@@ -29,6 +30,12 @@ DIR/.done/shard-00000.json
 DIR/rejects.jsonl
     One JSON object per skipped source row, in shard order: {"row", "object_id" (when known), "reason"}.
 
+Several image columns of the same galaxies (version 3): the manifest adds "modalities": [{"name", "column",
+"bands"}, ...] (name = the image column; "bands" is the first one's) and "keep_partial"; each shard holds one
+token column per modality, named after it, instead of `tokens`, and with keep_partial a bool column
+`<name>_valid` (False: the row lacks that image, its tokens are zeros). A store of one image column is still
+written as version 2, so older readers read it. token_min/token_max of a shard cover all its token columns.
+
 Token dtype: int16 holds codebooks up to 32768 codes, uint16 up to 65536; anything larger is refused.
 """
 
@@ -47,8 +54,10 @@ import numpy as np
 from astropt_tok.errors import AstroptError
 
 FORMAT = "astropt-token-store"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: no source fingerprints, no per-shard row or token ranges
+FORMAT_VERSION = 2  # a store of one image column (a `tokens` column)
+MODALITIES_VERSION = 3  # several image columns in one store, a token column each
+READABLE_VERSIONS = (1, 2, 3)  # 1: no source fingerprints, no per-shard row or token ranges
+RESERVED_COLUMNS = ("tokens", "row", "object_id")  # shard columns an image column may not be named
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 DONE_DIR = ".done"
@@ -141,26 +150,32 @@ def write_shard(
     out_dir: str | os.PathLike,
     index: int,
     storage: str,
-    tokens: np.ndarray,
+    tokens,
     rows: np.ndarray,
     object_ids: list[str] | None,
     rejected: int = 0,
+    valid: dict | None = None,
 ) -> ShardRecord:
     """Write one complete shard atomically (temporary name, fsync, rename) and return its record.
 
-    tokens: [n, tokens_per_image] in the store dtype; rows: [n] int64 global source row indices.
+    tokens: [n, tokens_per_image] in the store dtype, or {modality: [n, tokens_per_image]} for a store of several
+    image columns (with `valid` {modality: [n] bool} when rows may lack some); rows: [n] int64 global source rows.
     """
     out = Path(out_dir)
     final = out / shard_name(index, storage)
     tmp = out / f".{final.name}.tmp-{os.getpid()}"
-    tokens = np.ascontiguousarray(tokens)
+    columns = {name: np.ascontiguousarray(t) for name, t in (tokens.items() if isinstance(tokens, dict)
+                                                             else [("tokens", tokens)])}
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    if tokens.ndim != 2 or tokens.shape[0] != rows.shape[0]:
-        raise ValueError(f"tokens {tokens.shape} and rows {rows.shape} disagree")
+    for name, t in columns.items():
+        if t.ndim != 2 or t.shape[0] != rows.shape[0]:
+            raise ValueError(f"{name} {t.shape} and rows {rows.shape} disagree")
+    for name, v in (valid or {}).items():
+        columns[f"{name}_valid"] = np.ascontiguousarray(v, dtype=bool)
     if storage == "arrow":
-        _write_arrow(tmp, tokens, rows, object_ids)
+        _write_arrow(tmp, columns, rows, object_ids)
     elif storage == "zarr":
-        _write_zarr(tmp, tokens, rows, object_ids)
+        _write_zarr(tmp, columns, rows, object_ids)
     else:
         raise AstroptError(f"unknown store format {storage!r}; choose one of {', '.join(STORAGES)}")
     if final.exists():  # an earlier, unrecorded attempt at this shard: replace it
@@ -168,26 +183,33 @@ def write_shard(
     os.replace(tmp, final)
     fsync_dir(out)
     n = int(rows.shape[0])
+    token_arrays = [t for name, t in columns.items() if t.ndim == 2]  # every token column, not the validity flags
     return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
                        int(rows[0]) if n else None, int(rows[-1]) if n else None,
-                       int(tokens.min()) if tokens.size else None, int(tokens.max()) if tokens.size else None)
+                       min(int(t.min()) for t in token_arrays) if n else None,
+                       max(int(t.max()) for t in token_arrays) if n else None)
 
 
-def _arrow_table(tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None):
+def _arrow_table(columns: dict, rows: np.ndarray, object_ids: list[str] | None):
     import pyarrow as pa
 
-    n, t = tokens.shape
-    flat = pa.array(tokens.reshape(-1), type=pa.from_numpy_dtype(tokens.dtype))
-    cols = {"tokens": pa.FixedSizeListArray.from_arrays(flat, t), "row": pa.array(rows, type=pa.int64())}
+    cols = {}
+    for name, values in columns.items():  # token columns [n, T] as fixed-size lists; validity flags [n] bool
+        if values.ndim == 1:
+            cols[name] = pa.array(values, type=pa.bool_())
+            continue
+        flat = pa.array(values.reshape(-1), type=pa.from_numpy_dtype(values.dtype))
+        cols[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    cols["row"] = pa.array(rows, type=pa.int64())
     if object_ids is not None:
         cols["object_id"] = pa.array(object_ids, type=pa.string())
     return pa.table(cols)
 
 
-def _write_arrow(path: Path, tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None) -> None:
+def _write_arrow(path: Path, columns: dict, rows: np.ndarray, object_ids: list[str] | None) -> None:
     import pyarrow as pa
 
-    table = _arrow_table(tokens, rows, object_ids)
+    table = _arrow_table(columns, rows, object_ids)
     with open(path, "wb") as f:
         # One record batch per shard: the reader gets the whole shard as one zero-copy [rows, T] view.
         with pa.ipc.new_stream(f, table.schema) as writer:
@@ -196,17 +218,18 @@ def _write_arrow(path: Path, tokens: np.ndarray, rows: np.ndarray, object_ids: l
         os.fsync(f.fileno())
 
 
-def _write_zarr(path: Path, tokens: np.ndarray, rows: np.ndarray, object_ids: list[str] | None) -> None:
+def _write_zarr(path: Path, columns: dict, rows: np.ndarray, object_ids: list[str] | None) -> None:
     import zarr
 
     if path.exists():
         shutil.rmtree(path)
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    n, t = tokens.shape
-    chunk_rows = max(1, min(n, 4096))
-    arr = group.create_array("tokens", shape=(n, t), chunks=(chunk_rows, t), dtype=tokens.dtype)
-    if n:
-        arr[:] = tokens
+    n = rows.shape[0]
+    for name, values in columns.items():
+        chunks = (max(1, min(n, 4096)), *values.shape[1:])
+        arr = group.create_array(name, shape=values.shape, chunks=chunks, dtype=values.dtype)
+        if n:
+            arr[:] = values
     rarr = group.create_array("row", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype="int64")
     if n:
         rarr[:] = rows
@@ -304,7 +327,7 @@ def read_manifest(store_dir: str | os.PathLike) -> dict:
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise AstroptError(
             f"{path} has format version {manifest.get('format_version')}; this tool reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
+            f"{', '.join(map(str, READABLE_VERSIONS))} (a newer astropt-tokens wrote it: upgrade to read it)"
         )
     _check_manifest(manifest, path)
     return manifest
@@ -364,7 +387,9 @@ class TokenStore:
     """Read-only view of a complete token store: arrow shards memory-mapped zero-copy, zarr shards by chunk.
 
     Store rows are numbered 0..num_rows-1 through the shards in order. `take(indices)` gathers any rows with
-    one vectorised index per shard, so a batch never copies more than the rows it asks for.
+    one vectorised index per shard, so a batch never copies more than the rows it asks for. A store of several
+    image columns (`modalities`) is read one modality at a time: `take(indices, modality)`; without one, the
+    first modality's tokens.
     """
 
     def __init__(self, store_dir: str | os.PathLike, check_sizes: bool = True):
@@ -383,6 +408,11 @@ class TokenStore:
         if self.dtype != token_dtype(self.vocab_size):
             raise AstroptError(f"{self.dir}: dtype {self.dtype} does not match vocab size {self.vocab_size}")
         self.bands: list[str] = list(m["bands"])
+        # several image columns: their names (= token columns), bands and whether rows may lack some
+        self.modalities: list[str] = [x["name"] for x in m.get("modalities") or []]
+        self.modality_bands: dict[str, list[str]] = {x["name"]: list(x["bands"]) for x in m.get("modalities") or []}
+        self.partial: bool = bool(m.get("keep_partial")) and bool(self.modalities)
+        self.token_columns: list[str] = self.modalities or ["tokens"]
         self.codec_id: str = m["codec"]["id"]
         self.shards: list[dict] = m["shards"]
         self.shard_rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
@@ -418,17 +448,20 @@ class TokenStore:
         if i not in self._open:
             path = self.dir / self.shards[i]["file"]
             try:
-                self._open[i] = _open_arrow(path) if self.storage == "arrow" else _open_zarr(path)
+                self._open[i] = _open_arrow(path) if self.storage == "arrow" else _open_zarr(path, self.token_columns)
             except AstroptError:
                 raise
             except Exception as exc:
                 raise AstroptError(f"token store {self.dir}: shard {path.name} is unreadable ({exc})") from None
-            t = self._open[i]["tokens"]
-            if tuple(t.shape) != (self.shards[i]["rows"], self.tokens_per_image) or np.dtype(t.dtype) != self.dtype:
-                raise AstroptError(
-                    f"token store {self.dir}: shard {path.name} holds {tuple(t.shape)} {t.dtype}, the manifest says "
-                    f"({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
-                )
+            for column in self.token_columns:
+                t = self._open[i].get(column)
+                if t is None:
+                    raise AstroptError(f"token store {self.dir}: shard {path.name} has no {column!r} token column")
+                if tuple(t.shape) != (self.shards[i]["rows"], self.tokens_per_image) or np.dtype(t.dtype) != self.dtype:
+                    raise AstroptError(
+                        f"token store {self.dir}: shard {path.name} holds {column} {tuple(t.shape)} {t.dtype}, the "
+                        f"manifest says ({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
+                    )
             self._check_row_ids(i, path)
         return self._open[i]
 
@@ -458,9 +491,31 @@ class TokenStore:
                     f"outside the vocabulary 0..{self.vocab_size - 1}")
         return True
 
-    def shard_tokens(self, i: int):
-        """Shard i's tokens, [rows, tokens_per_image]: a zero-copy numpy view (arrow) or a zarr array."""
-        return self._shard(i)["tokens"]
+    def _column(self, modality: str | None) -> str:
+        """The token column of `modality` (None: the only or first one)."""
+        if modality is None:
+            return self.token_columns[0]
+        if modality not in self.token_columns:
+            have = ", ".join(self.modalities) if self.modalities else "one image column (no named modalities)"
+            raise AstroptError(f"token store {self.dir} has no modality {modality!r} (it has {have})")
+        return modality
+
+    def shard_tokens(self, i: int, modality: str | None = None):
+        """Shard i's tokens of `modality`, [rows, tokens_per_image]: a zero-copy numpy view (arrow) or a zarr array."""
+        return self._shard(i)[self._column(modality)]
+
+    def valid(self, indices) -> dict[str, np.ndarray]:
+        """{modality: [n] bool} for store rows `indices`: False where a row lacks that image (stores made with
+        --keep-partial; otherwise all True)."""
+        shard, local = self.locate(indices)
+        out = {m: np.ones(shard.size, dtype=bool) for m in self.modalities}
+        if not self.partial:
+            return out
+        for i in np.unique(shard):
+            sel = shard == i
+            for m in self.modalities:
+                out[m][sel] = np.asarray(self._shard(int(i))[f"{m}_valid"][:])[local[sel]]
+        return out
 
     def shard_source_rows(self, i: int) -> np.ndarray:
         """Shard i's global source row indices, [rows] int64."""
@@ -479,16 +534,16 @@ class TokenStore:
         shard = np.searchsorted(self.offsets, indices, side="right") - 1
         return shard, indices - self.offsets[shard]
 
-    def take(self, indices) -> np.ndarray:
+    def take(self, indices, modality: str | None = None) -> np.ndarray:
         """Tokens of store rows `indices`, [n, tokens_per_image] in the store dtype, in the order asked."""
-        return self.gather(*self.locate(indices))
+        return self.gather(*self.locate(indices), modality=modality)
 
-    def gather(self, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
+    def gather(self, shard: np.ndarray, local: np.ndarray, modality: str | None = None) -> np.ndarray:
         """`take` for rows already located: (shard, row within shard) pairs from `locate`."""
         out = np.empty((shard.size, self.tokens_per_image), dtype=self.dtype)
         for i in np.unique(shard):
             sel = np.nonzero(shard == i)[0]
-            tokens = self.shard_tokens(int(i))
+            tokens = self.shard_tokens(int(i), modality)
             if self.storage == "arrow":
                 out[sel] = tokens[local[sel]]  # one fancy index into the memory map
             else:
@@ -496,7 +551,7 @@ class TokenStore:
                 out[sel[order]] = tokens.oindex[local[sel][order], :]  # zarr reads only the chunks it needs
         return out
 
-    def read_rows(self, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
+    def read_rows(self, shard: np.ndarray, local: np.ndarray, modality: str | None = None) -> np.ndarray:
         """`gather` through the file instead of the memory map: one pread per row into the batch.
 
         Pages read this way live in the page cache, not in this process: its resident memory does not grow
@@ -504,19 +559,21 @@ class TokenStore:
         mapped and counts in RSS). Zarr shards, and arrow shards not written by this tool, use `gather`.
         """
         if self.storage != "arrow":
-            return self.gather(shard, local)
+            return self.gather(shard, local, modality)
+        column = self._column(modality)
         row_bytes = self.tokens_per_image * self.dtype.itemsize
         out = np.empty((shard.size, self.tokens_per_image), dtype=self.dtype)
         view = memoryview(out).cast("B")
         for j, (i, r) in enumerate(zip(shard.tolist(), local.tolist())):
             opened = self._shard(i)
-            if "file_offset" not in opened:
-                out[j] = opened["tokens"][r]
+            if column not in opened["file_offset"]:
+                out[j] = opened[column][r]
                 continue
             fd = self._fds.get(i)
             if fd is None:
                 fd = self._fds[i] = os.open(self.dir / self.shards[i]["file"], os.O_RDONLY)
-            if os.preadv(fd, [view[j * row_bytes:(j + 1) * row_bytes]], opened["file_offset"] + r * row_bytes) != row_bytes:
+            if os.preadv(fd, [view[j * row_bytes:(j + 1) * row_bytes]],
+                         opened["file_offset"][column] + r * row_bytes) != row_bytes:
                 raise AstroptError(f"token store {self.dir}: shard {self.shards[i]['file']} ended early (truncated?)")
         return out
 
@@ -553,35 +610,40 @@ class TokenStore:
 
 
 def _open_arrow(path: Path) -> dict:
+    """A shard's columns: each token column [rows, T] as a zero-copy numpy view (with its offset in the file, for
+    pread, under "file_offset"), validity flags, `row` and `object_id`."""
     import pyarrow as pa
 
     whole = pa.memory_map(str(path), "r").read_buffer()  # the whole file, zero-copy
     table = pa.ipc.open_stream(whole).read_all()
-    cols = {}
-    tokens_col = table.column("tokens")
-    t = tokens_col.type.list_size
-    if tokens_col.num_chunks == 1:
-        values = tokens_col.chunk(0).flatten()
-        cols["tokens"] = values.to_numpy(zero_copy_only=True).reshape(-1, t)
-        # where row 0's tokens start in the file, for reading rows with pread instead of through the map
-        cols["file_offset"] = cols["tokens"].__array_interface__["data"][0] - whole.address
-    elif tokens_col.num_chunks == 0:  # an empty shard (more shards than rows): its stream holds no batch
-        cols["tokens"] = np.zeros((0, t), dtype=tokens_col.type.value_type.to_pandas_dtype())
-    else:  # not written by this tool, but still readable
-        cols["tokens"] = np.concatenate([c.flatten().to_numpy() for c in tokens_col.chunks]).reshape(-1, t)
-    cols["row"] = table.column("row").to_numpy()
-    if "object_id" in table.column_names:
-        cols["object_id"] = table.column("object_id").to_pylist()
+    cols = {"file_offset": {}}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_fixed_size_list(column.type):  # a token column
+            t = column.type.list_size
+            if column.num_chunks == 1:
+                cols[name] = column.chunk(0).flatten().to_numpy(zero_copy_only=True).reshape(-1, t)
+                # where row 0's tokens start in the file, for reading rows with pread instead of through the map
+                cols["file_offset"][name] = cols[name].__array_interface__["data"][0] - whole.address
+            elif column.num_chunks == 0:  # an empty shard (more shards than rows): its stream holds no batch
+                cols[name] = np.zeros((0, t), dtype=column.type.value_type.to_pandas_dtype())
+            else:  # not written by this tool, but still readable
+                cols[name] = np.concatenate([c.flatten().to_numpy() for c in column.chunks]).reshape(-1, t)
+        elif name == "object_id":
+            cols[name] = column.to_pylist()
+        else:  # row, <modality>_valid
+            cols[name] = column.to_numpy(zero_copy_only=False)
     return cols
 
 
-def _open_zarr(path: Path) -> dict:
+def _open_zarr(path: Path, token_columns=("tokens",)) -> dict:
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
-    cols = {"tokens": group["tokens"], "row": group["row"]}
-    if "object_id" in group:
-        cols["object_id"] = group["object_id"]
+    cols = {"row": group["row"], "file_offset": {}}
+    for name in list(token_columns) + [f"{c}_valid" for c in token_columns] + ["object_id"]:
+        if name in group:
+            cols[name] = group[name]
     return cols
 
 
@@ -610,16 +672,21 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{s['file']}: sha256 {digest[:12]}… does not match the manifest's {s['sha256'][:12]}…")
             continue
         try:
-            tokens = np.asarray(store.shard_tokens(i)[:])
+            present = {c: np.asarray(store.shard_tokens(i, c)[:]) for c in store.token_columns}  # each [rows, T]
         except AstroptError as exc:
             problems.append(f"{s['file']}: {exc}")
             continue
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= store.vocab_size):
-            problems.append(f"{s['file']}: tokens outside 0..{store.vocab_size - 1}")
-        elif tokens.size and s.get("token_min") is not None and (s["token_min"], s["token_max"]) != (
-                int(tokens.min()), int(tokens.max())):
-            problems.append(f"{s['file']}: tokens span {int(tokens.min())}..{int(tokens.max())}, the manifest says "
-                            f"{s['token_min']}..{s['token_max']}")
+        present = {c: t for c, t in present.items() if t.size}
+        outside = [c for c, t in present.items() if int(t.min()) < 0 or int(t.max()) >= store.vocab_size]
+        for column in outside:
+            what = "tokens" if column == "tokens" else f"{column} tokens"
+            problems.append(f"{s['file']}: {what} outside 0..{store.vocab_size - 1}")
+        present = list(present.values())
+        if not outside and present and s.get("token_min") is not None:
+            low, high = min(int(t.min()) for t in present), max(int(t.max()) for t in present)
+            if (s["token_min"], s["token_max"]) != (low, high):
+                problems.append(f"{s['file']}: tokens span {low}..{high}, the manifest says "
+                                f"{s['token_min']}..{s['token_max']}")
         rows = store.shard_source_rows(i)
         if rows.shape[0] != s["rows"] or (rows.size > 1 and np.any(np.diff(rows) <= 0)):
             problems.append(f"{s['file']}: source row column is not {s['rows']} ascending rows")
@@ -627,47 +694,57 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
 
 
 def codebook_usage(store: TokenStore) -> tuple[int, np.ndarray]:
-    """(distinct codes used, per-code counts [vocab]) over the whole store."""
+    """(distinct codes used, per-code counts [vocab]) over the whole store (every modality's tokens)."""
     counts = np.zeros(store.vocab_size, dtype=np.int64)
     for i in range(len(store.shards)):
-        tokens = np.asarray(store.shard_tokens(i)[:]).astype(np.int64).reshape(-1)
-        counts += np.bincount(tokens, minlength=store.vocab_size)[: store.vocab_size]
+        for column in store.token_columns:
+            tokens = np.asarray(store.shard_tokens(i, column)[:]).astype(np.int64).reshape(-1)
+            counts += np.bincount(tokens, minlength=store.vocab_size)[: store.vocab_size]
     return int((counts > 0).sum()), counts
 
 
 def write_store_from_arrays(
     out_dir: str | os.PathLike,
-    tokens: np.ndarray,
+    tokens,
     num_shards: int,
     codec: dict,
-    bands: list[str],
+    bands,
     storage: str = "arrow",
     object_ids: list[str] | None = None,
     source: dict | None = None,
     precision: str = "fp32",
+    valid: dict | None = None,
 ) -> dict:
     """Write a complete store from tokens already in memory ([rows, T]); rows split into contiguous shards.
 
     For synthetic stores (tests, benchmarks) and re-packing. `codec` is a manifest codec section
-    (`LoadedCodec.describe()`, or at least {"id", "vocab_size", "tokens_per_image"}).
+    (`LoadedCodec.describe()`, or at least {"id", "vocab_size", "tokens_per_image"}). Several modalities:
+    `tokens` {name: [rows, T]}, `bands` {name: [...]}, and optionally `valid` {name: [rows] bool}.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab = int(codec["vocab_size"])
     dtype = token_dtype(vocab)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise AstroptError(f"tokens outside 0..{vocab - 1}")
-    n = tokens.shape[0]
+    several = isinstance(tokens, dict)
+    for t in (tokens.values() if several else [tokens]):
+        if t.size and (t.min() < 0 or t.max() >= vocab):
+            raise AstroptError(f"tokens outside 0..{vocab - 1}")
+    n = next(iter(tokens.values())).shape[0] if several else tokens.shape[0]
     bounds = shard_bounds(n, num_shards)
+    modalities = [{"name": name, "column": name, "bands": list(bands[name])} for name in tokens] if several else None
     manifest = new_manifest(
-        codec=codec, bands=bands, storage=storage, num_shards=num_shards, precision=precision,
-        source=source or {"id": "in-memory", "kind": "arrays", "num_rows": n},
+        codec=codec, bands=modalities[0]["bands"] if several else bands, storage=storage, num_shards=num_shards,
+        precision=precision, source=source or {"id": "in-memory", "kind": "arrays", "num_rows": n},
+        modalities=modalities, keep_partial=valid is not None,
     )
     write_manifest(out, manifest)
     for i in range(num_shards):
         lo, hi = bounds[i], bounds[i + 1]
-        rec = write_shard(out, i, storage, tokens[lo:hi].astype(dtype), np.arange(lo, hi, dtype=np.int64),
-                          None if object_ids is None else object_ids[lo:hi])
+        part = ({name: t[lo:hi].astype(dtype) for name, t in tokens.items()} if several
+                else tokens[lo:hi].astype(dtype))
+        rec = write_shard(out, i, storage, part, np.arange(lo, hi, dtype=np.int64),
+                          None if object_ids is None else object_ids[lo:hi],
+                          valid=None if valid is None else {name: v[lo:hi] for name, v in valid.items()})
         mark_shard_done(out, rec, [])
     return finalize_store(out, manifest)
 
@@ -685,14 +762,17 @@ def shard_bounds(num_rows: int, num_shards: int) -> list[int]:
 SHARDING_RULE = "contiguous: shard i holds global source rows [floor(i*R/N), floor((i+1)*R/N)) of R rows in N shards"
 
 
-def new_manifest(codec: dict, bands: list[str], storage: str, num_shards: int, precision: str, source: dict) -> dict:
-    """A manifest for a store in progress (`complete` false, no shard list yet)."""
+def new_manifest(codec: dict, bands: list[str], storage: str, num_shards: int, precision: str, source: dict,
+                 modalities: list[dict] | None = None, keep_partial: bool = False) -> dict:
+    """A manifest for a store in progress (`complete` false, no shard list yet). `modalities`: several image
+    columns, [{"name", "column", "bands"}] (format version 2)."""
     from astropt_tok import __version__
 
     vocab = int(codec["vocab_size"])
+    several = {"modalities": modalities, "keep_partial": bool(keep_partial)} if modalities else {}
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": MODALITIES_VERSION if modalities else FORMAT_VERSION,
         "tool_version": __version__,
         "complete": False,
         "codec": codec,
@@ -704,4 +784,5 @@ def new_manifest(codec: dict, bands: list[str], storage: str, num_shards: int, p
         "storage": storage,
         "source": source,
         "sharding": {"rule": SHARDING_RULE, "num_shards": int(num_shards)},
+        **several,
     }

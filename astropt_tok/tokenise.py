@@ -22,13 +22,13 @@ from pathlib import Path
 
 from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
-from astropt_tok.encoder import EncodedShard, Encoder, encode_shard
+from astropt_tok.encoder import EncodedShard, Encoder, ModalityEncoders, encode_shard
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import (TorchrunGroup, await_replaced_store, check_rerun, check_source_unchanged,
                                   default_workers, prepare_store, process_rank, remove_stale_temporaries,
                                   resolve_device, shards_for_this_process)
 from astropt_tok.source import DEFAULT_SOURCE
-from astropt_tok.stages import prepare_shards
+from astropt_tok.stages import modalities_of, prepare_shards
 
 
 
@@ -42,6 +42,10 @@ class TokeniseConfig:
     codec: str = DEFAULT_CODEC
     column: str = "legacysurvey_image"
     bands: tuple[str, ...] = ("DES-G", "DES-R", "DES-I", "DES-Z")
+    # several image columns of the same galaxies, one token column each: ((column, bands), ...); two or more
+    # replace `column`/`bands` (one is the same as setting those)
+    modalities: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    keep_partial: bool = False  # several columns: keep a row when at least one image is good (others marked)
     split: str = "train"
     batch_size: int = 64
     device: str = "auto"
@@ -118,12 +122,34 @@ def _record_fits(shard: dict, lo: int, hi: int) -> bool:
     return lo <= shard["first_row"] <= shard["last_row"] < hi
 
 
+def _band_list(text: str) -> tuple[str, ...]:
+    return tuple(b.strip() for b in text.split(",") if b.strip())
+
+
+def parse_columns(columns: list[str], bands: str | None) -> tuple[str, tuple[str, ...], tuple]:
+    """The --column values (and --bands) -> (column, bands, modalities): `COLUMN` with --bands is one column;
+    `COLUMN:BAND,BAND` (repeatable) names each image column with its own bands."""
+    default = ("DES-G", "DES-R", "DES-I", "DES-Z")
+    if len(columns) == 1 and ":" not in columns[0]:
+        return columns[0], _band_list(bands) if bands is not None else default, ()
+    if bands is not None:
+        raise AstroptError("--bands goes with a single --column NAME; give several as --column NAME:BAND,BAND,...")
+    modalities = []
+    for entry in columns:
+        name, sep, its_bands = entry.partition(":")
+        if not sep or not name.strip() or not _band_list(its_bands):
+            raise AstroptError(f"--column {entry!r}: with several image columns each is NAME:BAND,BAND,... "
+                               "(e.g. hsc_image:HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y)")
+        modalities.append((name.strip(), _band_list(its_bands)))
+    return modalities[0][0], modalities[0][1], tuple(modalities)
+
+
 def write_encoded_shard(encoded: EncodedShard, out: Path, storage: str) -> ShardResult:
     """Write a shard and its completion record atomically (temporary name, fsync, rename)."""
     t0 = time.perf_counter()
     remove_stale_temporaries(out, encoded.index)
     record = st.write_shard(out, encoded.index, storage, encoded.tokens, encoded.rows, encoded.object_ids,
-                            rejected=len(encoded.rejects))
+                            rejected=len(encoded.rejects), valid=encoded.valid)
     st.mark_shard_done(out, record, encoded.rejects)
     write_s = time.perf_counter() - t0
     return ShardResult(encoded.index, record.rows, len(encoded.rejects), False, encoded.seconds,
@@ -149,25 +175,45 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         raise AstroptError(f"--workers must be 0 (read in this process) or more, got {cfg.workers}")
     if cfg.reader not in ("pyarrow", "datasets"):
         raise AstroptError(f"--reader must be pyarrow or datasets, got {cfg.reader!r}")
+    if len(cfg.modalities) == 1:  # one COLUMN:BANDS is the one-column store
+        (column, one_bands), = cfg.modalities
+        cfg = dataclasses.replace(cfg, column=column, bands=tuple(one_bands), modalities=())
+    modalities = modalities_of(cfg)  # [(column, bands)] when several
+    if cfg.keep_partial and not modalities:
+        raise AstroptError("--keep-partial needs several image columns (--column NAME:BANDS, twice or more)")
+    if modalities:
+        names = [c for c, _ in modalities]
+        if len(set(names)) != len(names):
+            raise AstroptError(f"--column names an image column twice: {', '.join(names)}")
+        reserved = [c for c in names if c in st.RESERVED_COLUMNS or c.endswith("_valid")]
+        if reserved:
+            raise AstroptError(f"image column {reserved[0]!r} clashes with a store column name; rename it")
+        cfg = dataclasses.replace(cfg, column=names[0], bands=tuple(modalities[0][1]))
     bands = list(cfg.bands)
     from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
 
-    unknown = [b for b in bands if b not in BAND_TO_INDEX]
-    if not bands or unknown or len({b.split("-")[0] for b in bands}) != 1:
-        raise AstroptError(f"--bands must be bands of one survey known to AION ({', '.join(BAND_TO_INDEX)}); "
-                           f"got {','.join(bands)}")
-    repeated = sorted({b for b in bands if bands.count(b) > 1})
-    if repeated:
-        raise AstroptError(f"--bands names {','.join(repeated)} more than once; give each band once")
+    for column, its_bands in modalities or [(cfg.column, bands)]:
+        unknown = [b for b in its_bands if b not in BAND_TO_INDEX]
+        if not its_bands or unknown or len({b.split("-")[0] for b in its_bands}) != 1:
+            what = f"the bands of --column {column}" if modalities else "--bands"
+            raise AstroptError(f"{what} must be bands of one survey known to AION ({', '.join(BAND_TO_INDEX)}); "
+                               f"got {','.join(its_bands)}")
+        repeated = sorted({b for b in its_bands if list(its_bands).count(b) > 1})
+        if repeated:
+            what = f"the bands of --column {column} name" if modalities else "--bands names"
+            raise AstroptError(f"{what} {','.join(repeated)} more than once; give each band once")
     rank, world = process_rank(cfg)
-    plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit)
+    plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit,
+                          extra_columns=[c for c, _ in modalities[1:]])
     device = resolve_device(cfg.device)
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=default_workers(device))
     loaded = load_image_codec(cfg.codec, device=device)
     dtype = st.token_dtype(loaded.vocab_size)
     out = Path(cfg.out)
-    manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision, plan.describe())
+    manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision, plan.describe(),
+                               modalities=[{"name": c, "column": c, "bands": list(b)} for c, b in modalities] or None,
+                               keep_partial=cfg.keep_partial)
     group = TorchrunGroup(world)
     if rank != 0 and not group.active and cfg.overwrite:
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
@@ -185,7 +231,8 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     done = {i: rec for i, rec in st.read_done_records(out, cfg.shards, cfg.storage).items()
             if _record_fits(rec["shard"], bounds[i], bounds[i + 1])}
     summary = TokeniseSummary(str(out), cfg.shards, mine, device=device, precision=cfg.precision)
-    encoder = Encoder(loaded, device, cfg.precision, bands)
+    encoder = (ModalityEncoders(loaded, device, cfg.precision, modalities) if modalities
+               else Encoder(loaded, device, cfg.precision, bands))
 
     todo = [i for i in mine if i not in done]
     for i in mine:
