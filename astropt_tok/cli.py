@@ -64,7 +64,10 @@ def _register_subcommands() -> None:
     # Each package owns its commands; their modules import only typer at the top.
     from astropt_tok.cli_tokenise import register as register_tokenise
 
+    from astropt_tok.cli_fit_codec import register as register_fit_codec
+
     register_tokenise(app)
+    register_fit_codec(app)
     for module in ("astropt_train.cli_train", "astropt_train.use.cli"):
         try:
             mod = __import__(module, fromlist=["register"])

@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from astropt_tok import store as st
@@ -226,3 +227,23 @@ class TorchrunGroup:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Use n torch CPU threads inside the block, then restore the previous count (None: leave it alone).
+
+    Sampling runs hundreds of tiny per-token steps; on a busy small machine one thread avoids OpenMP
+    threads waiting on each other at every step (measured 18x faster on the shared 2-core dev box).
+    """
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

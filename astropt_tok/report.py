@@ -1,4 +1,7 @@
-"""Human-readable summaries of a token store (`astropt info`)."""
+"""Human-readable summaries: a token store (`astropt info`), a tokenise run, reconstruction quality.
+
+Tables fold long cells onto more lines instead of cutting them, so they read whole in an 80-column pipe
+or a log file."""
 
 from __future__ import annotations
 
@@ -67,4 +70,34 @@ def print_tokenise_summary(summary, console: Console | None = None) -> None:
         table.add_row("codec waiting for input",
                       f"{waited:,.1f} s of {steady:,.1f} s{hint}; start-up {summary.first_batch_s:,.1f} s")
     table.add_row("store", "complete" if summary.complete else "incomplete: other processes' shards are not all done yet")
+    console.print(table)
+
+
+def folding_table(*columns: str, **kwargs) -> Table:
+    """A rich Table whose cells wrap (fold) rather than end in an ellipsis when the console is narrow."""
+    table = Table(**kwargs)
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    return table
+
+
+RECONSTRUCTION_ROWS = (("codec", None), ("all-zero", "zero"), ("image mean", "image_mean"))
+
+
+def print_reconstruction_table(report: dict, title: str, console: Console | None = None) -> None:
+    """Per band: MSE, explained variance and PSNR of the codec's reconstruction and of the two baselines.
+
+    `report` is astropt_tok.quality.summary_json's {"per_band", "baselines"}.
+    """
+    console = console or Console()
+    table = folding_table("band", "reconstruction", "MSE", "explained var.", "PSNR dB", title=title,
+                          caption="explained var. pooled over galaxies (1 = perfect, 0 = each image's mean); "
+                                  "MSE and PSNR: mean over images, PSNR range = max - min of each original")
+    for col in table.columns[2:]:
+        col.justify = "right"
+    for band in report["per_band"]:
+        for i, (name, key) in enumerate(RECONSTRUCTION_ROWS):
+            m = report["per_band"][band] if key is None else report["baselines"][key][band]
+            table.add_row(band if i == 0 else "", name, f"{m['mse']:.3g}", f"{m['explained_variance']:.3f}",
+                          f"{m['psnr']:.1f}", end_section=i == len(RECONSTRUCTION_ROWS) - 1)
     console.print(table)

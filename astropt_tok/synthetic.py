@@ -5,7 +5,8 @@ column encoded by `datasets` as a Sequence of per-band dicts (`band`, `flux` and
 [160, 160] float32, `psf_fwhm`, `scale`), plus (by default) the same galaxy seen by HSC in `hsc_image`, the
 same struct with five bands (HSC-G/R/I/Z/Y): finer pixels (0.168" against 0.262"), a sharper PSF (a 0.6"
 Gaussian) and lower noise (deeper), as the crossmatched survey pairs them. Galaxies are Sersic profiles with
-varied sizes, indices, ellipticities, angles and colours, plus noise.
+varied sizes, indices, ellipticities, angles and colours, blurred by a PSF, with per-band sky noise (see
+`galaxy_params` for the ranges, taken from Legacy Survey DR10 DES cutouts).
 """
 
 from __future__ import annotations
@@ -50,18 +51,25 @@ def survey_features(image_size: int = IMAGE_SIZE, with_hsc: bool = True):
 
 
 def galaxy_params(rng: np.random.Generator, n_bands: int) -> dict:
-    """The drawn properties of one galaxy (offset and r_eff in Legacy Survey pixels), in a fixed draw order."""
+    """The drawn properties of one galaxy (offset, r_eff and PSF in Legacy Survey pixels), in a fixed draw order.
+
+    Ranges follow Legacy Survey DR10 (DES) cutouts at 0.262"/pixel: a Gaussian PSF of FWHM 1.0-1.5", a peak
+    surface brightness of 0.1-4 nanomaggies/pixel (log-uniform) before colour (r ~ 17-22 mag galaxies), and
+    per-pixel sky noise rising from about 0.004 nanomaggies (g) to 0.015 (z), times a depth factor 0.7-2.
+    """
     p = {"dx": rng.normal(0, 2), "dy": rng.normal(0, 2)}
     p["r_eff"] = rng.uniform(2.0, 14.0)
     p["n_sersic"] = rng.uniform(0.6, 4.0)
     p["q"] = rng.uniform(0.3, 1.0)  # axis ratio
     p["theta"] = rng.uniform(0, np.pi)
-    p["amplitude"] = rng.uniform(0.3, 4.0)
+    p["amplitude"] = float(np.exp(rng.uniform(np.log(0.1), np.log(4.0))))
     colour = np.sort(rng.uniform(0.3, 1.6, size=n_bands))  # redder galaxies brighter in z
     if rng.random() < 0.3:
         colour = colour[::-1].copy()
     p["colour"] = colour
-    p["noise"] = rng.uniform(0.005, 0.05)
+    p["psf_fwhm"] = rng.uniform(1.0, 1.5) / LS_PIXEL_ARCSEC  # pixels
+    p["sky_noise"] = np.linspace(0.004, 0.015, n_bands) * rng.uniform(0.7, 2.0)  # [n_bands], bluest to reddest
+    p["noise"] = float(p["sky_noise"].mean())  # one figure for the HSC view's noise
     return p
 
 
@@ -81,10 +89,12 @@ def sersic_profile(p: dict, size: int, pixel_scale: float = 1.0) -> np.ndarray:
 
 
 def galaxy_flux(rng: np.random.Generator, n_bands: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One synthetic galaxy, float32 [n_bands, size, size], in nanomaggy-like units with sky noise."""
+    """One synthetic galaxy, float32 [n_bands, size, size], in nanomaggies, seen through the PSF with sky noise."""
     p = galaxy_params(rng, n_bands)
-    profile = sersic_profile(p, size)
-    flux = p["amplitude"] * p["colour"][:, None, None] * profile[None] + rng.normal(0, p["noise"], (n_bands, size, size))
+    profile = gaussian_blur(sersic_profile(p, size), p["psf_fwhm"])
+    profile /= max(float(profile.max()), 1e-12)
+    noise = rng.normal(0, 1, (n_bands, size, size)) * p["sky_noise"][:, None, None]
+    flux = p["amplitude"] * p["colour"][:, None, None] * profile[None] + noise
     return flux.astype(np.float32)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from astropt_tok.errors import AstroptError
+from astropt_tok.executor import torch_threads  # noqa: F401  (re-exported: demo and tests use it from here)
+from astropt_tok.quality import center_crop, reconstruction_metrics  # noqa: F401  (re-exported)
 from astropt_train.use.images import DEFAULT_RGB_BANDS, GridLayout, fit_stretch, apply_stretch, rgb_indices, save_flux, save_grid
 
 MODES = ("stored", "predict", "complete", "generate")
@@ -161,34 +162,6 @@ def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: i
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def center_crop(flux: np.ndarray, size: int) -> np.ndarray:
-    """AION's CenterCrop on [..., H, W]: start = (H - size) // 2 (the same pixels the codec encodes)."""
-    h, w = flux.shape[-2:]
-    y0, x0 = (h - size) // 2, (w - size) // 2
-    return flux[..., y0 : y0 + size, x0 : x0 + size]
-
-
-def reconstruction_metrics(original: np.ndarray, recon: np.ndarray, bands: Sequence[str]) -> dict:
-    """Per-band MSE and PSNR of a reconstruction against the original's centre crop.
-
-    original: [N, B, H, W] (H >= 96; centre-cropped to recon's size as the codec does); recon: [N, B, 96, 96].
-    Per image and band: MSE = mean((orig - recon)^2) over the crop; PSNR = 10 log10(range^2 / MSE) with
-    range = max - min of that image's original crop in that band (flux has no fixed peak, so the data's own
-    dynamic range stands in for it). Per band the figures are the means over images.
-    Returns {"bands", "mse" [N, B], "psnr" [N, B], "per_band": {band: {"mse", "psnr"}}}.
-    """
-    orig = center_crop(np.asarray(original, dtype=np.float64), recon.shape[-1])
-    rec = np.asarray(recon, dtype=np.float64)
-    if orig.shape != rec.shape:
-        raise ValueError(f"original crop {orig.shape} and reconstruction {rec.shape} disagree")
-    mse = ((orig - rec) ** 2).mean(axis=(-2, -1))  # [N, B]
-    rng = orig.max(axis=(-2, -1)) - orig.min(axis=(-2, -1))  # [N, B]
-    with np.errstate(divide="ignore"):
-        psnr = np.where(mse > 0, 10.0 * np.log10(np.maximum(rng, 1e-300) ** 2 / np.where(mse > 0, mse, 1.0)), np.inf)
-    per_band = {b: {"mse": float(mse[:, i].mean()), "psnr": float(psnr[:, i].mean())} for i, b in enumerate(bands)}
-    return {"bands": list(bands), "mse": mse, "psnr": psnr, "per_band": per_band}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # model-side token work
 
@@ -309,26 +282,6 @@ def _mode(cfg: DecodeConfig) -> str:
     if mode == "generate" and cfg.compare:
         raise AstroptError("--compare needs stored rows; generated galaxies have no original")
     return mode
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """Use n torch CPU threads inside the block, then restore the previous count (None: leave it alone).
-
-    Sampling runs hundreds of tiny per-token steps; on a busy small machine one thread avoids OpenMP
-    threads waiting on each other at every step (measured 18x faster on the shared 2-core dev box).
-    """
-    import torch
-
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def decode(cfg: DecodeConfig) -> DecodeResult:

@@ -1,0 +1,325 @@
+"""Fit a small real AION `ImageCodec` to a survey, for the demo or for surveys and bands AION's codec lacks.
+
+`fit_codec(FitCodecConfig)` is the one library call behind `astropt fit-codec`:
+
+  1. read    the survey's image column (the first `limit` rows) through the tokeniser's reader, centre-cropped
+             to AION's 96x96, into memory; a seeded `holdout` of rows is kept out of training for the report
+  2. fit     the real `aion.codecs.image.ImageCodec` (AION's own preprocessing: clamp, range compression,
+             band padding, multi-survey projection; its finite scalar quantiser with the straight-through
+             rounding it has) by AdamW on batches drawn per step from np.random.default_rng([seed, step]),
+             each flipped/rotated by a multiple of 90 degrees; warmup then cosine learning rate
+  3. report  encode -> tokens -> decode of the held-out galaxies with the fitted codec, exactly as
+             `astropt tokenise` and `astropt decode` do, scored per band (astropt_tok.quality)
+  4. save    the hub layout in `out` (codecs/image/config.json + model.safetensors), usable as `--codec out`,
+             and `out/fit_report.json`
+
+The loss is the reconstruction error in the codec's range-compressed space (where faint structure counts)
+plus the error in flux (where bright galaxies count), each divided by its variance over the training data.
+`out/fit-state.pt` is a checkpoint every `checkpoint_every` steps; `resume` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError, ensure_folder
+
+STATE_FILE = "fit-state.pt"
+REPORT_FILE = "fit_report.json"
+DEFAULT_FIT_BANDS = ("DES-G", "DES-R", "DES-I", "DES-Z")
+
+
+@dataclass
+class FitCodecConfig:
+    """What to fit the codec to, its size, and how to train it."""
+
+    source: str  # local parquet/arrow folder, file or glob in the survey schema, or a hub dataset id
+    out: Path  # codec folder to write (hub layout)
+    bands: tuple[str, ...] = DEFAULT_FIT_BANDS
+    column: str = "legacysurvey_image"
+    split: str = "train"
+    limit: int | None = None  # read at most this many source rows
+    hidden: int = 32  # hidden_dims of the MagViT autoencoder
+    projection: int = 12  # multisurvey_projection_dims
+    layers: int = 1  # num_consecutive residual layers per compression stage
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-3  # peak learning rate
+    min_lr: float | None = None  # end of the cosine (default lr / 20)
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 1e-4
+    holdout: float = 0.1  # fraction of rows kept out of training for the report (at least 1 row)
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    checkpoint_every: int = 250
+    progress: bool = True
+
+
+@dataclass
+class FitCodecResult:
+    """Where the codec went, its held-out report, and how the fit went."""
+
+    out: Path
+    steps: int
+    report: dict  # astropt_tok.quality.summary_json of the held-out reconstruction
+    train_rows: int
+    heldout_rows: int
+    final_loss: float
+    seconds: float
+    resumed_from: int | None = None
+    already_finished: bool = False  # --resume of a fit that had already reached `steps`
+    history: list = field(default_factory=list)  # [(step, loss)] every few steps
+
+
+def codec_config(cfg: FitCodecConfig) -> dict:
+    """The `ImageCodec` constructor arguments: AION's quantiser and compression, this fit's sizes."""
+    return {
+        "quantizer_levels": [7, 5, 5, 5, 5],  # AION's own levels: 4375 codes
+        "n_compressions": 2,  # 96x96 -> 24x24 = 576 tokens, as AION
+        "embedding_dim": 5,
+        "range_compression_factor": 0.01,
+        "mult_factor": 10.0,
+        "hidden_dims": cfg.hidden,
+        "multisurvey_projection_dims": cfg.projection,
+        "num_consecutive": cfg.layers,
+    }
+
+
+def learning_rate(step: int, cfg: FitCodecConfig) -> float:
+    """Linear warmup to cfg.lr over cfg.warmup steps, then cosine down to min_lr at cfg.steps."""
+    min_lr = cfg.lr / 20 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def read_survey_flux(cfg: FitCodecConfig) -> np.ndarray:
+    """Every good row of the source (up to `limit`), centre-cropped: float32 [N, bands, 96, 96]."""
+    from astropt_tok.codec import CROP_SIZE
+    from astropt_tok.source import batch_to_flux, iter_row_range, resolve_source
+
+    plan = resolve_source(cfg.source, split=cfg.split, column=cfg.column, id_column=None, limit=cfg.limit)
+    n = min(plan.num_rows, cfg.limit) if cfg.limit else plan.num_rows
+    chunks = []
+    for _, batch in iter_row_range(plan, 0, n):
+        flux, _, _ = batch_to_flux(batch, plan.column, list(cfg.bands), crop=CROP_SIZE)
+        chunks.append(flux.copy())
+    flux = np.concatenate(chunks) if chunks else np.zeros((0, len(cfg.bands), CROP_SIZE, CROP_SIZE), np.float32)
+    if len(flux) < 2:
+        raise AstroptError(f"source {cfg.source} has {len(flux)} good rows with bands {','.join(cfg.bands)}; "
+                           "fitting a codec needs at least 2 (one to train on, one to score)")
+    return flux
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of n rows: a seeded permutation, at least one row on each side."""
+    n_held = min(n - 1, max(1, int(round(n * fraction))))
+    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image [B, C, H, W] flipped and rotated by a random multiple of 90 degrees (galaxies have no up)."""
+    out = np.empty_like(batch)
+    for i, img in enumerate(batch):
+        img = np.rot90(img, k=int(rng.integers(4)), axes=(-2, -1))
+        out[i] = img[..., ::-1] if rng.random() < 0.5 else img
+    return out
+
+
+def reconstruct_straight_through(codec, flux, bands: list[str]):
+    """Differentiable encode -> quantise -> decode: (recon in compressed space, recon flux), each [B, C, 96, 96].
+
+    The same steps as `ImageCodec.encode` then `.decode`, with the quantiser's straight-through rounding
+    (`quantizer.quantize`) in place of integer codes, and the range expansion split out so that the loss can
+    be taken before it.
+    """
+    from aion.modalities import Image
+
+    z = codec._encode(Image(flux=flux.clone(), bands=bands))  # [B, 5, 576]; _encode clamps in place: a copy
+    z_q = codec.quantizer.quantize(z)  # rounded to the codebook's levels, identity gradient
+    b, d, t = z_q.shape
+    side = int(round(t**0.5))
+    h = codec.post_quant_proj(z_q.reshape(b, d, side, side))
+    decoded = codec.decoder(h)
+    all_bands = torch_ones_mask(decoded, codec.image_padder.nbands)
+    compressed = codec.image_padder.backward(codec.subsample_out(decoded, all_bands), bands)  # [B, C, 96, 96]
+    recon_flux = codec.rescaler.backward(codec._reverse_range_compress(compressed), codec._get_survey(bands))
+    return compressed, recon_flux
+
+
+def torch_ones_mask(like, nbands: int):
+    """AION's all-bands mask for the output projection: [B, nbands] True."""
+    import torch
+
+    return torch.ones((like.shape[0], nbands), device=like.device, dtype=torch.bool)
+
+
+def compress(codec, flux, bands: list[str]):
+    """Flux -> the codec's range-compressed input space (clamp, rescale, arcsinh), as `_encode` does."""
+    x = codec.clamp(flux.clone(), bands)
+    x = codec.rescaler.forward(x, codec._get_survey(bands))
+    return codec._range_compress(x)
+
+
+def round_trip(codec, flux: np.ndarray, bands: list[str], batch_size: int = 32, device: str = "cpu") -> np.ndarray:
+    """decode(encode(flux)) through the integer tokens, as tokenise and decode do: float32 [N, C, 96, 96]."""
+    import torch
+    from aion.modalities import Image
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(flux), batch_size):
+            x = torch.as_tensor(flux[i : i + batch_size], device=device)
+            tokens = codec.encode(Image(flux=x.clone(), bands=bands))  # [b, 576] int
+            out.append(codec.decode(tokens, bands=bands).flux.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _check(cfg: FitCodecConfig) -> None:
+    from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
+
+    for name in ("hidden", "projection", "layers", "steps", "batch_size", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise AstroptError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.warmup < 0:
+        raise AstroptError(f"--warmup must be 0 or more, got {cfg.warmup}")
+    if not cfg.lr > 0:
+        raise AstroptError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.holdout < 1:
+        raise AstroptError(f"--holdout must be a fraction between 0 and 1, got {cfg.holdout}")
+    if not cfg.bands:
+        raise AstroptError("--bands names no band")
+    unknown = [b for b in cfg.bands if b not in BAND_TO_INDEX]
+    if unknown:
+        raise AstroptError(f"unknown band(s) {', '.join(unknown)}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
+    if len({b.split('-')[0] for b in cfg.bands}) > 1:
+        raise AstroptError(f"--bands {','.join(cfg.bands)} mix surveys; AION's image codec takes one survey's bands at a time")
+
+
+def _save_state(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _identity(cfg: FitCodecConfig) -> dict:
+    """The settings a resumed fit must share with the one it continues."""
+    keep = ("source", "bands", "column", "split", "limit", "hidden", "projection", "layers", "batch_size", "lr",
+            "min_lr", "warmup", "weight_decay", "holdout", "seed")
+    d = asdict(cfg)
+    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
+
+
+def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
+    """Fit a real AION ImageCodec to cfg.source and save it in the hub layout in cfg.out (see the module doc)."""
+    import torch
+    from aion.codecs.image import ImageCodec
+
+    from astropt_tok.codec import save_image_codec
+    from astropt_tok.executor import resolve_device
+    from astropt_tok.progress import ProgressBar
+    from astropt_tok.quality import reconstruction_metrics, summary_json
+
+    _check(cfg)
+    t0 = time.perf_counter()
+    out = ensure_folder(cfg.out, "the codec folder")
+    state_path = out / STATE_FILE
+    device = resolve_device(cfg.device)
+    bands = list(cfg.bands)
+    config = codec_config(cfg)
+
+    state = None
+    if cfg.resume:
+        if not state_path.is_file():
+            raise AstroptError(f"--resume: {state_path} does not exist; run without --resume to start a fit")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise AstroptError(f"--resume: {state_path} is unreadable ({type(exc).__name__}); "
+                               "delete it to start again") from None
+        if state["identity"] != _identity(cfg):
+            diff = [k for k in state["identity"] if state["identity"][k] != _identity(cfg).get(k)]
+            raise AstroptError(f"--resume: {state_path} was a fit with other settings ({', '.join(diff)}); "
+                               "give the same ones, or another --out")
+    elif state_path.is_file():
+        raise AstroptError(f"{out} already holds a fit ({STATE_FILE}); add --resume to continue it (or raise "
+                           "--steps), or choose another --out")
+
+    flux = read_survey_flux(cfg)  # [N, C, 96, 96]
+    train_rows, held_rows = split_holdout(len(flux), cfg.holdout, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    codec = ImageCodec(**config).to(device)
+    decay = [p for n, p in codec.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in codec.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    start, history = 0, []
+    if state is not None:
+        codec.load_state_dict(state["codec"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), list(state["history"])
+
+    # Loss weights: the variance of the training flux, per band, in compressed space and in flux.
+    with torch.no_grad():
+        sample = torch.as_tensor(flux[train_rows[: 256]], device=device)
+        flux_var = sample.var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
+        compressed_var = compress(codec, sample, bands).var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
+
+    codec.train()
+    loss_value = float("nan")
+    with ProgressBar("fit-codec", cfg.steps, cfg.progress, unit="steps") as bar:
+        bar.advance(completed=start)
+        for step in range(start, cfg.steps):
+            rng = np.random.default_rng([cfg.seed, step])
+            pick = train_rows[rng.integers(0, len(train_rows), size=cfg.batch_size)]
+            x = torch.as_tensor(augment(flux[pick], rng), device=device)  # [B, C, 96, 96]
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            compressed, recon = reconstruct_straight_through(codec, x, bands)
+            target = compress(codec, x, bands)
+            per_band = ((compressed - target) ** 2).mean(dim=(0, 2, 3)) / compressed_var \
+                + ((recon - x) ** 2).mean(dim=(0, 2, 3)) / flux_var  # [C]
+            loss = per_band.mean()
+            if not torch.isfinite(loss):
+                raise AstroptError(f"the fit diverged at step {step} (loss {float(loss)}); lower --lr "
+                                   f"(was {cfg.lr}) and start again")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
+            opt.step()
+            loss_value = float(loss.detach())
+            done = step + 1
+            if done % 10 == 0 or done == cfg.steps:
+                history.append((done, loss_value))
+            bar.advance(info=f"loss {loss_value:.4f} lr {learning_rate(step, cfg):.1e}")
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _save_state(state_path, {"step": done, "codec": codec.state_dict(), "optimizer": opt.state_dict(),
+                                         "history": history, "identity": _identity(cfg), "config": config})
+
+    codec.eval()
+    recon = round_trip(codec, flux[held_rows], bands, device=device)
+    report = summary_json(reconstruction_metrics(flux[held_rows], recon, bands))
+    save_image_codec(codec, out, config)
+    result = FitCodecResult(out=out, steps=cfg.steps, report=report, train_rows=len(train_rows),
+                            heldout_rows=len(held_rows), final_loss=loss_value, seconds=time.perf_counter() - t0,
+                            resumed_from=start if state is not None else None,
+                            already_finished=state is not None and start >= cfg.steps, history=history)
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    settings["out"] = str(cfg.out)
+    (out / REPORT_FILE).write_text(json.dumps({"settings": settings, "codec_config": config, "steps": cfg.steps,
+                                               "train_rows": len(train_rows), "heldout_rows": len(held_rows),
+                                               "final_loss": loss_value, "heldout": report}, indent=2))
+    return result

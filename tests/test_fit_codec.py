@@ -1,0 +1,95 @@
+"""`astropt fit-codec`: a real AION ImageCodec fitted through its own quantiser, resumed, saved in the hub layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from astropt_tok.errors import AstroptError
+from astropt_tok.fit_codec import FitCodecConfig, fit_codec, learning_rate, read_survey_flux, reconstruct_straight_through
+
+
+def _cfg(survey_dir, out, **kw):
+    base = dict(source=str(survey_dir), out=out, hidden=8, projection=4, steps=4, batch_size=2, lr=3e-3,
+                min_lr=3e-3, warmup=0, holdout=0.1, seed=0, device="cpu", progress=False, checkpoint_every=2)
+    return FitCodecConfig(**{**base, **kw})
+
+
+def test_fit_resume_equals_straight_fit_and_loads_as_codec(survey_dir, tmp_path):
+    """Two steps, then --resume to four, gives the weights of four straight steps (constant lr), in the hub layout."""
+    import torch
+    from safetensors.torch import load_file
+
+    from astropt_tok.codec import load_image_codec
+
+    straight = fit_codec(_cfg(survey_dir, tmp_path / "straight"))
+    fit_codec(_cfg(survey_dir, tmp_path / "resumed", steps=2))
+    resumed = fit_codec(_cfg(survey_dir, tmp_path / "resumed", steps=4, resume=True))
+    assert resumed.resumed_from == 2 and not resumed.already_finished
+    a = load_file(str(tmp_path / "straight/codecs/image/model.safetensors"))
+    b = load_file(str(tmp_path / "resumed/codecs/image/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    loaded = load_image_codec(str(tmp_path / "straight"))  # the loader every command uses
+    assert loaded.vocab_size == 4375 and loaded.tokens_per_image == 576 and loaded.config["hidden_dims"] == 8
+    report = json.loads((tmp_path / "straight/fit_report.json").read_text())
+    assert report["heldout_rows"] == 4 and report["train_rows"] == 36
+    for band in ("DES-G", "DES-R", "DES-I", "DES-Z"):
+        m = report["heldout"]["per_band"][band]
+        assert set(m) == {"mse", "explained_variance", "psnr"}
+        assert report["heldout"]["baselines"]["image_mean"][band]["explained_variance"] == pytest.approx(0.0, abs=1e-12)
+    assert straight.report == report["heldout"]
+
+    again = fit_codec(_cfg(survey_dir, tmp_path / "resumed", steps=4, resume=True))
+    assert again.already_finished
+
+
+def test_straight_through_path_is_the_codecs_own_round_trip(survey_dir, tmp_path):
+    """The differentiable path used for fitting decodes to exactly what encode -> tokens -> decode gives."""
+    import torch
+    from aion.codecs.image import ImageCodec
+    from aion.modalities import Image
+
+    bands = ["DES-G", "DES-R", "DES-I", "DES-Z"]
+    flux = torch.as_tensor(read_survey_flux(_cfg(survey_dir, tmp_path, limit=3)))
+    torch.manual_seed(0)
+    codec = ImageCodec(quantizer_levels=[7, 5, 5, 5, 5], hidden_dims=8, multisurvey_projection_dims=4,
+                       num_consecutive=1).eval()
+    with torch.no_grad():
+        _, ours = reconstruct_straight_through(codec, flux, bands)
+        theirs = codec.decode(codec.encode(Image(flux=flux.clone(), bands=bands)), bands=bands).flux
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_and_refusals(survey_dir, tmp_path):
+    cfg = _cfg(survey_dir, tmp_path / "c", lr=1e-3, min_lr=None, warmup=10, steps=110)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4) and learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(110, cfg) == pytest.approx(5e-5) and learning_rate(60, cfg) < 1e-3
+    with pytest.raises(AstroptError, match="--resume"):
+        fit_codec(_cfg(survey_dir, tmp_path / "nothing-yet", resume=True))
+    with pytest.raises(AstroptError, match="unknown band"):
+        fit_codec(_cfg(survey_dir, tmp_path / "c", bands=("DES-Q",)))
+    with pytest.raises(AstroptError, match="mix surveys"):
+        fit_codec(_cfg(survey_dir, tmp_path / "c", bands=("DES-G", "HSC-G")))
+    with pytest.raises(AstroptError, match="--steps"):
+        fit_codec(_cfg(survey_dir, tmp_path / "c", steps=0))
+    fit_codec(_cfg(survey_dir, tmp_path / "d", steps=1))
+    with pytest.raises(AstroptError, match="already holds a fit"):
+        fit_codec(_cfg(survey_dir, tmp_path / "d", steps=1))
+    with pytest.raises(AstroptError, match="other settings"):
+        fit_codec(_cfg(survey_dir, tmp_path / "d", steps=2, hidden=16, resume=True))
+
+
+def test_fit_codec_command(survey_dir, tmp_path, capsys):
+    from astropt_tok.cli import main
+
+    main(["fit-codec", "--source", str(survey_dir), "--out", str(tmp_path / "c"), "--steps", "1", "--batch-size",
+          "2", "--hidden", "8", "--projection", "4", "--device", "cpu", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "explained var." in out and "all-zero" in out and "image mean" in out and "DES-Z" in out
+    assert (tmp_path / "c/codecs/image/model.safetensors").is_file()
+    main(["fit-codec", "--source", str(survey_dir), "--out", str(tmp_path / "c"), "--steps", "1", "--batch-size",
+          "2", "--hidden", "8", "--projection", "4", "--device", "cpu", "--resume"])
+    assert "fit already finished at step 1; raise --steps to continue" in capsys.readouterr().out
