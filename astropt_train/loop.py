@@ -375,9 +375,11 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
                                         dist.rank, dist.world)
                     record["val_loss"] = last_val
                     if images is not None:
-                        targets = dataset.__getitems__(split.val[: cfg.val_images])
+                        shown = split.val[: cfg.val_images]
+                        targets = dataset.__getitems__(shown)
+                        labels = [oid if oid is not None else f"row {r}" for oid, r in zip(store.object_ids(shown), shown)]
                         images.write(targets, predict_tokens(raw_model, targets, device, ctx),
-                                     run / "val_images" / f"step-{step:08d}.png")
+                                     run / "val_images" / f"step-{step:08d}.png", labels=labels, step=step)
                 if dist.master:
                     logger.log(record)
                     display.update(step, record)

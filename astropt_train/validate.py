@@ -1,6 +1,6 @@
-"""Validation: mean loss over held-out rows, and a PNG of a few validation galaxies decoded by the codec,
-target beside the model's argmax prediction. This is the only module of the trainer that touches the codec,
-and it imports it only when it first draws images."""
+"""Validation: mean loss over held-out rows, and a PNG of a few validation galaxies decoded by the codec: the
+stored tokens (the codec's reconstruction, the model's target) beside the model's argmax prediction. This is
+the only module of the trainer that touches the codec, and it imports it only when it first draws images."""
 
 from __future__ import annotations
 
@@ -53,12 +53,6 @@ def predict_tokens(model, tokens, device, ctx=None):
     return torch.cat([x[:, :1], pred], dim=1).cpu()
 
 
-def _stretch(flux: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """asinh stretch of (C, H, W) flux into [0, 1] with the given limits."""
-    x = np.arcsinh((flux - lo) / max(hi - lo, 1e-12) * 10) / np.arcsinh(10)
-    return np.clip(x, 0, 1)
-
-
 class ImageGrid:
     """Decodes validation targets and predictions with the codec into RUN/val_images/step-N.png.
 
@@ -92,8 +86,11 @@ class ImageGrid:
             img = codec.decode(tokens.to(self.device).long(), bands=self.bands)
         return img.flux.float().cpu().numpy()
 
-    def write(self, targets, predictions, path: str | Path) -> Path | None:
-        """Draw target | prediction rows for (n, T) token tensors into a PNG; None when the codec is unavailable."""
+    def write(self, targets, predictions, path: str | Path, labels=None, step: int | None = None) -> Path | None:
+        """Draw codec reconstruction | prediction for (n, T) token tensors into a PNG; None when the codec is unavailable.
+
+        The same style as `astropt decode` (astropt_train.use.images.save_figure); `labels` are object ids.
+        """
         if self._load() is None:
             return None
         try:
@@ -102,20 +99,11 @@ class ImageGrid:
             self.failed = True
             self.echo(f"validation images off: decoding with codec {self.codec_id!r} failed ({exc}); training goes on")
             return None
-        from PIL import Image, ImageDraw
+        from astropt_train.use.images import save_figure
 
-        rows = []
-        for a, b in zip(t, p):
-            lo, hi = np.percentile(a, 1), np.percentile(a, 99.5)  # one scale per galaxy: the target's
-            pair = [(_stretch(im, lo, hi).transpose(1, 2, 0) * 255).astype(np.uint8) for im in (a, b)]
-            gap = np.full((pair[0].shape[0], 4, 3), 255, np.uint8)
-            rows.append(np.concatenate([pair[0], gap, pair[1]], axis=1))
-        grid = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
-        header = np.full((14, grid.shape[1], 3), 255, np.uint8)
-        img = Image.fromarray(np.concatenate([header, grid])).resize((grid.shape[1] * 2, (grid.shape[0] + 14) * 2),
-                                                                     Image.NEAREST)
-        ImageDraw.Draw(img).text((4, 2), "target | prediction (argmax, teacher-forced)", fill=(0, 0, 0))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
-        return path
+        labels = [str(x) for x in labels] if labels is not None else [f"val #{i}" for i in range(len(t))]
+        when = f"step {step}: " if step is not None else ""
+        return save_figure([t, p], ["codec reconstruction", "prediction"], labels, self.bands, path,
+                           title=f"{when}validation galaxies: the stored tokens decoded by the codec (what the model "
+                                 "learns; not the original) | teacher-forced argmax prediction",
+                           rgb_bands=self.bands)

@@ -61,10 +61,11 @@ def test_grid_is_a_png_of_the_expected_size(random_store, codec_dir, tmp_path):
     w, h = layout.size(5, 96, 96)
     with Image.open(out) as im:
         assert im.format == "PNG" and im.mode == "RGB"
-        assert im.size == (w, h + layout.label_height)  # + the title strip
+        assert im.size[0] == w and im.size[1] > h + 3 * layout.label_height  # + title, column name, stretch note
         assert w == 3 * (96 * 2 + 2) + 2 and h == 2 * (96 * 2 + 14 + 2) + 2
         px = np.asarray(im)
-    assert px[layout.label_height + 2 : layout.label_height + 2 + 192, 2 : 2 + 192].std() > 0  # first panel drawn
+    top = 2 * layout.label_height + 2  # below the title and the column name
+    assert px[top : top + 192, 2 : 2 + 192].std() > 0  # first panel drawn
 
 
 def test_random_rows_are_seeded(random_store, codec_dir, tmp_path):
@@ -213,3 +214,26 @@ def test_cli_module_imports_only_typer_and_stdlib():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_figure_style_one_stretch_named_columns_and_notes(tmp_path):
+    """save_figure: the same flux in two columns draws identical panels (one stretch), notes and header add rows."""
+    from PIL import Image
+
+    from astropt_train.use.images import GridLayout, save_figure
+
+    rng = np.random.default_rng(0)
+    flux = rng.normal(0, 0.02, (2, 3, 96, 96)).astype(np.float32) + np.linspace(0, 1, 96, dtype=np.float32)
+    bands = ["DES-G", "DES-R", "DES-Z"]
+    path = save_figure([flux, flux], ["original", "codec reconstruction"], ["obj0", "obj1"], bands,
+                       tmp_path / "f.png", title="t", notes=["DES-G: EV 0.9"])
+    layout = GridLayout(ncols=4)
+    w, h = layout.size(4, 96, 96)
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.shape[1] == w and pixels.shape[0] == h + 4 * layout.label_height + layout.pad  # title, header, 2 notes
+    top = 2 * layout.label_height + layout.pad  # below the title and the column names
+    cell = 96 * layout.scale + layout.pad
+    first = pixels[top : top + 192, layout.pad : layout.pad + 192]
+    second = pixels[top : top + 192, layout.pad + cell : layout.pad + cell + 192]
+    assert first.std() > 0 and np.array_equal(first, second)

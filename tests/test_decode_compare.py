@@ -39,7 +39,7 @@ def test_compare_metrics_equal_a_direct_computation(survey_store, survey_dir, co
                               save_flux=tmp_path / "recon.npy"))
     store = TokenStore(survey_store)
     bands = store.bands
-    assert res.columns == ["original", "reconstruction"] and res.bands == bands
+    assert res.columns == ["original", "codec reconstruction"] and res.bands == bands
     ids = store.object_ids(res.rows)
     assert res.labels == ids
 
@@ -65,9 +65,10 @@ def test_compare_grid_has_original_and_reconstruction_panels(survey_store, tmp_p
 
     out = tmp_path / "cmp.png"
     decode(DecodeConfig(tokens=survey_store, rows="0:3", compare=True, out=out))
-    w, h = GridLayout(ncols=6).size(6, 96, 96)  # 3 galaxies x (original, reconstruction), side by side
-    with Image.open(out) as im:
-        assert im.size == (w, h + GridLayout(ncols=6).label_height)
+    layout = GridLayout(ncols=6)
+    w, h = layout.size(6, 96, 96)  # 3 galaxies x (original, codec reconstruction), side by side
+    with Image.open(out) as im:  # + a title, the column names, and the stretch and scores below the panels
+        assert im.size[0] == w and im.size[1] >= h + (2 + 1 + 1 + 4) * layout.label_height
 
 
 def test_compare_reads_moved_source_files_from_source(moved_source_store, survey_store, tmp_path):

@@ -119,7 +119,7 @@ def test_completion_keeps_the_first_k_tokens(run_dir, random_store, tmp_path):
     np.testing.assert_array_equal(res.tokens[:, :100], stored[:, :100])
     assert not np.array_equal(res.tokens[:, 100:], stored[:, 100:])  # the model wrote the rest
     # the random store has no survey behind it, so there is no original column
-    assert res.columns == ["reconstruction", "completion from 100"]
+    assert res.columns == ["codec reconstruction", "completion from 100"]
     assert res.metrics["completion"]["kept"] == 100
     with pytest.raises(AstroptError, match="between 1 and 575"):
         complete_tokens(_tiny_gpt(), stored, keep=576)
@@ -143,7 +143,7 @@ def test_prediction_is_teacher_forced_argmax(model, random_store, tmp_path):
 def test_predict_mode_shows_reconstruction_and_prediction(run_dir, random_store, tmp_path):
     res = decode(DecodeConfig(checkpoint=run_dir, tokens=random_store, ids=["obj9"], predict=True,
                               out=tmp_path / "p.png"))
-    assert res.columns == ["reconstruction", "prediction"] and res.labels == ["obj9"]
+    assert res.columns == ["codec reconstruction", "prediction"] and res.labels == ["obj9"]
     assert 0 <= res.metrics["prediction"]["accuracy"] <= 1
 
 
@@ -170,8 +170,8 @@ def test_predict_without_the_source_files_leaves_out_the_originals(moved_source_
     store, folder = moved_source_store
     run = _save_run(tmp_path / "run", model, store, str(codec_dir), ["DES-G", "DES-R", "DES-I", "DES-Z"])
     res = decode(DecodeConfig(checkpoint=run, tokens=store, rows="0:2", predict=True, out=tmp_path / "p.png"))
-    assert res.columns == ["reconstruction", "prediction"]
+    assert res.columns == ["codec reconstruction", "prediction"]
     assert "note: no original panels" in capsys.readouterr().err
     res = decode(DecodeConfig(checkpoint=run, tokens=store, rows="0:2", predict=True, source=folder,
                               out=tmp_path / "q.png"))
-    assert res.columns == ["original", "reconstruction", "prediction"]
+    assert res.columns == ["original", "codec reconstruction", "prediction"]

@@ -24,7 +24,7 @@ def decode_command(
     random: Optional[int] = typer.Option(None, "--random", help="This many random stored rows (see --seed)."),
     seed: int = typer.Option(0, "--seed", help="Seed for --random and for sampling."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Codec hub id or local folder (default: the checkpoint's, else the store's)."),
-    compare: bool = typer.Option(False, "--compare", help="Re-read the rows from the store's source: original | reconstruction, per-band MSE and PSNR."),
+    compare: bool = typer.Option(False, "--compare", help="Re-read the rows from the store's source: original | codec reconstruction; per-band MSE, explained variance and PSNR beside all-zero and image-mean baselines."),
     source: Optional[Path] = typer.Option(None, "--source", help="Folder where the store's source files are now, found by name (if they moved since tokenising)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint folder of `astropt train`."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
@@ -43,7 +43,7 @@ def decode_command(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Decode tokens back to galaxies: stored rows (--compare: what the codec loses), or a model's predictions, completions and samples."""
-    from astropt_train.use.decode import DecodeConfig, decode, metrics_rows, summarise
+    from astropt_train.use.decode import DecodeConfig, decode, summarise
 
     rgb_bands = _split(rgb) or []
     cfg = DecodeConfig(
@@ -61,22 +61,17 @@ def decode_command(
         typer.echo(json.dumps(summary, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
+
+    from astropt_tok.report import print_reconstruction_table
 
     console = Console()
     console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({' | '.join(result.columns)}), "
                   f"codec {result.codec_id}")
     if result.flux_path:
         console.print(f"wrote {result.flux_path}: float32 flux {list(result.flux.shape)}, bands {','.join(result.bands)}")
-    table_rows = metrics_rows(result)
-    if table_rows:
-        table = Table(title="reconstruction vs original (96x96 centre crop)",
-                      caption="mean over images; PSNR range = max - min of each original crop")
-        for col in ("band", "MSE", "PSNR dB"):
-            table.add_column(col, justify="right")
-        for r in table_rows:
-            table.add_row(*r)
-        console.print(table)
+    if "reconstruction" in (result.metrics or {}):
+        print_reconstruction_table(summary["metrics"]["reconstruction"], console=console,
+                                   title=f"codec reconstruction vs original ({len(result.labels)} galaxies, 96x96 centre crop)")
     m = result.metrics or {}
     if "prediction" in m:
         console.print(f"teacher-forced next-token accuracy {m['prediction']['accuracy']:.4f}, "

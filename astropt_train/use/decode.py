@@ -25,8 +25,8 @@ import numpy as np
 
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import torch_threads  # noqa: F401  (re-exported: demo and tests use it from here)
-from astropt_tok.quality import center_crop, reconstruction_metrics  # noqa: F401  (re-exported)
-from astropt_train.use.images import DEFAULT_RGB_BANDS, GridLayout, fit_stretch, apply_stretch, rgb_indices, save_flux, save_grid
+from astropt_tok.quality import center_crop, reconstruction_metrics, summary_json  # noqa: F401  (re-exported)
+from astropt_train.use.images import DEFAULT_RGB_BANDS, rgb_indices, save_figure, save_flux
 
 MODES = ("stored", "predict", "complete", "generate")
 
@@ -343,7 +343,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
 
         if b not in BAND_TO_INDEX:
             raise AstroptError(f"unknown band {b!r}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
-    rgb_idx = rgb_indices(decode_bands, cfg.rgb_bands)
+    rgb_indices(decode_bands, cfg.rgb_bands)  # a display band that is not decoded: an error before any work
 
     rows = None
     metrics: dict | None = None
@@ -374,7 +374,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             columns.append("original")
         recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size)
         stacks.append(recon)
-        columns.append("reconstruction")
+        columns.append("codec reconstruction")
         final = stored
         if cfg.compare:
             metrics = {"reconstruction": reconstruction_metrics(original, recon, decode_bands)}
@@ -392,15 +392,9 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             columns.append(f"completion from {k}")
             stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
 
-    # One stretch for the whole figure, so every panel shares a brightness scale.
-    per_panel = np.stack(stacks, axis=1)  # [N, columns, bands, 96, 96]
-    n, c = per_panel.shape[:2]
-    rgb = per_panel[:, :, rgb_idx].reshape(n * c, 3, *per_panel.shape[-2:])  # galaxy-major: its columns side by side
-    pictures = apply_stretch(rgb, fit_stretch(rgb))
-    panel_labels = [lab if c == 1 else f"{lab} {col}" for lab in labels for col in columns]
-    ncols = cfg.ncols or (min(8, n) if c == 1 else c * max(1, min(n, 8 // c)))
     title = cfg.title or _default_title(mode, codec.codec_id, cfg)
-    out = save_grid(pictures, panel_labels, cfg.out, GridLayout(ncols=ncols), title=title)
+    out = save_figure(stacks, columns, labels, decode_bands, cfg.out, title, notes=figure_notes(metrics),
+                      rgb_bands=cfg.rgb_bands, ncols=cfg.ncols)
 
     final_flux = stacks[-1][:, : len(flux_bands)]
     flux_path = save_flux(cfg.save_flux, final_flux, flux_bands, labels) if cfg.save_flux else None
@@ -428,17 +422,33 @@ def _check_options(cfg: DecodeConfig) -> None:
 def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
     p = Path(codec_id)
     name = "/".join(p.parts[-2:]) if p.exists() else codec_id  # a folder: its last two parts are enough
-    what = {"stored": "stored rows", "predict": "teacher-forced prediction", "complete": f"completion from {cfg.complete_from}",
+    what = {"stored": "stored rows" + (" beside their originals" if cfg.compare else ""),
+            "predict": "teacher-forced argmax prediction of each token from the stored ones before it",
+            "complete": f"completion: the first {cfg.complete_from} stored tokens kept, the model samples the rest",
             "generate": f"generated (T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed})"}[mode]
     return f"{what} | codec {name}"
 
 
-def metrics_rows(result: DecodeResult) -> list[tuple[str, str, str]]:
-    """(band, MSE, PSNR dB) rows of a --compare result, for printing."""
-    m = (result.metrics or {}).get("reconstruction")
-    if not m:
-        return []
-    return [(b, f"{v['mse']:.4g}", f"{v['psnr']:.2f}") for b, v in m["per_band"].items()]
+def figure_notes(metrics: dict | None) -> list[str]:
+    """The scores drawn under a figure: per band, the codec against the all-zero and image-mean baselines."""
+    metrics = metrics or {}
+    notes = []
+    rec = metrics.get("reconstruction")
+    if rec:
+        notes.append("codec reconstruction vs original, per band: explained variance (all-zero / image-mean "
+                     "baselines), PSNR dB (baselines)")
+        for b, m in rec["per_band"].items():
+            z, im = rec["baselines"]["zero"][b], rec["baselines"]["image_mean"][b]
+            notes.append(f"{b}: EV {m['explained_variance']:.3f} ({z['explained_variance']:.3f} / "
+                         f"{im['explained_variance']:.3f}), PSNR {m['psnr']:.1f} ({z['psnr']:.1f} / {im['psnr']:.1f}), "
+                         f"MSE {m['mse']:.3g}")
+    if "prediction" in metrics:
+        notes.append(f"teacher-forced next-token accuracy {metrics['prediction']['accuracy']:.3f}")
+    if "completion" in metrics:
+        c = metrics["completion"]
+        notes.append(f"completion kept {c['kept']} tokens; {100 * c['token_agreement']:.1f}% of written tokens "
+                     "equal the stored ones")
+    return notes
 
 
 def summarise(result: DecodeResult) -> dict[str, Any]:
@@ -450,6 +460,6 @@ def summarise(result: DecodeResult) -> dict[str, Any]:
     if result.metrics:
         m = dict(result.metrics)
         if "reconstruction" in m:
-            m["reconstruction"] = m["reconstruction"]["per_band"]
+            m["reconstruction"] = summary_json(m["reconstruction"])
         s["metrics"] = m
     return s

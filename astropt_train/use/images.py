@@ -1,8 +1,11 @@
 """Pictures and files from decoded flux: RGB composites with an arcsinh stretch, labelled PNG grids, .npy/.fits.
 
 Flux arrays here are float32 [N, bands, H, W] in the survey's units (nanomaggies for Legacy Survey).
-One stretch is computed per figure (not per panel), so panels in one grid are comparable by eye:
-an original, its reconstruction and a model's completion share the same brightness scale.
+Every figure of the project (decode grids, the demo, validation images during training) is drawn by
+`save_figure` in one style: black background, a title, column names above (original, codec reconstruction,
+prediction, completion, generated), the object id under every panel, and one arcsinh stretch per figure (not
+per panel, so an original, its reconstruction and a model's completion share one brightness scale), stated
+in a note under the panels with any figures (scores) the caller adds.
 """
 
 from __future__ import annotations
@@ -86,9 +89,13 @@ class GridLayout:
 
 
 def save_grid(
-    pictures: np.ndarray, labels: Sequence[str], path: str | os.PathLike, layout: GridLayout, title: str | None = None
+    pictures: np.ndarray, labels: Sequence[str], path: str | os.PathLike, layout: GridLayout, title: str | None = None,
+    header: Sequence[str] | None = None, notes: Sequence[str] = (),
 ) -> Path:
-    """Write pictures [N, H, W, 3] (0..1) as a labelled PNG grid, row-major, `layout.ncols` per row."""
+    """Write pictures [N, H, W, 3] (0..1) as a labelled PNG grid, row-major, `layout.ncols` per row.
+
+    `title` is a line above; `header` names each grid column above the first row; `notes` are lines below.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     pictures = np.asarray(pictures)
@@ -96,31 +103,85 @@ def save_grid(
         raise ValueError(f"pictures must be [N, H, W, 3], got {pictures.shape}")
     if len(labels) != len(pictures):
         raise ValueError(f"{len(pictures)} pictures but {len(labels)} labels")
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise AstroptError(f"--out must be a .png file, got {path}")
     n, h, w, _ = pictures.shape
     width, height = layout.size(n, h, w)
-    title_h = layout.label_height if title else 0
-    canvas = Image.new("RGB", (width, height + title_h), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    if title:
-        draw.text((layout.pad, 1), title, fill=(255, 255, 255), font=font)
+    line = layout.label_height
+    title_lines = [title] if title else []
+    top = line * len(title_lines) + (line if header else 0)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped_notes = [piece for note in notes for piece in _wrap(probe, font, str(note), width - 2 * layout.pad)]
+    bottom = line * len(wrapped_notes) + (layout.pad if wrapped_notes else 0)
+    canvas = Image.new("RGB", (width, height + top + bottom), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(title_lines):
+        draw.text((layout.pad, 1 + k * line), _fit_label(draw, font, text, width - 2 * layout.pad), fill=(255, 255, 255),
+                  font=font)
     cell_w = w * layout.scale + layout.pad
     cell_h = h * layout.scale + layout.label_height + layout.pad
+    if header:
+        for c, name in enumerate(list(header)[: layout.ncols]):
+            x0 = layout.pad + c * cell_w
+            draw.text((x0 + 1, top - line + 1), _fit_label(draw, font, str(name), w * layout.scale),
+                      fill=(255, 220, 120), font=font)
     for i in range(n):
         r, c = divmod(i, layout.ncols)
-        x0, y0 = layout.pad + c * cell_w, title_h + layout.pad + r * cell_h
+        x0, y0 = layout.pad + c * cell_w, top + layout.pad + r * cell_h
         tile = Image.fromarray((pictures[i] * 255).round().astype(np.uint8), "RGB")
         if layout.scale != 1:
             tile = tile.resize((w * layout.scale, h * layout.scale), Image.NEAREST)  # keep pixels honest
         canvas.paste(tile, (x0, y0))
         label = _fit_label(draw, font, str(labels[i]), w * layout.scale)
         draw.text((x0 + 1, y0 + h * layout.scale + 1), label, fill=(230, 230, 230), font=font)
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise AstroptError(f"--out must be a .png file, got {path}")
+    for k, text in enumerate(wrapped_notes):
+        draw.text((layout.pad, top + height + k * line), text, fill=(200, 200, 200), font=font)
     ensure_folder(path.parent, "the output folder")
     canvas.save(path, format="PNG")
     return path
+
+
+def stretch_note(rgb_bands: Sequence[str]) -> str:
+    """What every figure states about its display: the bands as RGB and the one stretch shared by all panels."""
+    return (f"RGB = {','.join(rgb_bands)}; one arcsinh stretch for every panel of this figure "
+            "(black at the 50th percentile, white at the 99.8th, per colour)")
+
+
+def save_figure(
+    stacks: Sequence[np.ndarray], columns: Sequence[str], labels: Sequence[str], bands: Sequence[str],
+    path: str | os.PathLike, title: str, notes: Sequence[str] = (), rgb_bands: Sequence[str] = DEFAULT_RGB_BANDS,
+    per_row: int = 8, ncols: int | None = None,
+) -> Path:
+    """The project's one picture style: galaxies side by side in named columns, one stretch, stated on the figure.
+
+    stacks: one flux array [N, bands, H, W] per column (e.g. original, codec reconstruction, prediction);
+    labels: one per galaxy (object ids), written under each of its panels; columns: named above the panels.
+    """
+    idx = rgb_indices(bands, rgb_bands)
+    per_panel = np.stack([np.asarray(s)[:, idx] for s in stacks], axis=1)  # [N, C, 3, H, W]
+    n, c = per_panel.shape[:2]
+    rgb = per_panel.reshape(n * c, 3, *per_panel.shape[-2:])  # galaxy-major: its columns side by side
+    pictures = apply_stretch(rgb, fit_stretch(rgb))
+    ncols = ncols or (min(per_row, n) if c == 1 else c * max(1, min(n, per_row // c)))
+    header = [columns[k % c] for k in range(ncols)] if c > 1 or columns else None
+    panel_labels = [str(lab) for lab in labels for _ in range(c)]
+    return save_grid(pictures, panel_labels, path, GridLayout(ncols=ncols), title=title, header=header,
+                     notes=[stretch_note(rgb_bands), *notes])
+
+
+def _wrap(draw, font, text: str, max_width: int) -> list[str]:
+    """Break a note into lines that fit `max_width` pixels, at spaces."""
+    lines, current = [], ""
+    for word in text.split(" "):
+        trial = f"{current} {word}".strip()
+        if current and draw.textlength(trial, font=font) > max_width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    return lines + ([current] if current else [])
 
 
 def _fit_label(draw, font, text: str, max_width: int) -> str:
