@@ -47,10 +47,14 @@ class Encoder:
         gets there."""
         import torch
 
-        x = flux.to(self.device, non_blocking=True)
-        if x.data_ptr() == flux.data_ptr():
-            x = x.clone()  # AION's Clamp writes into its input: never hand it memory we do not own
-        tokens, finite = self.encode_on_device(x)  # [n, T] int32, [n] bool
+        try:
+            x = flux.to(self.device, non_blocking=True)
+            if x.data_ptr() == flux.data_ptr():
+                x = x.clone()  # AION's Clamp writes into its input: never hand it memory we do not own
+            tokens, finite = self.encode_on_device(x)  # [n, T] int32, [n] bool
+        except torch.cuda.OutOfMemoryError:
+            raise AstroptError(f"{self.device} ran out of memory encoding a batch of {len(flux)} images in "
+                               f"{self.precision}: use a smaller --batch-size") from None
         if self.device.type != "cuda":
             return tokens, finite, None
         host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -5,6 +5,7 @@ how many reader processes, and who creates or replaces the store while the other
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -68,7 +69,9 @@ def free_shared_memory() -> int | None:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun), else cpu."""
+    """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun), else cpu. A GPU that is
+    not there, or more torchrun processes on this node than it has GPUs, is one clear error, raised by every
+    process before any work."""
     import torch
 
     if device == "auto":
@@ -76,9 +79,39 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AstroptError("--device cuda asked for, but torch sees no GPU")
+        gpus = torch.cuda.device_count()
         if device == "cuda":
+            check_processes_per_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)),
+                                    gpus)
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        elif not device.partition(":")[2].isdigit() or int(device.partition(":")[2]) >= gpus:
+            raise AstroptError(f"--device {device}: this node has {gpus} GPU{'s' * (gpus != 1)} "
+                               f"(cuda, or cuda:0..cuda:{gpus - 1})")
     return device
+
+
+def check_processes_per_gpu(local_world_size: int, local_rank: int, gpus: int) -> None:
+    """One process per GPU: more processes on this node (torchrun's LOCAL_WORLD_SIZE) than GPUs is an error
+    naming both counts."""
+    if local_world_size > gpus or local_rank >= gpus:
+        raise AstroptError(
+            f"torchrun started {max(local_world_size, local_rank + 1)} processes per node but this node has {gpus} "
+            f"GPU{'s' * (gpus != 1)}: one process per GPU (--nproc_per_node {gpus}), or --device cpu")
+
+
+@contextlib.contextmanager
+def tf32_allowed(allow: bool):
+    """TF32 for CUDA matrix products and cuDNN convolutions on (`allow`) or off inside the block, and back to
+    what it was after it. torch's default leaves cuDNN convolutions in TF32 (10-bit mantissa), so an AION
+    decode on a GPU differs from its fp32 decode by ~1e-3 unless this turns it off."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 # ---------------------------------------------------------------------------------------------------------

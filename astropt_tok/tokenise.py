@@ -203,9 +203,9 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
             what = f"the bands of --column {column} name" if modalities else "--bands names"
             raise AstroptError(f"{what} {','.join(repeated)} more than once; give each band once")
     rank, world = process_rank(cfg)
+    device = resolve_device(cfg.device)  # before any work: also refuses more torchrun processes than GPUs
     plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit,
                           extra_columns=[c for c, _ in modalities[1:]])
-    device = resolve_device(cfg.device)
     if cfg.workers is None:
         cfg = dataclasses.replace(cfg, workers=default_workers(device))
     loaded = load_image_codec(cfg.codec, device=device)

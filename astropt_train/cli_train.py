@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="auto, cuda or cpu (auto)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 on CUDA (bf16)."),
         compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile (on for CUDA)."),
+        deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic kernels: on a "
+                                                     "GPU, reruns and resumed runs give bit-identical losses "
+                                                     "(a little slower; see BENCHMARKS.md). CPU runs always do."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, split and data order (1337)."),
         resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --out."),
         codec: Optional[str] = typer.Option(None, "--codec", help="Codec id or folder for validation images "

@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "bf16"  # autocast dtype on CUDA; CPU always trains in fp32
     compile: bool | None = None  # None: compile on CUDA only
+    deterministic: bool = False  # deterministic kernels (CUDA: bit-identical reruns and resumes, a little slower)
     seed: int = 1337
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
     store_reads: str = "pread"  # "pread": RSS flat however large the store; "mmap": gather through the maps

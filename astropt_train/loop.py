@@ -12,7 +12,7 @@ import os
 import signal
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,18 +50,58 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _pick_device(cfg: TrainConfig, dist: Dist):
+    """This process's device: tokenise's `resolve_device` (cuda:LOCAL_RANK under torchrun; a missing GPU or
+    more processes than GPUs is one clear error), made the current CUDA device."""
     import torch
 
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise AstroptError(f"--device {cfg.device}: no CUDA GPU is available (use --device cpu)")
-        dev = torch.device(f"cuda:{dist.local_rank}" if dist.ddp or want == "cuda" else want)
-        torch.cuda.set_device(dev)  # needs an index: plain "cuda" means this process's local GPU
-        return dev
-    return torch.device("cpu")
+    from astropt_tok.executor import resolve_device
+
+    dev = torch.device(resolve_device(cfg.device))
+    if dev.type == "cuda":
+        if dist.ddp:
+            dev = torch.device(f"cuda:{dist.local_rank}")
+        torch.cuda.set_device(dev)
+    return dev
+
+
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the cuBLAS workspace settings that make its results reproducible
+
+
+@contextmanager
+def deterministic_mode(enabled: bool):
+    """Deterministic kernels inside the block (`--deterministic`), and torch's previous settings after it.
+
+    On a GPU, floating-point sums whose order depends on thread scheduling (atomic adds, split reductions,
+    cuBLAS's workspace, autotuned kernel configs) make two identical runs drift apart after a few steps.
+    This asks torch for deterministic algorithms (an error names any op that has none), cuDNN's
+    deterministic convolutions without benchmarking, Inductor's deterministic mode for torch.compile (no
+    on-device autotuning that changes numerics) and a fixed cuBLAS workspace. CUBLAS_WORKSPACE_CONFIG is read
+    when cuBLAS starts, so it is set here, before this process's first CUDA work; when CUDA already started
+    without it, that is an error rather than a silent miss. On a CPU the kernels are deterministic anyway."""
+    import torch
+
+    if not enabled:
+        yield
+        return
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in CUBLAS_DETERMINISTIC:
+        if torch.cuda.is_initialized():
+            raise AstroptError("--deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8 before CUDA starts, and CUDA "
+                               "already started in this process: set it in the environment")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+    inductor = getattr(getattr(torch, "_inductor", None), "config", None)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, getattr(inductor, "deterministic", None))
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if before[3] is not None:
+        inductor.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+        if before[3] is not None:
+            inductor.deterministic = before[3]
 
 
 def _rng_state(cuda: bool) -> dict:
@@ -114,18 +154,23 @@ def train(cfg: TrainConfig) -> dict:
     import torch.distributed as tdist
 
     dist = _dist_from_env()
-    if dist.ddp and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        tdist.init_process_group(backend=backend)
-    try:
-        with _StopFlag() as stop:
-            return _train(cfg, dist, stop)
-    finally:
-        if dist.ddp and tdist.is_initialized():
-            tdist.destroy_process_group()
+    with deterministic_mode(cfg.deterministic):  # before any CUDA work: it sets cuBLAS's workspace
+        device = _pick_device(cfg, dist)  # before any work, on every rank
+        if dist.ddp and not tdist.is_initialized():
+            tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        try:
+            with _StopFlag() as stop:
+                return _train(cfg, dist, device, stop)
+        except torch.cuda.OutOfMemoryError:
+            raise AstroptError(
+                f"{device} ran out of memory at --batch-size {cfg.batch_size}: use a smaller --batch-size (with a "
+                f"larger --grad-accum for the same tokens per step)") from None
+        finally:
+            if dist.ddp and tdist.is_initialized():
+                tdist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
+def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
     import torch
     import torch.distributed as tdist
 
@@ -178,8 +223,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
         gconf = saved
         state = ck.load_trainer_state(ckpt_dir)
 
-    # --- device, precision, seeds
-    device = _pick_device(cfg, dist)
+    # --- precision, seeds
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -263,7 +307,7 @@ def _train(cfg: TrainConfig, dist: Dist, stop: _StopFlag) -> dict:
              f"{gconf.n_embd} wide, vocab {gconf.vocab_size}); {split.rule['num_train']} train / "
              f"{split.rule['num_val']} val rows; {tokens_per_step:,} tokens per step on {dist.world} x {device}"
              f"{' bf16' if amp_dtype == torch.bfloat16 else ' fp16' if amp_dtype == torch.float16 else ' fp32'}"
-             f"{' compiled' if compile_on else ''}")
+             f"{' compiled' if compile_on else ''}{' deterministic' if cfg.deterministic else ''}")
     images = None
     if dist.master and cfg.val_images > 0:
         images = ImageGrid(cfg.codec or store.codec_id, store.bands, device, echo=echo)

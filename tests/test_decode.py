@@ -32,7 +32,7 @@ def test_decoded_flux_equals_aion_decode_of_stored_tokens(random_store, codec_di
 
     store = TokenStore(random_store)
     res = decode(DecodeConfig(tokens=random_store, rows="3:7,250", codec=str(codec_dir), out=tmp_path / "g.png",
-                              save_flux=tmp_path / "flux.npy", batch_size=2))
+                              save_flux=tmp_path / "flux.npy", batch_size=2, device="cpu"))  # as the reference
     assert list(res.rows) == [3, 4, 5, 6, 250]
     with torch.inference_mode():
         want = codec.codec.decode(torch.as_tensor(store.take(res.rows).astype(np.int64)), bands=store.bands).flux.numpy()
@@ -45,7 +45,7 @@ def test_decoded_flux_equals_aion_decode_of_stored_tokens(random_store, codec_di
 
 def test_flux_bands_follow_bands_option(random_store, codec_dir, codec, tmp_path):
     res = decode(DecodeConfig(tokens=random_store, ids=["obj7", "obj2"], codec=str(codec_dir), out=tmp_path / "g.png",
-                              bands=["DES-I"], save_flux=tmp_path / "i.npy"))
+                              bands=["DES-I"], save_flux=tmp_path / "i.npy", device="cpu"))
     assert list(res.rows) == [7, 2]
     full = decode_tokens(codec, res.tokens, ["DES-G", "DES-R", "DES-I", "DES-Z"])
     np.testing.assert_allclose(np.load(tmp_path / "i.npy"), full[:, 2:3], rtol=1e-5, atol=1e-6)

@@ -40,6 +40,7 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def config(survey, codec, out, **kw) -> TokeniseConfig:
     kw.setdefault("shards", 4)
     kw.setdefault("batch_size", 8)
+    kw.setdefault("device", "cpu")  # references (AION's encode, stores made here) are computed on the CPU
     return TokeniseConfig(source=str(survey), codec=str(codec), out=str(out), progress=False, **kw)
 
 
@@ -445,8 +446,8 @@ def _run_tokenise_subprocess(args, env=None):
 
 def test_sigkill_then_rerun_gives_identical_bytes(survey_dir, codec_dir, store_arrow, tmp_path):
     out = tmp_path / "killed"
-    args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--shards", "4",
-            "--batch-size", "8"]
+    args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--device", "cpu",
+            "--shards", "4", "--batch-size", "8"]
     # 20 shards of 2 rows, one row per codec call: slow enough to be caught between shards
     slow = args[:-4] + ["--shards", "20", "--batch-size", "1"]
     proc = _run_tokenise_subprocess(slow)
@@ -518,7 +519,7 @@ def test_two_torchrun_processes_give_the_same_store_as_one(store_arrow, survey_d
     out = tmp_path / "tok2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "astropt_tok.cli", "tokenise", "--source", str(survey_dir), "--codec", str(codec_dir),
-           "--out", str(out), "--shards", "4", "--batch-size", "8", "--no-progress"]
+           "--out", str(out), "--shards", "4", "--batch-size", "8", "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert st.read_manifest(out) == {**st.read_manifest(store_arrow), "codec": st.read_manifest(out)["codec"]}
@@ -554,7 +555,7 @@ def test_slurm_array_overwrite_is_done_by_task_0_while_the_others_wait(store_arr
     assert st.read_manifest(out)["sharding"]["num_shards"] == 2  # untouched
     # task 1 starts first and waits; task 0 replaces the store; both finish it
     cmd = [sys.executable, "-m", "astropt_tok", "tokenise", "--source", str(survey_dir), "--codec", str(codec_dir),
-           "--out", str(out), "--shards", "4", "--batch-size", "8", "--overwrite", "--no-progress"]
+           "--out", str(out), "--shards", "4", "--batch-size", "8", "--overwrite", "--no-progress", "--device", "cpu"]
     waiting = subprocess.Popen(cmd, env=dict(os.environ, **array, SLURM_ARRAY_TASK_ID="1"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -578,6 +579,22 @@ def test_process_rank_from_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("RANK", "5")
     assert process_rank(TokeniseConfig()) == (5, 8)  # torchrun wins
+
+
+@pytest.mark.parametrize("local_world, local_rank, gpus, ok", [
+    (1, 0, 1, True), (8, 7, 8, True), (4, 1, 8, True),  # fewer processes than GPUs is allowed
+    (2, 0, 1, False), (2, 1, 1, False), (9, 8, 8, False), (1, 1, 1, False)])
+def test_more_torchrun_processes_than_gpus_is_one_clear_error(local_world, local_rank, gpus, ok):
+    from astropt_tok.executor import check_processes_per_gpu
+
+    if ok:
+        check_processes_per_gpu(local_world, local_rank, gpus)
+        return
+    with pytest.raises(AstroptError) as caught:
+        check_processes_per_gpu(local_world, local_rank, gpus)
+    procs = max(local_world, local_rank + 1)
+    assert str(caught.value).startswith(f"torchrun started {procs} processes per node but this node has {gpus} GPU")
+    assert f"--nproc_per_node {gpus}" in str(caught.value)
 
 
 def test_token_dtype_never_wraps():

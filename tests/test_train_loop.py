@@ -43,7 +43,7 @@ def store(tmp_path_factory):
 def cfg(store, out, **kw):
     base = dict(tokens=str(store), out=str(out), n_layer=2, n_head=2, n_embd=32, batch_size=4, max_iters=20,
                 lr=1e-2, warmup_iters=2, eval_interval=10, eval_iters=2, log_interval=1, val_images=0, live=False,
-                checkpoint_interval=5, keep_last=2)
+                checkpoint_interval=5, keep_last=2, device="cpu")
     base.update(kw)
     return build_config(base)
 
@@ -88,6 +88,16 @@ def test_resume_gives_the_same_losses_as_a_straight_run(store, tmp_path):
     mb, _ = ck.load_model(tmp_path / "b")
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
         torch.testing.assert_close(va, vb, atol=1e-6, rtol=0)
+
+
+def test_deterministic_flag_is_recorded_and_leaves_torch_as_it_was(store, tmp_path):
+    """On a CPU the kernels are deterministic anyway: --deterministic gives the same losses, is written to
+    train_config.toml (so --config and --resume keep it), and torch's global settings are put back after."""
+    plain = train(cfg(store, tmp_path / "plain", max_iters=6, checkpoint_interval=0))
+    strict = train(cfg(store, tmp_path / "strict", max_iters=6, checkpoint_interval=0, deterministic=True))
+    assert losses(tmp_path / "plain") == losses(tmp_path / "strict") and plain["loss"] == strict["loss"]
+    assert "deterministic = true" in (tmp_path / "strict" / "train_config.toml").read_text()
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
 def test_checkpoint_folder_format_and_retention(store, tmp_path):
@@ -160,7 +170,8 @@ def test_trainer_never_imports_the_codec_outside_validation(store, tmp_path):
         "from astropt_train.config import build_config\n"
         "from astropt_train.loop import train\n"
         f"train(build_config(dict(tokens={str(store)!r}, out={str(tmp_path / 'run')!r}, n_layer=1, n_head=2, "
-        "n_embd=16, batch_size=4, max_iters=3, eval_interval=2, eval_iters=1, val_images=0, live=False)))\n"
+        "n_embd=16, batch_size=4, max_iters=3, eval_interval=2, eval_iters=1, val_images=0, live=False, "
+        "device='cpu')))\n"
         "bad = [m for m in ('aion', 'astropt_tok.codec') if m in sys.modules]\n"
         "print(json.dumps(bad))\n"
     )
@@ -173,7 +184,7 @@ def test_validation_images_with_the_real_codec(random_store, codec_dir, tmp_path
     run = tmp_path / "run"
     train(build_config(dict(tokens=str(random_store), out=str(run), n_layer=1, n_head=2, n_embd=16, batch_size=2,
                             max_iters=2, eval_interval=2, eval_iters=1, val_images=2, codec=str(codec_dir),
-                            live=False)))
+                            live=False, device="cpu")))
     from PIL import Image
 
     png = run / "val_images" / "step-00000002.png"
@@ -185,7 +196,7 @@ def test_unloadable_codec_says_so_once_and_training_goes_on(random_store, tmp_pa
     run = tmp_path / "run"
     summary = train(build_config(dict(tokens=str(random_store), out=str(run), n_layer=1, n_head=2, n_embd=16,
                                       batch_size=2, max_iters=4, eval_interval=2, eval_iters=1, val_images=2,
-                                      codec=str(tmp_path / "no-codec-here"), live=False)))
+                                      codec=str(tmp_path / "no-codec-here"), live=False, device="cpu")))
     assert summary["step"] == 4
     assert capsys.readouterr().out.count("validation images off") == 1
     assert not (run / "val_images").exists()
@@ -196,7 +207,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(store, tmp_path):
     cmd = [sys.executable, "-m", "astropt_tok", "train", "--tokens", str(store), "--out", str(run),
            "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--max-iters", "100000",
            "--log-interval", "1", "--eval-interval", "100000", "--val-images", "0", "--checkpoint-interval", "0",
-           "--workers", "1"]  # a loader worker must not die of the signal before the trainer saves
+           "--workers", "1", "--device", "cpu"]  # a loader worker must not die of the signal before the trainer saves
     # its own process group, signalled as a whole like Ctrl-C in a terminal (or a scheduler's SIGTERM)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -57,6 +57,7 @@ class DecodeConfig:
     save_flux: Path | None = None  # .npy or .fits
     device: str = "auto"  # "cpu", "cuda", "auto" (cuda when available)
     batch_size: int = 32  # images per codec decode / model batch
+    tf32: bool = False  # let the codec decode in TF32 on a GPU (faster; flux then differs from fp32 by ~1e-3)
     ncols: int | None = None  # panels per grid row (default: about 8)
     threads: int | None = None  # torch CPU threads while decoding/sampling (None: torch's default)
     title: str | None = None  # a line above the grid
@@ -140,12 +141,17 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, what: str = "tokens")
 # codec and metrics
 
 
-def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: int = 32) -> np.ndarray:
+def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: int = 32,
+                  tf32: bool = False) -> np.ndarray:
     """AION decode of token sequences [N, T] -> float32 flux [N, len(bands), 96, 96], in batches.
 
-    `codec` is a `LoadedCodec`; tokens are checked against its vocabulary first.
+    `codec` is a `LoadedCodec`; tokens are checked against its vocabulary first. The codec runs in fp32 with
+    TF32 off (unless `tf32`), so the flux is AION's fp32 decode on any device; the TF32 settings are put back
+    after.
     """
     import torch
+
+    from astropt_tok.executor import tf32_allowed
 
     tokens = np.asarray(tokens)
     check_token_range(tokens, codec.vocab_size)
@@ -153,7 +159,7 @@ def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: i
         raise AstroptError(f"token sequences must be [N, {codec.tokens_per_image}] for this codec, got {list(tokens.shape)}")
     device = next(codec.codec.parameters()).device
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), tf32_allowed(tf32):
         for i in range(0, len(tokens), batch_size):
             t = torch.as_tensor(tokens[i : i + batch_size].astype(np.int64), device=device)  # [b, T]
             out.append(codec.codec.decode(t, bands=list(bands)).flux.float().cpu().numpy())  # [b, nb, 96, 96]
@@ -355,7 +361,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
                                 cfg.seed, cfg.batch_size, cfg.kv_cache)
         labels = [f"generated #{i}" for i in range(len(final))]
         columns = ["generated"]
-        stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
+        stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
     else:
         rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
         stored = store.take(rows).astype(np.int64)  # [N, T]
@@ -372,7 +378,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         if original is not None:
             stacks.append(original)
             columns.append("original")
-        recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size)
+        recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size, cfg.tf32)
         stacks.append(recon)
         columns.append("codec reconstruction")
         final = stored
@@ -382,7 +388,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             final, stats = predict_tokens(model, stored, cfg.batch_size)
             metrics = {**(metrics or {}), "prediction": stats}
             columns.append("prediction")
-            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
+            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
         elif mode == "complete":
             final = complete_tokens(model, stored, cfg.complete_from, cfg.temperature, cfg.top_k, cfg.seed,
                                     cfg.batch_size, cfg.kv_cache)
@@ -390,7 +396,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             agree = float((final[:, k:] == stored[:, k:]).mean())
             metrics = {**(metrics or {}), "completion": {"kept": k, "token_agreement": agree}}
             columns.append(f"completion from {k}")
-            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size))
+            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
 
     title = cfg.title or _default_title(mode, codec.codec_id, cfg)
     out = save_figure(stacks, columns, labels, decode_bands, cfg.out, title, notes=figure_notes(metrics),
