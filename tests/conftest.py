@@ -16,6 +16,18 @@ SURVEY_ROWS = 40
 SURVEY_FILES = 2
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where torch sees a CUDA GPU (`make test-gpu` insists on one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def codec_dir(tmp_path_factory):
     """A small, randomly initialised real `aion.codecs.image.ImageCodec`, saved in the hub layout."""
