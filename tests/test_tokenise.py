@@ -298,8 +298,9 @@ def _reasons(out: Path) -> dict[int, str]:
     return {r["row"]: r["reason"] for r in map(json.loads, (out / st.REJECTS).read_text().splitlines())}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fault", ["nan weight", "+inf bias", "-inf bias"])
-def test_codec_with_non_finite_latents_is_caught(fault, survey_dir, codec_dir, tmp_path):
+def test_codec_with_non_finite_latents_is_caught(fault, device, survey_dir, codec_dir, tmp_path):
     """Every image's latents are NaN or +/-inf: no such row may reach the store, and the reason says so.
     A NaN latent casts to -2**31 on a CPU (also out of the vocabulary), but to in-range codes on some GPUs;
     tanh of an infinite latent is a valid code on every device, so only the latents check sees those."""
@@ -313,7 +314,7 @@ def test_codec_with_non_finite_latents_is_caught(fault, survey_dir, codec_dir, t
 
     broken = _edited_codec(codec_dir, tmp_path / "broken-codec", edit)
     out = tmp_path / "tok"
-    summary = tokenise(config(survey_dir, broken, out, shards=2, limit=6))
+    summary = tokenise(config(survey_dir, broken, out, shards=2, limit=6, device=device))
     assert summary.rejected == 6 and summary.rows == 0
     assert set(_reasons(out).values()) == {NONFINITE_LATENTS}
 
