@@ -44,6 +44,9 @@ def register(app: typer.Typer) -> None:
         deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Deterministic kernels: on a "
                                                      "GPU, reruns and resumed runs give bit-identical losses "
                                                      "(a little slower; see BENCHMARKS.md). CPU runs always do."),
+        loss_chunks: Optional[int] = typer.Option(None, "--loss-chunks", help="Compute the loss N chunks of "
+                                                  "positions at a time, remaking the logits in backward instead of "
+                                                  "keeping them: less memory, one more head matmul (1: plain)."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, split and data order (1337)."),
         resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --out."),
         codec: Optional[str] = typer.Option(None, "--codec", help="Codec id or folder for validation images "

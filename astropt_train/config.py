@@ -73,6 +73,7 @@ class TrainConfig:
     dtype: str = "bf16"  # autocast dtype on CUDA; CPU always trains in fp32
     compile: bool | None = None  # None: compile on CUDA only
     deterministic: bool = False  # deterministic kernels (CUDA: bit-identical reruns and resumes, a little slower)
+    loss_chunks: int = 1  # > 1: the loss's logits are made (and remade in backward) this many chunks at a time
     seed: int = 1337
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
     store_reads: str = "pread"  # "pread": RSS flat however large the store; "mmap": gather through the maps
@@ -118,6 +119,8 @@ class TrainConfig:
                 raise AstroptError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if min(self.warmup_iters, self.checkpoint_interval, self.val_images) < 0 or self.keep_last < 1:
             raise AstroptError("warmup-iters, checkpoint-interval and val-images must be >= 0, keep-last >= 1")
+        if self.loss_chunks < 1:
+            raise AstroptError(f"loss-chunks must be 1 (plain) or more, got {self.loss_chunks}")
         if self.head not in ("affine", "aim"):
             raise AstroptError(f"head must be affine or aim, got {self.head!r}")
         if self.workers is not None and self.workers < 0:

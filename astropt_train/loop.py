@@ -375,7 +375,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
                 x, y = to_device(batch, device)
                 sync = micro == cfg.grad_accum - 1
                 with (model.no_sync() if dist.ddp and not sync else nullcontext()), ctx:
-                    _, loss = model(x, y)
+                    _, loss = model(x, y, loss_chunks=cfg.loss_chunks)
                     loss = loss / cfg.grad_accum
                 scaler.scale(loss).backward()
                 loss_acc += loss.detach().float()

@@ -125,6 +125,26 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # (B, T, 4C) inside
 
 
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
+    """The mean cross-entropy of head(hidden) against targets, computed `chunks` rows of positions at a time.
+
+    hidden (B, T, C), targets (B, T). Each chunk's logits (rows, vocab) live only inside a checkpointed
+    function: the backward pass recomputes them instead of keeping all (B, T, vocab) of them (and their fp32
+    copy) from the forward pass. Costs one more head matmul; saves B * T * vocab * 6 bytes of activations.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.chunk(chunks), targets.chunk(chunks)):
+        total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
+    return total / targets.numel()
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
 
@@ -217,11 +237,14 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         pos_offset: int = 0,
         kv_cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss_chunks: int = 1,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens (B, T) int64 at positions pos_offset.. -> (logits, loss).
 
         With targets (B, T): logits (B, T, vocab) for every position and the mean cross-entropy.
         Without: logits (B, 1, vocab) for the last position only (what sampling needs), loss None.
+        With targets and loss_chunks > 1 (training): logits None and the same loss from `chunked_cross_entropy`,
+        which never holds the (B, T, vocab) logits.
         """
         B, T = tokens.size()
         if pos_offset + T > self.config.block_size:
@@ -235,6 +258,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.decoders[MODALITY](x[:, [-1], :]), None  # (B, 1, vocab)
+        if loss_chunks > 1:
+            return None, chunked_cross_entropy(self.decoders[MODALITY], x, targets, loss_chunks)
         logits = self.decoders[MODALITY](x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--preset", default="95M")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--deterministic", action="store_true", help="train --deterministic (its cost)")
+    ap.add_argument("--loss-chunks", type=int, default=1, help="train --loss-chunks (1: plain cross-entropy)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None, help="store rows (default: enough for one epoch of steps)")
+    ap.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -55,18 +58,23 @@ def main(argv: list[str] | None = None) -> dict:
             compile=args.compile, max_iters=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
             warmup_iters=min(10, args.steps), log_interval=log_interval, eval_interval=args.steps, eval_iters=1,
             val_images=0, save=False, device=args.device, workers=args.workers, live=False, val_fraction=0.01,
+            deterministic=args.deterministic, loss_chunks=args.loss_chunks,
         ))
         t1 = time.perf_counter()
         summary = train(cfg)
         t2 = time.perf_counter()
     out = {
-        "preset": args.preset, "dtype": args.dtype, "compile": args.compile, "batch_size": args.batch_size,
+        "preset": args.preset, "dtype": args.dtype, "compile": args.compile, "deterministic": args.deterministic,
+        "loss_chunks": args.loss_chunks,
+        "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "steps": args.steps, "params": summary["params"],
         "device": summary.get("gpu", summary["device"]), "tokens_per_s": round(summary["tokens_per_s"]),
         "mfu": None if summary.get("mfu") is None else round(summary["mfu"], 4),
         "final_loss": summary["loss"], "store_build_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1),
     }
     print(json.dumps(out), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 

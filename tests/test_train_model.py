@@ -62,6 +62,30 @@ def test_forward_shapes_and_initial_loss():
     assert model.estimate_mfu(1e6, peak_flops=1e12) > 0
 
 
+@pytest.mark.parametrize("head, chunks", [("affine", 4), ("affine", 7), ("aim", 3)])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(head, chunks):
+    """--loss-chunks: the same mean cross-entropy and the same gradients as the plain path (to float32
+    rounding: the sum runs in another order), with no (B, T, vocab) logits returned."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32, head=head, dropout=0.1))
+    x = torch.randint(0, 97, (3, 23))
+    y = torch.randint(0, 97, (3, 23))
+
+    def loss_and_grads(n):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks on both paths
+        logits, loss = model(x, y, loss_chunks=n)
+        loss.backward()
+        return logits, loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain_logits, plain, plain_grads = loss_and_grads(1)
+    chunked_logits, chunked, chunked_grads = loss_and_grads(chunks)
+    assert plain_logits.shape == (3, 23, 97) and chunked_logits is None
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    for k, g in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[k], g, rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_kv_cache_generation_matches_no_cache():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=32)).eval()
