@@ -135,10 +135,15 @@ class EncodedShard:
     valid: dict | None = None  # several modalities with --keep-partial: {column: [rows] bool}
 
 
-def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index: int,
-                 dtype: np.dtype, has_ids: bool, on_rows=None, on_first_batch=None) -> EncodedShard:
+def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index: int, dtype: np.dtype,
+                 has_ids: bool, on_rows=None, on_first_batch=None, on_first_encoded=None) -> EncodedShard:
     """Encode one shard's batches. `on_rows(n)` is told of rows as they are done, `on_first_batch(seconds)` of
-    the wait for the shard's first batch."""
+    the wait for the shard's first batch, `on_first_encoded()` when its first batch's tokens are back.
+
+    The three things the codec's thread does between codec calls are named ranges for torch.profiler
+    (`astropt.wait_for_batch`, `astropt.submit`, `astropt.collect`: see bench_tokenise.py --profile)."""
+    from torch.profiler import record_function
+
     t0 = time.perf_counter()
     tokens_parts, rows_parts, ids, rejects, valid_parts = [], [], [], [], []
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
@@ -167,24 +172,31 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
             on_rows(n)
 
     def collect(batch: PreparedBatch, handle) -> None:
-        if isinstance(handle, dict):
-            return collect_several(batch, handle)
-        tokens, finite, in_vocab = encoder.result(handle)
-        ok = finite & in_vocab
-        for j in np.nonzero(~ok)[0]:
-            reason = OUT_OF_VOCABULARY if finite[j] else NONFINITE_LATENTS
-            _bad_row(reject_record(batch.rows[j], batch.object_ids[j], reason), cfg, rejects)
-        tokens_parts.append(tokens[ok].astype(dtype))
-        rows_parts.append(batch.rows[ok])
-        ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
-        if on_rows is not None:
-            on_rows(len(batch.rows))
+        nonlocal on_first_encoded
+        with record_function("astropt.collect"):
+            if isinstance(handle, dict):
+                collect_several(batch, handle)
+            else:
+                tokens, finite, in_vocab = encoder.result(handle)
+                ok = finite & in_vocab
+                for j in np.nonzero(~ok)[0]:
+                    reason = OUT_OF_VOCABULARY if finite[j] else NONFINITE_LATENTS
+                    _bad_row(reject_record(batch.rows[j], batch.object_ids[j], reason), cfg, rejects)
+                tokens_parts.append(tokens[ok].astype(dtype))
+                rows_parts.append(batch.rows[ok])
+                ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
+                if on_rows is not None:
+                    on_rows(len(batch.rows))
+            if on_first_encoded is not None:
+                on_first_encoded()
+                on_first_encoded = None
 
     waited = 0.0
     batches = iter(batches)
     while True:
         t_wait = time.perf_counter()
-        batch = next(batches, None)
+        with record_function("astropt.wait_for_batch"):
+            batch = next(batches, None)
         waited += time.perf_counter() - t_wait
         if batch is None:
             break
@@ -196,7 +208,8 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
         if on_rows is not None:
             on_rows(len(batch.rejects))
         if len(batch.rows):
-            handle = encoder.submit(batch.flux)
+            with record_function("astropt.submit"):
+                handle = encoder.submit(batch.flux)
             if in_flight is not None:
                 collect(*in_flight)
             in_flight = (batch, handle)

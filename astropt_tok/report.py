@@ -69,6 +69,8 @@ def print_tokenise_summary(summary, console: Console | None = None) -> None:
         hint = " (more than a tenth: raise --workers)" if waited > 0.1 * steady else ""
         table.add_row("codec waiting for input",
                       f"{waited:,.1f} s of {steady:,.1f} s{hint}; start-up {summary.first_batch_s:,.1f} s")
+        table.add_row("first batch encoded", f"{summary.first_encoded_s:,.1f} s after the start (codec loaded, "
+                      "readers started)")
     table.add_row("store", "complete" if summary.complete else "incomplete: other processes' shards are not all done yet")
     console.print(table)
 

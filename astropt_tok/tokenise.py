@@ -93,6 +93,7 @@ class TokeniseSummary:
     work_s: float = 0.0  # wall time of reading, encoding and writing this process's shards
     first_batch_s: float = 0.0  # start-up: from the readers' start until the first batch was ready
     first_wait_s: float = 0.0  # of which the codec's thread spent waiting for that batch
+    first_encoded_s: float = 0.0  # from the call's start until the first batch's tokens were back (start-up)
 
     @property
     def input_wait_s(self) -> float:
@@ -250,6 +251,10 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
             if not summary.first_batch_s:
                 summary.first_batch_s, summary.first_wait_s = time.perf_counter() - t_work, waited
 
+        def first_encoded() -> None:
+            if not summary.first_encoded_s:
+                summary.first_encoded_s = time.perf_counter() - t_start
+
         # A writer thread writes (hashes, fsyncs) each shard while the codec encodes the next; one write at a
         # time is pending, so at most two shards' tokens are held in memory.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="astropt-writer")
@@ -262,7 +267,7 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         try:
             for i, batches in work:
                 encoded = encode_shard(batches, encoder, cfg, i, dtype, plan.id_column is not None,
-                                       progress.advance, first_batch)
+                                       progress.advance, first_batch, first_encoded)
                 if pending is not None:
                     finish_pending()
                 pending = writer.submit(write_encoded_shard, encoded, out, cfg.storage)

@@ -10,10 +10,19 @@ encode:    end-to-end `tokenise` rows/s (all shard time, and after the first bat
            plain AION call (which zeroes a [n, 9, 96, 96] tensor on the host per batch).
 precision: codec-alone throughput per precision, and the fraction of tokens identical to fp32.
 open_files: reading every row group with its files kept open (as the readers do) vs reopening per row group.
+startup:   command start -> first batch encoded: a fresh process (interpreter, imports, CUDA, codec load,
+           footers, reader processes, the first codec call) running `tokenise`; the median of --repeats.
+
+--profile DIR (with encode) runs one more pipeline under torch.profiler and writes where the codec's thread
+spent its time (the named ranges astropt.wait_for_batch / submit / collect, and every op) as a table, a
+gzipped Chrome trace (open in https://ui.perfetto.dev) and, in the JSON, each range's total and the
+fraction of the run the device was busy.
 
     python benchmarks/bench_tokenise.py --rows 512 decode
     python benchmarks/bench_tokenise.py --rows 48 --codec-size full --batch-size 16 encode
     python benchmarks/bench_tokenise.py --rows 4096 --codec-size full --device cuda --batch-size 256 encode precision
+    python benchmarks/bench_tokenise.py --rows 2048 --device cuda --batch-size 256 --precision bf16 encode --profile prof
+    python benchmarks/bench_tokenise.py --rows 2048 --device cuda --batch-size 256 --precision bf16 startup
 
 Prints one JSON object per benchmark (and writes them to --json when given).
 """
@@ -21,8 +30,12 @@ Prints one JSON object per benchmark (and writes them to --json when given).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -204,8 +217,9 @@ def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
             pipe.append(summary.rows / summary.work_s)
             steady.append(summary.rows / summary.steady_s)
             waiting.append(summary.input_wait_s / summary.steady_s)
+        profiled = profile_pipeline(survey, codec_dir, device, args, f"{tmp}/profiled") if args.profile else {}
     med = statistics.median
-    return {"benchmark": "encode", "rows": len(flux), "device": device, "precision": args.precision,
+    return {**profiled, "benchmark": "encode", "rows": len(flux), "device": device, "precision": args.precision,
             "codec_size": args.codec_size, "batch_size": args.batch_size, "workers": args.workers,
             "shards": args.shards,
             "pipeline_rows_per_s": med(pipe), "pipeline_after_first_batch_rows_per_s": med(steady),
@@ -214,6 +228,73 @@ def bench_encode(survey: Path, codec_dir: Path, args) -> dict:
             "pipeline_vs_codec_alone": med(pipe) / med(alone),
             "pipeline_after_first_batch_vs_codec_alone": med(steady) / med(alone),
             "codec_alone_vs_plain_aion_call": med(alone) / med(plain_alone)}
+
+
+def profile_pipeline(survey: Path, codec_dir: Path, device: str, args, out: str) -> dict:
+    """One pipeline run under torch.profiler: a table and a gzipped Chrome trace in --profile DIR, and the
+    totals of the codec thread's named ranges plus the fraction of the run the device was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from astropt_tok.tokenise import TokeniseConfig, tokenise
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    cfg = TokeniseConfig(source=str(survey), out=out, shards=args.shards, codec=str(codec_dir),
+                         batch_size=args.batch_size, device=device, workers=args.workers,
+                         limit=min(args.rows, args.profile_rows), precision=args.precision, progress=False)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        summary = tokenise(cfg)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    name = f"{args.precision}_{args.batch_size}"
+    args.profile.mkdir(parents=True, exist_ok=True)
+    with open(args.profile / f"profile_{name}.txt", "w") as f:
+        for key in ("cpu_time_total", "self_cpu_time_total") + (("self_cuda_time_total",) if len(activities) > 1 else ()):
+            f.write(f"# sorted by {key}\n{events.table(sort_by=key, row_limit=40)}\n\n")
+    trace = args.profile / f"trace_{name}.json"
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    ranges = {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("astropt.")}
+    kernels_s = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+    return {"profile": {"rows": summary.rows, "wall_s": wall, "work_s": summary.work_s, "ranges_s": ranges,
+                        "device_busy_fraction_of_work": kernels_s / summary.work_s if len(activities) > 1 else None,
+                        "files": sorted(p.name for p in args.profile.glob(f"*{name}*"))}}
+
+
+def bench_startup(survey: Path, codec_dir: Path, args) -> dict:
+    """Seconds from launching a fresh `tokenise` process to its first batch's tokens being back."""
+    from astropt_tok.executor import resolve_device
+
+    child = ("import json, sys, time\n"
+             "from astropt_tok.tokenise import TokeniseConfig, tokenise\n"
+             "cfg = TokeniseConfig(**json.loads(sys.argv[1]))\n"
+             "t_call = time.time()\n"
+             "s = tokenise(cfg)\n"
+             "print(json.dumps({'first_encoded_at': t_call + s.first_encoded_s, 'import_s': t_call - T0}))\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    device = resolve_device(args.device)
+    startup, imports = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            cfg = dict(source=str(survey), out=f"{tmp}/tok{r}", shards=args.shards, codec=str(codec_dir),
+                       batch_size=args.batch_size, device=device, workers=args.workers, limit=args.rows,
+                       precision=args.precision, progress=False)
+            t0 = time.time()
+            done = subprocess.run([sys.executable, "-c", f"import time; T0 = time.time()\n{child}", json.dumps(cfg)],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            if done.returncode:
+                raise SystemExit(f"startup run failed: {done.stderr[-2000:]}")
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            startup.append(res["first_encoded_at"] - t0)
+            imports.append(res["import_s"])
+    med = statistics.median
+    return {"benchmark": "startup", "device": device, "precision": args.precision, "codec_size": args.codec_size,
+            "batch_size": args.batch_size, "workers": args.workers, "rows": args.rows,
+            "command_start_to_first_batch_encoded_s": med(startup), "of_which_imports_s": med(imports),
+            "runs_s": startup}
 
 
 def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
@@ -254,7 +335,7 @@ def bench_precision(survey: Path, codec_dir: Path, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", nargs="+", choices=["decode", "encode", "precision", "open_files"])
+    ap.add_argument("which", nargs="+", choices=["decode", "encode", "precision", "open_files", "startup"])
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--row-group-size", type=int, default=64, help="of the synthetic survey")
@@ -270,6 +351,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2, help="processes writing the synthetic survey")
     ap.add_argument("--channels-last", action="store_true",
                     help="precision: also time bf16 with the codec's weights in channels-last layout")
+    ap.add_argument("--profile", type=Path, help="encode: also profile one pipeline run, files into this folder")
+    ap.add_argument("--profile-rows", type=int, default=1024, help="rows of the profiled run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -291,6 +374,8 @@ def main() -> None:
                 r = bench_open_files(survey, args)
             elif which == "encode":
                 r = bench_encode(survey, codec_dir, args)
+            elif which == "startup":
+                r = bench_startup(survey, codec_dir, args)
             else:
                 r = bench_precision(survey, codec_dir, args)
             print(json.dumps(r), flush=True)
