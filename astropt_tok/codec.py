@@ -141,6 +141,7 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     codec = codec.to(torch.device(device)).eval()
+    _fix_hsc_decode(codec)
     vocab = int(codec.quantizer.codebook_size)
     return LoadedCodec(
         codec=codec,
@@ -198,3 +199,13 @@ def make_random_codec(out_dir: str | os.PathLike, size: str = "tiny", seed: int 
 def make_tiny_codec(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny, randomly initialised real AION `ImageCodec` in the hub layout (tests, demo)."""
     return make_random_codec(out_dir, "tiny", seed)
+
+
+def _fix_hsc_decode(codec) -> None:
+    """Let the codec decode HSC bands. polymathic-aion 0.0.2's `RescaleToLegacySurvey.backward` calls a
+    `_reverse_zeropoint` it does not define (decoding any HSC band raises AttributeError); the inverse of its
+    `forward` (flux / 10**((27 - 22.5) / 2.5)) multiplies by that same scale, `convert_zeropoint(27)`. Given to
+    this codec's rescaler only, and only where the method is missing; encoding is untouched."""
+    rescaler = getattr(codec, "rescaler", None)
+    if rescaler is not None and not hasattr(rescaler, "_reverse_zeropoint"):
+        rescaler._reverse_zeropoint = rescaler.convert_zeropoint

@@ -26,6 +26,11 @@ def register(app: typer.Typer) -> None:
         n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Embedding width (overrides the preset)."),
         head: Optional[str] = typer.Option(None, "--head", help="Head to vocab logits: affine (one Linear) or aim "
                                            "(Linear to 4 x width, GELU, Linear), upstream AstroPT's two (affine)."),
+        modalities: Optional[str] = typer.Option(None, "--modalities", help="A store of several image columns: "
+                                                 "which to train on, in sequence order, e.g. legacysurvey_image,hsc_image "
+                                                 "(all, in the store's order)."),
+        shuffle_modalities: Optional[bool] = typer.Option(None, "--shuffle-modalities", help="Draw each galaxy's "
+                                                          "modality order from (seed, row) instead of one fixed order."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch per process (16)."),
         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step (1)."),
         max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Optimiser steps in total (1000)."),

@@ -50,6 +50,9 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = False
     head: str = "affine"  # "affine" or "aim": upstream AstroPT's two heads (its `tokeniser`)
+    # a store of several image columns: which, in sequence order (comma-separated; None: all, the store's order)
+    modalities: str | None = None
+    shuffle_modalities: bool = False  # draw each galaxy's block order from (seed, row) instead
     # optimisation
     batch_size: int = 16  # micro-batch per process
     grad_accum: int = 1
@@ -98,6 +101,23 @@ class TrainConfig:
     def model_given(self) -> bool:
         """Whether the user chose a model shape (a preset or any size)."""
         return any(v is not None for v in (self.preset, self.n_layer, self.n_head, self.n_embd))
+
+    def modality_names(self, store) -> list[str] | None:
+        """The modalities to train on, in sequence order: --modalities, else all of the store's; None for a store
+        of one image column (its tokens are the one modality images_aion)."""
+        if not store.modalities:
+            if self.modalities or self.shuffle_modalities:
+                raise AstroptError(f"--modalities and --shuffle-modalities need a store of several image columns; "
+                                   f"{store.dir} holds one")
+            return None
+        if self.modalities is None:
+            return list(store.modalities)
+        names = [m.strip() for m in self.modalities.split(",") if m.strip()]
+        unknown = [m for m in names if m not in store.modalities]
+        if not names or unknown or len(set(names)) != len(names):
+            raise AstroptError(f"--modalities {self.modalities!r}: name each of the store's modalities at most once "
+                               f"({', '.join(store.modalities)})")
+        return names
 
     def decay_iters(self) -> int:
         """The cosine schedule's length."""

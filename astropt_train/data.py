@@ -17,6 +17,7 @@ from astropt_tok.errors import AstroptError
 from astropt_tok.store import TokenStore
 
 SPLIT_STREAM = 0x5A11  # the second word of the split's seed, so it never equals an epoch's stream
+ORDER_STREAM = 0x0D3A  # the second word of a row's modality-order seed (--shuffle-modalities)
 
 
 @dataclass
@@ -57,12 +58,18 @@ class TokenRows:
     however large the store and however long the run. `reads="mmap"` gathers through the memory maps
     (`TokenStore.gather`): as fast once the store is resident, but every page touched stays mapped and counts
     in the process's RSS, which then grows toward the store's size.
+
+    Several modalities (`modalities`, names of a store's token columns): a galaxy is one sequence of their
+    blocks, in that order or, with `shuffle`, in an order drawn per row from (seed, row); a batch is then a dict
+    {"tokens": [B, M * T] int16, "order": [B, M] (shuffled), "valid": [B, M] bool (stores with missing images)}.
     """
 
-    def __init__(self, store: TokenStore, reads: str = "pread"):
+    def __init__(self, store: TokenStore, reads: str = "pread", modalities: list[str] | None = None,
+                 shuffle: bool = False, seed: int = 0):
         if reads not in READ_MODES:
             raise AstroptError(f"store reads must be one of {', '.join(READ_MODES)}, got {reads!r}")
         self.store, self.reads = store, reads
+        self.modalities, self.shuffle, self.seed = list(modalities or []), shuffle, seed
 
     def __len__(self) -> int:
         return self.store.num_rows
@@ -72,12 +79,26 @@ class TokenRows:
         return self.__getitems__([row])[0]
 
     def __getitems__(self, rows):
-        """Rows (store indices) -> [len(rows), tokens_per_image] int16 tensor."""
+        """Rows (store indices) -> [len(rows), tokens_per_image] int16 tensor (several modalities: a dict, above)."""
         import torch
 
-        located = self.store.locate(np.asarray(rows, dtype=np.int64))
-        tokens = self.store.read_rows(*located) if self.reads == "pread" else self.store.gather(*located)
-        return torch.from_numpy(tokens)
+        rows = np.asarray(rows, dtype=np.int64)
+        located = self.store.locate(rows)
+        read = self.store.read_rows if self.reads == "pread" else self.store.gather
+        if not self.modalities:
+            return torch.from_numpy(read(*located))
+        blocks = np.stack([read(*located, modality=m) for m in self.modalities], axis=1)  # [B, M, T]
+        batch = {}
+        if self.shuffle:
+            order = np.stack([np.random.default_rng([self.seed, ORDER_STREAM, int(r)]).permutation(len(self.modalities))
+                              for r in rows])  # [B, M]: sample b's block k is modality order[b, k]
+            blocks = np.take_along_axis(blocks, order[:, :, None], axis=1)
+            batch["order"] = torch.from_numpy(order)
+        batch["tokens"] = torch.from_numpy(np.ascontiguousarray(blocks.reshape(len(rows), -1)))
+        if self.store.partial:
+            valid = self.store.valid(rows)
+            batch["valid"] = torch.from_numpy(np.stack([valid[m] for m in self.modalities], axis=1))
+        return batch
 
 
 def pass_through(batch):
@@ -137,7 +158,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, reads: str = "pread"):
+def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin_memory: bool, reads: str = "pread",
+                dataset: TokenRows | None = None):
     """A plain DataLoader: one sampler item = one batched fetch = one [B, T] int16 tensor. It draws its
     worker seeds from its own generator, never from torch's global one, so dropout's random stream is the
     same whether or not a loader was started mid-run (an exact resume needs that)."""
@@ -145,7 +167,7 @@ def make_loader(store: TokenStore, sampler: EpochBatchSampler, workers: int, pin
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        TokenRows(store, reads),
+        dataset if dataset is not None else TokenRows(store, reads),
         batch_sampler=sampler,
         collate_fn=pass_through,
         num_workers=workers,
@@ -167,3 +189,24 @@ def to_device(batch, device, non_blocking: bool = True):
     """int16 [B, T] -> (x, y) int64 on device: x = tokens[:, :-1], y = tokens[:, 1:] (positions 0..T-2)."""
     tokens = batch.to(device, non_blocking=non_blocking).long()
     return tokens[:, :-1], tokens[:, 1:]
+
+
+def batch_to_device(batch, device, non_blocking: bool = True):
+    """A batch (tensor, or a several-modality dict) -> (x, y, model kwargs) on device: kwargs carry the
+    sample's block `order` and a `loss_mask` (B, T-1) that leaves out targets in a modality the row lacks."""
+    import torch
+
+    if not isinstance(batch, dict):
+        return (*to_device(batch, device, non_blocking), {})
+    x, y = to_device(batch["tokens"], device, non_blocking)
+    kwargs = {}
+    if "order" in batch:
+        kwargs["order"] = batch["order"].to(device, non_blocking=non_blocking)
+    if "valid" in batch:
+        valid = batch["valid"].to(device, non_blocking=non_blocking)  # [B, M]
+        B, M = valid.shape
+        per = (y.size(1) + 1) // M  # tokens per modality
+        slot = torch.arange(1, y.size(1) + 1, device=y.device) // per  # (T-1,) the block of each target
+        modality = kwargs["order"][:, slot] if "order" in kwargs else slot.expand(B, -1)  # (B, T-1)
+        kwargs["loss_mask"] = valid.gather(1, modality)
+    return x, y, kwargs

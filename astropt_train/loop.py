@@ -176,10 +176,10 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
 
     from astropt_tok.store import TokenStore, manifest_sha256
     from astropt_train import checkpoint as ck
-    from astropt_train.data import EpochBatchSampler, TokenRows, make_loader, split_rows, to_device
+    from astropt_train.data import EpochBatchSampler, TokenRows, batch_to_device, make_loader, split_rows
     from astropt_train.metrics import LiveDisplay, MetricsLogger
     from astropt_train.model import GPT, GPTConfig
-    from astropt_train.validate import ImageGrid, evaluate, predict_tokens
+    from astropt_train.validate import ImageGrid, evaluate, predict_tokens, split_blocks
 
     echo = print if dist.master else (lambda *a, **k: None)
     run = Path(cfg.out)
@@ -189,8 +189,12 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
     if not store.check_token_range():  # refuses tokens outside the vocabulary before the model sees one
         echo(f"note: {cfg.tokens} records no per-shard token ranges (an older store): "
              f"`astropt verify {cfg.tokens}` checks every token")
+    modalities = cfg.modality_names(store)  # None: a one-column store, one modality images_aion
     store_info = {"dir": str(Path(cfg.tokens).resolve()), "manifest_sha256": manifest_sha256(cfg.tokens),
                   "codec_id": store.codec_id, "bands": store.bands}
+    if modalities:
+        store_info["modalities"] = [{"name": m, "bands": store.modality_bands[m]} for m in modalities]
+        store_info["shuffle_modalities"] = cfg.shuffle_modalities
     split = split_rows(store.num_rows, cfg.val_fraction, cfg.seed)
 
     # --- resume: the newest complete checkpoint, refused if it was trained on another codec or vocabulary
@@ -203,8 +207,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
     elif existing:
         raise AstroptError(f"{run} already holds checkpoints; pass --resume to continue that run, or choose another --out")
     n_layer, n_head, n_embd = cfg.model_dims()
-    gconf = GPTConfig(vocab_size=store.vocab_size, block_size=store.tokens_per_image, n_layer=n_layer,
-                      n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias, head=cfg.head)
+    gconf = GPTConfig(vocab_size=store.vocab_size, block_size=store.tokens_per_image * len(modalities or [0]),
+                      n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias, head=cfg.head,
+                      modalities=modalities)
     state = None
     if ckpt_dir is not None:
         old = ck.read_config(ckpt_dir)
@@ -217,6 +222,10 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
         if old["store"]["manifest_sha256"] != store_info["manifest_sha256"]:
             echo(f"note: {cfg.tokens} is not the store {run} was trained on (same codec and vocab); continuing")
         saved = GPTConfig(**old["model"])
+        if (saved.modalities or None) != modalities:
+            raise AstroptError(f"cannot resume {run}: it was trained on modalities "
+                               f"{','.join(saved.modalities or ['images_aion'])}, this run asks for "
+                               f"{','.join(modalities or ['images_aion'])}")
         if cfg.model_given() and (saved.n_layer, saved.n_head, saved.n_embd) != (n_layer, n_head, n_embd):
             raise AstroptError(f"cannot resume {run}: its model is {saved.n_layer} layers, {saved.n_head} heads, "
                                f"{saved.n_embd} wide; the flags ask for {n_layer}/{n_head}/{n_embd}")
@@ -282,9 +291,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
         batches_done = next_epoch * sampler.batches_per_epoch
     sampler.start_epoch, sampler.start_batch = sampler.position(batches_done)
     workers = cfg.workers if cfg.workers is not None else (2 if cuda else 0)
-    loader = make_loader(store, sampler, workers, pin_memory=cuda, reads=cfg.store_reads)
-    dataset = TokenRows(store, cfg.store_reads)
-    seq_len = store.tokens_per_image - 1
+    dataset = TokenRows(store, cfg.store_reads, modalities, cfg.shuffle_modalities, cfg.seed)
+    loader = make_loader(store, sampler, workers, pin_memory=cuda, reads=cfg.store_reads, dataset=dataset)
+    seq_len = gconf.block_size - 1
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * seq_len
 
     # --- run folder: the config actually used
@@ -308,9 +317,10 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
              f"{split.rule['num_val']} val rows; {tokens_per_step:,} tokens per step on {dist.world} x {device}"
              f"{' bf16' if amp_dtype == torch.bfloat16 else ' fp16' if amp_dtype == torch.float16 else ' fp32'}"
              f"{' compiled' if compile_on else ''}{' deterministic' if cfg.deterministic else ''}")
-    images = None
+    images = None  # {modality: ImageGrid}, one picture per modality at each eval
     if dist.master and cfg.val_images > 0:
-        images = ImageGrid(cfg.codec or store.codec_id, store.bands, device, echo=echo)
+        images = {m: ImageGrid(cfg.codec or store.codec_id, store.modality_bands.get(m, store.bands), device, echo=echo)
+                  for m in modalities or [None]}
     rows_log = None
     if cfg.log_rows:
         ensure_folder(run, "the run folder")
@@ -366,17 +376,22 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_acc = torch.zeros((), device=device)
+            train_parts = None
             for micro in range(cfg.grad_accum):
                 batch = next(it)
                 if rows_log is not None:
                     e, b = sampler.position(batches_done + micro)
                     rows = sampler.rank_rows(e)[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                     rows_log.write(" ".join(map(str, rows.tolist())) + "\n")
-                x, y = to_device(batch, device)
+                x, y, kw = batch_to_device(batch, device)
                 sync = micro == cfg.grad_accum - 1
                 with (model.no_sync() if dist.ddp and not sync else nullcontext()), ctx:
-                    _, loss = model(x, y, loss_chunks=cfg.loss_chunks)
+                    logits, loss = model(x, y, loss_chunks=cfg.loss_chunks, **kw)
                     loss = loss / cfg.grad_accum
+                if modalities and logits is not None and sync and any((step + 1) % k == 0 for k in (cfg.log_interval, cfg.eval_interval)):
+                    with torch.no_grad():  # each modality's loss on the last micro-batch, for the log line
+                        train_parts = raw_model.loss_by_modality(logits.detach(), y, kw.get("order"), kw.get("loss_mask"))
+                del logits
                 scaler.scale(loss).backward()
                 loss_acc += loss.detach().float()
             scaler.unscale_(optimizer)
@@ -414,16 +429,29 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
                           "grad_norm": float(grad_norm.item())}
                 if cuda:
                     record["mfu"] = raw_model.estimate_mfu(tps / dist.world, seq_len=seq_len)
+                for m, value in (train_parts or {}).items():
+                    record[f"loss_{m}"] = float(value.item())
                 if is_eval:
+                    val_parts = {} if modalities else None
                     last_val = evaluate(model.module if dist.ddp else model, dataset, split.val, cfg.batch_size, cfg.eval_iters, device, ctx,
-                                        dist.rank, dist.world)
+                                        dist.rank, dist.world, by_modality=val_parts)
                     record["val_loss"] = last_val
+                    record.update({f"val_loss_{m}": v for m, v in (val_parts or {}).items()})
                     if images is not None:
                         shown = split.val[: cfg.val_images]
                         targets = dataset.__getitems__(shown)
                         labels = [oid if oid is not None else f"row {r}" for oid, r in zip(store.object_ids(shown), shown)]
-                        images.write(targets, predict_tokens(raw_model, targets, device, ctx),
-                                     run / "val_images" / f"step-{step:08d}.png", labels=labels, step=step)
+                        predicted = predict_tokens(raw_model, targets, device, ctx)
+                        if not modalities:
+                            images[None].write(targets, predicted, run / "val_images" / f"step-{step:08d}.png",
+                                               labels=labels, step=step)
+                        else:  # one picture per modality: its block of each sequence, wherever the order put it
+                            order = targets.get("order")
+                            wanted = split_blocks(targets["tokens"], order, modalities)
+                            got = split_blocks(predicted, order, modalities)
+                            for m in modalities:
+                                images[m].write(wanted[m], got[m], run / "val_images" / f"step-{step:08d}-{m}.png",
+                                                labels=[f"{label} {m}" for label in labels], step=step)
                 if dist.master:
                     logger.log(record)
                     display.update(step, record)

@@ -11,6 +11,14 @@ Parameter names and shapes are those of upstream AstroPT's `GPT` built with one 
 model for its downstream tools, and upstream's AION checkpoints load here. (Upstream's tokeniser choice
 changes only the decoder for a token modality: its encoder is a lookup table either way.)
 
+Several modalities (`GPTConfig.modalities`, e.g. the Legacy Survey and HSC images of each galaxy): a galaxy is
+one sequence of their token blocks, `block_size` = modalities x 576, each modality with its own token table,
+position table and head under its own name (`encoders.hsc_image.wpe`, ...), as upstream builds them from one
+`ModalityConfig` each (upstream's position tables have `block_size` rows; positions count within a modality,
+0..575, as upstream's `<name>_positions`). A token is embedded by its own modality's tables, and the logit at
+position p comes from the head of the modality of token p+1 (the last token of one modality predicts the first
+of the next, as upstream). The blocks come in `modalities` order, or per sample in the order `order` gives.
+
 Written after reading nanoGPT and AstroPT; the code is our own.
 """
 
@@ -42,6 +50,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # bias in Linears and LayerNorms; False like upstream's default
     head: str = "affine"  # "affine" (one Linear) or "aim" (Linear to 4n, GELU, Linear): upstream's `tokeniser`
+    modalities: list[str] | None = None  # several modalities, their blocks in this order; None: one, images_aion
 
 
 HEADS = ("affine", "aim")
@@ -208,9 +217,12 @@ class GPT(nn.Module):
                 ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )
         )
-        self.encoders = nn.ModuleDict({MODALITY: TokenEmbedding(config.vocab_size, config.n_embd)})
-        self.embedders = nn.ModuleDict({MODALITY: TokenEmbedding(config.block_size, config.n_embd)})
-        self.decoders = nn.ModuleDict({MODALITY: Head(config)})
+        self.names = list(config.modalities or [MODALITY])  # modality names, in their default sequence order
+        assert config.block_size % len(self.names) == 0, "block_size must be modalities x tokens per modality"
+        self.tokens_per_modality = config.block_size // len(self.names)
+        self.encoders = nn.ModuleDict({n: TokenEmbedding(config.vocab_size, config.n_embd) for n in self.names})
+        self.embedders = nn.ModuleDict({n: TokenEmbedding(config.block_size, config.n_embd) for n in self.names})
+        self.decoders = nn.ModuleDict({n: Head(config) for n in self.names})
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -228,8 +240,66 @@ class GPT(nn.Module):
         """Parameter count; non_embedding drops the token and position lookup tables (not matmuls)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.encoders[MODALITY].wpe.weight.numel() + self.embedders[MODALITY].wpe.weight.numel()
+            n -= sum(self.encoders[m].wpe.weight.numel() + self.embedders[m].wpe.weight.numel() for m in self.names)
         return n
+
+    def modality_at(self, start: int, length: int, order: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        """(B, length) index into `names` of the modality at positions start..start+length-1 (clamped to the
+        sequence); `order` (B, M) gives each sample's block order, None the default one."""
+        slot = (torch.arange(start, start + length, device=device) // self.tokens_per_modality).clamp(max=len(self.names) - 1)
+        if order is None:
+            return slot.expand(batch, length)
+        return order.to(device)[:, slot]
+
+    def _embed(self, tokens: torch.Tensor, pos_offset: int, order: torch.Tensor | None) -> torch.Tensor:
+        """tokens (B, T) at positions pos_offset.. -> token + position embeddings (B, T, C), each token by the
+        tables of its own modality."""
+        B, T = tokens.size()
+        pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=tokens.device)  # (T,)
+        if len(self.names) == 1:
+            return self.encoders[self.names[0]](tokens) + self.embedders[self.names[0]](pos)  # (B, T, C)
+        modality = self.modality_at(pos_offset, T, order, B, tokens.device)  # (B, T)
+        within = pos % self.tokens_per_modality  # (T,) position within its modality
+        x = None
+        for m, name in enumerate(self.names):
+            emb = self.encoders[name](tokens) + self.embedders[name](within)  # (B, T, C)
+            x = emb if x is None else torch.where((modality == m)[..., None], emb, x)
+        return x
+
+    def _logits(self, x: torch.Tensor, pos_offset: int, order: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states (B, T, C) at positions pos_offset.. -> (B, T, vocab): each position through the
+        head of the modality of the token it predicts (the next one)."""
+        if len(self.names) == 1:
+            return self.decoders[self.names[0]](x)
+        B, T, _ = x.size()
+        if order is None:  # contiguous runs of one modality: each head only on its own positions
+            per, last = self.tokens_per_modality, len(self.names) - 1
+            parts, start = [], 0
+            while start < T:
+                m = min((pos_offset + start + 1) // per, last)  # the modality of the token position start predicts
+                end = T if m == last else min(T, (m + 1) * per - 1 - pos_offset)
+                parts.append(self.decoders[self.names[m]](x[:, start:end]))
+                start = end
+            return torch.cat(parts, dim=1)
+        target = self.modality_at(pos_offset + 1, T, order, B, x.device)  # (B, T)
+        logits = None
+        for m, name in enumerate(self.names):
+            out = self.decoders[name](x)
+            logits = out if logits is None else torch.where((target == m)[..., None], out, logits)
+        return logits
+
+    def loss_by_modality(self, logits: torch.Tensor, targets: torch.Tensor, order: torch.Tensor | None = None,
+                         loss_mask: torch.Tensor | None = None, pos_offset: int = 0) -> dict[str, torch.Tensor]:
+        """{modality: mean cross-entropy over the targets that belong to it} (targets at positions pos_offset+1..)."""
+        B, T = targets.size()
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(B, T)
+        target = self.modality_at(pos_offset + 1, T, order, B, targets.device)  # (B, T)
+        weight = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
+        out = {}
+        for m, name in enumerate(self.names):
+            w = weight * (target == m)
+            out[name] = (ce * w).sum() / w.sum().clamp(min=1)
+        return out
 
     def forward(
         self,
@@ -238,40 +308,45 @@ class GPT(nn.Module):
         pos_offset: int = 0,
         kv_cache: KVCache | None = None,
         loss_chunks: int = 1,
+        order: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens (B, T) int64 at positions pos_offset.. -> (logits, loss).
 
-        With targets (B, T): logits (B, T, vocab) for every position and the mean cross-entropy.
+        With targets (B, T): logits (B, T, vocab) for every position and the mean cross-entropy (over the
+        positions `loss_mask` (B, T) keeps, when given: a row's missing modality is left out).
         Without: logits (B, 1, vocab) for the last position only (what sampling needs), loss None.
         With targets and loss_chunks > 1 (training): logits None and the same loss from `chunked_cross_entropy`,
-        which never holds the (B, T, vocab) logits.
+        which never holds the (B, T, vocab) logits (one modality only; several compute the logits whole).
+        Several modalities: `order` (B, M) is each sample's block order (None: `modalities` order).
         """
         B, T = tokens.size()
         if pos_offset + T > self.config.block_size:
             raise ValueError(f"positions {pos_offset}..{pos_offset + T - 1} exceed block_size {self.config.block_size}")
-        pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=tokens.device)  # (T,)
-        tok_emb = self.encoders[MODALITY](tokens)  # (B, T, C)
-        pos_emb = self.embedders[MODALITY](pos)  # (T, C)
-        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        x = self.transformer.drop(self._embed(tokens, pos_offset, order))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, pos_offset=pos_offset, kv_cache=kv_cache)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.decoders[MODALITY](x[:, [-1], :]), None  # (B, 1, vocab)
-        if loss_chunks > 1:
-            return None, chunked_cross_entropy(self.decoders[MODALITY], x, targets, loss_chunks)
-        logits = self.decoders[MODALITY](x)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            return self._logits(x[:, [-1], :], pos_offset + T - 1, order), None  # (B, 1, vocab)
+        if loss_chunks > 1 and len(self.names) == 1 and loss_mask is None:
+            return None, chunked_cross_entropy(self.decoders[self.names[0]], x, targets, loss_chunks)
+        logits = self._logits(x, pos_offset, order)  # (B, T, vocab)
+        if loss_mask is None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        else:
+            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            keep = loss_mask.reshape(-1).float()
+            loss = (ce * keep).sum() / keep.sum().clamp(min=1)
         return logits, loss
 
-    def hidden_states(self, tokens: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    def hidden_states(self, tokens: torch.Tensor, layers: list[int], order: torch.Tensor | None = None) -> list[torch.Tensor]:
         """tokens (B, T) int64 -> one (B, T, C) per entry of `layers`: i < n_layer is block i's output (no final
         LayerNorm), n_layer is the final output after `ln_f` (what the head sees). Runs only the blocks needed."""
         B, T = tokens.size()
         if T > self.config.block_size:
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=tokens.device)  # (T,)
-        x = self.transformer.drop(self.encoders[MODALITY](tokens) + self.embedders[MODALITY](pos))  # (B, T, C)
+        x = self.transformer.drop(self._embed(tokens, 0, order))  # (B, T, C)
         wanted, out = set(layers), {}
         last = min(max(layers), self.config.n_layer - 1)
         for i, block in enumerate(self.transformer.h[: last + 1]):
@@ -315,6 +390,7 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_kv_cache: bool = True,
+        order: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continue prefix_tokens (B, K) int64, K >= 1, by max_new_tokens sampled tokens -> (B, K + max_new_tokens).
 
@@ -333,10 +409,10 @@ class GPT(nn.Module):
         step_in, offset = seq, 0
         for _ in range(max_new_tokens):
             if cache is not None:
-                logits, _ = self(step_in, pos_offset=offset, kv_cache=cache)
+                logits, _ = self(step_in, pos_offset=offset, kv_cache=cache, order=order)
                 offset += step_in.size(1)
             else:
-                logits, _ = self(seq)
+                logits, _ = self(seq, order=order)
             logits = logits[:, -1, :].float()  # (B, vocab)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)

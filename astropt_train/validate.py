@@ -9,48 +9,82 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_train.data import TokenRows, to_device, val_batch_rows
+from astropt_train.data import TokenRows, batch_to_device, val_batch_rows
 
 RGB_BANDS = ("DES-Z", "DES-R", "DES-G")  # red, green, blue when the store has them
+HSC_RGB_BANDS = ("HSC-I", "HSC-R", "HSC-G")  # the same for an HSC modality
 
 
 def evaluate(model, dataset: TokenRows, val_rows: np.ndarray, batch_size: int, eval_iters: int, device,
-             ctx=None, rank: int = 0, world: int = 1) -> float:
-    """Mean validation loss over eval_iters batches per rank (the same batches at every eval), averaged over ranks."""
+             ctx=None, rank: int = 0, world: int = 1, by_modality: dict | None = None) -> float:
+    """Mean validation loss over eval_iters batches per rank (the same batches at every eval), averaged over ranks.
+    Several modalities: pass a dict as `by_modality` to get each modality's mean loss in it."""
     import torch
     import torch.distributed as dist
 
     ctx = ctx or nullcontext()
     was_training = model.training
     model.eval()
+    names = dataset.modalities if by_modality is not None else []
     losses = torch.zeros(eval_iters, device=device)
+    per_modality = torch.zeros(eval_iters, len(names), device=device)
     with torch.no_grad():
         for i in range(eval_iters):
-            x, y = to_device(dataset.__getitems__(val_batch_rows(val_rows, batch_size, i, rank, world)), device)
+            x, y, kw = batch_to_device(dataset.__getitems__(val_batch_rows(val_rows, batch_size, i, rank, world)), device)
             with ctx:
-                _, loss = model(x, y)
+                logits, loss = model(x, y, **kw)
             losses[i] = loss.float()
-    mean = losses.mean()
+            if names:
+                parts = model.loss_by_modality(logits, y, kw.get("order"), kw.get("loss_mask"))
+                per_modality[i] = torch.stack([parts[m].float() for m in names])
+    means = torch.cat([losses.mean()[None], per_modality.mean(0)])  # [1 + modalities]
     if world > 1:
-        dist.all_reduce(mean)
-        mean /= world
+        dist.all_reduce(means)
+        means /= world
     model.train(was_training)
-    return float(mean.item())
+    values = means.tolist()
+    if names:
+        by_modality.update(zip(names, values[1:]))
+    return float(values[0])
 
 
 def predict_tokens(model, tokens, device, ctx=None):
-    """Teacher-forced argmax prediction of every token after the first: (n, T) int16 -> (n, T) int64 on CPU."""
+    """Teacher-forced argmax prediction of every token after the first: (n, T) int16 -> (n, T) int64 on CPU
+    (several modalities: a batch dict in, the whole (n, M * T) sequence out)."""
     import torch
 
     ctx = ctx or nullcontext()
-    x, y = to_device(tokens, device)
+    x, y, kw = batch_to_device(tokens, device)
+    kw.pop("loss_mask", None)
     was_training = model.training
     model.eval()
     with torch.no_grad(), ctx:
-        logits, _ = model(x, y)  # (n, T-1, vocab)
+        logits, _ = model(x, y, **kw)  # (n, T-1, vocab)
     model.train(was_training)
     pred = logits.argmax(dim=-1)  # (n, T-1): the prediction for positions 1..T-1
     return torch.cat([x[:, :1], pred], dim=1).cpu()
+
+
+def split_blocks(sequences, order, names: list[str]) -> dict:
+    """(n, M * T) sequences -> {modality: (n, T)}: each sample's block of that modality, wherever `order`
+    (n, M; None: `names` order) put it."""
+    import torch
+
+    n, total = sequences.shape
+    per = total // len(names)
+    blocks = sequences.reshape(n, len(names), per)  # [n, slot, T]
+    if order is None:
+        return {m: blocks[:, k] for k, m in enumerate(names)}
+    slot_of = torch.argsort(torch.as_tensor(order), dim=1)  # [n, M]: the slot that holds modality m
+    return {m: blocks[torch.arange(n), slot_of[:, k]] for k, m in enumerate(names)}
+
+
+def rgb_bands(bands: list[str]) -> list[str]:
+    """The three bands drawn as red, green, blue: z, r, g (HSC: i, r, g) when present, else the first three."""
+    for wanted in (RGB_BANDS, HSC_RGB_BANDS):
+        if all(b in bands for b in wanted):
+            return list(wanted)
+    return list(bands[:3]) or ["DES-G", "DES-R", "DES-Z"]
 
 
 class ImageGrid:
@@ -63,8 +97,7 @@ class ImageGrid:
         self.codec_id, self.store_bands, self.device, self.echo = codec_id, list(store_bands), device, echo
         self._codec = None
         self.failed = False
-        wanted = [b for b in RGB_BANDS if b in self.store_bands]
-        self.bands = wanted if len(wanted) == 3 else (self.store_bands[:3] or ["DES-G", "DES-R", "DES-Z"])
+        self.bands = rgb_bands(self.store_bands)
 
     def _load(self):
         if self._codec is None and not self.failed:

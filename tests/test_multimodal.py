@@ -202,3 +202,130 @@ def test_cli_tokenises_two_columns_and_info_lists_them(survey_dir, codec_dir, tm
         main(["tokenise", "--source", str(survey_dir), "--out", str(tmp_path / "x"), "--shards", "1",
               "--column", "legacysurvey_image", "--column", "hsc_image"])
     assert "error: --column 'legacysurvey_image': with several image columns" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# multimodal training
+
+import torch  # noqa: E402
+
+from astropt_train import checkpoint as ck  # noqa: E402
+from astropt_train.config import build_config  # noqa: E402
+from astropt_train.loop import train  # noqa: E402
+from astropt_train.model import GPT, GPTConfig  # noqa: E402
+
+PAIR = ["legacysurvey_image", "hsc_image"]
+
+
+def _train_cfg(store, out, **kw):
+    base = dict(tokens=str(store), out=str(out), n_layer=1, n_head=2, n_embd=32, batch_size=4, max_iters=4,
+                lr=1e-2, warmup_iters=1, eval_interval=4, eval_iters=1, log_interval=2, val_images=0, live=False,
+                device="cpu", compile=False, checkpoint_interval=0, val_fraction=0.2)
+    base.update(kw)
+    return build_config(base)
+
+
+@pytest.fixture(scope="module")
+def two_modality_run(two_column_store, tmp_path_factory):
+    """A tiny model trained a few steps on both modalities, with validation pictures."""
+    out = tmp_path_factory.mktemp("mm-run") / "run"
+    train(_train_cfg(two_column_store, out, val_images=1))
+    return out
+
+
+def test_multimodal_training_logs_each_modality_and_draws_each(two_modality_run):
+    records = [json.loads(line) for line in (two_modality_run / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    for m in PAIR:
+        assert np.isfinite(last[f"loss_{m}"]) and np.isfinite(last[f"val_loss_{m}"])
+    assert abs(np.mean([last[f"val_loss_{m}"] for m in PAIR]) - last["val_loss"]) < 0.05  # equal-length blocks
+    assert sorted(p.name for p in (two_modality_run / "val_images").iterdir()) == [
+        "step-00000004-hsc_image.png", "step-00000004-legacysurvey_image.png"]
+    model, config = ck.load_model(two_modality_run)
+    assert config["model"]["modalities"] == PAIR and config["model"]["block_size"] == 2 * 576
+    assert [m["name"] for m in config["store"]["modalities"]] == PAIR
+    keys = set(model.state_dict())
+    for m in PAIR:
+        assert {f"encoders.{m}.wpe.weight", f"embedders.{m}.wpe.weight", f"decoders.{m}.c_fc.weight"} <= keys
+    assert not any("images_aion" in k for k in keys)
+
+
+def test_modalities_flag_order_and_refusals(two_column_store, random_store, tmp_path):
+    summary = train(_train_cfg(two_column_store, tmp_path / "hsc", modalities="hsc_image", max_iters=2, eval_interval=2))
+    model, config = ck.load_model(summary["run_dir"])
+    assert model.names == ["hsc_image"] and config["model"]["block_size"] == 576
+    for kw, message in [(dict(modalities="hsc_image,nope"), "name each of the store's modalities"),
+                        (dict(modalities="hsc_image,hsc_image"), "at most once")]:
+        with pytest.raises(AstroptError, match=message):
+            train(_train_cfg(two_column_store, tmp_path / "bad", **kw))
+    with pytest.raises(AstroptError, match="need a store of several image columns"):
+        train(_train_cfg(random_store, tmp_path / "bad2", shuffle_modalities=True))
+    with pytest.raises(AstroptError, match="cannot resume .* modalities"):
+        train(_train_cfg(two_column_store, tmp_path / "hsc", modalities="legacysurvey_image", resume=True))
+
+
+def test_shuffled_order_and_missing_modalities_are_masked(tmp_path):
+    from astropt_train.data import TokenRows, batch_to_device
+
+    rng = np.random.default_rng(0)
+    tokens = {m: rng.integers(0, 50, size=(20, 8)) for m in PAIR}
+    valid = {"legacysurvey_image": np.ones(20, bool), "hsc_image": np.arange(20) % 4 != 0}
+    st.write_store_from_arrays(tmp_path / "s", tokens, 2, {"id": "random", "vocab_size": 50, "tokens_per_image": 8},
+                               {m: ["DES-G"] if m == PAIR[0] else ["HSC-G"] for m in PAIR}, valid=valid)
+    store = st.TokenStore(tmp_path / "s")
+    rows = TokenRows(store, modalities=PAIR, shuffle=True, seed=3)
+    batch = rows.__getitems__(np.arange(20))
+    order = batch["order"].numpy()
+    assert {tuple(o) for o in order} == {(0, 1), (1, 0)}
+    for r in range(20):  # each galaxy's blocks, in its order
+        expected = np.concatenate([tokens[PAIR[k]][r] for k in order[r]])
+        np.testing.assert_array_equal(batch["tokens"][r].numpy(), expected)
+    again = TokenRows(store, modalities=PAIR, shuffle=True, seed=3).__getitems__([5, 0])
+    np.testing.assert_array_equal(again["order"].numpy(), order[[5, 0]])
+    x, y, kw = batch_to_device(batch, "cpu")
+    mask = kw["loss_mask"].numpy()  # False exactly on targets in a row's missing hsc block
+    for r in range(20):
+        hsc_slot = list(order[r]).index(1)
+        in_hsc = (np.arange(1, 16) // 8) == hsc_slot
+        np.testing.assert_array_equal(mask[r], ~in_hsc | valid["hsc_image"][r])
+    summary = train(_train_cfg(tmp_path / "s", tmp_path / "run", shuffle_modalities=True, max_iters=2,
+                               eval_interval=2, log_interval=1))
+    assert np.isfinite(summary["loss"])
+
+
+def test_model_several_modalities_kv_cache_and_order():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=32, modalities=["a", "b"])).eval()
+    tokens = torch.randint(0, 50, (3, 12))
+    fixed, _ = model(tokens[:, :-1], tokens[:, 1:])
+    same, _ = model(tokens[:, :-1], tokens[:, 1:], order=torch.tensor([[0, 1]] * 3))
+    torch.testing.assert_close(fixed, same)
+    swapped, _ = model(tokens[:, :-1], tokens[:, 1:], order=torch.tensor([[1, 0]] * 3))
+    assert not torch.allclose(fixed, swapped)
+    for order in (None, torch.tensor([[1, 0], [0, 1], [1, 0]])):
+        outs = [model.generate(tokens[:, :4], 8, generator=torch.Generator().manual_seed(1), use_kv_cache=use,
+                               order=order) for use in (True, False)]
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_two_modality_checkpoint_loads_into_upstream_astropt(tmp_path):
+    """Upstream's GPT built with the same two ModalityConfigs takes our weights strictly, and with the blocks in
+    its order (sorted names) gives our logits."""
+    from test_train_model import import_upstream_model
+
+    U = import_upstream_model(tmp_path)
+    names = sorted(PAIR)  # upstream concatenates modalities in sorted-name order
+    vocab, per = 60, 8
+    mods = [U.ModalityConfig(name=m, input_size=vocab, pos_input_size=1, patch_size=0, embed_pos=True,
+                             vocab_size=vocab) for m in names]
+    theirs = U.GPT(U.GPTConfig(block_size=2 * per, n_layer=2, n_head=2, n_embd=32, tokeniser="affine",
+                               modalities=mods), U.ModalityRegistry(mods), master_process=False).eval()
+    ours = GPT(GPTConfig(vocab_size=vocab, block_size=2 * per, n_layer=2, n_head=2, n_embd=32, modalities=names)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    blocks = {m: torch.randint(0, vocab, (2, per)) for m in names}
+    inputs = {**blocks, **{f"{m}_positions": torch.arange(per).expand(2, per) for m in names}}
+    out, _ = theirs(inputs)
+    sequence = torch.cat([blocks[m] for m in names], dim=1)
+    logits, _ = ours(sequence[:, :-1], sequence[:, 1:])
+    torch.testing.assert_close(out[names[0]], logits[:, : per - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[names[1]], logits[:, per - 1:], atol=1e-5, rtol=1e-5)
