@@ -612,13 +612,15 @@ def object_ids_of(batch, id_column: str | None) -> list[str | None]:
 
 
 def read_source_flux(section: dict, rows, bands: list[str], crop: int | None = None,
-                     moved_to: str | Path | None = None) -> np.ndarray:
+                     moved_to: str | Path | None = None, column: str | None = None) -> np.ndarray:
     """Re-read global source rows from a store manifest's source section: float32 [n, bands, S, S].
 
     Used by `astropt decode --compare`. A row that is bad in the source raises AstroptError. `moved_to`:
-    see `plan_from_manifest`.
+    see `plan_from_manifest`. `column`: another of the store's image columns than its first.
     """
     plan = plan_from_manifest(section, moved_to)
+    if column is not None:  # read that image column alone
+        plan.column, plan.extra_columns = column, []
     rows = np.asarray(rows, dtype=np.int64)
     side = crop or IMAGE_SIZE
     out = np.empty((len(rows), len(bands), side, side), dtype=np.float32)

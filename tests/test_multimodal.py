@@ -329,3 +329,59 @@ def test_two_modality_checkpoint_loads_into_upstream_astropt(tmp_path):
     logits, _ = ours(sequence[:, :-1], sequence[:, 1:])
     torch.testing.assert_close(out[names[0]], logits[:, : per - 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[names[1]], logits[:, per - 1:], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cross-survey decoding
+
+
+def test_decode_draws_one_survey_from_the_other(two_modality_run, two_column_store, tmp_path, capsys):
+    from astropt_train.use.decode import DecodeConfig, decode, summarise
+
+    given, wanted = PAIR
+    result = decode(DecodeConfig(out=tmp_path / "cross.png", checkpoint=two_modality_run, rows="0:1", given=given,
+                                 generate_modality=wanted, device="cpu", seed=1, threads=1))
+    store = st.TokenStore(two_column_store)
+    assert result.mode == "cross" and result.out.is_file() and result.tokens.shape == (1, 576)
+    assert result.columns == [f"real {wanted}", "codec reconstruction", f"drawn from {given}"]
+    assert result.bands == store.modality_bands[wanted] and result.flux.shape == (1, 5, 96, 96)
+    cross = summarise(result)["metrics"]["cross"]
+    assert set(cross["vs_original"]["per_band"]) == set(result.bands) == set(cross["vs_reconstruction"]["per_band"])
+    assert "has not learned" not in capsys.readouterr().err  # trained legacysurvey_image first
+
+
+def test_cross_survey_tokens_continue_the_given_block_in_order():
+    """Greedy drawing: every drawn token is the model's argmax after the given block and the tokens drawn before
+    it, with the given modality first (either way round)."""
+    from astropt_train.use.decode import cross_survey_tokens
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=12, n_layer=1, n_head=2, n_embd=16, modalities=["a", "b"])).eval()
+    given = torch.randint(0, 30, (2, 6)).numpy()
+    for first, second, order in (("a", "b", [0, 1]), ("b", "a", [1, 0])):
+        drawn = cross_survey_tokens(model, given, first, second, temperature=0)
+        sequence = torch.as_tensor(np.concatenate([given, drawn], axis=1))
+        logits, _ = model(sequence[:, :-1], sequence[:, 1:], order=torch.tensor([order, order]))
+        np.testing.assert_array_equal(logits[:, 5:].argmax(-1).numpy(), drawn)
+
+
+def test_cross_survey_mistakes_are_one_error(two_modality_run, tmp_path):
+    from astropt_train.use.decode import DecodeConfig, decode
+
+    base = dict(out=tmp_path / "x.png", checkpoint=two_modality_run, rows="0:1", device="cpu")
+    for kw, message in [(dict(given=PAIR[0]), "needs both --given"),
+                        (dict(given=PAIR[0], generate_modality=PAIR[0]), "name two modalities"),
+                        (dict(given=PAIR[0], generate_modality="nope"), "--generate-modality nope: checkpoint"),
+                        (dict(given=PAIR[0], generate_modality=PAIR[1], predict=True), "choose one of")]:
+        with pytest.raises(AstroptError, match=message):
+            decode(DecodeConfig(**{**base, **kw}))
+
+
+def test_cross_survey_warns_about_an_order_never_trained(two_modality_run, two_column_store, capsys):
+    from astropt_train.checkpoint import load_model
+    from astropt_train.use.decode import DecodeConfig, _check_cross
+
+    model, _ = load_model(two_modality_run)
+    store = st.TokenStore(two_column_store)
+    _check_cross(DecodeConfig(checkpoint=two_modality_run, given=PAIR[1], generate_modality=PAIR[0]), model, store)
+    assert "has not learned to draw it" in capsys.readouterr().err

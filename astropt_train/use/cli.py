@@ -31,6 +31,8 @@ def decode_command(
     generate: Optional[int] = typer.Option(None, "--generate", help="Sample this many galaxies from the model."),
     complete_from: Optional[int] = typer.Option(None, "--complete-from", help="Keep the first K tokens of each row; the model writes the rest."),
     predict: bool = typer.Option(False, "--predict", help="Teacher-forced argmax prediction beside each stored row."),
+    given: Optional[str] = typer.Option(None, "--given", help="Cross-survey (a model trained on several image columns): the modality whose stored tokens the model is given, e.g. legacysurvey_image."),
+    generate_modality: Optional[str] = typer.Option(None, "--generate-modality", help="Cross-survey: the modality the model draws from them, e.g. hsc_image; shown beside its real image and codec reconstruction."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Re-run the whole sequence per token (slow; for checking)."),
@@ -50,6 +52,7 @@ def decode_command(
     cfg = DecodeConfig(
         out=out, tokens=tokens, rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec, compare=compare,
         source=source, checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
+        given=given, generate_modality=generate_modality,
         temperature=temperature, top_k=top_k, kv_cache=not no_kv_cache, bands=_split(bands),
         rgb_bands=tuple(rgb_bands), save_flux=save_flux, device=device, batch_size=batch_size,
         tf32=tf32, threads=threads,
@@ -80,6 +83,12 @@ def decode_command(
     if "completion" in m:
         console.print(f"completion kept {m['completion']['kept']} tokens; "
                       f"{100 * m['completion']['token_agreement']:.2f}% of written tokens equal the stored ones")
+    if "cross" in m:
+        c = summary["metrics"]["cross"]
+        for key, against in (("vs_original", "the real image"), ("vs_reconstruction", "the codec reconstruction")):
+            if key in c:
+                print_reconstruction_table(c[key], console=console, title=f"{c['generated']} drawn from {c['given']} "
+                                           f"vs {against} ({len(result.labels)} galaxies, 96x96 centre crop)")
 
 
 def demo_command(

@@ -9,6 +9,8 @@ completes and invents.
              predicted image is row[0] followed by the 575 argmax tokens
   complete   keep the first K tokens of each stored row and let the model sample the rest
   generate   sample N galaxies from nothing (see `first_token_distribution` for how the first token is drawn)
+  cross      a model trained on several surveys draws each row's image in one survey (--generate-modality)
+             from its stored tokens in another (--given), beside the real image and the codec's reconstruction
 
 Every token sequence is [N, tokens_per_image] (576 for AION). Decoded flux is float32 [N, bands, 96, 96].
 """
@@ -28,7 +30,7 @@ from astropt_tok.executor import torch_threads  # noqa: F401  (re-exported: demo
 from astropt_tok.quality import center_crop, reconstruction_metrics, summary_json  # noqa: F401  (re-exported)
 from astropt_train.use.images import DEFAULT_RGB_BANDS, rgb_indices, save_figure, save_flux
 
-MODES = ("stored", "predict", "complete", "generate")
+MODES = ("stored", "predict", "complete", "generate", "cross")
 
 
 @dataclass
@@ -49,6 +51,8 @@ class DecodeConfig:
     generate: int | None = None  # sample this many galaxies from the model
     complete_from: int | None = None  # keep the first K tokens of each row, let the model write the rest
     predict: bool = False  # teacher-forced argmax prediction of each row
+    given: str | None = None  # cross-survey: the modality whose stored tokens the model is given
+    generate_modality: str | None = None  # cross-survey: the modality the model draws from them
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None
     kv_cache: bool = True  # sample with the model's key/value cache (same tokens, much faster)
@@ -215,6 +219,31 @@ def complete_tokens(
     return np.concatenate(out).astype(np.int64)
 
 
+def cross_survey_tokens(
+    model, given_tokens: np.ndarray, given: str, wanted: str, temperature: float = 1.0, top_k: int | None = None,
+    seed: int = 0, batch_size: int = 32, kv_cache: bool = True,
+) -> np.ndarray:
+    """A several-modality model draws each galaxy's `wanted` block after its `given` one: [N, T] -> [N, T] int64.
+
+    The sequence is the given block then the wanted one (the model's other modalities, if any, would follow).
+    """
+    import torch
+
+    names = list(model.names)
+    n, t = given_tokens.shape
+    order = [names.index(given), names.index(wanted)] + [i for i, m in enumerate(names) if m not in (given, wanted)]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        prefix = torch.as_tensor(np.asarray(given_tokens[i : i + batch_size], dtype=np.int64), device=device)  # [b, T]
+        blocks = torch.tensor(order, device=device).expand(len(prefix), len(names))  # [b, M]
+        seq = model.generate(prefix, t, temperature=temperature, top_k=top_k, generator=gen, use_kv_cache=kv_cache,
+                             order=blocks)  # [b, 2T]
+        out.append(seq[:, t:].cpu().numpy())
+    return np.concatenate(out).astype(np.int64)
+
+
 def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000) -> np.ndarray:
     """Empirical distribution [vocab] of the first token of stored rows (at most the first `max_rows`).
 
@@ -262,26 +291,36 @@ def _source_rereadable(manifest: dict) -> bool:
     return manifest.get("source", {}).get("kind") in ("local", "hub") and bool(manifest["source"].get("files"))
 
 
-def _read_originals(store, rows: np.ndarray, bands: list[str], crop: int, moved_to: Path | None) -> np.ndarray:
-    """The source flux of store rows, centre-cropped like the codec: [N, bands, crop, crop]."""
+def _read_originals(store, rows: np.ndarray, bands: list[str], crop: int, moved_to: Path | None,
+                    column: str | None = None) -> np.ndarray:
+    """The source flux of store rows (of image `column`, default the store's first), centre-cropped like the
+    codec: [N, bands, crop, crop]."""
     from astropt_tok.source import read_source_flux
 
     if not _source_rereadable(store.manifest):
         raise AstroptError(
             f"--compare needs the store's source, but {store.dir} was not made from a survey "
             f"(its manifest source is {store.manifest.get('source', {}).get('id')!r})")
-    return read_source_flux(store.manifest["source"], store.source_rows(rows), bands, crop=crop, moved_to=moved_to)
+    return read_source_flux(store.manifest["source"], store.source_rows(rows), bands, crop=crop, moved_to=moved_to,
+                            column=column)
 
 
 def _mode(cfg: DecodeConfig) -> str:
+    if (cfg.given is None) != (cfg.generate_modality is None):
+        raise AstroptError("cross-survey decoding needs both --given MODALITY and --generate-modality MODALITY")
     chosen = [m for m, on in (("generate", cfg.generate is not None), ("complete", cfg.complete_from is not None),
-                              ("predict", cfg.predict)) if on]
+                              ("predict", cfg.predict), ("cross", cfg.given is not None)) if on]
     if len(chosen) > 1:
-        raise AstroptError(f"choose one of --generate, --complete-from, --predict (got {', '.join(chosen)})")
+        raise AstroptError(f"choose one of --generate, --complete-from, --predict, --given (got {', '.join(chosen)})")
+    if chosen == ["cross"] and cfg.given == cfg.generate_modality:
+        raise AstroptError(f"--given and --generate-modality are both {cfg.given}: name two modalities")
+    if chosen == ["cross"] and cfg.checkpoint is None:
+        raise AstroptError("--given/--generate-modality need a model trained on several surveys: pass --checkpoint RUN")
     if chosen and cfg.checkpoint is None:
         raise AstroptError(f"--{chosen[0].replace('complete', 'complete-from')} needs a trained model: pass --checkpoint RUN")
     if not chosen and cfg.checkpoint is not None:
-        raise AstroptError("with --checkpoint choose what to show: --generate N, --rows ... --complete-from K, or --predict")
+        raise AstroptError("with --checkpoint choose what to show: --generate N, --rows ... --complete-from K, --predict, "
+                           "or --given A --generate-modality B")
     mode = chosen[0] if chosen else "stored"
     if mode == "generate" and (cfg.rows or cfg.ids or cfg.random):
         raise AstroptError("--generate samples new galaxies: it takes no --rows, --ids or --random")
@@ -340,16 +379,25 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             raise AstroptError(f"checkpoint {cfg.checkpoint} has {model.config.block_size} positions, "
                                f"fewer than the codec's {codec.tokens_per_image} tokens per image")
 
-    flux_bands = list(cfg.bands or store.bands or ck_store.get("bands") or [])
+    rgb_wanted = cfg.rgb_bands
+    if mode == "cross":
+        _check_cross(cfg, model, store)
+        flux_bands = list(cfg.bands or store.modality_bands[cfg.generate_modality])
+        if tuple(cfg.rgb_bands) == tuple(DEFAULT_RGB_BANDS) and not set(cfg.rgb_bands) <= set(flux_bands):
+            from astropt_train.validate import rgb_bands as rgb_of
+
+            rgb_wanted = tuple(rgb_of(flux_bands))  # the drawn survey's own colours (e.g. HSC i, r, g)
+    else:
+        flux_bands = list(cfg.bands or store.bands or ck_store.get("bands") or [])
     if not flux_bands:
         raise AstroptError("no bands to decode: pass --bands")
-    decode_bands = flux_bands + [b for b in cfg.rgb_bands if b not in flux_bands]  # one decode serves both
+    decode_bands = flux_bands + [b for b in rgb_wanted if b not in flux_bands]  # one decode serves both
     for b in decode_bands:
         from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
 
         if b not in BAND_TO_INDEX:
             raise AstroptError(f"unknown band {b!r}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
-    rgb_indices(decode_bands, cfg.rgb_bands)  # a display band that is not decoded: an error before any work
+    rgb_indices(decode_bands, rgb_wanted)  # a display band that is not decoded: an error before any work
 
     rows = None
     metrics: dict | None = None
@@ -362,6 +410,10 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         labels = [f"generated #{i}" for i in range(len(final))]
         columns = ["generated"]
         stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
+    elif mode == "cross":
+        rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
+        labels = _labels_for(store, rows)
+        final, metrics, columns, stacks = _cross(cfg, model, store, codec, rows, decode_bands)
     else:
         rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
         stored = store.take(rows).astype(np.int64)  # [N, T]
@@ -400,13 +452,66 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
 
     title = cfg.title or _default_title(mode, codec.codec_id, cfg)
     out = save_figure(stacks, columns, labels, decode_bands, cfg.out, title, notes=figure_notes(metrics),
-                      rgb_bands=cfg.rgb_bands, ncols=cfg.ncols)
+                      rgb_bands=rgb_wanted, ncols=cfg.ncols)
 
     final_flux = stacks[-1][:, : len(flux_bands)]
     flux_path = save_flux(cfg.save_flux, final_flux, flux_bands, labels) if cfg.save_flux else None
     return DecodeResult(mode=mode, out=out, tokens=np.asarray(final, dtype=np.int64), flux=final_flux,
                         bands=flux_bands, labels=labels, codec_id=codec.codec_id, rows=rows, metrics=metrics,
                         flux_path=flux_path, columns=columns)
+
+
+def _check_cross(cfg: DecodeConfig, model, store) -> None:
+    """Both modalities are the model's and the store's; a note when the model never saw them in this order."""
+    for flag, name in (("--given", cfg.given), ("--generate-modality", cfg.generate_modality)):
+        if name not in model.names or model.config.modalities is None:
+            raise AstroptError(f"{flag} {name}: checkpoint {cfg.checkpoint} was trained on "
+                               f"{', '.join(model.config.modalities or ['one image column'])}")
+        if name not in store.modalities:
+            raise AstroptError(f"{flag} {name}: token store {store.dir} holds "
+                               f"{', '.join(store.modalities) or 'one image column'}")
+    trained = load_run_store(cfg)
+    if not trained.get("shuffle_modalities") and model.names.index(cfg.given) > model.names.index(cfg.generate_modality):
+        print(f"note: this model was trained with {cfg.generate_modality} before {cfg.given} and without "
+              "--shuffle-modalities: it has not learned to draw it from what follows", file=sys.stderr)
+
+
+def load_run_store(cfg: DecodeConfig) -> dict:
+    """The checkpoint's record of the store it was trained on."""
+    from astropt_train.checkpoint import find_checkpoint, read_config
+
+    return read_config(find_checkpoint(cfg.checkpoint, cfg.step)).get("store") or {}
+
+
+def _cross(cfg: DecodeConfig, model, store, codec, rows: np.ndarray, decode_bands: list[str]):
+    """Cross-survey panels: real image (when the source can be read) | codec reconstruction | drawn from the
+    given survey's tokens, with the drawn image's per-band error against the real one and the reconstruction."""
+    given = store.take(rows, cfg.given).astype(np.int64)  # [N, T]
+    stored = store.take(rows, cfg.generate_modality).astype(np.int64)  # [N, T]
+    for what, t in ((cfg.given, given), (cfg.generate_modality, stored)):
+        check_token_range(t, codec.vocab_size, what=f"store {store.dir} ({what})")
+    stacks, columns, original = [], [], None
+    if _source_rereadable(store.manifest):
+        try:
+            original = _read_originals(store, rows, decode_bands, 96, cfg.source, column=cfg.generate_modality)
+            stacks.append(original)
+            columns.append(f"real {cfg.generate_modality}")
+        except AstroptError as exc:
+            print(f"note: no original panels: {exc}", file=sys.stderr)
+    recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size, cfg.tf32)
+    stacks.append(recon)
+    columns.append("codec reconstruction")
+    drawn_tokens = cross_survey_tokens(model, given, cfg.given, cfg.generate_modality, cfg.temperature, cfg.top_k,
+                                       cfg.seed, cfg.batch_size, cfg.kv_cache)
+    drawn = decode_tokens(codec, drawn_tokens, decode_bands, cfg.batch_size, cfg.tf32)
+    stacks.append(drawn)
+    columns.append(f"drawn from {cfg.given}")
+    cross = {"given": cfg.given, "generated": cfg.generate_modality,
+             "token_agreement": float((drawn_tokens == stored).mean()),
+             "vs_reconstruction": reconstruction_metrics(recon, drawn, decode_bands)}
+    if original is not None:
+        cross["vs_original"] = reconstruction_metrics(original, drawn, decode_bands)
+    return drawn_tokens, {"cross": cross}, columns, stacks
 
 
 def _check_options(cfg: DecodeConfig) -> None:
@@ -431,7 +536,9 @@ def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
     what = {"stored": "stored rows" + (" beside their originals" if cfg.compare else ""),
             "predict": "teacher-forced argmax prediction of each token from the stored ones before it",
             "complete": f"completion: the first {cfg.complete_from} stored tokens kept, the model samples the rest",
-            "generate": f"generated (T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed})"}[mode]
+            "generate": f"generated (T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed})",
+            "cross": f"{cfg.generate_modality} drawn from the {cfg.given} tokens (T={cfg.temperature}, seed={cfg.seed})",
+            }[mode]
     return f"{what} | codec {name}"
 
 
@@ -448,6 +555,11 @@ def figure_notes(metrics: dict | None) -> list[str]:
             notes.append(f"{b}: EV {m['explained_variance']:.3f} ({z['explained_variance']:.3f} / "
                          f"{im['explained_variance']:.3f}), PSNR {m['psnr']:.1f} ({z['psnr']:.1f} / {im['psnr']:.1f}), "
                          f"MSE {m['mse']:.3g}")
+    cross = metrics.get("cross")
+    for key, against in (("vs_original", "the real image"), ("vs_reconstruction", "the codec reconstruction")):
+        if cross and key in cross:
+            notes.append(f"{cross['generated']} drawn from {cross['given']} vs {against}, per band: MSE, PSNR dB")
+            notes.append("  ".join(f"{b}: {m['mse']:.3g}, {m['psnr']:.1f}" for b, m in cross[key]["per_band"].items()))
     if "prediction" in metrics:
         notes.append(f"teacher-forced next-token accuracy {metrics['prediction']['accuracy']:.3f}")
     if "completion" in metrics:
@@ -467,5 +579,7 @@ def summarise(result: DecodeResult) -> dict[str, Any]:
         m = dict(result.metrics)
         if "reconstruction" in m:
             m["reconstruction"] = summary_json(m["reconstruction"])
+        if "cross" in m:
+            m["cross"] = {k: summary_json(v) if k.startswith("vs_") else v for k, v in m["cross"].items()}
         s["metrics"] = m
     return s
