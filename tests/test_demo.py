@@ -26,6 +26,9 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
     cfg, res = demo
     store = TokenStore(res.store)
     assert store.num_rows == 24 and store.vocab_size == 4375 and store.tokens_per_image == 576
+    assert store.modalities == ["legacysurvey_image", "hsc_image"]  # the synthetic survey has both
+    assert "hsc_image drawn from legacysurvey_image tokens" in res.pictures
+    assert 0 <= res.metrics["cross_survey"]["token_agreement"] <= 1
     assert verify_store(res.store) == []
     assert [s for s, _ in list_checkpoints(res.run)] == [6]
     for name, path in res.pictures.items():

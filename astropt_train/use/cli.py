@@ -102,12 +102,13 @@ def demo_command(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete earlier demo outputs in --workdir first."),
     threads: int = typer.Option(1, "--threads", help="Torch threads on CPU (0: torch's default). One is fastest for the demo's tiny model on a small or busy machine."),
+    cross_survey: bool = typer.Option(True, "--cross-survey/--no-cross-survey", help="When the survey has hsc_image too: tokenise and train on both surveys and draw HSC images from Legacy Survey tokens."),
 ) -> None:
     """Run the whole pipeline offline in one command: synthetic survey -> tokenise -> train -> decode pictures."""
     from astropt_train.use.demo import DemoConfig, print_demo_summary, run_demo
 
     cfg = DemoConfig(workdir=workdir, rows=rows, steps=steps, codec=codec, source=source, limit=limit, seed=seed,
-                     device=device, fresh=fresh, cpu_threads=threads or None)
+                     device=device, fresh=fresh, cpu_threads=threads or None, cross_survey=cross_survey)
     print_demo_summary(run_demo(cfg))
 
 

@@ -8,6 +8,10 @@
   5. decode    stored rows against their originals, teacher-forced predictions, completions and generated
                galaxies, each a PNG grid (`astropt decode`)
 
+When the survey also holds each galaxy as HSC sees it (`hsc_image`: the synthetic survey and the crossmatched
+hub survey do), the store holds both surveys' tokens, the model trains on both in a per-galaxy shuffled order,
+and a sixth picture draws HSC images from Legacy Survey tokens (`astropt decode --given ... --generate-modality`).
+
 Everything lives under one work folder (default `.astropt-demo/`). The survey and codec are cached there and
 reused when their settings match; the store and run are rebuilt every time (they take seconds).
 """
@@ -55,6 +59,7 @@ class DemoConfig:
     top_k: int | None = 100
     progress: bool = True  # progress bars and training log lines
     cpu_threads: int | None = 1  # torch threads on CPU (None: torch's default); see run_demo
+    cross_survey: bool = True  # with an hsc_image column: both surveys in one store, and a cross-survey picture
 
 
 @dataclass
@@ -168,8 +173,9 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     store = cfg.workdir / "tokens"
     t = time.perf_counter()
     say(f"[3/5] tokenise {survey} -> {store}")
+    surveys = _surveys(survey) if cfg.cross_survey else ()
     tokenise(TokeniseConfig(source=survey, out=str(store), shards=cfg.shards, codec=codec, limit=cfg.limit,
-                            device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress))
+                            device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress, modalities=surveys))
     seconds["tokenise"] = time.perf_counter() - t
 
     run = cfg.workdir / "run"
@@ -181,7 +187,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
         tokens=str(store), out=str(run), preset=cfg.preset, batch_size=cfg.batch_size, max_iters=cfg.steps,
         lr=1e-3, warmup_iters=min(20, max(0, cfg.steps // 10)), eval_interval=evals, eval_iters=5,
         val_fraction=0.1, val_images=4, codec=codec, device=cfg.device, seed=cfg.seed, checkpoint_interval=0,
-        keep_last=1, live=False, log_interval=max(1, min(50, cfg.steps // 5)),
+        keep_last=1, live=False, log_interval=max(1, min(50, cfg.steps // 5)), shuffle_modalities=bool(surveys),
     ))
     seconds["train"] = time.perf_counter() - t
 
@@ -202,6 +208,11 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     generated = decode(DecodeConfig(tokens=store, checkpoint=run, generate=cfg.show, temperature=cfg.temperature,
                                     top_k=cfg.top_k, out=pics / "generated.png",
                                     save_flux=pics / "generated_flux.npy", **common))
+    cross = None
+    if surveys:  # the model draws each galaxy's HSC image from its Legacy Survey tokens
+        cross = decode(DecodeConfig(tokens=store, rows=val_rows, checkpoint=run, given=surveys[0][0],
+                                    generate_modality=surveys[1][0], temperature=cfg.temperature, top_k=cfg.top_k,
+                                    out=pics / "cross_survey.png", **common))
     seconds["decode"] = time.perf_counter() - t
 
     metrics = {
@@ -218,6 +229,9 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
         "generated galaxies": generated.out,
         "generated flux (.npy)": generated.flux_path,
     }
+    if cross is not None:
+        pictures[f"{surveys[1][0]} drawn from {surveys[0][0]} tokens"] = cross.out
+        metrics["cross_survey"] = {k: v for k, v in cross.metrics["cross"].items() if k == "token_agreement"}
     val_images = sorted((run / "val_images").glob("*.png"))
     if val_images:
         pictures["validation images during training"] = val_images[-1]
@@ -227,6 +241,18 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
                         note=UNTRAINED_NOTE if untrained else "")
     (cfg.workdir / "demo-summary.json").write_text(json.dumps(_jsonable(result), indent=2))
     return result
+
+
+def _surveys(source: str) -> tuple:
+    """(column, bands) of the Legacy Survey and HSC images when the source has both, else () (one column)."""
+    from astropt_tok.source import resolve_source
+    from astropt_tok.synthetic import DEFAULT_BANDS, HSC_BANDS
+
+    try:
+        resolve_source(source, column="legacysurvey_image", extra_columns=["hsc_image"])
+    except AstroptError:
+        return ()
+    return (("legacysurvey_image", DEFAULT_BANDS), ("hsc_image", HSC_BANDS))
 
 
 def _validation_rows(run: Path, n: int) -> str:
