@@ -6,7 +6,9 @@ column encoded by `datasets` as a Sequence of per-band dicts (`band`, `flux` and
 same struct with five bands (HSC-G/R/I/Z/Y): finer pixels (0.168" against 0.262"), a sharper PSF (a 0.6"
 Gaussian) and lower noise (deeper), as the crossmatched survey pairs them. Galaxies are Sersic profiles with
 varied sizes, indices, ellipticities, angles and colours, blurred by a PSF, with per-band sky noise (see
-`galaxy_params` for the ranges, taken from Legacy Survey DR10 DES cutouts).
+`galaxy_params` for the ranges, taken from Legacy Survey DR10 DES cutouts). Catalogue columns (redshift, mag_r,
+half_light_radius, sersic_n, ellipticity, morphology) are known functions of each galaxy's drawn properties,
+for linear probes of embeddings.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def survey_features(image_size: int = IMAGE_SIZE, with_hsc: bool = True):
         cols["hsc_image"] = image_feature()
         cols["ra"] = Value("float64")
         cols["dec"] = Value("float64")
+    for name in CATALOGUE_COLUMNS:
+        cols[name] = Value("string") if name == "morphology" else Value("float32")
     return Features(cols)
 
 
@@ -86,6 +90,36 @@ def sersic_profile(p: dict, size: int, pixel_scale: float = 1.0) -> np.ndarray:
     profile = np.exp(-b_n * ((r / r_eff) ** (1.0 / p["n_sersic"]) - 1.0)).astype(np.float32)
     profile /= profile.max()
     return profile
+
+
+# Catalogue columns beside the images, each a known function of the drawn galaxy (see `galaxy_catalogue`).
+CATALOGUE_COLUMNS = ("redshift", "mag_r", "half_light_radius", "sersic_n", "ellipticity", "morphology")
+
+
+def galaxy_catalogue(p: dict, bands, size: int = IMAGE_SIZE) -> dict:
+    """Catalogue values of a drawn galaxy `p`, as a real crossmatched survey stores them beside its images:
+
+    redshift           redshift-like: 0.02 + 0.4 (14 - r_eff) / 12 + 0.3 ln(4 / amplitude) / ln(40), so smaller and
+                       fainter galaxies lie further away (0.02..0.72); r_eff in pixels, amplitude the peak
+                       surface brightness (0.1..4 nanomaggies/pixel)
+    mag_r              22.5 - 2.5 log10(total noiseless flux in DES-R, nanomaggies) (the middle band without DES-R)
+    half_light_radius  the Sersic effective radius in arcsec (r_eff x 0.262"/pixel)
+    sersic_n           the Sersic index (0.6..4)
+    ellipticity        1 - axis ratio (0..0.7)
+    morphology         "disk" (n < 1.5), "lenticular" (1.5 <= n < 2.5) or "elliptical" (n >= 2.5)
+    """
+    bands = list(bands)
+    r_band = bands.index("DES-R") if "DES-R" in bands else len(bands) // 2
+    total_r = p["amplitude"] * p["colour"][r_band] * float(sersic_profile(p, size).sum())
+    n = p["n_sersic"]
+    return {
+        "redshift": 0.02 + 0.4 * (14.0 - p["r_eff"]) / 12.0 + 0.3 * np.log(4.0 / p["amplitude"]) / np.log(40.0),
+        "mag_r": 22.5 - 2.5 * np.log10(total_r),
+        "half_light_radius": p["r_eff"] * LS_PIXEL_ARCSEC,
+        "sersic_n": n,
+        "ellipticity": 1.0 - p["q"],
+        "morphology": "disk" if n < 1.5 else "lenticular" if n < 2.5 else "elliptical",
+    }
 
 
 def galaxy_flux(rng: np.random.Generator, n_bands: int, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -130,7 +164,11 @@ def synthetic_rows(
 ) -> dict:
     """Columns for rows [start, start + count), each row a pure function of (seed, row index)."""
     ids, images, hsc, ras, decs = [], [], [], [], []
+    catalogue: dict[str, list] = {name: [] for name in CATALOGUE_COLUMNS}
     for row in range(start, start + count):
+        for name, value in galaxy_catalogue(galaxy_params(np.random.default_rng([seed, row]), len(bands)), bands,
+                                            size).items():
+            catalogue[name].append(value)
         rng = np.random.default_rng([seed, row])
         flux = galaxy_flux(rng, len(bands), size)
         ivar = np.full_like(flux, 100.0)
@@ -155,6 +193,7 @@ def synthetic_rows(
     cols = {"object_id": ids, "legacysurvey_image": images}
     if with_hsc:
         cols.update(hsc_image=hsc, ra=ras, dec=decs)
+    cols.update(catalogue)
     return cols
 
 

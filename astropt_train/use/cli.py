@@ -152,8 +152,32 @@ def embed_command(
                f"{r.embeddings_per_s:,.1f} embeddings/s")
 
 
+def probe_command(
+    embeddings: Path = typer.Option(..., "--embeddings", help="Embeddings store of `astropt embed`."),
+    labels: str = typer.Option(..., "--labels", help="Catalogue: the survey's parquet files (folder, file or glob) or any parquet/CSV with an id column."),
+    target: list[str] = typer.Option(..., "--target", help="Catalogue column to probe (repeat for several)."),
+    task: str = typer.Option("auto", "--task", help="auto, regression or classification (auto: strings, booleans and integers with few values are classes)."),
+    id_column: str = typer.Option("object_id", "--id-column", help="The catalogue's object id column."),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds."),
+    out: Path = typer.Option(Path("probe"), "--out", "-o", help="Folder for report.json and one PNG per target."),
+    column: Optional[str] = typer.Option(None, "--column", help="Embeddings column (default: the first layer's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the folds and the shuffled-label baseline."),
+    random_init_seed: int = typer.Option(0, "--random-init-seed", help="Seed of the randomly initialised model of the baseline."),
+    device: str = typer.Option("auto", "--device", help="Device for the random-init baseline's embeddings."),
+) -> None:
+    """Linear probes of embeddings on catalogue columns (k-fold CV), next to a random-init model and shuffled labels."""
+    from astropt_train.use.probe import ProbeConfig, print_table, probe
+
+    result = probe(ProbeConfig(embeddings=embeddings, labels=labels, targets=list(target), out=out, task=task,
+                               id_column=id_column, folds=folds, column=column, seed=seed,
+                               random_init_seed=random_init_seed, device=device, progress=True))
+    print_table(result.report)
+    typer.echo(f"wrote {result.out / 'report.json'}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `decode`, `demo` and `embed` commands to the `astropt` app."""
+    """Add the `decode`, `demo`, `embed` and `probe` commands to the `astropt` app."""
     app.command("decode")(decode_command)
     app.command("demo")(demo_command)
     app.command("embed")(embed_command)
+    app.command("probe")(probe_command)

@@ -1,0 +1,367 @@
+"""`astropt probe`: linear probes of embeddings on catalogue columns, with k-fold CV and two baselines.
+
+The embeddings are joined with a catalogue by object id (the survey's own parquet files, or any parquet/CSV
+file with an id column). Per target:
+  regression      standardised features -> ridge regression, its alpha chosen per fold by efficient
+                  leave-one-out CV over a small grid (scikit-learn `RidgeCV`); scores R², MAE and NMAD
+  classification  standardised features -> multinomial logistic regression; scores accuracy and macro F1
+NMAD = 1.4826 median(|dz - median(dz)|) with dz = prediction - truth, or, for a redshift-like target (its name
+is `z` or contains "redshift", or ends in "_z"), the usual photometric-redshift form dz = (prediction - truth)
+/ (1 + truth). Every score is the mean over the k test folds, with the standard deviation over folds as its
+spread. The same folds are scored for two baselines: embeddings of the same rows from a randomly initialised
+model of the same shape (seeded; embedded here with the same pooling and layer), and the real embeddings with
+shuffled labels. Rows whose label is missing or not finite are left out and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from astropt_tok.errors import AstroptError, ensure_folder
+
+TASKS = ("auto", "regression", "classification")
+ALPHAS = np.logspace(-2, 4, 7)  # ridge strengths tried by RidgeCV in each training fold
+MAX_CLASSES = 20  # an integer or string column with at most this many distinct values is a class label (auto)
+
+
+@dataclass
+class ProbeConfig:
+    """Everything `astropt probe` needs; every flag is one field."""
+
+    embeddings: Path | str
+    labels: str  # parquet/CSV file, folder or glob
+    targets: list[str]
+    out: Path | str = "probe"
+    task: str = "auto"
+    id_column: str = "object_id"
+    folds: int = 5
+    column: str | None = None  # embeddings column (default: the store's first layer)
+    seed: int = 0
+    random_init_seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    pictures: bool = True
+    progress: bool = False
+
+
+@dataclass
+class ProbeResult:
+    """report.json's content and where it was written."""
+
+    out: Path
+    report: dict = field(default_factory=dict)
+
+
+def is_redshift_like(name: str) -> bool:
+    """Whether NMAD of `name` uses dz / (1 + z)."""
+    n = name.lower()
+    return n == "z" or "redshift" in n or n.endswith("_z")
+
+
+def nmad(pred: np.ndarray, true: np.ndarray, redshift: bool) -> float:
+    """1.4826 median(|dz - median(dz)|), dz = pred - true, or divided by (1 + true) for redshifts."""
+    dz = pred - true
+    if redshift:
+        dz = dz / (1.0 + true)
+    return float(1.4826 * np.median(np.abs(dz - np.median(dz))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# labels
+
+
+def _label_files(spec: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".parquet", ".csv") and f.is_file())
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(f) for f in glob.glob(spec))
+    if not files:
+        raise AstroptError(f"--labels {spec}: no parquet or CSV file there")
+    return files
+
+
+def read_labels(spec: str, id_column: str, targets: list[str]) -> dict[str, np.ndarray]:
+    """{id_column: ids as str, target: values} from parquet/CSV files, reading only those columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    wanted = [id_column] + [t for t in targets if t != id_column]
+    tables = []
+    for f in _label_files(spec):
+        try:
+            if f.suffix.lower() == ".csv":
+                table = pacsv.read_csv(f)
+            else:
+                names = pq.ParquetFile(f).schema_arrow.names
+                missing = [c for c in wanted if c not in names]
+                if missing:
+                    raise AstroptError(f"labels file {f} has no column {missing[0]!r} (it has {', '.join(names[:12])})")
+                table = pq.read_table(f, columns=wanted)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise AstroptError(f"labels file {f} is unreadable: {exc}") from None
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            raise AstroptError(f"labels file {f} has no column {missing[0]!r}")
+        tables.append(table.select(wanted))
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise AstroptError(f"--labels {spec}: the files' columns disagree in type ({exc})") from None
+    out = {id_column: np.array([str(x) if x is not None else None for x in table.column(id_column).to_pylist()],
+                               dtype=object)}
+    for t in targets:
+        out[t] = np.array(table.column(t).to_pylist(), dtype=object)
+    return out
+
+
+def _task_of(values: np.ndarray, task: str) -> str:
+    if task != "auto":
+        return task
+    present = [v for v in values if v is not None]
+    if any(isinstance(v, (str, bool)) for v in present):
+        return "classification"
+    if all(isinstance(v, (int, np.integer)) for v in present) and len(set(present)) <= MAX_CLASSES:
+        return "classification"
+    return "regression"
+
+
+def _clean(values: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept mask, values): missing labels (and non-finite ones for regression) are not kept."""
+    if task == "regression":
+        y = np.full(len(values), np.nan)
+        for i, v in enumerate(values):
+            try:
+                y[i] = float(v) if v is not None else np.nan
+            except (TypeError, ValueError):
+                raise AstroptError(f"label {v!r} is not a number: use --task classification") from None
+        return np.isfinite(y), y
+    keep = np.array([v is not None and not (isinstance(v, float) and not np.isfinite(v)) for v in values])
+    return keep, np.array([str(v) for v in values], dtype=object)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fitting
+
+
+def _folds(y: np.ndarray, task: str, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if task == "classification":
+        _, counts = np.unique(y, return_counts=True)
+        if counts.min() >= k:
+            return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    return list(KFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y))))
+
+
+def _probe(task: str):
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if task == "regression":
+        return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, task: str, folds, redshift: bool) -> dict:
+    """Fit the probe on each training fold, score its test fold: {scores, spread, per_fold, predictions}."""
+    from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, r2_score
+
+    per_fold: dict[str, list[float]] = {}
+    pred = np.empty(len(y), dtype=y.dtype)
+    for train, test in folds:
+        model = _probe(task).fit(x[train], y[train])
+        p = model.predict(x[test])
+        pred[test] = p
+        if task == "regression":
+            scores = {"r2": r2_score(y[test], p), "mae": mean_absolute_error(y[test], p),
+                      "nmad": nmad(p.astype(float), y[test].astype(float), redshift)}
+        else:
+            scores = {"accuracy": accuracy_score(y[test], p),
+                      "f1_macro": f1_score(y[test], p, average="macro", zero_division=0)}
+        for k, v in scores.items():
+            per_fold.setdefault(k, []).append(float(v))
+    return {"scores": {k: float(np.mean(v)) for k, v in per_fold.items()},
+            "spread": {k: float(np.std(v)) for k, v in per_fold.items()}, "per_fold": per_fold, "predictions": pred}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command
+
+
+def _random_init_embeddings(cfg: ProbeConfig, manifest: dict, out: Path) -> Path:
+    """Embed the store rows of `manifest` with a fresh model of the same shape (seeded), same pooling and layers."""
+    from astropt_train.use.embed import EmbedConfig, embed
+
+    ck = manifest["checkpoint"]
+    if not Path(ck["path"]).exists():
+        raise AstroptError(f"the random-init baseline needs the checkpoint the embeddings came from, {ck['path']}, "
+                           "which is not here")
+    if not Path(manifest["tokens"]["dir"]).exists():
+        raise AstroptError(f"the random-init baseline needs the token store {manifest['tokens']['dir']}, which is "
+                           "not here")
+    start, stop = manifest["store_rows"]
+    dest = out / "random-init-embeddings"
+    embed(EmbedConfig(checkpoint=ck["path"], out=dest, tokens=manifest["tokens"]["dir"], step=None,
+                      pool=manifest["pool"], layers=",".join(lay["name"] for lay in manifest["layers"]),
+                      rows=f"{start}:{stop}", batch_size=cfg.batch_size, device=cfg.device, dtype=manifest["dtype"],
+                      random_init_seed=cfg.random_init_seed, overwrite=True, progress=cfg.progress))
+    return dest
+
+
+def _check_options(cfg: ProbeConfig) -> None:
+    if not cfg.targets:
+        raise AstroptError("pass at least one --target COLUMN")
+    if cfg.task not in TASKS:
+        raise AstroptError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.folds < 2:
+        raise AstroptError(f"--folds must be at least 2, got {cfg.folds}")
+
+
+def probe(cfg: ProbeConfig) -> ProbeResult:
+    """Join embeddings with labels, cross-validate a linear probe per target next to both baselines, write the
+    report and pictures."""
+    from astropt_train.use.embed import open_embeddings, read_embeddings
+
+    _check_options(cfg)
+    manifest = open_embeddings(cfg.embeddings)
+    column = cfg.column or manifest["layers"][0]["column"]
+    emb, _, ids = read_embeddings(cfg.embeddings, column)
+    if any(i is None for i in ids):
+        raise AstroptError(f"{cfg.embeddings} has rows without an object id (the token store had no id column); "
+                           "the probe joins labels by object id")
+    labels = read_labels(cfg.labels, cfg.id_column, cfg.targets)
+    index: dict[str, int] = {}
+    for j, i in enumerate(labels[cfg.id_column]):
+        if i is not None:
+            index.setdefault(i, j)  # the first row of a repeated id
+    at = np.array([index.get(i, -1) for i in ids])
+    found = at >= 0
+    if not found.any():
+        raise AstroptError(f"no object id of {cfg.embeddings} is in column {cfg.id_column!r} of {cfg.labels}")
+    out = Path(cfg.out)
+    ensure_folder(out, "the probe output folder")
+    rand_emb = None
+    rand_dir = _random_init_embeddings(cfg, manifest, out)
+    rand_emb, _, rand_ids = read_embeddings(rand_dir, column)
+    if rand_ids != ids:
+        raise AstroptError(f"the random-init embeddings in {rand_dir} do not cover the same rows; delete it and re-run")
+
+    report = {"embeddings": str(Path(cfg.embeddings).resolve()), "column": column, "labels": str(cfg.labels),
+              "id_column": cfg.id_column, "folds": cfg.folds, "seed": cfg.seed, "pool": manifest["pool"],
+              "checkpoint": manifest["checkpoint"]["path"], "step": manifest["checkpoint"]["step"],
+              "random_init_seed": cfg.random_init_seed, "rows": len(ids), "rows_without_labels": int((~found).sum()),
+              "targets": {}}
+    for target in cfg.targets:
+        raw = np.where(found, labels[target][np.where(found, at, 0)], None)
+        task = _task_of(raw[found], cfg.task)
+        keep, y = _clean(raw, task)
+        keep &= found
+        n = int(keep.sum())
+        if n < 2 * cfg.folds:
+            raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds")
+        x, xr, yk = emb[keep], rand_emb[keep], y[keep]
+        if task == "classification" and len(np.unique(yk)) < 2:
+            raise AstroptError(f"target {target!r} has a single class; nothing to classify")
+        folds = _folds(yk, task, cfg.folds, cfg.seed)
+        redshift = task == "regression" and is_redshift_like(target)
+        model = cross_validate(x, yk, task, folds, redshift)
+        rand = cross_validate(xr, yk, task, folds, redshift)
+        shuffled = cross_validate(x, np.random.default_rng(cfg.seed).permutation(yk), task, folds, redshift)
+        entry = {"task": task, "n": n, "left_out": {"no_label_row": int((~found).sum()),
+                                                     "missing_or_not_finite": int((found & ~keep).sum())},
+                 "scores": model["scores"], "spread": model["spread"], "per_fold": model["per_fold"],
+                 "baselines": {name: {"scores": r["scores"], "spread": r["spread"]}
+                               for name, r in (("random_init", rand), ("shuffled_labels", shuffled))}}
+        if task == "regression":
+            entry["nmad_dz"] = "(pred - true) / (1 + true)" if redshift else "pred - true"
+        else:
+            entry["classes"] = sorted(set(yk.tolist()))
+        if cfg.pictures:
+            entry["picture"] = _picture(out, target, task, yk, model["predictions"], rand["predictions"], entry)
+        report["targets"][target] = entry
+    from astropt_tok.store import atomic_write_text
+
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return ProbeResult(out=out, report=report)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _picture(out: Path, target: str, task: str, y: np.ndarray, pred: np.ndarray, rand_pred: np.ndarray,
+             entry: dict) -> str:
+    """Predicted vs true (regression) or a confusion matrix (classification), the model beside random init."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    panels = (("model", pred, entry["scores"]), ("random init", rand_pred, entry["baselines"]["random_init"]["scores"]))
+    for ax, (name, p, scores) in zip(axes, panels):
+        if task == "regression":
+            ax.scatter(y.astype(float), p.astype(float), s=6, alpha=0.6)
+            lo, hi = float(np.min(y)), float(np.max(y))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            ax.set_xlabel(f"true {target}")
+            ax.set_ylabel(f"predicted {target}")
+            ax.set_title(f"{name}: R² {scores['r2']:.3f}, NMAD {scores['nmad']:.3g}")
+        else:
+            classes = entry["classes"]
+            k = {c: i for i, c in enumerate(classes)}
+            cm = np.zeros((len(classes), len(classes)), int)
+            for t, q in zip(y, p):
+                cm[k[t], k[q]] += 1
+            ax.imshow(cm, cmap="Blues")
+            for i in range(len(classes)):
+                for j in range(len(classes)):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(len(classes)), classes, fontsize=8)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(f"{name}: accuracy {scores['accuracy']:.3f}")
+    fig.suptitle(f"linear probe of {target} (out-of-fold predictions)")
+    fig.tight_layout()
+    path = out / f"{_safe(target)}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def table_rows(report: dict) -> list[tuple[str, ...]]:
+    """(target, task, n, metric, model ± spread, random init, shuffled labels) per target and metric."""
+    rows = []
+    for target, e in report["targets"].items():
+        for metric, value in e["scores"].items():
+            b = e["baselines"]
+            rows.append((target, e["task"], str(e["n"]), metric, f"{value:.3f} ± {e['spread'][metric]:.3f}",
+                         f"{b['random_init']['scores'][metric]:.3f} ± {b['random_init']['spread'][metric]:.3f}",
+                         f"{b['shuffled_labels']['scores'][metric]:.3f} ± {b['shuffled_labels']['spread'][metric]:.3f}"))
+    return rows
+
+
+def print_table(report: dict, console=None) -> None:
+    """The probe table: each target's scores next to both baselines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"linear probes ({report['folds']}-fold CV, mean ± std over folds)")
+    for col in ("target", "task", "n", "metric", "model", "random init", "shuffled labels"):
+        table.add_column(col, justify="left" if col in ("target", "task", "metric") else "right")
+    for r in table_rows(report):
+        table.add_row(*r)
+    console.print(table)
