@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Transformer blocks (overrides the preset)."),
         n_head: Optional[int] = typer.Option(None, "--n-head", help="Attention heads (overrides the preset)."),
         n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Embedding width (overrides the preset)."),
+        init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from these weights (shape, head "
+                                                "and vocabulary too): a run or checkpoint folder, or upstream "
+                                                "AstroPT's ckpt.pt (a vocabulary larger than the store's is fine)."),
         head: Optional[str] = typer.Option(None, "--head", help="Head to vocab logits: affine (one Linear) or aim "
                                            "(Linear to 4 x width, GELU, Linear), upstream AstroPT's two (affine)."),
         modalities: Optional[str] = typer.Option(None, "--modalities", help="A store of several image columns: "

@@ -170,6 +170,29 @@ def train(cfg: TrainConfig) -> dict:
                 tdist.destroy_process_group()
 
 
+def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], echo):
+    """(model config, state dict) of `--init-from`, refused with one line when it cannot fit the store."""
+    from dataclasses import replace
+
+    from astropt_train.use.interop import load_any_model
+
+    model, info = load_any_model(cfg.init_from)
+    c = model.config
+    if c.block_size < store.tokens_per_image or c.vocab_size < store.vocab_size:
+        raise AstroptError(f"--init-from {cfg.init_from}: its model has {c.block_size} positions and {c.vocab_size} "
+                           f"tokens; store {cfg.tokens} needs {store.tokens_per_image} positions and {store.vocab_size} "
+                           "tokens")
+    codec = (info.get("store") or {}).get("codec_id")
+    if info["kind"] == "astropt-train" and (codec != store.codec_id or info["vocab_size"] != store.vocab_size):
+        raise AstroptError(f"--init-from {cfg.init_from} was trained on codec {codec!r} (vocab {info['vocab_size']}); "
+                           f"store {cfg.tokens} has {store.codec_id!r} (vocab {store.vocab_size})")
+    if cfg.model_given() and (c.n_layer, c.n_head, c.n_embd) != dims:
+        raise AstroptError(f"--init-from {cfg.init_from} is {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide; "
+                           f"the flags ask for {dims[0]}/{dims[1]}/{dims[2]} (leave the shape flags out)")
+    echo(f"initialised from {info['path']} ({info['kind']}, step {info['step']}, head {c.head}, vocab {c.vocab_size})")
+    return replace(c, dropout=cfg.dropout), model.state_dict()
+
+
 def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
     import torch
     import torch.distributed as tdist
@@ -231,6 +254,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
                                f"{saved.n_embd} wide; the flags ask for {n_layer}/{n_head}/{n_embd}")
         gconf = saved
         state = ck.load_trainer_state(ckpt_dir)
+    init_state = None
+    if cfg.init_from and state is None:  # start from another model's weights (ours, or upstream's ckpt.pt)
+        gconf, init_state = _init_from(cfg, store, (n_layer, n_head, n_embd), echo)
 
     # --- precision, seeds
     cuda = device.type == "cuda"
@@ -247,6 +273,8 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
 
     # --- model and optimiser
     model = GPT(gconf).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
     step, best_val, batches_done = 0, float("inf"), 0
     rng_restored = False
@@ -441,7 +469,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
                         shown = split.val[: cfg.val_images]
                         targets = dataset.__getitems__(shown)
                         labels = [oid if oid is not None else f"row {r}" for oid, r in zip(store.object_ids(shown), shown)]
-                        predicted = predict_tokens(raw_model, targets, device, ctx)
+                        predicted = predict_tokens(raw_model, targets, device, ctx, store.vocab_size)
                         if not modalities:
                             images[None].write(targets, predicted, run / "val_images" / f"step-{step:08d}.png",
                                                labels=labels, step=step)

@@ -391,13 +391,15 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         use_kv_cache: bool = True,
         order: torch.Tensor | None = None,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """Continue prefix_tokens (B, K) int64, K >= 1, by max_new_tokens sampled tokens -> (B, K + max_new_tokens).
 
         temperature 0 means greedy (argmax). With use_kv_cache each step feeds only the newest token through
         per-layer key/value buffers; without it the whole sequence is re-run each step. Both give the same
         tokens for the same generator seed. To generate a galaxy from nothing, pass a first token yourself
-        (e.g. sampled from the first tokens of training images in the store) as a (B, 1) prefix.
+        (e.g. sampled from the first tokens of training images in the store) as a (B, 1) prefix. `vocab_limit`
+        samples only ids below it (a model whose vocabulary is larger than the codec's, e.g. upstream's 10,000).
         """
         B, K = prefix_tokens.shape
         if K < 1:
@@ -413,7 +415,7 @@ class GPT(nn.Module):
                 offset += step_in.size(1)
             else:
                 logits, _ = self(seq, order=order)
-            logits = logits[:, -1, :].float()  # (B, vocab)
+            logits = logits[:, -1, :vocab_limit].float()  # (B, vocab) or (B, vocab_limit)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -48,9 +48,9 @@ def evaluate(model, dataset: TokenRows, val_rows: np.ndarray, batch_size: int, e
     return float(values[0])
 
 
-def predict_tokens(model, tokens, device, ctx=None):
-    """Teacher-forced argmax prediction of every token after the first: (n, T) int16 -> (n, T) int64 on CPU
-    (several modalities: a batch dict in, the whole (n, M * T) sequence out)."""
+def predict_tokens(model, tokens, device, ctx=None, vocab_limit=None):
+    """Teacher-forced argmax prediction of every token after the first, among ids below `vocab_limit` when given:
+    (n, T) int16 -> (n, T) int64 on CPU (several modalities: a batch dict in, the whole (n, M * T) sequence out)."""
     import torch
 
     ctx = ctx or nullcontext()
@@ -61,7 +61,7 @@ def predict_tokens(model, tokens, device, ctx=None):
     with torch.no_grad(), ctx:
         logits, _ = model(x, y, **kw)  # (n, T-1, vocab)
     model.train(was_training)
-    pred = logits.argmax(dim=-1)  # (n, T-1): the prediction for positions 1..T-1
+    pred = logits[..., :vocab_limit].argmax(dim=-1)  # (n, T-1): the prediction for positions 1..T-1
     return torch.cat([x[:, :1], pred], dim=1).cpu()
 
 

@@ -42,6 +42,13 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
     assert res.metrics["completion"]["kept"] == cfg.complete_from
     summary = json.loads((cfg.workdir / "demo-summary.json").read_text())
     assert summary["untrained_codec"] is True and "untrained" in summary["note"]
+    # the catalogue probes: one headline row per column, next to both baselines, and the full report
+    from astropt_tok.synthetic import CATALOGUE_COLUMNS
+
+    table = summary["metrics"]["probe"]["table"]
+    assert [r["target"] for r in table] == list(CATALOGUE_COLUMNS)
+    assert all(r["random_init"] and r["shuffled_labels"] for r in table)
+    assert set(json.loads((cfg.workdir / "probe" / "report.json").read_text())["targets"]) == set(CATALOGUE_COLUMNS)
 
 
 def test_demo_says_plainly_that_its_codec_is_untrained(demo):
@@ -54,6 +61,7 @@ def test_demo_says_plainly_that_its_codec_is_untrained(demo):
     assert "untrained" in UNTRAINED_NOTE and "randomly initialised (untrained)" in text
     for path in res.pictures.values():
         assert str(path) in text
+    assert "linear probes of the catalogue" in text and "morphology" in text
 
 
 def test_demo_reuses_its_cached_survey_and_codec(demo):

@@ -110,29 +110,36 @@ def test_kv_cache_generation_matches_no_cache():
 
 
 def import_upstream_model(tmp_path):
-    """Upstream AstroPT's model.py from the checkout named by $ASTROPT_UPSTREAM_GIT, imported from tmp_path; skip
-    without one. Only its optional `loralib` import is stubbed (unused without LoRA)."""
+    """Upstream AstroPT's `astropt.model` (and `model_utils`, for `load_astropt`) from the checkout named by
+    $ASTROPT_UPSTREAM_GIT, written as a package `astropt` into tmp_path and imported; skip without one. Only
+    its optional `loralib` import is stubbed (unused without LoRA)."""
+    import importlib
     import os
     import subprocess
     import sys
     import types
 
-    import pytest
-
     git_dir = os.environ.get("ASTROPT_UPSTREAM_GIT")
     if not git_dir:
         pytest.skip("ASTROPT_UPSTREAM_GIT (a checkout of github.com/Smith42/astroPT) is not set")
-    src = subprocess.run(["git", "-C", git_dir, "show", "HEAD:src/astropt/model.py"], capture_output=True, text=True)
-    if src.returncode:
-        pytest.skip(f"cannot read src/astropt/model.py from {git_dir}")
-    (tmp_path / "upstream_astropt_model.py").write_text(src.stdout)
-    sys.modules.setdefault("loralib", types.ModuleType("loralib"))
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import upstream_astropt_model as U
-    finally:
-        sys.path.remove(str(tmp_path))
-    return U
+    if "astropt.model" not in sys.modules:
+        pkg = tmp_path / "upstream" / "astropt"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        for name in ("model.py", "model_utils.py"):
+            src = subprocess.run(["git", "-C", git_dir, "show", f"HEAD:src/astropt/{name}"], capture_output=True,
+                                 text=True)
+            if src.returncode:
+                pytest.skip(f"cannot read src/astropt/{name} from {git_dir}")
+            (pkg / name).write_text(src.stdout)
+        sys.modules.setdefault("loralib", types.ModuleType("loralib"))
+        sys.path.insert(0, str(pkg.parent))
+        try:
+            importlib.import_module("astropt.model")
+            importlib.import_module("astropt.model_utils")
+        finally:
+            sys.path.remove(str(pkg.parent))
+    return sys.modules["astropt.model"]
 
 
 def upstream_gpt(U, vocab: int, block: int, n_layer: int, n_head: int, n_embd: int, head: str, bias: bool = False):

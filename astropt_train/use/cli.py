@@ -175,9 +175,22 @@ def probe_command(
     typer.echo(f"wrote {result.out / 'report.json'}")
 
 
+def export_command(
+    run: Path = typer.Argument(..., help="Run or checkpoint folder of `astropt train`."),
+    astropt: Path = typer.Option(..., "--astropt", help="Folder to write upstream AstroPT's ckpt.pt into."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+) -> None:
+    """Write a checkpoint as upstream AstroPT's ckpt.pt: `load_astropt(repo_id=None, path="OUT/")` loads it."""
+    from astropt_train.use.interop import export_astropt
+
+    path = export_astropt(run, astropt, step=step)
+    typer.echo(f"wrote {path}: load it with astropt.model_utils.load_astropt(repo_id=None, path=\"{path.parent}/\")")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `decode`, `demo`, `embed` and `probe` commands to the `astropt` app."""
+    """Add the `decode`, `demo`, `embed`, `probe` and `export` commands to the `astropt` app."""
     app.command("decode")(decode_command)
     app.command("demo")(demo_command)
     app.command("embed")(embed_command)
     app.command("probe")(probe_command)
+    app.command("export")(export_command)

@@ -176,8 +176,10 @@ def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: i
 # model-side token work
 
 
-def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, dict]:
-    """Teacher-forced argmax prediction, as validation scores it: X = row[:-1], Y = row[1:].
+def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit: int | None = None
+                   ) -> tuple[np.ndarray, dict]:
+    """Teacher-forced argmax prediction, as validation scores it: X = row[:-1], Y = row[1:]; only ids below
+    `vocab_limit` are predicted when given.
 
     Returns (row[0] followed by argmax(logits) at positions 1..T-1, [N, T] int64; {"accuracy", "loss"}).
     """
@@ -191,6 +193,7 @@ def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32) -> tuple[np.
             t = torch.as_tensor(np.asarray(tokens[i : i + batch_size], dtype=np.int64), device=device)  # [b, T]
             x, y = t[:, :-1], t[:, 1:]
             logits, _ = model(x, targets=y)  # [b, T-1, vocab]
+            logits = logits[..., :vocab_limit]
             arg = logits.argmax(dim=-1)  # [b, T-1]
             correct += int((arg == y).sum())
             loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
@@ -201,9 +204,9 @@ def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32) -> tuple[np.
 
 def complete_tokens(
     model, tokens: np.ndarray, keep: int, temperature: float = 1.0, top_k: int | None = None,
-    seed: int = 0, batch_size: int = 32, kv_cache: bool = True,
+    seed: int = 0, batch_size: int = 32, kv_cache: bool = True, vocab_limit: int | None = None,
 ) -> np.ndarray:
-    """Keep tokens[:, :keep] and sample the remaining T - keep with the model -> [N, T] int64."""
+    """Keep tokens[:, :keep] and sample the remaining T - keep with the model (ids below vocab_limit) -> [N, T] int64."""
     import torch
 
     n, t = tokens.shape
@@ -214,7 +217,8 @@ def complete_tokens(
     out = []
     for i in range(0, n, batch_size):
         prefix = torch.as_tensor(np.asarray(tokens[i : i + batch_size, :keep], dtype=np.int64), device=device)  # [b, K]
-        seq = model.generate(prefix, t - keep, temperature=temperature, top_k=top_k, generator=gen, use_kv_cache=kv_cache)
+        seq = model.generate(prefix, t - keep, temperature=temperature, top_k=top_k, generator=gen, use_kv_cache=kv_cache,
+                             vocab_limit=vocab_limit)
         out.append(seq.cpu().numpy())
     return np.concatenate(out).astype(np.int64)
 
@@ -259,9 +263,10 @@ def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000) ->
 
 def generate_tokens(
     model, n: int, first_token_probs: np.ndarray, tokens_per_image: int, temperature: float = 1.0,
-    top_k: int | None = None, seed: int = 0, batch_size: int = 32, kv_cache: bool = True,
+    top_k: int | None = None, seed: int = 0, batch_size: int = 32, kv_cache: bool = True, vocab_limit: int | None = None,
 ) -> np.ndarray:
-    """Sample n galaxies: first token from `first_token_probs` [vocab], the other T-1 from the model -> [n, T]."""
+    """Sample n galaxies: first token from `first_token_probs` [vocab], the other T-1 from the model (ids below
+    vocab_limit) -> [n, T]."""
     import torch
 
     if n < 1:
@@ -273,7 +278,7 @@ def generate_tokens(
     out = []
     for i in range(0, n, batch_size):
         seq = model.generate(first[i : i + batch_size], tokens_per_image - 1, temperature=temperature, top_k=top_k,
-                             generator=gen, use_kv_cache=kv_cache)
+                             generator=gen, use_kv_cache=kv_cache, vocab_limit=vocab_limit)
         out.append(seq.cpu().numpy())
     return np.concatenate(out).astype(np.int64)
 
@@ -345,10 +350,9 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     device = resolve_device(cfg.device)
     model, ckpt = None, {}
     if cfg.checkpoint is not None:
-        from astropt_train.checkpoint import load_model
+        from astropt_train.use.interop import load_any_model
 
-        model, ckpt = load_model(cfg.checkpoint, step=cfg.step, device=device)
-        model.eval()
+        model, ckpt = load_any_model(cfg.checkpoint, step=cfg.step, device=device)  # ours, or upstream's ckpt.pt
     ck_store = ckpt.get("store") or {}
 
     store_dir = cfg.tokens
@@ -372,9 +376,12 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             f"but codec {codec.codec_id} has {codec.tokens_per_image} and {codec.vocab_size}")
     if model is not None:
         vocab = int(ckpt.get("vocab_size", model.config.vocab_size))
-        if vocab != codec.vocab_size:
+        if ckpt.get("kind") == "astropt-train" and vocab != codec.vocab_size:
             raise AstroptError(f"checkpoint {cfg.checkpoint} was trained on a vocabulary of {vocab} tokens, "
                                f"but codec {codec.codec_id} has {codec.vocab_size}")
+        if model.config.vocab_size < codec.vocab_size:  # a larger one is fine: ids above the codec's are never drawn
+            raise AstroptError(f"checkpoint {cfg.checkpoint} knows {model.config.vocab_size} tokens, fewer than the "
+                               f"{codec.vocab_size} of codec {codec.codec_id}")
         if model.config.block_size < codec.tokens_per_image:
             raise AstroptError(f"checkpoint {cfg.checkpoint} has {model.config.block_size} positions, "
                                f"fewer than the codec's {codec.tokens_per_image} tokens per image")
@@ -406,7 +413,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     if mode == "generate":
         probs = first_token_distribution(store, codec.vocab_size)
         final = generate_tokens(model, cfg.generate, probs, codec.tokens_per_image, cfg.temperature, cfg.top_k,
-                                cfg.seed, cfg.batch_size, cfg.kv_cache)
+                                cfg.seed, cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size)
         labels = [f"generated #{i}" for i in range(len(final))]
         columns = ["generated"]
         stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
@@ -437,13 +444,13 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         if cfg.compare:
             metrics = {"reconstruction": reconstruction_metrics(original, recon, decode_bands)}
         if mode == "predict":
-            final, stats = predict_tokens(model, stored, cfg.batch_size)
+            final, stats = predict_tokens(model, stored, cfg.batch_size, vocab_limit=codec.vocab_size)
             metrics = {**(metrics or {}), "prediction": stats}
             columns.append("prediction")
             stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
         elif mode == "complete":
             final = complete_tokens(model, stored, cfg.complete_from, cfg.temperature, cfg.top_k, cfg.seed,
-                                    cfg.batch_size, cfg.kv_cache)
+                                    cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size)
             k = cfg.complete_from
             agree = float((final[:, k:] == stored[:, k:]).mean())
             metrics = {**(metrics or {}), "completion": {"kept": k, "token_agreement": agree}}

@@ -7,6 +7,9 @@
   4. train     a tiny GPT on the store for a few hundred steps (`astropt train`)
   5. decode    stored rows against their originals, teacher-forced predictions, completions and generated
                galaxies, each a PNG grid (`astropt decode`)
+  6. probe     embeds every galaxy with the trained model (`astropt embed`) and fits linear probes of the
+               synthetic survey's catalogue columns, next to a random-init model and shuffled labels
+               (`astropt probe`; synthetic survey only)
 
 When the survey also holds each galaxy as HSC sees it (`hsc_image`: the synthetic survey and the crossmatched
 hub survey do), the store holds both surveys' tokens, the model trains on both in a per-galaxy shuffled order,
@@ -34,7 +37,7 @@ UNTRAINED_NOTE = (
     "Hugging Face hub is reachable."
 )
 
-DEMO_OUTPUTS = ("survey", "codec", "tokens", "run", "pictures", "demo-summary.json")  # what run_demo writes
+DEMO_OUTPUTS = ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", "demo-summary.json")  # what run_demo writes
 
 
 @dataclass
@@ -162,17 +165,18 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     ensure_folder(cfg.workdir, "the demo folder")
     seconds: dict[str, float] = {}
     say = print if cfg.progress else (lambda *a, **k: None)
+    stages = 6 if cfg.source is None else 5
 
     t = time.perf_counter()
-    say("[1/5] survey")
+    say(f"[1/{stages}] survey")
     survey = prepare_survey(cfg)
-    say("[2/5] codec")
+    say(f"[2/{stages}] codec")
     codec = prepare_codec(cfg)
     seconds["survey+codec"] = time.perf_counter() - t
 
     store = cfg.workdir / "tokens"
     t = time.perf_counter()
-    say(f"[3/5] tokenise {survey} -> {store}")
+    say(f"[3/{stages}] tokenise {survey} -> {store}")
     surveys = _surveys(survey) if cfg.cross_survey else ()
     tokenise(TokeniseConfig(source=survey, out=str(store), shards=cfg.shards, codec=codec, limit=cfg.limit,
                             device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress, modalities=surveys))
@@ -181,7 +185,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     run = cfg.workdir / "run"
     shutil.rmtree(run, ignore_errors=True)  # the demo's own run folder: always a fresh run
     t = time.perf_counter()
-    say(f"[4/5] train {cfg.steps} steps -> {run}")
+    say(f"[4/{stages}] train {cfg.steps} steps -> {run}")
     evals = max(1, cfg.steps // 3)
     summary = train(TrainConfig(
         tokens=str(store), out=str(run), preset=cfg.preset, batch_size=cfg.batch_size, max_iters=cfg.steps,
@@ -192,7 +196,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say("[5/5] decode pictures")
+    say(f"[5/{stages}] decode pictures")
     pics = cfg.workdir / "pictures"
     common = dict(codec=codec, device=cfg.device, seed=cfg.seed)
     from astropt_tok.store import TokenStore
@@ -215,6 +219,13 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
                                     out=pics / "cross_survey.png", **common))
     seconds["decode"] = time.perf_counter() - t
 
+    probe_report = None
+    if cfg.source is None:  # the synthetic survey's catalogue columns are known functions of each galaxy
+        t = time.perf_counter()
+        say("[6/6] embed and probe the catalogue")
+        probe_report = _embed_and_probe(cfg, run, survey)
+        seconds["probe"] = time.perf_counter() - t
+
     metrics = {
         "reconstruction": {b: v for b, v in stored.metrics["reconstruction"]["per_band"].items()},
         "prediction": predicted.metrics["prediction"],
@@ -222,6 +233,9 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
         "train_loss": summary.get("loss"),
         "val_loss": summary.get("val_loss"),
     }
+    if probe_report is not None:
+        metrics["probe"] = {"report": str(cfg.workdir / "probe" / "report.json"),
+                            "table": [dict(zip(PROBE_TABLE_KEYS, r)) for r in _probe_table(probe_report)]}
     pictures = {
         "stored vs original (+ MSE/PSNR)": stored.out,
         "teacher-forced prediction": predicted.out,
@@ -253,6 +267,29 @@ def _surveys(source: str) -> tuple:
     except AstroptError:
         return ()
     return (("legacysurvey_image", DEFAULT_BANDS), ("hsc_image", HSC_BANDS))
+
+
+PROBE_TABLE_KEYS = ("target", "task", "n", "metric", "model", "random_init", "shuffled_labels")
+
+
+def _embed_and_probe(cfg: DemoConfig, run: Path, survey: str) -> dict:
+    """Embed every stored galaxy with the trained model and probe the synthetic catalogue; the probe report."""
+    from astropt_tok.synthetic import CATALOGUE_COLUMNS
+    from astropt_train.use.embed import EmbedConfig, embed
+    from astropt_train.use.probe import ProbeConfig, probe
+
+    embed(EmbedConfig(checkpoint=run, out=cfg.workdir / "embeddings", device=cfg.device, batch_size=32,
+                      overwrite=True, progress=cfg.progress))
+    return probe(ProbeConfig(embeddings=cfg.workdir / "embeddings", labels=survey, targets=list(CATALOGUE_COLUMNS),
+                             out=cfg.workdir / "probe", folds=5, seed=cfg.seed, random_init_seed=cfg.seed + 1,
+                             device=cfg.device)).report
+
+
+def _probe_table(report: dict) -> list[tuple[str, ...]]:
+    """The headline metric per target: R² for regression, accuracy for classes."""
+    from astropt_train.use.probe import table_rows
+
+    return [r for r in table_rows(report) if r[3] in ("r2", "accuracy")]
 
 
 def _validation_rows(run: Path, n: int) -> str:
@@ -293,6 +330,13 @@ def print_demo_summary(result: DemoResult, console=None) -> None:
                   f"{m['prediction']['accuracy']:.3f}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f" (total {sum(result.seconds.values()):.0f} s)")
+    if "probe" in m:
+        table = Table(title=f"linear probes of the catalogue (5-fold CV; {m['probe']['report']})")
+        for col in ("target", "metric", "model", "random init", "shuffled labels"):
+            table.add_column(col, justify="left" if col in ("target", "metric") else "right")
+        for r in m["probe"]["table"]:
+            table.add_row(r["target"], r["metric"], r["model"], r["random_init"], r["shuffled_labels"])
+        console.print(table)
     if result.untrained_codec:
         console.print(Panel(result.note, title="note", border_style="yellow"))
     console.print(f"next: `astropt decode --tokens {result.store} --rows 0:16 --compare --out grid.png`, "

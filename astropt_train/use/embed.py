@@ -316,6 +316,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
 
         torch.manual_seed(cfg.random_init_seed)
         model = GPT(model.config).to(device).eval()
+    if len(getattr(model.config, "modalities", None) or []) > 1:
+        raise AstroptError(f"{cfg.checkpoint} models several image columns; embed reads one-modality models")
     store_dir = cfg.tokens if cfg.tokens is not None else (info.get("store") or {}).get("dir")
     if store_dir is None:
         raise AstroptError("pass the token store with --tokens DIR")
