@@ -7,14 +7,16 @@ pooled over positions with upstream AstroPT's reductions (`GPT.generate_embeddin
     exp_decay  a weighted mean with weights 10**linspace(0, -1, T) (torch.logspace(0, -1, T)): early positions
                weigh up to 10x the last
 Layers: `final` (default) is the output after the final LayerNorm, what the head sees; `centre` is block
-n_layer // 2's output, upstream's `draw_from_centre`; an integer i is block i's output (0-based).
+n_layer // 2's output, upstream's `draw_from_centre`; an integer i is block i's output (0-based). A model of
+several image columns (`astropt train --modalities`) reads each galaxy as its columns' token blocks in the
+model's order, one after another, and pools over all of them.
 
 Embeddings store (format version 1)
 -----------------------------------
 EMB/manifest.json
     {"format": "astropt-embeddings", "format_version": 1, "complete",
      "checkpoint": {"kind", "path", "step", "weights_sha256", "model", "random_init_seed"},
-     "tokens": {"dir", "manifest_sha256", "num_rows", "codec_id"}, "store_rows": [start, stop],
+     "tokens": {"dir", "manifest_sha256", "num_rows", "codec_id"}, "modalities", "store_rows": [start, stop],
      "pool", "layers": [{"name", "index", "column"}], "n_embd", "dtype",
      "shards": [{"index", "file", "rows", "rejected", "sha256", "bytes"}, ...]}   # shards: once complete
 EMB/shard-00000.arrow ...
@@ -316,17 +318,21 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
 
         torch.manual_seed(cfg.random_init_seed)
         model = GPT(model.config).to(device).eval()
-    if len(getattr(model.config, "modalities", None) or []) > 1:
-        raise AstroptError(f"{cfg.checkpoint} models several image columns; embed reads one-modality models")
     store_dir = cfg.tokens if cfg.tokens is not None else (info.get("store") or {}).get("dir")
     if store_dir is None:
         raise AstroptError("pass the token store with --tokens DIR")
     if cfg.tokens is None and not Path(store_dir).exists():
         raise AstroptError(f"the checkpoint's token store {store_dir} is not here: pass --tokens DIR")
     store = TokenStore(store_dir)
-    if store.tokens_per_image > model.config.block_size:
+    # a model of several image columns sees each galaxy as their token blocks in its order, one after another
+    modalities = list(getattr(model.config, "modalities", None) or [])
+    if len(modalities) > 1 and not set(modalities) <= set(store.modalities):
+        raise AstroptError(f"{cfg.checkpoint} models image columns {', '.join(modalities)}; store {store.dir} holds "
+                           f"{', '.join(store.modalities) or 'one unnamed column'}")
+    seq_len = store.tokens_per_image * max(1, len(modalities))
+    if seq_len > model.config.block_size:
         raise AstroptError(f"{cfg.checkpoint} has {model.config.block_size} positions, fewer than the "
-                           f"{store.tokens_per_image} tokens per image of store {store.dir}")
+                           f"{seq_len} tokens per galaxy of store {store.dir}")
     if store.vocab_size > model.config.vocab_size:
         raise AstroptError(f"{cfg.checkpoint} knows {model.config.vocab_size} tokens, fewer than the vocabulary of "
                            f"{store.vocab_size} of store {store.dir}")
@@ -341,7 +347,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                        "model": info["model"], "random_init_seed": cfg.random_init_seed},
         "tokens": {"dir": str(store.dir.resolve()), "manifest_sha256": manifest_sha256(store.dir),
                    "num_rows": store.num_rows, "codec_id": store.codec_id},
-        "store_rows": [start, stop], "pool": cfg.pool, "layers": layers, "n_embd": model.config.n_embd,
+        "modalities": modalities or None, "store_rows": [start, stop], "pool": cfg.pool, "layers": layers,
+        "n_embd": model.config.n_embd,
         "dtype": cfg.dtype, "planned_shards": [i for i, _, _ in plan],
     }
     old = _read_manifest(out) if out.is_dir() else None
@@ -366,7 +373,10 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     bar = _progress(cfg.progress and total > 0, total)
     try:
         for index, a, b in todo:
-            tokens = store.shard_tokens(index)[a:b]
+            if len(modalities) > 1:  # [rows, M * T]
+                tokens = np.concatenate([np.asarray(store.shard_tokens(index, modality=m)[a:b]) for m in modalities], 1)
+            else:
+                tokens = store.shard_tokens(index)[a:b]  # [rows, T], a zero-copy view
             reader = _BatchReader(tokens, cfg.batch_size, pin=cuda)
             parts: list[list[np.ndarray]] = [[] for _ in layers]
             for batch in reader:
