@@ -81,10 +81,38 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _plain_metavars(command) -> None:
+    """Help shows no type for on/off flags and click's plain words (TEXT, INTEGER, PATH) for values, not <bool>/<str>."""
+    words = {"bool": "", "str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH"}
+    for param in getattr(command, "params", []):
+        if getattr(param, "param_type_name", "") == "option" and param.metavar is None:
+            kind = param.bare_type() if hasattr(param, "bare_type") else "str"
+            param.metavar = "" if getattr(param, "is_flag", False) else words.get(kind, kind.upper())
+    make_help_option = command.get_help_option
+
+    def help_option(ctx):  # click makes --help per call; it is a flag too
+        option = make_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
+def build_command():
+    """The click command behind `astropt`, with plain help metavars."""
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
+    return command
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     try:
-        code = app(args=argv, standalone_mode=False)  # click returns an Exit's code instead of exiting
+        # click returns an Exit's code instead of exiting
+        code = build_command().main(args=argv, prog_name="astropt", standalone_mode=False)
     except AstroptError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)

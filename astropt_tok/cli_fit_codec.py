@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         column: str = typer.Option("legacysurvey_image", "--column", help="Image column: a struct with 'band' and 'flux'."),
         split: str = typer.Option("train", "--split", help="Dataset split."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first ROWS rows (all are held in memory)."),
+        init: Optional[str] = typer.Option(None, "--init", help="Start from this codec (folder or hub id, e.g. polymathic-ai/aion-base) instead of random weights; its sizes are kept."),
         hidden: int = typer.Option(32, "--hidden", help="Hidden width of the codec's autoencoder (aion-base: 512)."),
         projection: int = typer.Option(12, "--projection", help="Channels of the multi-survey band projection (aion-base: 54)."),
         layers: int = typer.Option(1, "--layers", help="Residual layers per compression stage (aion-base: 4)."),
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from astropt_tok.executor import torch_threads
 
         cfg = FitCodecConfig(
-            source=source, out=out, bands=tuple(b.strip() for b in bands.split(",") if b.strip()), column=column,
+            source=source, out=out, init=init, bands=tuple(b.strip() for b in bands.split(",") if b.strip()), column=column,
             split=split, limit=limit, hidden=hidden, projection=projection, layers=layers, steps=steps,
             batch_size=batch_size, lr=lr, warmup=warmup, holdout=holdout, seed=seed, device=device, resume=resume,
             progress=progress,

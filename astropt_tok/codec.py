@@ -22,6 +22,7 @@ CODEC_SUBFOLDER = "codecs/image"
 CONFIG_FILE = f"{CODEC_SUBFOLDER}/config.json"
 WEIGHTS_FILE = f"{CODEC_SUBFOLDER}/model.safetensors"
 CROP_SIZE = 96  # AION's image codec centre-crops every image to 96x96 before encoding
+DEMO_CODEC_DIR = Path(__file__).parent / "demo_codec"  # the demo's fitted codec, shipped as package data
 
 
 @dataclass
@@ -84,6 +85,13 @@ def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
     if codec_id.startswith((".", "/", "~")) or codec_id.count("/") != 1:
         raise AstroptError(f"codec {codec_id!r} is neither an existing folder nor a hub id like {DEFAULT_CODEC}")
 
+    from astropt_tok.hub import hub_unreachable_reason
+
+    unreachable = hub_unreachable_reason()
+    if unreachable:
+        raise AstroptError(f"cannot reach the Hugging Face hub for codec {codec_id!r} ({unreachable}); pass a local "
+                           f"snapshot with --codec DIR (made elsewhere with `huggingface-cli download {codec_id} "
+                           f"--include '{CODEC_SUBFOLDER}/*' --local-dir DIR`), or set HF_HUB_OFFLINE=1 to use the HF cache")
     from huggingface_hub import hf_hub_download  # honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE
 
     try:
@@ -209,3 +217,11 @@ def _fix_hsc_decode(codec) -> None:
     rescaler = getattr(codec, "rescaler", None)
     if rescaler is not None and not hasattr(rescaler, "_reverse_zeropoint"):
         rescaler._reverse_zeropoint = rescaler.convert_zeropoint
+
+
+def demo_codec_dir() -> Path:
+    """The small AION ImageCodec shipped for the demo (hub layout; how it was fitted: its MODEL.md)."""
+    if not (DEMO_CODEC_DIR / WEIGHTS_FILE).is_file():
+        raise AstroptError(f"the demo codec is missing from this installation ({DEMO_CODEC_DIR / WEIGHTS_FILE}); "
+                           "reinstall the package, or pass --codec DIR")
+    return DEMO_CODEC_DIR

@@ -280,3 +280,18 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+SMALL_CPU_CORES = 4  # at or below this many cores, sampling and decoding default to one torch thread
+
+
+def default_cpu_threads(device: str) -> int | None:
+    """Torch threads for decoding and sampling on `device`: 1 on a CPU of <= 4 cores, else None (torch's own).
+
+    Sampling runs hundreds of tiny per-token steps; on a small CPU torch's threads wait on each other at every
+    one (BENCHMARKS.md: `decode --generate` on the 2-core box, --threads 1 against 2).
+    """
+    if device != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores <= SMALL_CPU_CORES else None

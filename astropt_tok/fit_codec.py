@@ -42,6 +42,7 @@ class FitCodecConfig:
 
     source: str  # local parquet/arrow folder, file or glob in the survey schema, or a hub dataset id
     out: Path  # codec folder to write (hub layout)
+    init: str | None = None  # start from this codec (hub id or folder; its sizes win over hidden/projection/layers)
     bands: tuple[str, ...] = DEFAULT_FIT_BANDS
     column: str = "legacysurvey_image"
     split: str = "train"
@@ -216,7 +217,7 @@ def _save_state(path: Path, state: dict) -> None:
 
 def _identity(cfg: FitCodecConfig) -> dict:
     """The settings a resumed fit must share with the one it continues."""
-    keep = ("source", "bands", "column", "split", "limit", "hidden", "projection", "layers", "batch_size", "lr",
+    keep = ("source", "init", "bands", "column", "split", "limit", "hidden", "projection", "layers", "batch_size", "lr",
             "min_lr", "warmup", "weight_decay", "holdout", "seed")
     d = asdict(cfg)
     return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
@@ -238,7 +239,14 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     state_path = out / STATE_FILE
     device = resolve_device(cfg.device)
     bands = list(cfg.bands)
-    config = codec_config(cfg)
+    start_from = None
+    if cfg.init is not None:
+        from astropt_tok.codec import load_image_codec
+
+        start_from = load_image_codec(cfg.init)  # a folder or hub id; its config fixes the sizes
+        config = dict(start_from.config)
+    else:
+        config = codec_config(cfg)
 
     state = None
     if cfg.resume:
@@ -261,7 +269,10 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     train_rows, held_rows = split_holdout(len(flux), cfg.holdout, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    codec = ImageCodec(**config).to(device)
+    codec = ImageCodec(**config)
+    if start_from is not None:
+        codec.load_state_dict(start_from.codec.state_dict())
+    codec = codec.to(device)
     decay = [p for n, p in codec.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in codec.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

@@ -107,6 +107,12 @@ def _local_files(source: str, split: str) -> list[str] | None:
 
 def _hub_files(source: str, split: str) -> tuple[list[str], str | None]:
     """The parquet files of a hub dataset's split, resolved by `datasets` (honours HF_HUB_OFFLINE and the cache)."""
+    from astropt_tok.hub import hub_unreachable_reason
+
+    unreachable = hub_unreachable_reason()
+    if unreachable:
+        raise AstroptError(f"cannot reach the Hugging Face hub for source {source!r} ({unreachable}); pass local "
+                           "parquet/arrow files with --source PATH, or set HF_HUB_OFFLINE=1 to use the HF cache")
     import datasets
 
     try:

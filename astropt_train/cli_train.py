@@ -84,10 +84,28 @@ def register(app: typer.Typer) -> None:
         summary = run_training(cfg)
         if summary["rank"] != 0:
             return
-        if summary.get("stopped"):
-            typer.echo(f"stopped by {summary['stopped']} at step {summary['step']}")
+        if summary.get("already_finished"):
+            typer.echo(f"run already finished at step {summary['step']}; raise --max-iters to continue "
+                       f"(checkpoint {summary['checkpoint']})")
+        elif summary.get("stopped"):
+            pass  # the loop has already said where it stopped and how to continue
         else:
             best = summary["best_val_loss"]
             typer.echo(f"done: step {summary['step']}, loss {summary['loss']:.4f}"
                        + (f", best val loss {best:.4f}" if best is not None else "")
                        + f", {summary['tokens_per_s']:,.0f} tokens/s; checkpoint {summary['checkpoint']}")
+
+    @app.command("runs")
+    def runs(
+        run_dirs: list[Path] = typer.Argument(..., help="Run folders written by `astropt train --out RUN`."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Draw every run's loss curves in this one PNG."),
+    ) -> None:
+        """Compare training runs: steps, best validation loss, tokens/s and last checkpoint, and their loss curves."""
+        from rich.console import Console
+
+        from astropt_train.runs import plot_runs, runs_table, summarise_run
+
+        summaries = [summarise_run(r) for r in run_dirs]
+        Console().print(runs_table(summaries))
+        if out is not None:
+            typer.echo(f"wrote {plot_runs(summaries, out)}")

@@ -205,11 +205,14 @@ def build_config(overrides: dict[str, Any] | None = None, config_file: str | Pat
     return cfg
 
 
+NOT_REPLAYED = ("resume",)  # how a run was started, not what it is: left out of train_config.toml
+
+
 def to_toml(cfg: TrainConfig) -> str:
-    """The config as TOML that `--config` reads back (unset optional fields are left out)."""
-    lines = ["# the configuration this run used; `astropt train --config` reads it back"]
+    """The config as TOML that `--config` reads back to replay the run (unset optional fields and `resume` left out)."""
+    lines = ["# the configuration this run used; `astropt train --config` reads it back (add --resume to continue it)"]
     for k, v in cfg.to_dict().items():
-        if v is None:
+        if v is None or k in NOT_REPLAYED:
             continue
         lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
     return "\n".join(lines) + "\n"

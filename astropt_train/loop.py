@@ -254,6 +254,11 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
                                f"{saved.n_embd} wide; the flags ask for {n_layer}/{n_head}/{n_embd}")
         gconf = saved
         state = ck.load_trainer_state(ckpt_dir)
+        if int(state["step"]) >= cfg.max_iters:  # nothing to do: say so, change nothing
+            return {"step": int(state["step"]), "loss": float("nan"), "val_loss": None,
+                    "best_val_loss": float(state["best_val_loss"]) if math.isfinite(state["best_val_loss"]) else None,
+                    "run_dir": str(run), "checkpoint": str(ckpt_dir), "tokens_per_s": 0.0, "stopped": None,
+                    "already_finished": True, "rank": dist.rank, "world_size": dist.world}
     init_state = None
     if cfg.init_from and state is None:  # start from another model's weights (ours, or upstream's ckpt.pt)
         gconf, init_state = _init_from(cfg, store, (n_layer, n_head, n_embd), echo)

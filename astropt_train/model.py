@@ -392,6 +392,7 @@ class GPT(nn.Module):
         use_kv_cache: bool = True,
         order: torch.Tensor | None = None,
         vocab_limit: int | None = None,
+        on_token=None,
     ) -> torch.Tensor:
         """Continue prefix_tokens (B, K) int64, K >= 1, by max_new_tokens sampled tokens -> (B, K + max_new_tokens).
 
@@ -400,6 +401,7 @@ class GPT(nn.Module):
         tokens for the same generator seed. To generate a galaxy from nothing, pass a first token yourself
         (e.g. sampled from the first tokens of training images in the store) as a (B, 1) prefix. `vocab_limit`
         samples only ids below it (a model whose vocabulary is larger than the codec's, e.g. upstream's 10,000).
+        `on_token()`, when given, is called after each new token (a progress bar's hook).
         """
         B, K = prefix_tokens.shape
         if K < 1:
@@ -426,6 +428,8 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
             seq = torch.cat((seq, nxt), dim=1)
             step_in = nxt
+            if on_token is not None:
+                on_token()
         return seq
 
 

@@ -45,6 +45,14 @@ def test_fit_resume_equals_straight_fit_and_loads_as_codec(survey_dir, tmp_path)
     again = fit_codec(_cfg(survey_dir, tmp_path / "resumed", steps=4, resume=True))
     assert again.already_finished
 
+    # --init starts from a fitted codec (its sizes win): one more step moves its weights, but only a little
+    tuned = fit_codec(_cfg(survey_dir, tmp_path / "tuned", init=str(tmp_path / "straight"), hidden=64, steps=1, lr=1e-4,
+                           min_lr=1e-4))
+    c = load_file(str(tmp_path / "tuned/codecs/image/model.safetensors"))
+    assert json.loads((tmp_path / "tuned/codecs/image/config.json").read_text())["hidden_dims"] == 8
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert all(torch.allclose(a[k].float(), c[k].float(), atol=1e-3) for k in a) and tuned.steps == 1
+
 
 def test_straight_through_path_is_the_codecs_own_round_trip(survey_dir, tmp_path):
     """The differentiable path used for fitting decodes to exactly what encode -> tokens -> decode gives."""

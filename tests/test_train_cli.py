@@ -85,6 +85,14 @@ def test_cli_trains_and_saves_the_config_it_used(tmp_path):
     assert used["train"]["n_layer"] == 1 and used["train"]["compile"] is False and used["model"]["n_head"] == 2
     assert build_config(config_file=run / "train_config.toml").max_iters == 3
 
+    again = subprocess.run([sys.executable, "-m", "astropt_tok", "train", "--config", str(run / "train_config.toml"),
+                            "--resume"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "run already finished at step 3; raise --max-iters to continue" in again.stdout
+    assert "nan" not in again.stdout and "0 tokens/s" not in again.stdout
+    replay = (run / "train_config.toml").read_text()
+    assert "resume" not in replay.replace("--resume", "")  # the saved settings replay the run as given
+
 
 def test_bench_train_step_runs_on_cpu():
     out = subprocess.run([sys.executable, "benchmarks/bench_train_step.py", "--preset", "tiny", "--steps", "4",

@@ -17,7 +17,7 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
 
 
 def decode_command(
-    out: Path = typer.Option(Path("decoded.png"), "--out", "-o", help="PNG grid to write."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG grid to write (default decoded.png; with --save-flux and no --out, no picture)."),
     tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder (default with --checkpoint: the store it was trained on)."),
     rows: Optional[str] = typer.Option(None, "--rows", help="Store rows: 0:16, 7, 1,5,9 or 0:4,10."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Object ids, comma-separated."),
@@ -42,7 +42,8 @@ def decode_command(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per decode / model batch."),
     tf32: bool = typer.Option(False, "--tf32", help="Let the codec decode in TF32 on a GPU (faster; flux differs from AION's fp32 decode by ~1e-3)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's; 1 is often fastest for sampling on a busy CPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: 1 on a CPU of up to 4 cores, where it samples fastest; else torch's)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr while sampling and decoding (only on a terminal)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Decode tokens back to galaxies: stored rows (--compare: what the codec loses), or a model's predictions, completions and samples."""
@@ -55,7 +56,7 @@ def decode_command(
         given=given, generate_modality=generate_modality,
         temperature=temperature, top_k=top_k, kv_cache=not no_kv_cache, bands=_split(bands),
         rgb_bands=tuple(rgb_bands), save_flux=save_flux, device=device, batch_size=batch_size,
-        tf32=tf32, threads=threads,
+        tf32=tf32, threads=threads, progress=progress,
     )
     result = decode(cfg)
     summary = summarise(result)
@@ -69,8 +70,9 @@ def decode_command(
     from astropt_tok.report import print_reconstruction_table
 
     console = Console()
-    console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({' | '.join(result.columns)}), "
-                  f"codec {result.codec_id}")
+    if result.out is not None:
+        console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({' | '.join(result.columns)}), "
+                      f"codec {result.codec_id}")
     if result.flux_path:
         console.print(f"wrote {result.flux_path}: float32 flux {list(result.flux.shape)}, bands {','.join(result.bands)}")
     if "reconstruction" in (result.metrics or {}):
@@ -95,7 +97,7 @@ def demo_command(
     workdir: Path = typer.Option(Path(".astropt-demo"), "--workdir", help="Folder for the survey, codec, store, run and pictures."),
     rows: int = typer.Option(300, "--rows", help="Synthetic galaxies to write (ignored with --source)."),
     steps: int = typer.Option(300, "--steps", help="Training steps."),
-    codec: Optional[str] = typer.Option(None, "--codec", help="Codec hub id or folder (default: a small untrained AION codec written into --workdir)."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Codec hub id or folder (default: the small AION codec shipped for the demo, fitted to synthetic galaxies like its survey)."),
     source: Optional[str] = typer.Option(None, "--source", help="Survey to tokenise (default: a synthetic Legacy Survey written into --workdir)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Tokenise at most this many source rows."),
     seed: int = typer.Option(0, "--seed", help="Seed for the survey, codec, model and sampling."),

@@ -37,7 +37,7 @@ MODES = ("stored", "predict", "complete", "generate", "cross")
 class DecodeConfig:
     """Everything `astropt decode` needs; exactly one row selection for the modes that read stored rows."""
 
-    out: Path = Path("decoded.png")  # the PNG grid
+    out: Path | None = None  # the PNG grid; None: decoded.png, or no picture when save_flux is given
     tokens: Path | None = None  # token store folder (stored, predict, complete; generate's first tokens)
     rows: str | None = None  # "0:16", "3", "1,5,9" or "0:4,10"
     ids: list[str] | None = None  # object ids
@@ -63,7 +63,8 @@ class DecodeConfig:
     batch_size: int = 32  # images per codec decode / model batch
     tf32: bool = False  # let the codec decode in TF32 on a GPU (faster; flux then differs from fp32 by ~1e-3)
     ncols: int | None = None  # panels per grid row (default: about 8)
-    threads: int | None = None  # torch CPU threads while decoding/sampling (None: torch's default)
+    threads: int | None = None  # torch CPU threads while decoding/sampling (None: 1 on a CPU of <= 4 cores, else torch's)
+    progress: bool = True  # progress bars on stderr while sampling and decoding (only on a terminal)
     title: str | None = None  # a line above the grid
 
 
@@ -72,7 +73,7 @@ class DecodeResult:
     """What one `decode` call made: tokens, flux and labels of every panel, metrics, and where files went."""
 
     mode: str
-    out: Path
+    out: Path | None  # the PNG grid (None: only flux was asked for)
     tokens: np.ndarray  # [N, T] int64, the sequences decoded in the last panel column
     flux: np.ndarray  # [N, bands, 96, 96] float32 of those sequences, in `bands` order
     bands: list[str]
@@ -146,16 +147,17 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, what: str = "tokens")
 
 
 def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: int = 32,
-                  tf32: bool = False) -> np.ndarray:
+                  tf32: bool = False, progress: bool = False, what: str = "decode") -> np.ndarray:
     """AION decode of token sequences [N, T] -> float32 flux [N, len(bands), 96, 96], in batches.
 
     `codec` is a `LoadedCodec`; tokens are checked against its vocabulary first. The codec runs in fp32 with
     TF32 off (unless `tf32`), so the flux is AION's fp32 decode on any device; the TF32 settings are put back
-    after.
+    after. `progress`: a bar on stderr (on a terminal only).
     """
     import torch
 
     from astropt_tok.executor import tf32_allowed
+    from astropt_tok.progress import ProgressBar
 
     tokens = np.asarray(tokens)
     check_token_range(tokens, codec.vocab_size)
@@ -163,10 +165,12 @@ def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: i
         raise AstroptError(f"token sequences must be [N, {codec.tokens_per_image}] for this codec, got {list(tokens.shape)}")
     device = next(codec.codec.parameters()).device
     out = []
-    with torch.inference_mode(), tf32_allowed(tf32):
+    with torch.inference_mode(), tf32_allowed(tf32), \
+            ProgressBar(what, len(tokens), progress and len(tokens) > batch_size, "images") as bar:
         for i in range(0, len(tokens), batch_size):
             t = torch.as_tensor(tokens[i : i + batch_size].astype(np.int64), device=device)  # [b, T]
             out.append(codec.codec.decode(t, bands=list(bands)).flux.float().cpu().numpy())  # [b, nb, 96, 96]
+            bar.advance(len(t))
     if not out:
         return np.zeros((0, len(bands), 96, 96), np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
@@ -205,9 +209,12 @@ def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit:
 def complete_tokens(
     model, tokens: np.ndarray, keep: int, temperature: float = 1.0, top_k: int | None = None,
     seed: int = 0, batch_size: int = 32, kv_cache: bool = True, vocab_limit: int | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Keep tokens[:, :keep] and sample the remaining T - keep with the model (ids below vocab_limit) -> [N, T] int64."""
     import torch
+
+    from astropt_tok.progress import ProgressBar
 
     n, t = tokens.shape
     if not 1 <= keep < t:
@@ -215,11 +222,13 @@ def complete_tokens(
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for i in range(0, n, batch_size):
-        prefix = torch.as_tensor(np.asarray(tokens[i : i + batch_size, :keep], dtype=np.int64), device=device)  # [b, K]
-        seq = model.generate(prefix, t - keep, temperature=temperature, top_k=top_k, generator=gen, use_kv_cache=kv_cache,
-                             vocab_limit=vocab_limit)
-        out.append(seq.cpu().numpy())
+    batches = -(-n // batch_size)
+    with ProgressBar("complete", batches * (t - keep), progress, "tokens") as bar:
+        for i in range(0, n, batch_size):
+            prefix = torch.as_tensor(np.asarray(tokens[i : i + batch_size, :keep], dtype=np.int64), device=device)  # [b, K]
+            seq = model.generate(prefix, t - keep, temperature=temperature, top_k=top_k, generator=gen,
+                                 use_kv_cache=kv_cache, vocab_limit=vocab_limit, on_token=bar.advance)
+            out.append(seq.cpu().numpy())
     return np.concatenate(out).astype(np.int64)
 
 
@@ -264,10 +273,13 @@ def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000) ->
 def generate_tokens(
     model, n: int, first_token_probs: np.ndarray, tokens_per_image: int, temperature: float = 1.0,
     top_k: int | None = None, seed: int = 0, batch_size: int = 32, kv_cache: bool = True, vocab_limit: int | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Sample n galaxies: first token from `first_token_probs` [vocab], the other T-1 from the model (ids below
     vocab_limit) -> [n, T]."""
     import torch
+
+    from astropt_tok.progress import ProgressBar
 
     if n < 1:
         raise AstroptError(f"--generate must be at least 1, got {n}")
@@ -276,10 +288,12 @@ def generate_tokens(
     probs = torch.as_tensor(first_token_probs, dtype=torch.float64, device=device)
     first = torch.multinomial(probs, n, replacement=True, generator=gen).view(n, 1)  # [n, 1]
     out = []
-    for i in range(0, n, batch_size):
-        seq = model.generate(first[i : i + batch_size], tokens_per_image - 1, temperature=temperature, top_k=top_k,
-                             generator=gen, use_kv_cache=kv_cache, vocab_limit=vocab_limit)
-        out.append(seq.cpu().numpy())
+    batches = -(-n // batch_size)
+    with ProgressBar("generate", batches * (tokens_per_image - 1), progress, "tokens") as bar:
+        for i in range(0, n, batch_size):
+            seq = model.generate(first[i : i + batch_size], tokens_per_image - 1, temperature=temperature, top_k=top_k,
+                                 generator=gen, use_kv_cache=kv_cache, vocab_limit=vocab_limit, on_token=bar.advance)
+            out.append(seq.cpu().numpy())
     return np.concatenate(out).astype(np.int64)
 
 
@@ -337,7 +351,10 @@ def _mode(cfg: DecodeConfig) -> str:
 def decode(cfg: DecodeConfig) -> DecodeResult:
     """Run one `astropt decode`: choose tokens (stored, predicted, completed or generated), decode, write files."""
     _check_options(cfg)
-    with torch_threads(cfg.threads):
+    from astropt_tok.executor import default_cpu_threads, resolve_device
+
+    threads = cfg.threads if cfg.threads is not None else default_cpu_threads(resolve_device(cfg.device))
+    with torch_threads(threads):
         return _decode(cfg)
 
 
@@ -413,10 +430,11 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     if mode == "generate":
         probs = first_token_distribution(store, codec.vocab_size)
         final = generate_tokens(model, cfg.generate, probs, codec.tokens_per_image, cfg.temperature, cfg.top_k,
-                                cfg.seed, cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size)
+                                cfg.seed, cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size,
+                                progress=cfg.progress)
         labels = [f"generated #{i}" for i in range(len(final))]
         columns = ["generated"]
-        stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
+        stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
     elif mode == "cross":
         rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
         labels = _labels_for(store, rows)
@@ -437,7 +455,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         if original is not None:
             stacks.append(original)
             columns.append("original")
-        recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size, cfg.tf32)
+        recon = decode_tokens(codec, stored, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress)
         stacks.append(recon)
         columns.append("codec reconstruction")
         final = stored
@@ -447,19 +465,22 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             final, stats = predict_tokens(model, stored, cfg.batch_size, vocab_limit=codec.vocab_size)
             metrics = {**(metrics or {}), "prediction": stats}
             columns.append("prediction")
-            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
+            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
         elif mode == "complete":
             final = complete_tokens(model, stored, cfg.complete_from, cfg.temperature, cfg.top_k, cfg.seed,
-                                    cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size)
+                                    cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size,
+                                    progress=cfg.progress)
             k = cfg.complete_from
             agree = float((final[:, k:] == stored[:, k:]).mean())
             metrics = {**(metrics or {}), "completion": {"kept": k, "token_agreement": agree}}
             columns.append(f"completion from {k}")
-            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32))
+            stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
 
     title = cfg.title or _default_title(mode, codec.codec_id, cfg)
-    out = save_figure(stacks, columns, labels, decode_bands, cfg.out, title, notes=figure_notes(metrics),
-                      rgb_bands=rgb_wanted, ncols=cfg.ncols)
+    out = None
+    if picture_path(cfg) is not None:
+        out = save_figure(stacks, columns, labels, decode_bands, picture_path(cfg), title, notes=figure_notes(metrics),
+                          rgb_bands=rgb_wanted, ncols=cfg.ncols)
 
     final_flux = stacks[-1][:, : len(flux_bands)]
     flux_path = save_flux(cfg.save_flux, final_flux, flux_bands, labels) if cfg.save_flux else None
@@ -521,9 +542,16 @@ def _cross(cfg: DecodeConfig, model, store, codec, rows: np.ndarray, decode_band
     return drawn_tokens, {"cross": cross}, columns, stacks
 
 
+def picture_path(cfg: DecodeConfig) -> Path | None:
+    """Where the PNG goes: --out, else decoded.png, except that --save-flux alone writes no picture."""
+    if cfg.out is not None:
+        return Path(cfg.out)
+    return None if cfg.save_flux is not None else Path("decoded.png")
+
+
 def _check_options(cfg: DecodeConfig) -> None:
     """Refuse bad output names and sampling settings before any work is done."""
-    if Path(cfg.out).suffix.lower() != ".png":
+    if cfg.out is not None and Path(cfg.out).suffix.lower() != ".png":
         raise AstroptError(f"--out must be a .png file, got {cfg.out}")
     if cfg.save_flux is not None and Path(cfg.save_flux).suffix.lower() not in (".npy", ".fits", ".fit"):
         raise AstroptError(f"--save-flux must end in .npy or .fits, got {Path(cfg.save_flux).name}")
@@ -578,7 +606,8 @@ def figure_notes(metrics: dict | None) -> list[str]:
 
 def summarise(result: DecodeResult) -> dict[str, Any]:
     """A JSON-friendly summary of a decode result."""
-    s: dict[str, Any] = {"mode": result.mode, "out": str(result.out), "images": len(result.labels),
+    s: dict[str, Any] = {"mode": result.mode, "out": None if result.out is None else str(result.out),
+                         "images": len(result.labels),
                          "codec": result.codec_id, "bands": result.bands, "columns": result.columns}
     if result.flux_path:
         s["flux"] = str(result.flux_path)
