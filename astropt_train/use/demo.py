@@ -2,7 +2,8 @@
 
   1. survey    a synthetic survey in the real Legacy Survey schema (Sersic galaxies with varied profiles,
                sizes, ellipticities, colours and noise; 160x160, bands DES-G/R/I/Z), unless --source is given
-  2. codec     a small, randomly initialised (UNTRAINED) real AION ImageCodec in the hub layout, unless --codec
+  2. codec     the small real AION ImageCodec shipped in the package (astropt_tok/demo_codec, fitted with
+               `astropt fit-codec` to a synthetic survey like the demo's; see its MODEL.md), unless --codec
   3. tokenise  the survey into a sharded token store with that codec (`astropt tokenise`)
   4. train     a tiny GPT on the store for a few hundred steps (`astropt train`)
   5. decode    stored rows against their originals, teacher-forced predictions, completions and generated
@@ -15,8 +16,10 @@ When the survey also holds each galaxy as HSC sees it (`hsc_image`: the syntheti
 hub survey do), the store holds both surveys' tokens, the model trains on both in a per-galaxy shuffled order,
 and a sixth picture draws HSC images from Legacy Survey tokens (`astropt decode --given ... --generate-modality`).
 
-Everything lives under one work folder (default `.astropt-demo/`). The survey and codec are cached there and
-reused when their settings match; the store and run are rebuilt every time (they take seconds).
+Everything lives under one work folder (default `.astropt-demo/`). The survey is cached there and reused when
+its settings match; the store and run are rebuilt every time (they take seconds). `demo_summary.json` holds the
+figures: per band MSE, explained variance and PSNR of the codec's reconstruction and of the all-zero and
+image-mean baselines on the same galaxies, and the rest of the run.
 """
 
 from __future__ import annotations
@@ -30,14 +33,10 @@ from typing import Any
 
 from astropt_tok.errors import AstroptError, ensure_folder
 
-UNTRAINED_NOTE = (
-    "The demo codec is a small, randomly initialised (untrained) AION ImageCodec: its pictures show that the "
-    "pipeline works end to end, not the quality of AION's codec. For real pictures run the same command with "
-    "--codec polymathic-ai/aion-base --source Smith42/legacysurvey_hsc_crossmatched --limit N where the "
-    "Hugging Face hub is reachable."
-)
-
-DEMO_OUTPUTS = ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", "demo-summary.json")  # what run_demo writes
+SUMMARY_FILE = "demo_summary.json"
+# what run_demo writes ("codec" and "demo-summary.json": what older versions wrote, cleaned up by --fresh too)
+DEMO_OUTPUTS = ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", SUMMARY_FILE,
+                "demo-summary.json")
 
 
 @dataclass
@@ -47,7 +46,7 @@ class DemoConfig:
     workdir: Path = Path(".astropt-demo")
     rows: int = 300  # synthetic galaxies (ignored with `source`)
     steps: int = 300  # training steps
-    codec: str | None = None  # None: the untrained demo codec written into workdir
+    codec: str | None = None  # None: the demo codec shipped in the package (astropt_tok/demo_codec)
     source: str | None = None  # None: the synthetic survey written into workdir
     limit: int | None = None  # tokenise at most this many source rows
     seed: int = 0
@@ -77,9 +76,8 @@ class DemoResult:
     pictures: dict[str, Path]
     metrics: dict[str, Any]
     seconds: dict[str, float]
-    untrained_codec: bool
+    demo_codec: bool  # the codec shipped for the demo (not one the user chose)
     train_summary: dict = field(default_factory=dict)
-    note: str = ""
 
 
 def clean_workdir(workdir: Path) -> None:
@@ -119,19 +117,12 @@ def prepare_survey(cfg: DemoConfig) -> str:
 
 
 def prepare_codec(cfg: DemoConfig) -> str:
-    """The codec: --codec as given, or the cached/written untrained demo codec under workdir."""
+    """The codec: --codec as given, or the demo codec shipped in the package."""
     if cfg.codec is not None:
         return cfg.codec
-    from astropt_tok.codec import make_tiny_codec
+    from astropt_tok.codec import demo_codec_dir
 
-    out = cfg.workdir / "codec"
-    stamp = out / "demo-codec.json"
-    settings = {"seed": cfg.seed, "size": "tiny", "trained": False}
-    if not _cached(stamp, settings):
-        shutil.rmtree(out, ignore_errors=True)
-        make_tiny_codec(out, seed=cfg.seed)
-        stamp.write_text(json.dumps(settings))
-    return str(out)
+    return str(demo_codec_dir())
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -198,7 +189,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     t = time.perf_counter()
     say(f"[5/{stages}] decode pictures")
     pics = cfg.workdir / "pictures"
-    common = dict(codec=codec, device=cfg.device, seed=cfg.seed)
+    common = dict(codec=codec, device=cfg.device, seed=cfg.seed, progress=cfg.progress)
     from astropt_tok.store import TokenStore
 
     n_rows = TokenStore(store).num_rows
@@ -226,8 +217,11 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
         probe_report = _embed_and_probe(cfg, run, survey)
         seconds["probe"] = time.perf_counter() - t
 
+    rec = stored.metrics["reconstruction"]
     metrics = {
-        "reconstruction": {b: v for b, v in stored.metrics["reconstruction"]["per_band"].items()},
+        "reconstruction": rec["per_band"],  # per band: mse, explained_variance, psnr
+        "baselines": rec["baselines"],  # the same for "zero" and "image_mean" on the same galaxies
+        "reconstruction_galaxies": len(stored.labels),
         "prediction": predicted.metrics["prediction"],
         "completion": completed.metrics["completion"],
         "train_loss": summary.get("loss"),
@@ -237,7 +231,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
         metrics["probe"] = {"report": str(cfg.workdir / "probe" / "report.json"),
                             "table": [dict(zip(PROBE_TABLE_KEYS, r)) for r in _probe_table(probe_report)]}
     pictures = {
-        "stored vs original (+ MSE/PSNR)": stored.out,
+        "original vs codec reconstruction (+ scores)": stored.out,
         "teacher-forced prediction": predicted.out,
         f"completion from {cfg.complete_from} tokens": completed.out,
         "generated galaxies": generated.out,
@@ -249,11 +243,9 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     val_images = sorted((run / "val_images").glob("*.png"))
     if val_images:
         pictures["validation images during training"] = val_images[-1]
-    untrained = cfg.codec is None
     result = DemoResult(workdir=cfg.workdir, survey=survey, codec=codec, store=store, run=run, pictures=pictures,
-                        metrics=metrics, seconds=seconds, untrained_codec=untrained, train_summary=summary,
-                        note=UNTRAINED_NOTE if untrained else "")
-    (cfg.workdir / "demo-summary.json").write_text(json.dumps(_jsonable(result), indent=2))
+                        metrics=metrics, seconds=seconds, demo_codec=cfg.codec is None, train_summary=summary)
+    write_summary(result)
     return result
 
 
@@ -292,6 +284,23 @@ def _probe_table(report: dict) -> list[tuple[str, ...]]:
     return [r for r in table_rows(report) if r[3] in ("r2", "accuracy")]
 
 
+def write_summary(result: DemoResult) -> Path:
+    """WORKDIR/demo_summary.json: reconstruction scores and baselines at the top, then the rest of the run.
+
+    Layout: {"reconstruction": {band: {mse, explained_variance, psnr}}, "baselines": {"zero": {band: ...},
+    "image_mean": {band: ...}}, "probes": the linear probes' table and report path (None without the probe step),
+    "prediction", "completion", "train_loss", "val_loss", "seconds", "pictures", ...}.
+    """
+    m = result.metrics
+    summary = {"reconstruction": m["reconstruction"], "baselines": m["baselines"],
+               "reconstruction_galaxies": m["reconstruction_galaxies"], "probes": m.get("probe"),
+               **{k: v for k, v in _jsonable(result).items() if k != "metrics"},
+               "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines")}}
+    path = result.workdir / SUMMARY_FILE
+    path.write_text(json.dumps(json.loads(json.dumps(summary, default=str)), indent=2))
+    return path
+
+
 def _validation_rows(run: Path, n: int) -> str:
     """Up to n of the run's held-out validation rows (as a --rows string), rebuilt from its checkpoint's split rule."""
     from astropt_train.checkpoint import find_checkpoint, read_config
@@ -308,36 +317,35 @@ def _jsonable(result: DemoResult) -> dict:
 
 
 def print_demo_summary(result: DemoResult, console=None) -> None:
-    """Print where every output is, the headline figures, and (for the demo codec) that it is untrained."""
+    """Print where every output is, the reconstruction scores beside their baselines, and the headline figures."""
     from rich.console import Console
-    from rich.panel import Panel
-    from rich.table import Table
+
+    from astropt_tok.report import folding_table, print_reconstruction_table
 
     console = console or Console()
-    where = Table(title="astropt demo: where everything is", show_header=False)
+    where = folding_table("what", "where", title="astropt demo: where everything is", show_header=False)
     where.add_row("survey", str(result.survey))
-    where.add_row("codec", str(result.codec) + ("  (untrained demo codec)" if result.untrained_codec else ""))
+    where.add_row("codec", str(result.codec) + ("  (the demo codec shipped with the package)" if result.demo_codec else ""))
     where.add_row("token store", str(result.store))
     where.add_row("run (checkpoints, metrics)", str(result.run))
     for name, path in result.pictures.items():
         where.add_row(name, str(path))
-    where.add_row("summary", str(result.workdir / "demo-summary.json"))
+    where.add_row("summary", str(result.workdir / SUMMARY_FILE))
     console.print(where)
     m = result.metrics
-    rec = ", ".join(f"{b} {v['psnr']:.1f} dB" for b, v in m["reconstruction"].items())
-    console.print(f"codec reconstruction PSNR: {rec}")
+    print_reconstruction_table({"per_band": m["reconstruction"], "baselines": m["baselines"]}, console=console,
+                               title=f"codec reconstruction vs original ({m['reconstruction_galaxies']} galaxies)")
     console.print(f"train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}; teacher-forced next-token accuracy "
                   f"{m['prediction']['accuracy']:.3f}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f" (total {sum(result.seconds.values()):.0f} s)")
     if "probe" in m:
-        table = Table(title=f"linear probes of the catalogue (5-fold CV; {m['probe']['report']})")
-        for col in ("target", "metric", "model", "random init", "shuffled labels"):
-            table.add_column(col, justify="left" if col in ("target", "metric") else "right")
+        table = folding_table("target", "metric", "model", "random init", "shuffled labels",
+                              title=f"linear probes of the catalogue (5-fold CV; {m['probe']['report']})")
+        for col in table.columns[2:]:
+            col.justify = "right"
         for r in m["probe"]["table"]:
             table.add_row(r["target"], r["metric"], r["model"], r["random_init"], r["shuffled_labels"])
         console.print(table)
-    if result.untrained_codec:
-        console.print(Panel(result.note, title="note", border_style="yellow"))
     console.print(f"next: `astropt decode --tokens {result.store} --rows 0:16 --compare --out grid.png`, "
                   f"`astropt decode --checkpoint {result.run} --generate 16 --out samples.png`")
