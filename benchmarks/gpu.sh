@@ -25,18 +25,23 @@ OUT=${OUT:-$PWD/bench-out}
 STAGES=${STAGES:-"tests tokenise train memory"}
 if [ -n "${DRY_RUN:-}" ]; then
   DEVICE=cpu CODEC_SIZE=tiny FP32_ROWS=32 BF16_ROWS=48 BATCH=16 SHARDS=2 REPEATS=1 PROFILE_ROWS=16
-  TRAIN_PRESET=tiny TRAIN_BATCHES="2 4" TRAIN_STEPS=6 LOSS_CHUNKS=4 MEMORY_PRESETS=tiny WORKERS=1
+  TRAIN_PRESET=tiny TRAIN_BATCHES="2 4" TRAIN_STEPS=6 TRAIN_COMPILE=--no-compile LOSS_CHUNKS=4 MEMORY_PRESETS=tiny
+  WORKERS=1
   PYTEST_FILES="tests/test_gpu.py tests/test_tokenise.py" PYTEST_K="latents or torchrun_processes_than"
 else
   DEVICE=${DEVICE:-cuda} CODEC_SIZE=${CODEC_SIZE:-full} FP32_ROWS=${FP32_ROWS:-4096} BF16_ROWS=${BF16_ROWS:-16384}
   BATCH=${BATCH:-256} SHARDS=${SHARDS:-4} REPEATS=${REPEATS:-2} PROFILE_ROWS=${PROFILE_ROWS:-1024}
   TRAIN_PRESET=${TRAIN_PRESET:-95M} TRAIN_BATCHES=${TRAIN_BATCHES:-"32 64"} TRAIN_STEPS=${TRAIN_STEPS:-40}
+  TRAIN_COMPILE=${TRAIN_COMPILE:---compile}
   LOSS_CHUNKS=${LOSS_CHUNKS-8}  # a contender for goal 6 at the largest TRAIN_BATCHES; empty: not run
   MEMORY_PRESETS=${MEMORY_PRESETS:-"95M 300M 700M"} WORKERS=${WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}
   PYTEST_FILES=${PYTEST_FILES:-tests} PYTEST_K=${PYTEST_K:-}
 fi
-mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/pytest.xml
+# Every result goes to $RAW as it is made; at the end $OUT holds summary.json, the profile table and trace of
+# the codec's thread, gpu.txt and raw.tar.gz (all of $RAW): few files, as a lent machine sends back few.
+RAW=$OUT/raw
+rm -rf "$RAW" "$OUT/raw.tar.gz" "$OUT/summary.json" "$OUT"/profile_*.txt "$OUT"/trace_*.json.gz
+mkdir -p "$RAW"
 if ! python3 -c "import datasets, zarr, aion" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -44,9 +49,9 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-{ echo "cores $(nproc)"; df -h /dev/shm | tail -1; } | tee -a "$OUT/gpu.txt"  # reader processes need shared memory
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"; } | tee "$RAW/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$RAW/gpu.txt"
+{ echo "cores $(nproc)"; df -h /dev/shm | tail -1; } | tee -a "$RAW/gpu.txt"  # reader processes need shared memory
 stage() { echo "== $1: $(( $(date +%s) - T_START )) s since start"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -54,7 +59,7 @@ if want tests; then
   stage "the test suite"
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   # shellcheck disable=SC2086
-  python3 -m pytest -q -rs $XDIST --junitxml "$OUT/pytest.xml" ${PYTEST_K:+-k "$PYTEST_K"} $PYTEST_FILES 2>&1 | tail -25
+  python3 -m pytest -q -rs $XDIST --junitxml "$RAW/pytest.xml" ${PYTEST_K:+-k "$PYTEST_K"} $PYTEST_FILES 2>&1 | tail -25
 fi
 
 if want tokenise; then
@@ -70,37 +75,40 @@ PY
   BENCH="python3 benchmarks/bench_tokenise.py --survey $WORK/survey --codec $WORK/codec --codec-size $CODEC_SIZE
     --device $DEVICE --batch-size $BATCH --workers $WORKERS --shards $SHARDS --repeats $REPEATS"
   stage "tokenise fp32"
-  $BENCH --rows "$FP32_ROWS" --precision fp32 encode --json "$OUT/encode_fp32.json"
+  $BENCH --rows "$FP32_ROWS" --precision fp32 encode --json "$RAW/encode_fp32.json"
   stage "tokenise bf16 (with a profile of the codec's thread)"
-  $BENCH --rows "$BF16_ROWS" --precision bf16 encode --profile "$OUT" --profile-rows "$PROFILE_ROWS" \
-    --json "$OUT/encode_bf16.json"
+  $BENCH --rows "$BF16_ROWS" --precision bf16 encode --profile "$RAW" --profile-rows "$PROFILE_ROWS" \
+    --json "$RAW/encode_bf16.json"
   stage "start-up: command start to first batch encoded"
-  $BENCH --rows "$BATCH" --shards 1 --precision bf16 startup --json "$OUT/startup.json"
+  $BENCH --rows "$BATCH" --shards 1 --precision bf16 startup --json "$RAW/startup.json"
 fi
 
 if want train; then
   for b in $TRAIN_BATCHES; do
     stage "train $TRAIN_PRESET bf16 compiled, batch $b"
-    python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 --compile --steps "$TRAIN_STEPS" \
-      --batch-size "$b" --device "$DEVICE" --json "$OUT/train_b$b.json"
+    python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 "$TRAIN_COMPILE" --steps "$TRAIN_STEPS" \
+      --batch-size "$b" --device "$DEVICE" --json "$RAW/train_b$b.json"
   done
   if [ -n "$LOSS_CHUNKS" ]; then
     b=${TRAIN_BATCHES##* }
     stage "train $TRAIN_PRESET bf16 compiled, batch $b, --loss-chunks $LOSS_CHUNKS"
-    python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 --compile --steps "$TRAIN_STEPS" \
-      --batch-size "$b" --device "$DEVICE" --loss-chunks "$LOSS_CHUNKS" --json "$OUT/train_b${b}_chunks$LOSS_CHUNKS.json"
+    python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 "$TRAIN_COMPILE" --steps "$TRAIN_STEPS" \
+      --batch-size "$b" --device "$DEVICE" --loss-chunks "$LOSS_CHUNKS" --json "$RAW/train_b${b}_chunks$LOSS_CHUNKS.json"
   fi
   b=${TRAIN_BATCHES%% *}
   stage "train $TRAIN_PRESET bf16 compiled, batch $b, --deterministic"
-  python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 --compile --steps "$TRAIN_STEPS" \
-    --batch-size "$b" --device "$DEVICE" --deterministic --json "$OUT/train_b${b}_deterministic.json"
+  python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 "$TRAIN_COMPILE" --steps "$TRAIN_STEPS" \
+    --batch-size "$b" --device "$DEVICE" --deterministic --json "$RAW/train_b${b}_deterministic.json"
 fi
 
 if want memory; then
   stage "largest batch per preset"
   # shellcheck disable=SC2086
-  python3 benchmarks/bench_memory.py --presets $MEMORY_PRESETS --device "$DEVICE" --json "$OUT/memory.json"
+  python3 benchmarks/bench_memory.py --presets $MEMORY_PRESETS --device "$DEVICE" --json "$RAW/memory.json"
 fi
 
 stage "summary"
-python3 benchmarks/gpu_summary.py "$OUT" --seconds $(( $(date +%s) - T_START )) --stages "$STAGES"
+python3 benchmarks/gpu_summary.py "$RAW" --seconds $(( $(date +%s) - T_START )) --stages "$STAGES"
+cp "$RAW/summary.json" "$RAW/gpu.txt" "$OUT/"
+cp "$RAW"/profile_*.txt "$RAW"/trace_*.json.gz "$OUT/" 2>/dev/null
+tar czf "$OUT/raw.tar.gz" -C "$OUT" raw && rm -rf "$RAW"
