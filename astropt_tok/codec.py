@@ -148,7 +148,7 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
             f"codec weights {files.weights_path} do not match its config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    codec = codec.to(torch.device(device)).eval()
+    codec = move_codec(codec.eval(), device)
     _fix_hsc_decode(codec)
     vocab = int(codec.quantizer.codebook_size)
     return LoadedCodec(
@@ -161,6 +161,22 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
         revision=files.revision,
         device=str(device),
     )
+
+
+def move_codec(codec: Any, device: str) -> Any:
+    """`codec.to(device)`, the quantizer's place values included.
+
+    AION's FiniteScalarQuantizer keeps `_basis` as a plain tensor, not a buffer: `.to(device)` leaves it on the
+    host, and quantizer.encode/decode copy it to the device on every call. A blocking host-to-device copy waits
+    for all queued device work, so each batch's encode would stall the codec's thread until the GPU had
+    finished that batch, and the GPU would idle while the thread prepares the next. The values (and so the
+    tokens) are the same."""
+    import torch
+
+    codec = codec.to(torch.device(device))
+    if isinstance(getattr(codec.quantizer, "_basis", None), torch.Tensor):
+        codec.quantizer._basis = codec.quantizer._basis.to(torch.device(device))
+    return codec
 
 
 def save_image_codec(codec: Any, out_dir: str | os.PathLike, config: dict) -> Path:

@@ -391,6 +391,45 @@ def test_encoder_allocates_nothing_batch_sized_on_the_host(codec_dir):
     assert finite.shape == (8,) and finite.device.type == "meta"
 
 
+def test_encoder_copies_nothing_from_the_host_while_encoding(codec_dir):
+    """On a GPU a host-to-device copy inside the codec call waits for all queued device work, so the codec's
+    thread could not run ahead of the device by a batch. AION's quantizer copies its `_basis` from the host
+    on every encode unless the codec was moved by `move_codec` (as `load_image_codec` does), which moves it once. Checked on the meta
+    device (a stand-in for any non-CPU device here): no op of the Encoder's call mixes host and device tensors;
+    the same codec moved the plain way does copy, so the check can fail."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from astropt_tok.codec import load_image_codec, move_codec
+    from astropt_tok.encoder import Encoder
+
+    class HostToDevice(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.device.type for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)}
+            outputs = {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+            if "cpu" in inputs and "meta" in inputs | outputs:
+                self.ops.append(str(func))
+            return out
+
+    flux = torch.zeros(8, 4, 96, 96, device="meta")
+    loaded = load_image_codec(str(codec_dir))
+    move_codec(loaded.codec, "meta")  # as load_image_codec moves it to its device
+    with HostToDevice() as ours:
+        tokens, finite = Encoder(loaded, "meta", "fp32", list(BANDS)).encode_on_device(flux.clone())
+    plain = load_image_codec(str(codec_dir))
+    plain.codec.to("meta")
+    with HostToDevice() as theirs:
+        Encoder(plain, "meta", "fp32", list(BANDS)).encode_on_device(flux.clone())
+    assert theirs.ops  # the check can fail: the plain move leaves the quantizer's basis on the host
+    assert ours.ops == [] and tokens.shape == (8, 576)
+
+
 def _plain_list_survey(path: Path, flux: np.ndarray, fixed: bool) -> None:
     """The same galaxies written by pyarrow alone: plain nested lists, or fixed-size lists."""
     n, b, h, w = flux.shape
