@@ -34,7 +34,8 @@ def _survey_flux(survey_dir) -> np.ndarray:
 
 
 def _error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("error: ")]
+    """The `error: ...` lines of a command's stderr (torchrun may prefix its children's lines with a rank)."""
+    return [line[line.index("error: "):] for line in text.splitlines() if "error: " in line]
 
 
 def test_staging_pins_host_memory_on_a_gpu_run(survey_dir):
