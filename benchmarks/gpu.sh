@@ -85,18 +85,18 @@ fi
 
 if want train; then
   for b in $TRAIN_BATCHES; do
-    stage "train $TRAIN_PRESET bf16 compiled, batch $b"
+    stage "train $TRAIN_PRESET bf16 $TRAIN_COMPILE, batch $b"
     python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 "$TRAIN_COMPILE" --steps "$TRAIN_STEPS" \
       --batch-size "$b" --device "$DEVICE" --json "$RAW/train_b$b.json"
   done
   if [ -n "$LOSS_CHUNKS" ]; then
     b=${TRAIN_BATCHES##* }
-    stage "train $TRAIN_PRESET bf16 compiled, batch $b, --loss-chunks $LOSS_CHUNKS"
+    stage "train $TRAIN_PRESET bf16 $TRAIN_COMPILE, batch $b, --loss-chunks $LOSS_CHUNKS"
     python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 "$TRAIN_COMPILE" --steps "$TRAIN_STEPS" \
       --batch-size "$b" --device "$DEVICE" --loss-chunks "$LOSS_CHUNKS" --json "$RAW/train_b${b}_chunks$LOSS_CHUNKS.json"
   fi
   b=${TRAIN_BATCHES%% *}
-  stage "train $TRAIN_PRESET bf16 compiled, batch $b, --deterministic"
+  stage "train $TRAIN_PRESET bf16 $TRAIN_COMPILE, batch $b, --deterministic"
   python3 benchmarks/bench_train_step.py --preset "$TRAIN_PRESET" --dtype bf16 "$TRAIN_COMPILE" --steps "$TRAIN_STEPS" \
     --batch-size "$b" --device "$DEVICE" --deterministic --json "$RAW/train_b${b}_deterministic.json"
 fi
