@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from astropt_tok import store as st
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError, ensure_folder, writing
 
 def process_rank(cfg) -> tuple[int, int]:
     """(rank, world size): from the config, else torchrun's RANK/WORLD_SIZE, else a SLURM array, else (0, 1)."""
@@ -185,7 +185,8 @@ def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
                 f"choose another --out or pass --overwrite to replace it"
             )
         if diff:
-            _clear_store(out)
+            with writing(out):
+                _clear_store(out)
         elif existing.get("complete"):
             bad = st.shards_not_matching(out, existing)
             if not bad:

@@ -51,7 +51,7 @@ from typing import Iterable
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, temporary_name, writing
 
 FORMAT = "astropt-token-store"
 FORMAT_VERSION = 2  # a store of one image column (a `tokens` column)
@@ -94,15 +94,17 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old content or the new, never a mix."""
+    """Write a text file so that readers see the old content or the new, never a mix. A failed write (disk
+    full, read-only, no permission) is one AstroptError naming `path`, and leaves no temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    tmp = temporary_name(path)
+    with writing(path, cleanup=[tmp]):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
 
 def sha256_path(path: str | os.PathLike) -> str:
@@ -163,7 +165,7 @@ def write_shard(
     """
     out = Path(out_dir)
     final = out / shard_name(index, storage)
-    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    tmp = temporary_name(final)
     columns = {name: np.ascontiguousarray(t) for name, t in (tokens.items() if isinstance(tokens, dict)
                                                              else [("tokens", tokens)])}
     rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -172,16 +174,14 @@ def write_shard(
             raise ValueError(f"{name} {t.shape} and rows {rows.shape} disagree")
     for name, v in (valid or {}).items():
         columns[f"{name}_valid"] = np.ascontiguousarray(v, dtype=bool)
-    if storage == "arrow":
-        _write_arrow(tmp, columns, rows, object_ids)
-    elif storage == "zarr":
-        _write_zarr(tmp, columns, rows, object_ids)
-    else:
+    if storage not in STORAGES:
         raise AstroptError(f"unknown store format {storage!r}; choose one of {', '.join(STORAGES)}")
-    if final.exists():  # an earlier, unrecorded attempt at this shard: replace it
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(tmp, final)
-    fsync_dir(out)
+    with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary left
+        (_write_arrow if storage == "arrow" else _write_zarr)(tmp, columns, rows, object_ids)
+        if final.exists():  # an earlier, unrecorded attempt at this shard: replace it
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+        fsync_dir(out)
     n = int(rows.shape[0])
     token_arrays = [t for name, t in columns.items() if t.ndim == 2]  # every token column, not the validity flags
     return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
@@ -250,7 +250,8 @@ def done_record_path(out_dir: str | os.PathLike, index: int) -> Path:
 def mark_shard_done(out_dir: str | os.PathLike, record: ShardRecord, rejects: list[dict]) -> None:
     """Record a written shard as complete (after the shard itself is in place)."""
     path = done_record_path(out_dir, record.index)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"shard": asdict(record), "rejects": rejects}))
 
 
@@ -340,7 +341,7 @@ def _check_manifest(m: dict, path: Path) -> None:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if not ok:
             raise AstroptError(f"{path} is damaged: {where}{key!r} is {'missing' if value is None else repr(value)}"
-                               f" (expected {getattr(kind, '__name__', 'a ' + ' or '.join(k.__name__ for k in kind))})")
+                               f" (expected {kind.__name__})")
         return value
 
     need(m, "complete", bool)

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from astropt_tok.errors import temporary_name, writing
+from astropt_tok.store import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 CURVE_FILE = "loss_curve.png"
@@ -34,16 +37,18 @@ class MetricsLogger:
                     continue  # a line cut by a kill
                 if rec.get("step", 0) <= start_step:
                     self.history.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        self._file = open(self.path, "a")
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
+        with writing(self.path):
+            self._file = open(self.path, "a")
         self._csv = None
         self._wandb = self._tb = None
         if backend == "csv":
             csv_path = self.run / CSV_FILE
-            self._csv = open(csv_path, "w")
-            self._csv.write(",".join(CSV_COLUMNS) + "\n")
-            for rec in self.history:
-                self._write_csv(rec)
+            with writing(csv_path):
+                self._csv = open(csv_path, "w")
+                self._csv.write(",".join(CSV_COLUMNS) + "\n")
+                for rec in self.history:
+                    self._write_csv(rec)
         elif backend == "wandb":
             try:
                 import wandb
@@ -65,11 +70,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         """Write one step's record everywhere it goes."""
         self.history.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._csv is not None:
-            self._write_csv(record)
-            self._csv.flush()
+            with writing(self.run / CSV_FILE):
+                self._write_csv(record)
+                self._csv.flush()
         step = record["step"]
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._wandb is not None:
@@ -98,17 +105,23 @@ class MetricsLogger:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = self.run / CURVE_FILE
-        tmp = out.with_name(".loss_curve.tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        tmp.replace(out)
+        tmp = temporary_name(out)
+        try:
+            with writing(out, cleanup=[tmp]):
+                fig.savefig(tmp, format="png")
+                tmp.replace(out)
+        finally:
+            plt.close(fig)
         return out
 
     def close(self) -> None:
-        """Flush and close every sink."""
-        self._file.close()
-        if self._csv is not None:
-            self._csv.close()
+        """Flush and close every sink (a write that fails here was reported by `log` already)."""
+        for f in (self._file, self._csv):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
         if self._wandb is not None:
             self._wandb.finish()
         if self._tb is not None:

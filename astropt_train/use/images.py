@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
 
 # Astronomical convention: the reddest band is shown red, the bluest blue.
 DEFAULT_RGB_BANDS = ("DES-Z", "DES-R", "DES-G")
@@ -139,7 +139,10 @@ def save_grid(
     for k, text in enumerate(wrapped_notes):
         draw.text((layout.pad, top + height + k * line), text, fill=(200, 200, 200), font=font)
     ensure_folder(path.parent, "the output folder")
-    canvas.save(path, format="PNG")
+    tmp = temporary_name(path)
+    with writing(path, cleanup=[tmp]):  # a full or read-only disk: one error, no half-written PNG
+        canvas.save(tmp, format="PNG")
+        tmp.replace(path)
     return path
 
 
@@ -200,7 +203,9 @@ def save_flux(path: str | os.PathLike, flux: np.ndarray, bands: Sequence[str], l
     ensure_folder(path.parent, "the output folder")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        np.save(path, flux)
+        with writing(path, cleanup=[path]):
+            with open(path, "wb") as f:  # np.save on a name would add .npy to a name without it
+                np.save(f, flux)
     elif suffix in (".fits", ".fit"):
         try:
             from astropy.io import fits
@@ -217,7 +222,8 @@ def save_flux(path: str | os.PathLike, flux: np.ndarray, bands: Sequence[str], l
                          array=np.array([str(s) for s in labels]))],
             name="LABELS",
         )
-        fits.HDUList([primary, table]).writeto(path, overwrite=True)
+        with writing(path, cleanup=[path]):
+            fits.HDUList([primary, table]).writeto(path, overwrite=True)
     else:
         raise AstroptError(f"--save-flux must end in .npy or .fits, got {path.name}")
     return path
