@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -129,9 +130,8 @@ class TrainConfig:
         return self.min_lr if self.min_lr is not None else self.lr / 10
 
     def validate(self) -> None:
-        """Refuse inconsistent settings with one clear message."""
-        if not self.tokens:
-            raise AstroptError("no token store given: pass --tokens DIR")
+        """Refuse wrong types, non-finite numbers and inconsistent settings with one clear message."""
+        check_types(self)
         L, H, E = self.model_dims()
         if min(L, H, E) <= 0 or E % H:
             raise AstroptError(f"n_embd ({E}) must be a positive multiple of n_head ({H}), n_layer ({L}) positive")
@@ -144,8 +144,12 @@ class TrainConfig:
             raise AstroptError(f"loss-chunks must be 1 (plain) or more, got {self.loss_chunks}")
         if self.head not in ("affine", "aim"):
             raise AstroptError(f"head must be affine or aim, got {self.head!r}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 0:
+            raise AstroptError(f"lr-decay-iters must be >= 0, got {self.lr_decay_iters}")
         if self.workers is not None and self.workers < 0:
             raise AstroptError(f"workers must be 0 (read in this process) or more, got {self.workers}")
+        if self.seed < 0:
+            raise AstroptError(f"seed must be 0 or more, got {self.seed}")
         if self.store_reads not in ("pread", "mmap"):
             raise AstroptError(f"store-reads must be pread or mmap, got {self.store_reads!r}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -157,7 +161,15 @@ class TrainConfig:
         if self.log not in LOGGERS:
             raise AstroptError(f"log must be one of {', '.join(LOGGERS)}, got {self.log!r}")
         if self.lr <= 0 or self.final_lr() < 0:
-            raise AstroptError("lr must be positive and min-lr non-negative")
+            raise AstroptError(f"lr must be positive and min-lr non-negative, got lr {self.lr}, min-lr {self.final_lr()}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AstroptError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise AstroptError(f"weight-decay and grad-clip must be >= 0, got {self.weight_decay} and {self.grad_clip}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise AstroptError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if not self.tokens:
+            raise AstroptError("no token store given: pass --tokens DIR")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -165,6 +177,26 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in fields(TrainConfig)}
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+
+
+def check_types(config) -> None:
+    """Every field of a config dataclass has its annotated type (an int is a float too; a bool is not an int)
+    and every number is finite: a TOML value of the wrong type or `--lr nan` is one error naming the setting."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        allowed = tuple(_TYPES[t.strip()] for t in str(f.type).split("|") if t.strip() in _TYPES)
+        if not allowed:
+            continue
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok and float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        name = f.name.replace("_", "-")
+        if not ok:
+            kinds = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+            raise AstroptError(f"{name} must be {kinds}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise AstroptError(f"{name} must be a finite number, got {value}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -174,7 +206,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise AstroptError(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise AstroptError(f"config file {path} is unreadable: {exc}") from None
     if isinstance(data.get("train"), dict):
         data = data["train"]
@@ -201,7 +233,12 @@ def build_config(overrides: dict[str, Any] | None = None, config_file: str | Pat
         cfg = TrainConfig(**values)
     except TypeError as exc:
         raise AstroptError(f"bad config: {exc}") from None
-    cfg.validate()
+    try:
+        cfg.validate()
+    except AstroptError as exc:
+        if config_file is not None:
+            raise AstroptError(f"{exc} (settings from {config_file} and the flags)") from None
+        raise
     return cfg
 
 

@@ -17,6 +17,7 @@ Every token sequence is [N, tokens_per_image] (576 for AION). Decoded flux is fl
 
 from __future__ import annotations
 
+import math
 import sys
 
 from dataclasses import dataclass, field
@@ -555,8 +556,12 @@ def _check_options(cfg: DecodeConfig) -> None:
         raise AstroptError(f"--out must be a .png file, got {cfg.out}")
     if cfg.save_flux is not None and Path(cfg.save_flux).suffix.lower() not in (".npy", ".fits", ".fit"):
         raise AstroptError(f"--save-flux must end in .npy or .fits, got {Path(cfg.save_flux).name}")
-    if cfg.temperature < 0:
-        raise AstroptError(f"--temperature must be >= 0 (0: greedy), got {cfg.temperature}")
+    if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
+        raise AstroptError(f"--temperature must be a finite number >= 0 (0: greedy), got {cfg.temperature}")
+    for flag, value, least in (("--seed", cfg.seed, 0), ("--generate", cfg.generate, 1), ("--random", cfg.random, 1),
+                               ("--complete-from", cfg.complete_from, 1), ("--step", cfg.step, 0)):
+        if value is not None and value < least:
+            raise AstroptError(f"{flag} must be at least {least}, got {value}")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise AstroptError(f"--top-k must be at least 1, got {cfg.top_k}")
     if cfg.batch_size < 1:
