@@ -29,7 +29,7 @@ DEMO_CODEC_DIR = Path(__file__).parent / "demo_codec"  # the demo's fitted codec
 class CodecFiles:
     """Where a codec's config and weights live on disk, and where they came from."""
 
-    codec_id: str  # the hub id or the local folder as the user gave it
+    codec_id: str  # the hub id, or the local folder made absolute
     config_path: Path
     weights_path: Path
     revision: str | None = None  # hub commit, when known
@@ -81,7 +81,8 @@ def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
                     f"codec folder {local} is not in the hub layout: missing {p.relative_to(local)} "
                     f"(expected {CONFIG_FILE} and {WEIGHTS_FILE})"
                 )
-        return CodecFiles(codec_id=str(local), config_path=config_path, weights_path=weights_path)
+        # recorded in manifests and run configs: absolute, so that they work from any working folder
+        return CodecFiles(codec_id=str(local.resolve()), config_path=config_path, weights_path=weights_path)
     if codec_id.startswith((".", "/", "~")) or codec_id.count("/") != 1:
         raise AstroptError(f"codec {codec_id!r} is neither an existing folder nor a hub id like {DEFAULT_CODEC}")
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
 from astropt_tok.encoder import EncodedShard, Encoder, ModalityEncoders, encode_shard
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.lock import folder_lock
 from astropt_tok.executor import (TorchrunGroup, await_replaced_store, check_rerun, check_source_unchanged,
                                   default_workers, prepare_store, process_rank, remove_stale_temporaries,
                                   resolve_device, shards_for_this_process)
@@ -216,6 +217,14 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                                modalities=[{"name": c, "column": c, "bands": list(b)} for c, b in modalities] or None,
                                keep_partial=cfg.keep_partial)
     group = TorchrunGroup(world)
+    # Two uncoordinated runs on one store are refused; the processes of one job (world > 1) share it.
+    with folder_lock(ensure_folder(out, "the store folder"), "`astropt tokenise`", shared=world > 1):
+        return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world, group,
+                         t_start)
+
+
+def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world, group,
+              t_start) -> TokeniseSummary:
     if rank != 0 and not group.active and cfg.overwrite:
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
     elif rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves

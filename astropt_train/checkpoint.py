@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, temporary_name, writing
 
 CKPT_DIR = "checkpoints"
 FORMAT = "astropt-train-checkpoint"
@@ -75,29 +75,60 @@ def read_config(ckpt: str | os.PathLike) -> dict:
     p = Path(ckpt) / CONFIG_FILE
     try:
         cfg = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AstroptError(f"checkpoint config {p} is unreadable: {exc}") from None
-    if cfg.get("format") != FORMAT:
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise AstroptError(f"{p} is not an {FORMAT} config")
+    for key, kind in (("model", dict), ("vocab_size", int), ("tokens_per_image", int), ("store", dict)):
+        if not isinstance(cfg.get(key), kind):
+            raise AstroptError(f"checkpoint config {p} is damaged: {key!r} is {cfg.get(key)!r} "
+                               f"(expected {kind.__name__})")
     return cfg
+
+
+def model_config(ckpt: str | os.PathLike, cfg: dict):
+    """The GPTConfig a checkpoint's config.json describes; damaged fields are one error naming the file."""
+    from astropt_train.model import GPTConfig
+
+    try:
+        gconf = GPTConfig(**cfg["model"])
+        dims = (gconf.vocab_size, gconf.block_size, gconf.n_layer, gconf.n_head, gconf.n_embd)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims) or gconf.n_embd % gconf.n_head:
+            raise ValueError(f"sizes {dims}")
+    except (TypeError, ValueError) as exc:
+        raise AstroptError(f"checkpoint config {Path(ckpt) / CONFIG_FILE} is damaged: its model is not a GPT ({exc})") from None
+    return gconf
+
+
+def load_weights(model, ckpt: str | os.PathLike, device: str = "cpu") -> None:
+    """Load a checkpoint's model.safetensors into `model`; missing, truncated, corrupt or mis-shaped weights are
+    one error naming the file."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / MODEL_FILE
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AstroptError(f"checkpoint weights {path} are unreadable (truncated or corrupt?): {reason}; "
+                           f"delete that checkpoint folder to use an earlier one") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        reason = (str(exc).strip().splitlines() or ["shape mismatch"])[-1].strip()[:200]
+        raise AstroptError(f"checkpoint weights {path} do not fit its config: {reason}") from None
+    if missing or unexpected:
+        raise AstroptError(f"{path} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def load_model(path: str | os.PathLike, step: int | None = None, device: str = "cpu"):
     """(GPT in eval mode on `device`, config.json dict) from a run folder (newest or `step`) or a checkpoint folder."""
-    from safetensors.torch import load_file
-
-    from astropt_train.model import GPT, GPTConfig
+    from astropt_train.model import GPT
 
     ckpt = find_checkpoint(path, step)
     cfg = read_config(ckpt)
-    model = GPT(GPTConfig(**cfg["model"]))
-    try:
-        state = load_file(str(ckpt / MODEL_FILE), device=str(device))
-    except Exception as exc:
-        raise AstroptError(f"checkpoint weights {ckpt / MODEL_FILE} are unreadable: {exc}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise AstroptError(f"{ckpt / MODEL_FILE} does not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model = GPT(model_config(ckpt, cfg))
+    load_weights(model, ckpt, device)
     return model.to(device).eval(), cfg
 
 
@@ -107,9 +138,15 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
 
     p = Path(ckpt) / STATE_FILE
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AstroptError(f"trainer state {p} is unreadable: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AstroptError(f"trainer state {p} is unreadable (truncated or corrupt?): {reason}") from None
+    need = {"step": int, "optimizer": dict, "rng": dict, "data": dict, "best_val_loss": float}
+    bad = [k for k, kind in need.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if bad:
+        raise AstroptError(f"trainer state {p} is damaged: {', '.join(bad)} missing or of the wrong type")
+    return state
 
 
 def _fsync_tree(path: Path) -> None:
@@ -129,28 +166,28 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, co
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-    (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config}, indent=2))
-    torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (e.g. a signal right after an interval save)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    tmp = temporary_name(final)
+    with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary folder left
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
+                                                  indent=2))
+        torch.save(trainer_state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. a signal right after an interval save)
+            old = temporary_name(final, "old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return final
 
 
@@ -181,8 +218,8 @@ def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
     for s, p in ckpts:
         if s not in keep:
             shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-*"):
-        if not p.name.endswith(f"-{os.getpid()}"):
+    for pattern in (".step-*.tmp-*", ".step-*.old-*"):  # a killed run's leftovers (one writer per run folder)
+        for p in root.glob(pattern):
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -6,17 +6,19 @@ GPUs, gloo on CPU); each rank reads a disjoint part of every epoch, rank 0 logs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import signal
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.lock import folder_lock
 from astropt_train.config import TrainConfig, to_toml
 
 RUN_CONFIG = "config.json"
@@ -147,9 +149,21 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its store, run folder and local codec and --init-from paths made absolute: the run's
+    config.json and train_config.toml then work from any working folder (`--config` from elsewhere)."""
+    def local(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+    return dataclasses.replace(cfg, tokens=str(Path(cfg.tokens).expanduser().resolve()),
+                               out=str(Path(cfg.out).expanduser().resolve()), codec=local(cfg.codec),
+                               init_from=local(cfg.init_from))
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train a GPT on a token store as `cfg` says; returns a summary (step, loss, best val loss, run dir, checkpoint)."""
     cfg.validate()
+    cfg = absolute_paths(cfg)
     import torch
     import torch.distributed as tdist
 
@@ -159,8 +173,8 @@ def train(cfg: TrainConfig) -> dict:
         if dist.ddp and not tdist.is_initialized():
             tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         try:
-            with _StopFlag() as stop:
-                return _train(cfg, dist, device, stop)
+            with _StopFlag() as stop, ExitStack() as held:  # held: the run folder's lock, released on return
+                return _train(cfg, dist, device, stop, held)
         except torch.cuda.OutOfMemoryError:
             raise AstroptError(
                 f"{device} ran out of memory at --batch-size {cfg.batch_size}: use a smaller --batch-size (with a "
@@ -193,7 +207,7 @@ def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], echo):
     return replace(c, dropout=cfg.dropout), model.state_dict()
 
 
-def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
+def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStack) -> dict:
     import torch
     import torch.distributed as tdist
 
@@ -219,6 +233,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
         store_info["modalities"] = [{"name": m, "bands": store.modality_bands[m]} for m in modalities]
         store_info["shuffle_modalities"] = cfg.shuffle_modalities
     split = split_rows(store.num_rows, cfg.val_fraction, cfg.seed)
+    if dist.master:  # one run per run folder: a second `astropt train --out` here is refused until this one ends
+        ensure_folder(run, "the run folder")
+        held.enter_context(folder_lock(run, "`astropt train`"))
 
     # --- resume: the newest complete checkpoint, refused if it was trained on another codec or vocabulary
     ckpt_dir = None
@@ -236,15 +253,15 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
     state = None
     if ckpt_dir is not None:
         old = ck.read_config(ckpt_dir)
-        if (old["vocab_size"], old["store"]["codec_id"], old["tokens_per_image"]) != (
+        if (old["vocab_size"], old["store"].get("codec_id"), old["tokens_per_image"]) != (
                 store.vocab_size, store.codec_id, store.tokens_per_image):
             raise AstroptError(
-                f"cannot resume {run}: it was trained on codec {old['store']['codec_id']!r} (vocab {old['vocab_size']}, "
+                f"cannot resume {run}: it was trained on codec {old['store'].get('codec_id')!r} (vocab {old['vocab_size']}, "
                 f"{old['tokens_per_image']} tokens per image) but store {cfg.tokens} has codec {store.codec_id!r} "
                 f"(vocab {store.vocab_size}, {store.tokens_per_image} tokens per image)")
-        if old["store"]["manifest_sha256"] != store_info["manifest_sha256"]:
+        if old["store"].get("manifest_sha256") != store_info["manifest_sha256"]:
             echo(f"note: {cfg.tokens} is not the store {run} was trained on (same codec and vocab); continuing")
-        saved = GPTConfig(**old["model"])
+        saved = ck.model_config(ckpt_dir, old)
         if (saved.modalities or None) != modalities:
             raise AstroptError(f"cannot resume {run}: it was trained on modalities "
                                f"{','.join(saved.modalities or ['images_aion'])}, this run asks for "
@@ -284,24 +301,32 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag) -> dict:
     step, best_val, batches_done = 0, float("inf"), 0
     rng_restored = False
     if state is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(ckpt_dir / ck.MODEL_FILE), device=str(device)))
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        ck.load_weights(model, ckpt_dir, str(device))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            d = state["data"]
+            data_key = (int(d["batch_size"]), int(d["world_size"]), int(d["seed"]))
+            saved_batches, saved_epoch = int(d["micro_batches_done"]), int(d["epoch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise AstroptError(f"trainer state {ckpt_dir / ck.STATE_FILE} does not fit this model or is damaged "
+                               f"({type(exc).__name__}: {str(exc)[:160]})") from None
         step, best_val = int(state["step"]), float(state["best_val_loss"])
-        d = state["data"]
-        if (d["batch_size"], d["world_size"], d["seed"]) == (cfg.batch_size, dist.world, cfg.seed):
-            batches_done = int(d["micro_batches_done"])
+        if data_key == (cfg.batch_size, dist.world, cfg.seed):
+            batches_done = saved_batches
         else:
             echo("note: batch size, process count or seed changed since the checkpoint: data restarts at a new epoch")
             batches_done = None  # resolved below once the sampler knows its epoch length
-            next_epoch = int(d["epoch"]) + 1
+            next_epoch = saved_epoch + 1
         per_rank = state["rng"].get("per_rank") or [state["rng"]]  # older checkpoints: rank 0's alone
         same_world = len(per_rank) == dist.world
         if same_world or dist.master:  # the master is rank 0, whose state comes first
-            _set_rng_state(per_rank[dist.rank], cuda)
+            try:
+                _set_rng_state(per_rank[dist.rank], cuda)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+                raise AstroptError(f"trainer state {ckpt_dir / ck.STATE_FILE}: its random state is damaged "
+                                   f"({type(exc).__name__}: {str(exc)[:160]})") from None
             rng_restored = True
         if not same_world and dist.master:
             echo(f"note: the checkpoint holds the random state of {len(per_rank)} processes, not {dist.world}: "

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError, ensure_folder, writing
+from astropt_tok.store import atomic_write_text
 
 SUMMARY_FILE = "demo_summary.json"
 # what run_demo writes ("codec" and "demo-summary.json": what older versions wrote, cleaned up by --fresh too)
@@ -111,8 +112,9 @@ def prepare_survey(cfg: DemoConfig) -> str:
         if cfg.rows < 10:
             raise AstroptError(f"--rows must be at least 10 for the demo, got {cfg.rows}")
         shutil.rmtree(out, ignore_errors=True)
-        write_synthetic_survey(out, n_rows=cfg.rows, n_files=2, seed=cfg.seed, processes=2)  # one file per core
-        stamp.write_text(json.dumps(settings))
+        with writing(out):
+            write_synthetic_survey(out, n_rows=cfg.rows, n_files=2, seed=cfg.seed, processes=2)  # one file per core
+        atomic_write_text(stamp, json.dumps(settings))
     return str(out)
 
 
@@ -151,6 +153,8 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
 
     if cfg.steps < 1:
         raise AstroptError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.seed < 0 or (cfg.limit is not None and cfg.limit < 1):
+        raise AstroptError(f"--seed must be >= 0 and --limit >= 1, got {cfg.seed} and {cfg.limit}")
     if cfg.fresh:
         clean_workdir(cfg.workdir)
     ensure_folder(cfg.workdir, "the demo folder")
@@ -297,7 +301,7 @@ def write_summary(result: DemoResult) -> Path:
                **{k: v for k, v in _jsonable(result).items() if k != "metrics"},
                "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines")}}
     path = result.workdir / SUMMARY_FILE
-    path.write_text(json.dumps(json.loads(json.dumps(summary, default=str)), indent=2))
+    atomic_write_text(path, json.dumps(json.loads(json.dumps(summary, default=str)), indent=2))
     return path
 
 
