@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
 
 FORMAT = "astropt-embeddings"
 FORMAT_VERSION = 1
@@ -245,20 +245,21 @@ def _write_shard(out: Path, index: int, rows: np.ndarray, store_rows: np.ndarray
     from astropt_tok.store import ShardRecord, fsync_dir, path_bytes, sha256_path, shard_name
 
     final = out / shard_name(index, "arrow")
-    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    tmp = temporary_name(final)
     cols = {"row": pa.array(rows, type=pa.int64()), "store_row": pa.array(store_rows, type=pa.int64()),
             "object_id": pa.array(ids, type=pa.string())}
     for name, emb in columns.items():  # emb [n, C]
         flat = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1))
         cols[name] = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
     table = pa.table(cols)
-    with open(tmp, "wb") as f:
-        with pa.ipc.new_stream(f, table.schema) as writer:
-            writer.write_table(table, max_chunksize=max(1, table.num_rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(out)
+    with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary left
+        with open(tmp, "wb") as f:
+            with pa.ipc.new_stream(f, table.schema) as writer:
+                writer.write_table(table, max_chunksize=max(1, table.num_rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(out)
     return ShardRecord(index, final.name, int(len(rows)), 0, sha256_path(final), path_bytes(final))
 
 
