@@ -454,17 +454,30 @@ class TokenStore:
                 raise
             except Exception as exc:
                 raise AstroptError(f"token store {self.dir}: shard {path.name} is unreadable ({exc})") from None
-            for column in self.token_columns:
-                t = self._open[i].get(column)
-                if t is None:
-                    raise AstroptError(f"token store {self.dir}: shard {path.name} has no {column!r} token column")
-                if tuple(t.shape) != (self.shards[i]["rows"], self.tokens_per_image) or np.dtype(t.dtype) != self.dtype:
-                    raise AstroptError(
-                        f"token store {self.dir}: shard {path.name} holds {column} {tuple(t.shape)} {t.dtype}, the "
-                        f"manifest says ({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
-                    )
-            self._check_row_ids(i, path)
+            try:
+                self._check_shard(i, path)
+            except AstroptError:
+                del self._open[i]  # never trusted later either
+                raise
         return self._open[i]
+
+    def _check_shard(self, i: int, path: Path) -> None:
+        for column in self.token_columns:
+            t = self._open[i].get(column)
+            if t is None:
+                raise AstroptError(f"token store {self.dir}: shard {path.name} has no {column!r} token column")
+            if tuple(t.shape) != (self.shards[i]["rows"], self.tokens_per_image) or np.dtype(t.dtype) != self.dtype:
+                raise AstroptError(
+                    f"token store {self.dir}: shard {path.name} holds {column} {tuple(t.shape)} {t.dtype}, the "
+                    f"manifest says ({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
+                )
+        self._check_row_ids(i, path)
+
+    def check_shards(self) -> None:
+        """Open every shard once and check it is the one the manifest describes (shape, dtype, first and last
+        source rows), so that a wrong shard is one error before work starts, not in a reader process later."""
+        for i in range(len(self.shards)):
+            self._shard(i)
 
     def _check_row_ids(self, i: int, path: Path) -> None:
         """A shard is the one the manifest describes: its first and last source rows are the recorded ones
@@ -475,7 +488,6 @@ class TokenStore:
         rows = self._open[i]["row"]
         first, last = int(rows[0]), int(rows[s["rows"] - 1])
         if (first, last) != (s["first_row"], s["last_row"]):
-            del self._open[i]
             raise AstroptError(
                 f"token store {self.dir}: shard {path.name} holds source rows {first}..{last}, the manifest says "
                 f"{s['first_row']}..{s['last_row']}: not this store's shard (run `astropt verify {self.dir}`)")

@@ -195,9 +195,11 @@ def read_best(run_dir: str | os.PathLike) -> dict | None:
     """{"step", "val_loss"} of the run's best checkpoint, or None."""
     p = Path(run_dir) / CKPT_DIR / BEST_FILE
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        best = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # damaged or missing: the next evaluation writes a new one
+    ok = isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("val_loss"), (int, float))
+    return best if ok else None
 
 
 def write_best(run_dir: str | os.PathLike, step: int, val_loss: float) -> None:

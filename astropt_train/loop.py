@@ -223,6 +223,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
 
     # --- store: manifest, dtype, vocab and every shard's size are checked before the first step
     store = TokenStore(cfg.tokens)
+    store.check_shards()  # each shard is the one the manifest describes (size, shape, source row ids)
     if not store.check_token_range():  # refuses tokens outside the vocabulary before the model sees one
         echo(f"note: {cfg.tokens} records no per-shard token ranges (an older store): "
              f"`astropt verify {cfg.tokens}` checks every token")

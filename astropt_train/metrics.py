@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import temporary_name, writing
+from astropt_tok.errors import AstroptError, temporary_name, writing
 from astropt_tok.store import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,12 +30,16 @@ class MetricsLogger:
         # On resume keep the records up to the checkpoint's step only, so the file reads as one straight run.
         self.history: list[dict] = []
         if start_step > 0 and self.path.is_file():
-            for line in self.path.read_text().splitlines():
+            try:
+                text = self.path.read_text(errors="replace")
+            except OSError as exc:
+                raise AstroptError(f"cannot read {self.path}: {exc.strerror}") from None
+            for line in text.splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if rec.get("step", 0) <= start_step:
+                if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= start_step:
                     self.history.append(rec)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         with writing(self.path):
