@@ -184,11 +184,14 @@ def save_image_codec(codec: Any, out_dir: str | os.PathLike, config: dict) -> Pa
     """Save an `ImageCodec` in the hub layout (`codecs/image/config.json` + `model.safetensors`)."""
     from safetensors.torch import save_file
 
+    from astropt_tok.errors import writing
+
     sub = Path(out_dir) / CODEC_SUBFOLDER
-    sub.mkdir(parents=True, exist_ok=True)
-    (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     state = {k: v.detach().cpu().contiguous() for k, v in codec.state_dict().items()}
-    save_file(state, str(sub / "model.safetensors"))
+    with writing(sub):  # a full or read-only disk is one error naming the folder
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(state, str(sub / "model.safetensors"))
     return Path(out_dir)
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
+from astropt_tok.store import atomic_write_text
 
 STATE_FILE = "fit-state.pt"
 REPORT_FILE = "fit_report.json"
@@ -210,9 +211,10 @@ def _check(cfg: FitCodecConfig) -> None:
 def _save_state(path: Path, state: dict) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)
+    with writing(path, cleanup=[tmp]):  # a full disk (torch.save's RuntimeError) is one error, no temporary left
+        torch.save(state, tmp)
+        os.replace(tmp, path)
 
 
 def _identity(cfg: FitCodecConfig) -> dict:
@@ -330,7 +332,7 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
                             already_finished=state is not None and start >= cfg.steps, history=history)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     settings["out"] = str(cfg.out)
-    (out / REPORT_FILE).write_text(json.dumps({"settings": settings, "codec_config": config, "steps": cfg.steps,
+    atomic_write_text(out / REPORT_FILE, json.dumps({"settings": settings, "codec_config": config, "steps": cfg.steps,
                                                "train_rows": len(train_rows), "heldout_rows": len(held_rows),
                                                "final_loss": loss_value, "heldout": report}, indent=2))
     return result
