@@ -60,7 +60,7 @@ class TokenRows:
     in the process's RSS, which then grows toward the store's size.
 
     Several modalities (`modalities`, names of a store's token columns): a galaxy is one sequence of their
-    blocks, in that order or, with `shuffle`, in an order drawn per row from (seed, row); a batch is then a dict
+    blocks, in that order or, with `shuffle`, in an order picked per row from (seed, row); a batch is then a dict
     {"tokens": [B, M * T] int16, "order": [B, M] (shuffled), "valid": [B, M] bool (stores with missing images)}.
     """
 
@@ -90,8 +90,7 @@ class TokenRows:
         blocks = np.stack([read(*located, modality=m) for m in self.modalities], axis=1)  # [B, M, T]
         batch = {}
         if self.shuffle:
-            order = np.stack([np.random.default_rng([self.seed, ORDER_STREAM, int(r)]).permutation(len(self.modalities))
-                              for r in rows])  # [B, M]: sample b's block k is modality order[b, k]
+            order = modality_orders(self.seed, rows, len(self.modalities))  # [B, M]: block k is modality order[b, k]
             blocks = np.take_along_axis(blocks, order[:, :, None], axis=1)
             batch["order"] = torch.from_numpy(order)
         batch["tokens"] = torch.from_numpy(np.ascontiguousarray(blocks.reshape(len(rows), -1)))
@@ -99,6 +98,21 @@ class TokenRows:
             valid = self.store.valid(rows)
             batch["valid"] = torch.from_numpy(np.stack([valid[m] for m in self.modalities], axis=1))
         return batch
+
+
+def modality_orders(seed: int, rows: np.ndarray, num_modalities: int) -> np.ndarray:
+    """Each row's block order, [len(rows), M] int64: one of the M! permutations, picked by a splitmix64 hash of
+    (seed, row), so a galaxy's order is a pure function of the two (the same on every epoch and every resume),
+    vectorised over the batch."""
+    import itertools
+
+    perms = np.array(list(itertools.permutations(range(num_modalities))), dtype=np.int64)  # [M!, M]
+    with np.errstate(over="ignore"):
+        z = np.asarray(rows, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + ORDER_STREAM) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return perms[(z % np.uint64(len(perms))).astype(np.int64)]
 
 
 def pass_through(batch):
