@@ -385,3 +385,24 @@ def test_cross_survey_warns_about_an_order_never_trained(two_modality_run, two_c
     store = st.TokenStore(two_column_store)
     _check_cross(DecodeConfig(checkpoint=two_modality_run, given=PAIR[1], generate_modality=PAIR[0]), model, store)
     assert "has not learned to draw it" in capsys.readouterr().err
+
+
+def test_embed_gives_joint_and_per_modality_embeddings(two_modality_run, two_column_store, tmp_path):
+    from astropt_train.use.embed import EmbedConfig, embed, read_embeddings, verify_embeddings
+
+    out = tmp_path / "emb"
+    embed(EmbedConfig(checkpoint=two_modality_run, out=out, tokens=two_column_store, device="cpu", progress=False,
+                      batch_size=8))
+    assert verify_embeddings(out) == []
+    joint, rows, _ = read_embeddings(out)
+    per = {m: read_embeddings(out, f"embedding_{m}")[0] for m in PAIR}
+    assert joint.shape == per[PAIR[0]].shape == (ROWS, 32)
+    np.testing.assert_allclose(joint, (per[PAIR[0]] + per[PAIR[1]]) / 2, atol=1e-5)  # mean over equal blocks
+    assert not np.allclose(per[PAIR[0]], per[PAIR[1]])
+    from astropt_train.checkpoint import load_model
+
+    model, _ = load_model(two_modality_run)
+    store = st.TokenStore(two_column_store)
+    sequence = torch.as_tensor(np.concatenate([store.take([0], m) for m in PAIR], axis=1).astype(np.int64))
+    (hidden,) = model.hidden_states(sequence, [model.config.n_layer])
+    np.testing.assert_allclose(per[PAIR[1]][0], hidden[0, 576:].mean(0).detach().numpy(), atol=1e-4)

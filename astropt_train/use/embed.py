@@ -9,7 +9,8 @@ pooled over positions with upstream AstroPT's reductions (`GPT.generate_embeddin
 Layers: `final` (default) is the output after the final LayerNorm, what the head sees; `centre` is block
 n_layer // 2's output, upstream's `draw_from_centre`; an integer i is block i's output (0-based). A model of
 several image columns (`astropt train --modalities`) reads each galaxy as its columns' token blocks in the
-model's order, one after another, and pools over all of them.
+model's order, one after another, and writes per layer the joint embedding (pooled over all of them) and one
+per modality (pooled over its block): `embedding` and `embedding_<modality>`, listed as "columns".
 
 Embeddings store (format version 1)
 -----------------------------------
@@ -133,13 +134,21 @@ def pool_hidden(hidden, pool: str):
     raise AstroptError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
 
 
-def embed_batch(model, tokens, layers: list[dict], pool: str) -> list:
-    """tokens (B, T) int64 on the model's device -> one (B, C) float32 tensor per layer."""
+def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1) -> list:
+    """tokens (B, T) int64 on the model's device -> one (B, C) float32 tensor per layer. With `blocks` > 1 (a
+    sequence of several modalities' equal blocks), per layer the joint embedding (pooled over the whole
+    sequence) and then one per block (pooled over its positions)."""
     import torch
 
     with torch.no_grad():
         hidden = model.hidden_states(tokens, [lay["index"] for lay in layers])
-    return [pool_hidden(h, pool) for h in hidden]
+    if blocks == 1:
+        return [pool_hidden(h, pool) for h in hidden]
+    out = []
+    for h in hidden:  # (B, M * T, C)
+        out.append(pool_hidden(h, pool))
+        out.extend(pool_hidden(part, pool) for part in h.chunk(blocks, dim=1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,6 +220,12 @@ def open_embeddings(path: str | os.PathLike) -> dict:
     return m
 
 
+def embedding_columns(manifest: dict) -> list[str]:
+    """The embedding columns of an embeddings store: one per layer, and with a model of several modalities the
+    joint one followed by one per modality for each layer."""
+    return manifest.get("columns") or [lay["column"] for lay in manifest["layers"]]
+
+
 def read_embeddings(path: str | os.PathLike, column: str | None = None) -> tuple[np.ndarray, np.ndarray, list]:
     """(embeddings [N, C] float32, source rows [N], object ids [N]) of a complete store; `column` defaults to the
     first layer's."""
@@ -219,8 +234,8 @@ def read_embeddings(path: str | os.PathLike, column: str | None = None) -> tuple
     path = Path(path)
     m = open_embeddings(path)
     column = column or m["layers"][0]["column"]
-    if column not in [lay["column"] for lay in m["layers"]]:
-        raise AstroptError(f"{path} has no column {column!r} (it has {', '.join(lay['column'] for lay in m['layers'])})")
+    if column not in embedding_columns(m):
+        raise AstroptError(f"{path} has no column {column!r} (it has {', '.join(embedding_columns(m))})")
     embs, rows, ids = [], [], []
     for s in m["shards"]:
         try:
@@ -338,6 +353,10 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         raise AstroptError(f"{cfg.checkpoint} knows {model.config.vocab_size} tokens, fewer than the vocabulary of "
                            f"{store.vocab_size} of store {store.dir}")
     layers = parse_layers(cfg.layers, model.config.n_layer)
+    # several modalities: per layer the joint embedding (`embedding`), then one per modality (`embedding_<name>`)
+    blocks = len(modalities) if len(modalities) > 1 else 1
+    columns = [c for lay in layers
+               for c in [lay["column"]] + ([f"{lay['column']}_{m}" for m in modalities] if blocks > 1 else [])]
     start, stop = _row_range(cfg, store.num_rows)
     plan = _plan(store, start, stop)
 
@@ -350,6 +369,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                    "num_rows": store.num_rows, "codec_id": store.codec_id},
         "modalities": modalities or None, "store_rows": [start, stop], "pool": cfg.pool, "layers": layers,
         "n_embd": model.config.n_embd,
+        **({"columns": columns} if len(modalities) > 1 else {}),
         "dtype": cfg.dtype, "planned_shards": [i for i, _, _ in plan],
     }
     old = _read_manifest(out) if out.is_dir() else None
@@ -379,14 +399,14 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             else:
                 tokens = store.shard_tokens(index)[a:b]  # [rows, T], a zero-copy view
             reader = _BatchReader(tokens, cfg.batch_size, pin=cuda)
-            parts: list[list[np.ndarray]] = [[] for _ in layers]
+            parts: list[list[np.ndarray]] = [[] for _ in columns]
             for batch in reader:
                 batch = batch.to(device, non_blocking=True)
                 if amp is not None:
                     with amp:
-                        pooled = embed_batch(model, batch, layers, cfg.pool)
+                        pooled = embed_batch(model, batch, layers, cfg.pool, blocks)
                 else:
-                    pooled = embed_batch(model, batch, layers, cfg.pool)
+                    pooled = embed_batch(model, batch, layers, cfg.pool, blocks)
                 for k, p in enumerate(pooled):
                     parts[k].append(p.float().cpu().numpy())
                 if bar is not None:
@@ -396,7 +416,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             record = _write_shard(
                 out, index, store.shard_source_rows(index)[a:b], np.arange(a, b) + int(store.offsets[index]),
                 ids[a:b] if ids is not None else [None] * (b - a),
-                {lay["column"]: np.concatenate(parts[k]) for k, lay in enumerate(layers)}, cfg.dtype)
+                {column: np.concatenate(parts[k]) for k, column in enumerate(columns)}, cfg.dtype)
             mark_shard_done(out, record, [])
             rows_done += b - a
     finally:
@@ -442,7 +462,7 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     m = open_embeddings(path)
     problems = []
-    want = ["row", "store_row", "object_id"] + [lay["column"] for lay in m["layers"]]
+    want = ["row", "store_row", "object_id"] + embedding_columns(m)
     for s in m["shards"]:
         p = path / s["file"]
         if not p.exists():
@@ -462,8 +482,8 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
             problems.append(f"{s['file']}: columns {table.column_names} / {table.num_rows} rows, expected {want} / "
                             f"{s['rows']}")
             continue
-        for lay in m["layers"]:
-            vals = table.column(lay["column"]).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        for column in embedding_columns(m):
+            vals = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             if vals.size != s["rows"] * m["n_embd"] or not np.isfinite(vals).all():
-                problems.append(f"{s['file']}: column {lay['column']} is not {s['rows']} finite rows of {m['n_embd']}")
+                problems.append(f"{s['file']}: column {column} is not {s['rows']} finite rows of {m['n_embd']}")
     return problems
