@@ -44,7 +44,7 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
         "codebook_used": f"{used} of {store.vocab_size} ({100 * used / store.vocab_size:.1f}%)",
         "bytes": sum(s["bytes"] for s in store.shards),
     }
-    table = Table(title=f"token store {store_dir}", show_header=False)
+    table = folding_table("what", "value", title=f"token store {store_dir}", show_header=False)
     for k, v in figures.items():
         table.add_row(k, str(v))
     console.print(table)
@@ -57,7 +57,7 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
 def print_tokenise_summary(summary, console: Console | None = None) -> None:
     """The closing table of a tokenise run."""
     console = console or Console()
-    table = Table(title=f"tokenise -> {summary.out}", show_header=False)
+    table = folding_table("what", "value", title=f"tokenise -> {summary.out}", show_header=False)
     skipped = sum(r.skipped for r in summary.results)
     table.add_row("shards (this process)", f"{len(summary.my_shards)} of {summary.num_shards} ({skipped} already done)")
     table.add_row("rows written", f"{summary.rows:,}")

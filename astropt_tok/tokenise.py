@@ -15,6 +15,7 @@ Modules, one job each: `stages` (reading ahead of the codec), `encoder` (the cod
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -298,10 +299,10 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
 
 
 class _Progress:
-    """A rich progress bar (rows/s, tokens/s, shards done, ETA), or nothing when not wanted."""
+    """A rich progress bar (rows/s, tokens/s, shards done, ETA) on a terminal, or nothing when not wanted."""
 
     def __init__(self, enabled: bool, total_rows: int, total_shards: int, done_shards: int, tokens_per_image: int):
-        self.enabled = enabled and total_rows > 0
+        self.enabled = enabled and total_rows > 0 and sys.stdout.isatty()  # a live bar; none in pipes and log files
         self.tokens_per_image = tokens_per_image
         self.total_shards, self.done_shards = total_shards, done_shards
         self.t0 = time.perf_counter()

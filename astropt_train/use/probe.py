@@ -361,7 +361,7 @@ def print_table(report: dict, console=None) -> None:
     console = console or Console()
     table = Table(title=f"linear probes ({report['folds']}-fold CV, mean ± std over folds)")
     for col in ("target", "task", "n", "metric", "model", "random init", "shuffled labels"):
-        table.add_column(col, justify="left" if col in ("target", "task", "metric") else "right")
+        table.add_column(col, justify="left" if col in ("target", "task", "metric") else "right", overflow="fold")
     for r in table_rows(report):
         table.add_row(*r)
     console.print(table)
