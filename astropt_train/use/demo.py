@@ -56,7 +56,8 @@ class DemoConfig:
     preset: str = "tiny"  # model shape (astropt_train.config.PRESETS)
     batch_size: int = 8
     shards: int = 4
-    show: int = 8  # galaxies per picture (stored, predicted, completed, generated)
+    show: int = 8  # galaxies per picture (predicted, completed, generated)
+    score_rows: int = 32  # galaxies in stored_vs_original.png, whose reconstruction scores the summary reports
     complete_from: int = 288  # completion keeps the top half of each image's 24x24 token grid
     temperature: float = 1.0
     top_k: int | None = 100
@@ -197,7 +198,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     from astropt_tok.store import TokenStore
 
     n_rows = TokenStore(store).num_rows
-    rows = f"0:{min(cfg.show, n_rows)}"
+    rows = f"0:{min(max(cfg.show, cfg.score_rows), n_rows)}"  # enough galaxies for steady scores
     val_rows = _validation_rows(run, cfg.show)  # the model never trained on these
     stored = decode(DecodeConfig(tokens=store, rows=rows, compare=True, out=pics / "stored_vs_original.png", **common))
     predicted = decode(DecodeConfig(tokens=store, rows=val_rows, checkpoint=run, predict=True,
