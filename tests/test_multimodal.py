@@ -381,9 +381,10 @@ def test_cross_survey_warns_about_an_order_never_trained(two_modality_run, two_c
     from astropt_train.checkpoint import load_model
     from astropt_train.use.decode import DecodeConfig, _check_cross
 
-    model, _ = load_model(two_modality_run)
+    model, config = load_model(two_modality_run)
     store = st.TokenStore(two_column_store)
-    _check_cross(DecodeConfig(checkpoint=two_modality_run, given=PAIR[1], generate_modality=PAIR[0]), model, store)
+    _check_cross(DecodeConfig(checkpoint=two_modality_run, given=PAIR[1], generate_modality=PAIR[0]), model, store,
+                 config["store"])
     assert "has not learned to draw it" in capsys.readouterr().err
 
 

@@ -406,7 +406,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
 
     rgb_wanted = cfg.rgb_bands
     if mode == "cross":
-        _check_cross(cfg, model, store)
+        _check_cross(cfg, model, store, ck_store)
         flux_bands = list(cfg.bands or store.modality_bands[cfg.generate_modality])
         if tuple(cfg.rgb_bands) == tuple(DEFAULT_RGB_BANDS) and not set(cfg.rgb_bands) <= set(flux_bands):
             from astropt_train.validate import rgb_bands as rgb_of
@@ -490,7 +490,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
                         flux_path=flux_path, columns=columns)
 
 
-def _check_cross(cfg: DecodeConfig, model, store) -> None:
+def _check_cross(cfg: DecodeConfig, model, store, trained_on: dict) -> None:
     """Both modalities are the model's and the store's; a note when the model never saw them in this order."""
     for flag, name in (("--given", cfg.given), ("--generate-modality", cfg.generate_modality)):
         if name not in model.names or model.config.modalities is None:
@@ -499,17 +499,9 @@ def _check_cross(cfg: DecodeConfig, model, store) -> None:
         if name not in store.modalities:
             raise AstroptError(f"{flag} {name}: token store {store.dir} holds "
                                f"{', '.join(store.modalities) or 'one image column'}")
-    trained = load_run_store(cfg)
-    if not trained.get("shuffle_modalities") and model.names.index(cfg.given) > model.names.index(cfg.generate_modality):
+    if not trained_on.get("shuffle_modalities") and model.names.index(cfg.given) > model.names.index(cfg.generate_modality):
         print(f"note: this model was trained with {cfg.generate_modality} before {cfg.given} and without "
               "--shuffle-modalities: it has not learned to draw it from what follows", file=sys.stderr)
-
-
-def load_run_store(cfg: DecodeConfig) -> dict:
-    """The checkpoint's record of the store it was trained on."""
-    from astropt_train.checkpoint import find_checkpoint, read_config
-
-    return read_config(find_checkpoint(cfg.checkpoint, cfg.step)).get("store") or {}
 
 
 def _cross(cfg: DecodeConfig, model, store, codec, rows: np.ndarray, decode_bands: list[str]):
