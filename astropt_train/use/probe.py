@@ -251,7 +251,6 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         raise AstroptError(f"no object id of {cfg.embeddings} is in column {cfg.id_column!r} of {cfg.labels}")
     out = Path(cfg.out)
     ensure_folder(out, "the probe output folder")
-    rand_emb = None
     rand_dir = _random_init_embeddings(cfg, manifest, out)
     rand_emb, _, rand_ids = read_embeddings(rand_dir, column)
     if rand_ids != ids:
