@@ -19,7 +19,7 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, temporary_name, writing
 
 UPSTREAM_FILE = "ckpt.pt"
 UPSTREAM_MODULE = "astropt.model"
@@ -95,10 +95,11 @@ def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | N
     extra = {"exported_from": str(ckpt.resolve()), "codec_id": (conf.get("store") or {}).get("codec_id"),
              "codec_vocab_size": conf.get("vocab_size"), "tokens_per_image": conf.get("tokens_per_image")}
     final = out / UPSTREAM_FILE
-    tmp = out / f".{UPSTREAM_FILE}.tmp-{os.getpid()}"
-    torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), tmp,
-               pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
-    os.replace(tmp, final)
+    tmp = temporary_name(final)
+    with writing(final, cleanup=[tmp]):  # a full disk (torch.save's RuntimeError) is one error, no temporary left
+        torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), tmp,
+                   pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
+        os.replace(tmp, final)
     return final
 
 
