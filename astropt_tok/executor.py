@@ -76,6 +76,8 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "mps") and device.partition(":")[0] != "cuda":
+        raise AstroptError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AstroptError("--device cuda asked for, but torch sees no GPU")
