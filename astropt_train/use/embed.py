@@ -198,9 +198,9 @@ def _read_manifest(out: Path) -> dict | None:
         return None
     try:
         m = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AstroptError(f"{p} is unreadable ({exc}); remove it or pass --overwrite") from None
-    if m.get("format") != FORMAT:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise AstroptError(f"{out} holds a manifest that is not an embeddings store's; choose another --out")
     return m
 
@@ -217,7 +217,39 @@ def open_embeddings(path: str | os.PathLike) -> dict:
         raise AstroptError(f"{path} has format version {m.get('format_version')}; this tool reads {FORMAT_VERSION}")
     if not m.get("complete"):
         raise AstroptError(f"embeddings store {path} is incomplete: re-run the same `astropt embed` command")
+    _check_complete_manifest(m, path / "manifest.json")
     return m
+
+
+def _check_complete_manifest(m: dict, path: Path) -> None:
+    """Every field a reader of a complete embeddings store relies on is there with the right type, and shard
+    entries name their own files: a damaged manifest is one error naming the field, not a KeyError."""
+    from astropt_tok.store import shard_name
+
+    def need(obj, key, kind, where=""):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise AstroptError(f"{path} is damaged: {where}{key!r} is {'missing' if value is None else repr(value)}"
+                               f" (expected {kind.__name__}); re-run `astropt embed` with --overwrite")
+        return value
+
+    if need(m, "n_embd", int) < 1:
+        raise AstroptError(f"{path} is damaged: n_embd is {m['n_embd']}; re-run `astropt embed` with --overwrite")
+    layers = need(m, "layers", list)
+    if not layers:
+        raise AstroptError(f"{path} is damaged: it lists no layers; re-run `astropt embed` with --overwrite")
+    for i, layer in enumerate(layers):
+        need(layer, "column", str, f"layers[{i}].")
+    if "columns" in m and not (isinstance(m["columns"], list) and m["columns"]
+                               and all(isinstance(c, str) for c in m["columns"])):
+        raise AstroptError(f"{path} is damaged: columns {m['columns']!r} is not a list of column names")
+    for i, s in enumerate(need(m, "shards", list)):
+        where = f"shards[{i}]."
+        for key, kind in (("index", int), ("file", str), ("rows", int), ("sha256", str)):
+            need(s, key, kind, where)
+        if s["file"] != shard_name(s["index"], "arrow") or s["rows"] < 0:
+            raise AstroptError(f"{path} is damaged: shard entry {i} is {s['file']!r} (index {s['index']}, "
+                               f"{s['rows']} rows); re-run `astropt embed` with --overwrite")
 
 
 def embedding_columns(manifest: dict) -> list[str]:
