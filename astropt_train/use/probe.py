@@ -226,6 +226,14 @@ def _check_options(cfg: ProbeConfig) -> None:
         raise AstroptError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
     if cfg.folds < 2:
         raise AstroptError(f"--folds must be at least 2, got {cfg.folds}")
+    for flag, seed in (("--seed", cfg.seed), ("--random-init-seed", cfg.random_init_seed)):
+        if not 0 <= seed < 2**32:
+            raise AstroptError(f"{flag} must be between 0 and 2**32 - 1, got {seed}")
+    repeated = sorted({t for t in cfg.targets if cfg.targets.count(t) > 1})
+    if repeated:
+        raise AstroptError(f"--target {repeated[0]} is given more than once: name each column once")
+    if cfg.id_column in cfg.targets:
+        raise AstroptError(f"--target {cfg.id_column} is the id column (--id-column): probe a catalogue column instead")
 
 
 def probe(cfg: ProbeConfig) -> ProbeResult:
@@ -272,6 +280,9 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         x, xr, yk = emb[keep], rand_emb[keep], y[keep]
         if task == "classification" and len(np.unique(yk)) < 2:
             raise AstroptError(f"target {target!r} has a single class; nothing to classify")
+        if task == "regression" and np.ptp(yk) == 0:
+            raise AstroptError(f"target {target!r} has one value ({yk[0]:g}) in all {n} labelled rows; "
+                               "nothing to predict: choose a column that varies")
         folds = _folds(yk, task, cfg.folds, cfg.seed)
         redshift = task == "regression" and is_redshift_like(target)
         model = cross_validate(x, yk, task, folds, redshift)
