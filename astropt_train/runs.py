@@ -34,13 +34,33 @@ class RunSummary:
 def read_metrics(run: Path) -> list[dict]:
     """RUN/metrics.jsonl's records (a line cut by a kill is skipped)."""
     path = run / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AstroptError(f"{path} is unreadable ({exc}); it is not a metrics log of `astropt train`") from None
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            if number == len(lines):
+                continue  # the last line, cut by a kill
+            raise AstroptError(f"{path} line {number} is not JSON: the metrics log is damaged "
+                               "(leave it out of `astropt runs`, or delete that line)") from None
+        if not isinstance(record, dict) or not _numbers(record):
+            raise AstroptError(f"{path} line {number} is not a metrics record (a step and numbers): the metrics "
+                               "log is damaged (leave it out of `astropt runs`, or delete that line)")
+        records.append(record)
     return records
+
+
+def _numbers(record: dict) -> bool:
+    """A record has an integer step, and its loss, val_loss and tokens_per_s (when there) are numbers."""
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return False
+    return all(record.get(k) is None or (isinstance(record[k], (int, float)) and not isinstance(record[k], bool))
+               for k in ("loss", "val_loss", "tokens_per_s"))
 
 
 def summarise_run(run: str | Path) -> RunSummary:
