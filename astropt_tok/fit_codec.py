@@ -193,14 +193,22 @@ def _check(cfg: FitCodecConfig) -> None:
     for name in ("hidden", "projection", "layers", "steps", "batch_size", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise AstroptError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.hidden % 4:
+        raise AstroptError(f"--hidden must be a multiple of 4 (the autoencoder's two compression stages split it), "
+                           f"got {cfg.hidden}")
     if cfg.warmup < 0:
         raise AstroptError(f"--warmup must be 0 or more, got {cfg.warmup}")
-    if not cfg.lr > 0:
-        raise AstroptError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.lr < math.inf:
+        raise AstroptError(f"--lr must be a positive finite number, got {cfg.lr}")
+    if not 0 <= cfg.seed < 2**32:
+        raise AstroptError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
     if not 0 < cfg.holdout < 1:
         raise AstroptError(f"--holdout must be a fraction between 0 and 1, got {cfg.holdout}")
     if not cfg.bands:
         raise AstroptError("--bands names no band")
+    repeated = sorted({b for b in cfg.bands if cfg.bands.count(b) > 1})
+    if repeated:
+        raise AstroptError(f"--bands names {repeated[0]} more than once; give each band once")
     unknown = [b for b in cfg.bands if b not in BAND_TO_INDEX]
     if unknown:
         raise AstroptError(f"unknown band(s) {', '.join(unknown)}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
