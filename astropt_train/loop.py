@@ -184,7 +184,7 @@ def train(cfg: TrainConfig) -> dict:
                 tdist.destroy_process_group()
 
 
-def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], echo):
+def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], modalities: list[str] | None, echo):
     """(model config, state dict) of `--init-from`, refused with one line when it cannot fit the store."""
     from dataclasses import replace
 
@@ -196,6 +196,10 @@ def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], echo):
         raise AstroptError(f"--init-from {cfg.init_from}: its model has {c.block_size} positions and {c.vocab_size} "
                            f"tokens; store {cfg.tokens} needs {store.tokens_per_image} positions and {store.vocab_size} "
                            "tokens")
+    if (c.modalities or None) != modalities:
+        raise AstroptError(f"--init-from {cfg.init_from} models {','.join(c.modalities or ['images_aion'])}; this run "
+                           f"trains on {','.join(modalities or ['images_aion'])} of store {cfg.tokens}: start from a "
+                           "model of the same image columns (or pass --modalities to match it)")
     codec = (info.get("store") or {}).get("codec_id")
     if info["kind"] == "astropt-train" and (codec != store.codec_id or info["vocab_size"] != store.vocab_size):
         raise AstroptError(f"--init-from {cfg.init_from} was trained on codec {codec!r} (vocab {info['vocab_size']}); "
@@ -279,7 +283,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                     "already_finished": True, "rank": dist.rank, "world_size": dist.world}
     init_state = None
     if cfg.init_from and state is None:  # start from another model's weights (ours, or upstream's ckpt.pt)
-        gconf, init_state = _init_from(cfg, store, (n_layer, n_head, n_embd), echo)
+        gconf, init_state = _init_from(cfg, store, (n_layer, n_head, n_embd), modalities, echo)
 
     # --- precision, seeds
     cuda = device.type == "cuda"

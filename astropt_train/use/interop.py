@@ -134,7 +134,7 @@ def gpt_config_from_upstream(ckpt: dict, path: Path):
     """This project's GPTConfig for an upstream checkpoint, refusing what this model cannot be."""
     from astropt_train.model import HEADS, MODALITY, GPTConfig
 
-    args = ckpt.get("model_args")
+    args = ckpt.get("model_args") if isinstance(ckpt, dict) else None
     if not isinstance(args, dict) or "model" not in ckpt:
         raise AstroptError(f"{path} has no model_args/model: not an upstream AstroPT checkpoint")
     mods = args.get("modalities") or list(getattr(ckpt.get("modality_registry"), "modalities", {}).values())
@@ -163,10 +163,14 @@ def load_upstream_model(path: Path, device: str = "cpu"):
     from astropt_train.model import GPT
 
     ckpt = read_upstream_checkpoint(path)
-    config = gpt_config_from_upstream(ckpt, path)
-    state = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
-    model = GPT(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:  # a damaged or hand-made file: wrong types in model_args, weights of other shapes
+        config = gpt_config_from_upstream(ckpt, path)
+        state = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
+        model = GPT(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (AttributeError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise AstroptError(f"{path} is a damaged upstream AstroPT checkpoint ({first}); export it again") from None
     if missing or unexpected:
         raise AstroptError(f"{path}: weights do not fit its model_args (missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]})")
