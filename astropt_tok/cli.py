@@ -123,7 +123,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors and the like (from click, or the copy newer typers vendor)
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" or not callable(getattr(exc, "format_message", None)):
+                exc.show()  # the help asked for by a bare command, or an error that is not a usage error
+            else:  # a bad flag value or a missing or unknown flag: one line, like every other error
+                where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                typer.echo(f"error: {exc.format_message().rstrip('.')}{where}", err=True)
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
             sys.exit(1)
