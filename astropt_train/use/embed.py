@@ -201,7 +201,8 @@ def _read_manifest(out: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AstroptError(f"{p} is unreadable ({exc}); remove it or pass --overwrite") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise AstroptError(f"{out} holds a manifest that is not an embeddings store's; choose another --out")
+        raise AstroptError(f"{out} is not an embeddings store (its manifest.json is of another kind); choose another "
+                           "folder")
     return m
 
 
