@@ -132,6 +132,10 @@ CASES = {
     "probe single class": ([*SLOW_PROBE, "--target", "one_class"], ["one_class", "single class"]),
     "probe fewer rows than folds": ([*SLOW_PROBE[:4], "{labels}/three.csv", *SLOW_PROBE[5:], "--target",
                                      "redshift"], ["redshift", "only 3 rows", "5 folds"]),
+    "probe image column as target": ([*PROBE[:4], "{survey}", *PROBE[5:], "--target", "legacysurvey_image"],
+                                     ["legacysurvey_image", "scalar"]),
+    "probe classes of a continuous column": ([*SLOW_PROBE, "--target", "redshift", "--task", "classification"],
+                                             ["redshift", "40 classes", "--task regression"]),
     "probe more folds than rows": ([*SLOW_PROBE, "--target", "redshift", "--folds", "100"], ["100 folds"]),
     # export
     "export missing run": (["export", "{tmp}/nope", "--astropt", "{tmp}/out"], ["{tmp}/nope"]),

@@ -120,6 +120,10 @@ def read_labels(spec: str, id_column: str, targets: list[str]) -> dict[str, np.n
     out = {id_column: np.array([str(x) if x is not None else None for x in table.column(id_column).to_pylist()],
                                dtype=object)}
     for t in targets:
+        kind = table.column(t).type
+        if pa.types.is_nested(kind):
+            raise AstroptError(f"--target {t}: column {t!r} of {spec} holds {str(kind).split('<')[0]} values, not "
+                               "one number or class per galaxy: probe a scalar column")
         out[t] = np.array(table.column(t).to_pylist(), dtype=object)
     return out
 
@@ -280,6 +284,9 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         x, xr, yk = emb[keep], rand_emb[keep], y[keep]
         if task == "classification" and len(np.unique(yk)) < 2:
             raise AstroptError(f"target {target!r} has a single class; nothing to classify")
+        if task == "classification" and len(np.unique(yk)) > n // 2:
+            raise AstroptError(f"target {target!r} has {len(np.unique(yk))} classes among {n} labelled rows, too "
+                               "few rows per class to learn from: use --task regression for a continuous column")
         if task == "regression" and np.ptp(yk) == 0:
             raise AstroptError(f"target {target!r} has one value ({yk[0]:g}) in all {n} labelled rows; "
                                "nothing to predict: choose a column that varies")
