@@ -140,7 +140,7 @@ def parse_columns(columns: list[str], bands: str | None) -> tuple[str, tuple[str
     modalities = []
     for entry in columns:
         name, sep, its_bands = entry.partition(":")
-        if not sep or not name.strip() or not _band_list(its_bands):
+        if not sep or not name.strip() or ":" in its_bands or not _band_list(its_bands):
             raise AstroptError(f"--column {entry!r}: with several image columns each is NAME:BAND,BAND,... "
                                "(e.g. hsc_image:HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y)")
         modalities.append((name.strip(), _band_list(its_bands)))

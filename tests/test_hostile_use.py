@@ -174,6 +174,7 @@ CASES = {
     # tokenise --column
     "column empty bands": ([*TOKENISE, "--column", "legacysurvey_image:"], ["legacysurvey_image:"]),
     "column empty name": ([*TOKENISE, "--column", ":DES-G"], [":DES-G"]),
+    "column two colons": ([*TOKENISE, "--column", "legacysurvey_image:DES-G:DES-R"], ["DES-G:DES-R", "NAME:BAND"]),
     "column commas only": ([*TOKENISE, "--column", "legacysurvey_image:,,"], ["legacysurvey_image:,,"]),
     "column twice": ([*TOKENISE, "--column", "legacysurvey_image:DES-G", "--column", "legacysurvey_image:DES-R"],
                      ["legacysurvey_image", "twice"]),
