@@ -50,4 +50,6 @@ def register(app: typer.Typer) -> None:
             device=device, storage=storage, limit=limit, workers=workers, id_column=id_column or None,
             strict=strict, overwrite=overwrite, precision=precision, reader=reader, progress=progress,
         )
-        print_tokenise_summary(run(cfg))
+        summary = run(cfg)
+        print_tokenise_summary(summary)
+        summary.check_usable()

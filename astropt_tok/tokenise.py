@@ -14,7 +14,9 @@ Modules, one job each: `stages` (reading ahead of the codec), `encoder` (the cod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +98,21 @@ class TokeniseSummary:
     first_batch_s: float = 0.0  # start-up: from the readers' start until the first batch was ready
     first_wait_s: float = 0.0  # of which the codec's thread spent waiting for that batch
     first_encoded_s: float = 0.0  # from the call's start until the first batch's tokens were back (start-up)
+
+    def check_usable(self) -> None:
+        """AstroptError when the finished store holds no galaxy because every row was rejected: a systematic
+        mistake (bands or a column the source lacks, a broken codec) rather than bad rows, which a 0-row store
+        marked complete would otherwise hide behind exit code 0."""
+        if not self.complete:
+            return
+        totals = st.read_manifest(Path(self.out)).get("totals") or {}
+        if totals.get("rows") == 0 and totals.get("rejected", 0) > 0:
+            first = ""
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                first = json.loads((Path(self.out) / st.REJECTS).read_text().splitlines()[0]).get("reason", "")
+            raise AstroptError(f"every one of the {totals['rejected']:,} source rows was rejected, so {self.out} holds "
+                               f"no galaxy (first reason: {first or 'see ' + st.REJECTS}); check --column/--bands "
+                               f"and --codec against the source, then re-run with --overwrite")
 
     @property
     def input_wait_s(self) -> float:

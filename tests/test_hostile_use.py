@@ -338,3 +338,11 @@ def test_corrupt_init_from_ckpt_is_one_error(damage, made, capsys, tmp_path):
         how = dict(raw=(made["export"] / "ckpt.pt").read_bytes()[:5000])
     path = _upstream(made, tmp_path, **how)
     check([*TRAIN, "--init-from", path], [str(path), "upstream AstroPT checkpoint"], made, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("columns", [["--column", "hsc_image"], ["--column", "legacysurvey_image:HSC-G"]])
+def test_a_store_where_every_row_was_rejected_is_an_error(columns, made, capsys, tmp_path):
+    """Bands the column does not hold reject every row: the run must not end as a 0-galaxy store and exit 0."""
+    argv = fill([*TOKENISE, *columns, "--limit", "4"], {**made, "tmp": tmp_path})
+    code, _, err = run_cli(argv, capsys)
+    assert_one_error(code, err, "every one of the 4 source rows was rejected", "--bands", "missing band")
