@@ -54,7 +54,7 @@ class DemoConfig:
     device: str = "auto"
     fresh: bool = False  # delete the demo's earlier outputs (DEMO_OUTPUTS) in workdir first
     preset: str = "tiny"  # model shape (astropt_train.config.PRESETS)
-    batch_size: int = 8
+    batch_size: int = 8  # galaxies per step with one survey; with two, half as many (the same tokens per step)
     shards: int = 4
     show: int = 8  # galaxies per picture (predicted, completed, generated)
     score_rows: int = 32  # galaxies in stored_vs_original.png, whose reconstruction scores the summary reports
@@ -183,8 +183,10 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     t = time.perf_counter()
     say(f"[4/{stages}] train {cfg.steps} steps -> {run}")
     evals = max(1, cfg.steps // 3)
+    # a galaxy seen by both surveys is a sequence twice as long: as many tokens per step, so the same time
+    batch_size = max(1, cfg.batch_size // max(1, len(surveys)))
     summary = train(TrainConfig(
-        tokens=str(store), out=str(run), preset=cfg.preset, batch_size=cfg.batch_size, max_iters=cfg.steps,
+        tokens=str(store), out=str(run), preset=cfg.preset, batch_size=batch_size, max_iters=cfg.steps,
         lr=1e-3, warmup_iters=min(20, max(0, cfg.steps // 10)), eval_interval=evals, eval_iters=5,
         val_fraction=0.1, val_images=4, codec=codec, device=cfg.device, seed=cfg.seed, checkpoint_interval=0,
         keep_last=1, live=False, log_interval=max(1, min(50, cfg.steps // 5)), shuffle_modalities=bool(surveys),
