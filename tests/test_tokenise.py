@@ -557,7 +557,7 @@ def test_info_summarises_store(store_arrow, capsys):
 @pytest.mark.slow
 def test_two_torchrun_processes_give_the_same_store_as_one(store_arrow, survey_dir, codec_dir, tmp_path):
     out = tmp_path / "tok2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "astropt_tok.cli", "tokenise", "--source", str(survey_dir), "--codec", str(codec_dir),
            "--out", str(out), "--shards", "4", "--batch-size", "8", "--no-progress", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
