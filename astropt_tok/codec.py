@@ -125,7 +125,6 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
     except (OSError, json.JSONDecodeError) as exc:
         raise AstroptError(f"codec config {files.config_path} is unreadable: {exc}") from None
 
-    import torch
     from aion.codecs.image import ImageCodec
     from safetensors.torch import load_file
 
