@@ -103,7 +103,7 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed for the survey, codec, model and sampling."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete earlier demo outputs in --workdir first."),
-    threads: int = typer.Option(1, "--threads", help="Torch threads on CPU (0: torch's default). One is fastest for the demo's tiny model on a small or busy machine."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads on CPU for every stage (0: torch's for training, one for sampling on a small CPU). 1 is faster on a busy machine."),
     cross_survey: bool = typer.Option(True, "--cross-survey/--no-cross-survey", help="When the survey has hsc_image too: tokenise and train on both surveys and draw HSC images from Legacy Survey tokens."),
 ) -> None:
     """Run the whole pipeline offline in one command: synthetic survey -> tokenise -> train -> decode pictures."""

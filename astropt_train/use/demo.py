@@ -62,7 +62,8 @@ class DemoConfig:
     temperature: float = 1.0
     top_k: int | None = 100
     progress: bool = True  # progress bars and training log lines
-    cpu_threads: int | None = 1  # torch threads on CPU (None: torch's default); see run_demo
+    cpu_threads: int | None = None  # torch threads on CPU for every stage (None: torch's for training, decode's own
+    # default, 1 on a small CPU, for sampling); see run_demo
     cross_survey: bool = True  # with an hsc_image column: both surveys in one store, and a cross-survey picture
 
 
@@ -131,10 +132,11 @@ def prepare_codec(cfg: DemoConfig) -> str:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Survey -> codec -> tokenise -> train -> decode pictures, all under `cfg.workdir`.
 
-    On CPU the demo runs torch with `cfg.cpu_threads` threads (default 1): its tiny model makes small
-    matrix products, and on a small machine that is also busy with anything else, two OpenMP threads wait on
-    each other at every op (measured on the shared 2-core dev box: training 3.4x and sampling 18x slower
-    with 2 threads than with 1).
+    On CPU, by default, training uses torch's own thread count and decoding and sampling use decode's default
+    (one thread on a CPU of up to 4 cores, where per-token steps are tiny: see BENCHMARKS.md). Measured on an
+    idle 2-core machine, training with 2 threads is 1.8x faster than with 1 (two-survey demo, 4,604 tokens per
+    step); on a machine busy with other work one thread can be faster, hence `cfg.cpu_threads` (--threads N)
+    to pin every stage.
     """
     from astropt_tok.executor import resolve_device
     from astropt_train.use.decode import torch_threads
