@@ -107,6 +107,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fsync_dir(path.parent)
 
 
+def shard_hash_problem(folder: Path, entry: dict) -> str | None:
+    """The verify line for a manifest's shard entry whose file is missing or does not hash to its recorded
+    sha256; None when it does (shared by the token and embeddings stores' verify)."""
+    path = folder / entry["file"]
+    if not path.exists():
+        return f"{entry['file']}: missing"
+    digest = sha256_path(path)
+    if digest != entry["sha256"]:
+        return f"{entry['file']}: sha256 {digest[:12]}… does not match the manifest's {entry['sha256'][:12]}…"
+    return None
+
+
 def sha256_path(path: str | os.PathLike) -> str:
     """sha256 of a file, or of a folder's files (relative path and content, in sorted path order)."""
     path = Path(path)
@@ -676,13 +688,9 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
     problems = []
     store = TokenStore(store_dir, check_sizes=False)
     for i, s in enumerate(store.shards):
-        path = store_dir / s["file"]
-        if not path.exists():
-            problems.append(f"{s['file']}: missing")
-            continue
-        digest = sha256_path(path)
-        if digest != s["sha256"]:
-            problems.append(f"{s['file']}: sha256 {digest[:12]}… does not match the manifest's {s['sha256'][:12]}…")
+        problem = shard_hash_problem(store_dir, s)
+        if problem:
+            problems.append(problem)
             continue
         try:
             present = {c: np.asarray(store.shard_tokens(i, c)[:]) for c in store.token_columns}  # each [rows, T]

@@ -490,21 +490,18 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
     problem (empty when sound)."""
     import pyarrow as pa
 
-    from astropt_tok.store import sha256_path
+    from astropt_tok.store import shard_hash_problem
 
     path = Path(path)
     m = open_embeddings(path)
     problems = []
     want = ["row", "store_row", "object_id"] + embedding_columns(m)
     for s in m["shards"]:
+        problem = shard_hash_problem(path, s)
+        if problem:
+            problems.append(problem)
+            continue
         p = path / s["file"]
-        if not p.exists():
-            problems.append(f"{s['file']}: missing")
-            continue
-        digest = sha256_path(p)
-        if digest != s["sha256"]:
-            problems.append(f"{s['file']}: sha256 {digest[:12]}… does not match the manifest's {s['sha256'][:12]}…")
-            continue
         try:
             with pa.memory_map(str(p)) as src:
                 table = pa.ipc.open_stream(src).read_all()
