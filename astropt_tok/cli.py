@@ -44,12 +44,9 @@ def verify(
                 typer.echo(f"note: {note}", err=True)
         if not manifest.get("complete") and finalize_store(store, manifest) is None:
             raise AstroptError(f"{store}: not every shard is done yet; re-run `astropt tokenise` to finish them")
-    problems = verify_store(store)
-    for line in problems:
-        typer.echo(f"BAD {line}", err=True)
-    if problems:
-        raise typer.Exit(1)
-    typer.echo(f"OK {store}: every shard matches its manifest")
+    from astropt_tok.report import report_verify
+
+    report_verify(verify_store(store), store)
 
 
 @app.command()

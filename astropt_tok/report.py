@@ -103,3 +103,14 @@ def print_reconstruction_table(report: dict, title: str, console: Console | None
             table.add_row(band if i == 0 else "", name, f"{m['mse']:.3g}", f"{m['explained_variance']:.3f}",
                           f"{m['psnr']:.1f}", end_section=i == len(RECONSTRUCTION_ROWS) - 1)
     console.print(table)
+
+
+def report_verify(problems: list[str], folder) -> None:
+    """A verify's outcome: one `BAD` line per problem on stderr and exit 1, else one `OK` line."""
+    import typer
+
+    for line in problems:
+        typer.echo(f"BAD {line}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"OK {folder}: every shard matches its manifest")

@@ -133,14 +133,10 @@ def embed_command(
     from astropt_tok.errors import AstroptError
 
     if verify is not None:
+        from astropt_tok.report import report_verify
         from astropt_train.use.embed import verify_embeddings
 
-        problems = verify_embeddings(verify)
-        for line in problems:
-            typer.echo(f"BAD {line}", err=True)
-        if problems:
-            raise typer.Exit(1)
-        typer.echo(f"OK {verify}: every shard matches its manifest")
+        report_verify(verify_embeddings(verify), verify)
         return
     if checkpoint is None or out is None:
         raise AstroptError("pass --checkpoint RUN and --out DIR (or --verify DIR)")
