@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
     def fit_codec_command(
         source: str = typer.Option(..., "--source", help="Survey to fit: a local folder/file/glob of parquet or arrow files in the Legacy Survey schema, or a hub dataset id."),
         out: Path = typer.Option(..., "--out", help="Codec folder to write (hub layout: codecs/image/config.json + model.safetensors)."),
-        bands: str = typer.Option("DES-G,DES-R,DES-I,DES-Z", "--bands", help="Bands of one survey, in channel order."),
-        column: str = typer.Option("legacysurvey_image", "--column", help="Image column: a struct with 'band' and 'flux'."),
+        column: List[str] = typer.Option(["legacysurvey_image"], "--column", help="Image column: a struct with 'band' and 'flux'. Several surveys for one codec: repeat as COLUMN:BAND,BAND,... (e.g. --column legacysurvey_image:DES-G,DES-R,DES-I,DES-Z --column hsc_image:HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y); each step then takes a batch of each."),
+        bands: Optional[str] = typer.Option(None, "--bands", help="Bands of a single --column, one survey, in channel order [default: DES-G,DES-R,DES-I,DES-Z]."),
         split: str = typer.Option("train", "--split", help="Dataset split."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first ROWS rows (all are held in memory)."),
         init: Optional[str] = typer.Option(None, "--init", help="Start from this codec (folder or hub id, e.g. polymathic-ai/aion-base) instead of random weights; its sizes are kept."),
@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", help="Galaxies per step."),
         lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (warmup, then cosine to lr/20)."),
         warmup: int = typer.Option(100, "--warmup", help="Linear warmup steps."),
+        colour_weight: float = typer.Option(0.0, "--colour-weight", help="Add a colour term (each band's central-aperture flux as a fraction of the galaxy's, against the original) with this weight; 0 = pixel losses only."),
         holdout: float = typer.Option(0.1, "--holdout", help="Fraction of rows kept out of training for the report."),
         seed: int = typer.Option(0, "--seed", help="Seed for the initial weights, held-out rows and batches."),
         device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
@@ -42,11 +43,15 @@ def register(app: typer.Typer) -> None:
         from astropt_tok.fit_codec import FitCodecConfig, fit_codec
         from astropt_tok.report import print_reconstruction_table
         from astropt_tok.executor import torch_threads
+        from astropt_tok.tokenise import parse_columns
 
+        single, band_list, modalities = parse_columns(column, bands)
+        if len(modalities) == 1:  # one COLUMN:BANDS is the one-column fit
+            (single, band_list), modalities = modalities[0], ()
         cfg = FitCodecConfig(
-            source=source, out=out, init=init, bands=tuple(b.strip() for b in bands.split(",") if b.strip()), column=column,
+            source=source, out=out, init=init, bands=tuple(band_list), column=single, modalities=modalities,
             split=split, limit=limit, hidden=hidden, projection=projection, layers=layers, steps=steps,
-            batch_size=batch_size, lr=lr, warmup=warmup, holdout=holdout, seed=seed, device=device, resume=resume,
+            batch_size=batch_size, lr=lr, warmup=warmup, colour_weight=colour_weight, holdout=holdout, seed=seed, device=device, resume=resume,
             progress=progress,
         )
         if threads is not None and threads < 1:
@@ -57,5 +62,9 @@ def register(app: typer.Typer) -> None:
             result = fit_codec(cfg)
         if result.already_finished:
             typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue")
-        print_reconstruction_table(result.report, title=f"held-out reconstruction ({result.heldout_rows} galaxies)")
+        if len(result.reports) > 1:
+            for name, report in result.reports.items():
+                print_reconstruction_table(report, title=f"{name}: held-out reconstruction")
+        else:
+            print_reconstruction_table(result.report, title=f"held-out reconstruction ({result.heldout_rows} galaxies)")
         typer.echo(f"wrote {result.out} (use it with --codec {result.out}); report in {result.out / 'fit_report.json'}")

@@ -2,19 +2,26 @@
 
 `fit_codec(FitCodecConfig)` is the one library call behind `astropt fit-codec`:
 
-  1. read    the survey's image column (the first `limit` rows) through the tokeniser's reader, centre-cropped
+  1. read    the survey's image column(s) (the first `limit` rows) through the tokeniser's reader, centre-cropped
              to AION's 96x96, into memory; a seeded `holdout` of rows is kept out of training for the report
   2. fit     the real `aion.codecs.image.ImageCodec` (AION's own preprocessing: clamp, range compression,
              band padding, multi-survey projection; its finite scalar quantiser with the straight-through
              rounding it has) by AdamW on batches drawn per step from np.random.default_rng([seed, step]),
-             each flipped/rotated by a multiple of 90 degrees; warmup then cosine learning rate
+             each flipped/rotated by a multiple of 90 degrees; warmup then cosine learning rate. With several
+             image columns (`modalities`, e.g. Legacy Survey and HSC), every step takes one batch of each
+             column (the k-th from default_rng([seed, step, k])) and the loss is their mean: one codec learns
+             every survey's bands, as AION's does
   3. report  encode -> tokens -> decode of the held-out galaxies with the fitted codec, exactly as
-             `astropt tokenise` and `astropt decode` do, scored per band (astropt_tok.quality)
+             `astropt tokenise` and `astropt decode` do, scored per band (astropt_tok.quality), per column
   4. save    the hub layout in `out` (codecs/image/config.json + model.safetensors), usable as `--codec out`,
              and `out/fit_report.json`
 
 The loss is the reconstruction error in the codec's range-compressed space (where faint structure counts)
 plus the error in flux (where bright galaxies count), each divided by its variance over the training data.
+With `colour_weight` > 0 it adds, per band, the error of the galaxy's central-aperture flux as a fraction of its
+summed aperture flux over the bands (its colour, as astropt_tok.quality scores it), divided by that fraction's
+variance: pixel losses are dominated by brightness and shape, and alone leave every galaxy near the average
+colour.
 `out/fit-state.pt` is a checkpoint every `checkpoint_every` steps; `resume` continues from it.
 """
 
@@ -46,6 +53,8 @@ class FitCodecConfig:
     init: str | None = None  # start from this codec (hub id or folder; its sizes win over hidden/projection/layers)
     bands: tuple[str, ...] = DEFAULT_FIT_BANDS
     column: str = "legacysurvey_image"
+    # several image columns, each with its own survey's bands: ((column, bands), ...); empty = (column, bands)
+    modalities: tuple[tuple[str, tuple[str, ...]], ...] = ()
     split: str = "train"
     limit: int | None = None  # read at most this many source rows
     hidden: int = 32  # hidden_dims of the MagViT autoencoder
@@ -57,6 +66,7 @@ class FitCodecConfig:
     min_lr: float | None = None  # end of the cosine (default lr / 20)
     warmup: int = 100  # linear warmup steps
     weight_decay: float = 1e-4
+    colour_weight: float = 0.0  # weight of the aperture band-fraction term (colour); 0 = the plain pixel loss
     holdout: float = 0.1  # fraction of rows kept out of training for the report (at least 1 row)
     seed: int = 0
     device: str = "auto"
@@ -71,7 +81,7 @@ class FitCodecResult:
 
     out: Path
     steps: int
-    report: dict  # astropt_tok.quality.summary_json of the held-out reconstruction
+    report: dict  # astropt_tok.quality.summary_json of the held-out reconstruction (the first column's)
     train_rows: int
     heldout_rows: int
     final_loss: float
@@ -79,6 +89,7 @@ class FitCodecResult:
     resumed_from: int | None = None
     already_finished: bool = False  # --resume of a fit that had already reached `steps`
     history: list = field(default_factory=list)  # [(step, loss)] every few steps
+    reports: dict = field(default_factory=dict)  # {column: summary_json} for every fitted column
 
 
 def codec_config(cfg: FitCodecConfig) -> dict:
@@ -104,22 +115,51 @@ def learning_rate(step: int, cfg: FitCodecConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
-def read_survey_flux(cfg: FitCodecConfig) -> np.ndarray:
-    """Every good row of the source (up to `limit`), centre-cropped: float32 [N, bands, 96, 96]."""
+def fitted_columns(cfg: FitCodecConfig) -> list[tuple[str, list[str]]]:
+    """[(image column, its bands)]: cfg.modalities, or the one (column, bands)."""
+    if cfg.modalities:
+        return [(column, list(bands)) for column, bands in cfg.modalities]
+    return [(cfg.column, list(cfg.bands))]
+
+
+def read_survey_flux(cfg: FitCodecConfig, column: str | None = None, bands: list[str] | None = None) -> np.ndarray:
+    """Every good row of one image column (default cfg.column with cfg.bands; up to `limit` rows), centre-cropped:
+    float32 [N, bands, 96, 96]."""
     from astropt_tok.codec import CROP_SIZE
     from astropt_tok.source import batch_to_flux, iter_row_range, resolve_source
 
-    plan = resolve_source(cfg.source, split=cfg.split, column=cfg.column, id_column=None, limit=cfg.limit)
+    column = cfg.column if column is None else column
+    bands = list(cfg.bands) if bands is None else bands
+    plan = resolve_source(cfg.source, split=cfg.split, column=column, id_column=None, limit=cfg.limit)
     n = min(plan.num_rows, cfg.limit) if cfg.limit else plan.num_rows
     chunks = []
     for _, batch in iter_row_range(plan, 0, n):
-        flux, _, _ = batch_to_flux(batch, plan.column, list(cfg.bands), crop=CROP_SIZE)
+        flux, _, _ = batch_to_flux(batch, plan.column, bands, crop=CROP_SIZE)
         chunks.append(flux.copy())
-    flux = np.concatenate(chunks) if chunks else np.zeros((0, len(cfg.bands), CROP_SIZE, CROP_SIZE), np.float32)
+    flux = np.concatenate(chunks) if chunks else np.zeros((0, len(bands), CROP_SIZE, CROP_SIZE), np.float32)
     if len(flux) < 2:
-        raise AstroptError(f"source {cfg.source} has {len(flux)} good rows with bands {','.join(cfg.bands)}; "
-                           "fitting a codec needs at least 2 (one to train on, one to score)")
+        raise AstroptError(f"source {cfg.source} has {len(flux)} good rows in column {column} with bands "
+                           f"{','.join(bands)}; fitting a codec needs at least 2 (one to train on, one to score)")
     return flux
+
+
+def band_fraction_error(recon, flux, inside):
+    """(recon, flux) [B, C, H, W] -> each band's aperture-flux error as a fraction of the galaxy's summed
+    aperture flux, [B, C]; `inside` [H, W] is the aperture (astropt_tok.quality.APERTURE_RADIUS)."""
+    true_ap = (flux * inside).sum(dim=(-2, -1))  # [B, C]
+    rec_ap = (recon * inside).sum(dim=(-2, -1))
+    total = true_ap.abs().sum(dim=1, keepdim=True).clamp_min(1e-6)  # [B, 1]
+    return (rec_ap - true_ap) / total
+
+
+def aperture_mask(size: int, device):
+    """The central aperture of astropt_tok.quality as a float [size, size] tensor."""
+    import torch
+
+    from astropt_tok.quality import APERTURE_RADIUS
+
+    yx = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    return ((yx[:, None] ** 2 + yx[None, :] ** 2) <= APERTURE_RADIUS**2).float()
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,22 +238,32 @@ def _check(cfg: FitCodecConfig) -> None:
                            f"got {cfg.hidden}")
     if cfg.warmup < 0:
         raise AstroptError(f"--warmup must be 0 or more, got {cfg.warmup}")
+    if not 0 <= cfg.colour_weight < math.inf:
+        raise AstroptError(f"--colour-weight must be 0 or a positive finite number, got {cfg.colour_weight}")
     if not 0 < cfg.lr < math.inf:
         raise AstroptError(f"--lr must be a positive finite number, got {cfg.lr}")
     if not 0 <= cfg.seed < 2**32:
         raise AstroptError(f"--seed must be between 0 and 2**32 - 1, got {cfg.seed}")
     if not 0 < cfg.holdout < 1:
         raise AstroptError(f"--holdout must be a fraction between 0 and 1, got {cfg.holdout}")
-    if not cfg.bands:
-        raise AstroptError("--bands names no band")
-    repeated = sorted({b for b in cfg.bands if cfg.bands.count(b) > 1})
-    if repeated:
-        raise AstroptError(f"--bands names {repeated[0]} more than once; give each band once")
-    unknown = [b for b in cfg.bands if b not in BAND_TO_INDEX]
-    if unknown:
-        raise AstroptError(f"unknown band(s) {', '.join(unknown)}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
-    if len({b.split('-')[0] for b in cfg.bands}) > 1:
-        raise AstroptError(f"--bands {','.join(cfg.bands)} mix surveys; AION's image codec takes one survey's bands at a time")
+    columns = [column for column, _ in fitted_columns(cfg)]
+    if len(set(columns)) < len(columns):
+        raise AstroptError(f"--column names {sorted({c for c in columns if columns.count(c) > 1})[0]} more than "
+                           "once; give each image column once")
+    for column, bands in fitted_columns(cfg):
+        where = "--bands" if not cfg.modalities else f"--column {column}"
+        if not bands:
+            raise AstroptError(f"{where} names no band")
+        repeated = sorted({b for b in bands if bands.count(b) > 1})
+        if repeated:
+            raise AstroptError(f"{where} names {repeated[0]} more than once; give each band once")
+        unknown = [b for b in bands if b not in BAND_TO_INDEX]
+        if unknown:
+            raise AstroptError(f"unknown band(s) {', '.join(unknown)} in {where}; the AION image codec knows "
+                               f"{', '.join(BAND_TO_INDEX)}")
+        if len({b.split('-')[0] for b in bands}) > 1:
+            raise AstroptError(f"{where} {','.join(bands)} mix surveys; AION's image codec takes one survey's bands "
+                               "at a time (give each survey its own --column NAME:BANDS)")
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -230,7 +280,12 @@ def _identity(cfg: FitCodecConfig) -> dict:
     keep = ("source", "init", "bands", "column", "split", "limit", "hidden", "projection", "layers", "batch_size", "lr",
             "min_lr", "warmup", "weight_decay", "holdout", "seed")
     d = asdict(cfg)
-    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
+    identity = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in keep}
+    if cfg.modalities:  # (a one-column fit's identity stays as it was, so its fit-state.pt still resumes)
+        identity["modalities"] = [[column, list(bands)] for column, bands in cfg.modalities]
+    if cfg.colour_weight:
+        identity["colour_weight"] = cfg.colour_weight
+    return identity
 
 
 def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
@@ -238,7 +293,7 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     import torch
     from aion.codecs.image import ImageCodec
 
-    from astropt_tok.codec import save_image_codec
+    from astropt_tok.codec import _fix_hsc_decode, save_image_codec
     from astropt_tok.executor import resolve_device
     from astropt_tok.progress import ProgressBar
     from astropt_tok.quality import reconstruction_metrics, summary_json
@@ -248,7 +303,6 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     out = ensure_folder(cfg.out, "the codec folder")
     state_path = out / STATE_FILE
     device = resolve_device(cfg.device)
-    bands = list(cfg.bands)
     start_from = None
     if cfg.init is not None:
         from astropt_tok.codec import load_image_codec
@@ -275,11 +329,17 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
         raise AstroptError(f"{out} already holds a fit ({STATE_FILE}); add --resume to continue it (or raise "
                            "--steps), or choose another --out")
 
-    flux = read_survey_flux(cfg)  # [N, C, 96, 96]
-    train_rows, held_rows = split_holdout(len(flux), cfg.holdout, cfg.seed)
+    # One entry per image column: its bands, flux [N, C, 96, 96] and rows. The same seeded split per column, so
+    # with no rejected rows the same galaxies are held out of every survey.
+    surveys = []
+    for column, bands in fitted_columns(cfg):
+        flux = read_survey_flux(cfg, column, bands)
+        train_rows, held_rows = split_holdout(len(flux), cfg.holdout, cfg.seed)
+        surveys.append({"column": column, "bands": bands, "flux": flux, "train": train_rows, "held": held_rows})
 
     torch.manual_seed(cfg.seed)
     codec = ImageCodec(**config)
+    _fix_hsc_decode(codec)  # polymathic-aion 0.0.2 cannot decode HSC bands without it (see codec.py)
     if start_from is not None:
         codec.load_state_dict(start_from.codec.state_dict())
     codec = codec.to(device)
@@ -295,25 +355,34 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
 
     # Loss weights: the variance of the training flux, per band, in compressed space and in flux.
     with torch.no_grad():
-        sample = torch.as_tensor(flux[train_rows[: 256]], device=device)
-        flux_var = sample.var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
-        compressed_var = compress(codec, sample, bands).var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
+        for survey in surveys:
+            sample = torch.as_tensor(survey["flux"][survey["train"][: 256]], device=device)
+            survey["flux_var"] = sample.var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
+            survey["compressed_var"] = compress(codec, sample, survey["bands"]).var(dim=(0, 2, 3)).clamp_min(1e-12)
+            inside = aperture_mask(sample.shape[-1], device)  # [96, 96]
+            fraction = band_fraction_error(torch.zeros_like(sample), sample, inside)  # = -(band fraction) [N, C]
+            survey["fraction_var"] = fraction.var(dim=0).clamp_min(1e-12)  # [C]: the spread of colours
 
     codec.train()
     loss_value = float("nan")
     with ProgressBar("fit-codec", cfg.steps, cfg.progress, unit="steps") as bar:
         bar.advance(completed=start)
         for step in range(start, cfg.steps):
-            rng = np.random.default_rng([cfg.seed, step])
-            pick = train_rows[rng.integers(0, len(train_rows), size=cfg.batch_size)]
-            x = torch.as_tensor(augment(flux[pick], rng), device=device)  # [B, C, 96, 96]
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, cfg)
-            compressed, recon = reconstruct_straight_through(codec, x, bands)
-            target = compress(codec, x, bands)
-            per_band = ((compressed - target) ** 2).mean(dim=(0, 2, 3)) / compressed_var \
-                + ((recon - x) ** 2).mean(dim=(0, 2, 3)) / flux_var  # [C]
-            loss = per_band.mean()
+            loss = 0.0
+            for k, survey in enumerate(surveys):  # one batch of each image column, each through its own bands
+                rng = np.random.default_rng([cfg.seed, step] if k == 0 else [cfg.seed, step, k])
+                pick = survey["train"][rng.integers(0, len(survey["train"]), size=cfg.batch_size)]
+                x = torch.as_tensor(augment(survey["flux"][pick], rng), device=device)  # [B, C, 96, 96]
+                compressed, recon = reconstruct_straight_through(codec, x, survey["bands"])
+                target = compress(codec, x, survey["bands"])
+                per_band = ((compressed - target) ** 2).mean(dim=(0, 2, 3)) / survey["compressed_var"] \
+                    + ((recon - x) ** 2).mean(dim=(0, 2, 3)) / survey["flux_var"]  # [C]
+                if cfg.colour_weight:
+                    colour = band_fraction_error(recon, x, inside) ** 2  # [B, C]
+                    per_band = per_band + cfg.colour_weight * colour.mean(dim=0) / survey["fraction_var"]
+                loss = loss + per_band.mean() / len(surveys)
             if not torch.isfinite(loss):
                 raise AstroptError(f"the fit diverged at step {step} (loss {float(loss)}); lower --lr "
                                    f"(was {cfg.lr}) and start again")
@@ -331,16 +400,25 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
                                          "history": history, "identity": _identity(cfg), "config": config})
 
     codec.eval()
-    recon = round_trip(codec, flux[held_rows], bands, device=device)
-    report = summary_json(reconstruction_metrics(flux[held_rows], recon, bands))
+    reports = {}
+    for survey in surveys:
+        held = survey["flux"][survey["held"]]
+        recon = round_trip(codec, held, survey["bands"], device=device)
+        reports[survey["column"]] = summary_json(reconstruction_metrics(held, recon, survey["bands"]))
     save_image_codec(codec, out, config)
-    result = FitCodecResult(out=out, steps=cfg.steps, report=report, train_rows=len(train_rows),
-                            heldout_rows=len(held_rows), final_loss=loss_value, seconds=time.perf_counter() - t0,
+    first = surveys[0]
+    report = reports[first["column"]]
+    result = FitCodecResult(out=out, steps=cfg.steps, report=report, train_rows=len(first["train"]),
+                            heldout_rows=len(first["held"]), final_loss=loss_value, seconds=time.perf_counter() - t0,
                             resumed_from=start if state is not None else None,
-                            already_finished=state is not None and start >= cfg.steps, history=history)
-    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+                            already_finished=state is not None and start >= cfg.steps, history=history,
+                            reports=reports)
+    settings = {k: (json.loads(json.dumps(v)) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     settings["out"] = str(cfg.out)
-    atomic_write_text(out / REPORT_FILE, json.dumps({"settings": settings, "codec_config": config, "steps": cfg.steps,
-                                               "train_rows": len(train_rows), "heldout_rows": len(held_rows),
-                                               "final_loss": loss_value, "heldout": report}, indent=2))
+    record = {"settings": settings, "codec_config": config, "steps": cfg.steps, "train_rows": len(first["train"]),
+              "heldout_rows": len(first["held"]), "final_loss": loss_value, "heldout": report}
+    if cfg.modalities:  # every column's held-out scores ("heldout" stays the first column's)
+        record["heldout_by_column"] = {s["column"]: {"train_rows": len(s["train"]), "heldout_rows": len(s["held"]),
+                                                     "report": reports[s["column"]]} for s in surveys}
+    atomic_write_text(out / REPORT_FILE, json.dumps(record, indent=2))
     return result

@@ -100,3 +100,71 @@ def test_fit_codec_command(survey_dir, tmp_path, capsys):
     main(["fit-codec", "--source", str(survey_dir), "--out", str(tmp_path / "c"), "--steps", "1", "--batch-size",
           "2", "--hidden", "8", "--projection", "4", "--device", "cpu", "--resume"])
     assert "fit already finished at step 1; raise --steps to continue" in capsys.readouterr().out
+
+
+def test_fit_on_two_surveys_learns_both_and_decodes_hsc(survey_dir, tmp_path):
+    """--column NAME:BANDS twice: one codec, a batch of each survey per step, a report per column; the saved
+    codec encodes and decodes HSC bands (polymathic-aion 0.0.2 alone cannot decode them)."""
+    from astropt_tok.codec import load_image_codec
+
+    des, hsc = ("DES-G", "DES-R", "DES-I", "DES-Z"), ("HSC-G", "HSC-R", "HSC-I", "HSC-Z", "HSC-Y")
+    cfg = _cfg(survey_dir, tmp_path / "both", steps=2, modalities=(("legacysurvey_image", des), ("hsc_image", hsc)))
+    result = fit_codec(cfg)
+    assert set(result.reports) == {"legacysurvey_image", "hsc_image"}
+    assert set(result.reports["hsc_image"]["per_band"]) == set(hsc) and result.report == result.reports["legacysurvey_image"]
+    saved = json.loads((tmp_path / "both/fit_report.json").read_text())
+    assert saved["heldout_by_column"]["hsc_image"]["report"]["per_band"].keys() == set(hsc)
+    assert set(saved["heldout_by_column"]["hsc_image"]["report"]["colours"]) == {"g-r", "r-i", "i-z", "z-y"}
+
+    # a one-survey fit of the same settings takes other steps: the HSC batches moved the weights
+    from safetensors.torch import load_file
+
+    one = fit_codec(_cfg(survey_dir, tmp_path / "one", steps=2))
+    a, b = (load_file(str(tmp_path / d / "codecs/image/model.safetensors")) for d in ("both", "one"))
+    assert not all(a[k].equal(b[k]) for k in a) and one.reports.keys() == {"legacysurvey_image"}
+
+    codec = load_image_codec(str(tmp_path / "both"))
+    flux = read_survey_flux(cfg, "hsc_image", list(hsc))[:2]
+    from astropt_tok.fit_codec import round_trip
+
+    assert round_trip(codec.codec, flux, list(hsc)).shape == (2, 5, 96, 96)
+
+    with pytest.raises(AstroptError, match="more than once"):
+        fit_codec(_cfg(survey_dir, tmp_path / "x", modalities=(("hsc_image", hsc), ("hsc_image", hsc))))
+    with pytest.raises(AstroptError, match="--column hsc_image .*mix surveys"):
+        fit_codec(_cfg(survey_dir, tmp_path / "x", modalities=(("legacysurvey_image", des), ("hsc_image", ("HSC-G", "DES-R")))))
+
+
+def test_colour_weight_adds_a_colour_term(survey_dir, tmp_path):
+    """--colour-weight 0 is the plain fit, bit for bit; a positive weight changes the steps; a negative one is refused."""
+    from safetensors.torch import load_file
+
+    fit_codec(_cfg(survey_dir, tmp_path / "plain", steps=2))
+    fit_codec(_cfg(survey_dir, tmp_path / "zero", steps=2, colour_weight=0.0))
+    fit_codec(_cfg(survey_dir, tmp_path / "colour", steps=2, colour_weight=1.0))
+    plain, zero, colour = (load_file(str(tmp_path / d / "codecs/image/model.safetensors")) for d in ("plain", "zero", "colour"))
+    assert all(plain[k].equal(zero[k]) for k in plain)
+    assert not all(plain[k].equal(colour[k]) for k in plain)
+    with pytest.raises(AstroptError, match="--colour-weight"):
+        fit_codec(_cfg(survey_dir, tmp_path / "x", colour_weight=-1.0))
+
+
+def test_colour_scores_known_answer():
+    """Dimming one band by 0.5 mag shifts that colour by exactly 0.5 mag; the one-colour baseline is the spread."""
+    import numpy as np
+
+    from astropt_tok.quality import colour_scores
+
+    rng = np.random.default_rng(0)
+    original = rng.uniform(0.5, 2.0, size=(10, 3, 32, 32))  # positive flux everywhere
+    recon = original.copy()
+    recon[:, 1] *= 10 ** (-0.4 * 0.5)  # r fainter by 0.5 mag: g-r redder... by -0.5, r-i by +0.5
+    scores = colour_scores(original, recon, ["DES-G", "DES-R", "DES-I"])
+    assert scores["g-r"]["rms_mag"] == pytest.approx(0.5) and scores["r-i"]["rms_mag"] == pytest.approx(0.5)
+    assert scores["g-r"]["galaxies"] == 10
+    perfect = colour_scores(original, original, ["DES-G", "DES-R", "DES-I"])
+    assert perfect["g-r"]["rms_mag"] == 0.0 and perfect["g-r"]["baseline_rms_mag"] > 0
+    same_colour = original[:, :1] * np.array([1.0, 2.0, 3.0])[None, :, None, None]  # one colour for all: baseline 0
+    assert colour_scores(same_colour, same_colour, ["DES-G", "DES-R", "DES-I"])["g-r"]["baseline_rms_mag"] == pytest.approx(0.0, abs=1e-9)
+    assert colour_scores(-original, original, ["DES-G", "DES-R", "DES-I"])["g-r"] == {"rms_mag": None, "baseline_rms_mag": None,
+                                                                                 "galaxies": 0}
