@@ -103,11 +103,15 @@ def print_reconstruction_table(report: dict, title: str, console: Console | None
             table.add_row(band if i == 0 else "", name, f"{m['mse']:.3g}", f"{m['explained_variance']:.3f}",
                           f"{m['psnr']:.1f}", end_section=i == len(RECONSTRUCTION_ROWS) - 1)
     console.print(table)
-    colours = report.get("colours")
-    if colours:  # reports written before colours were scored have none
-        console.print("colour RMS error, mag (codec / one colour for all): " + ", ".join(
-            f"{name} {_mag(c['rms_mag'])} / {_mag(c['baseline_rms_mag'])}" for name, c in colours.items())
-            + f" over {next(iter(colours.values()))['galaxies']} galaxies")
+    if report.get("colours"):  # reports written before colours were scored have none
+        console.print(colour_line("colour RMS error, mag (this / one colour for all)", report["colours"]))
+
+
+def colour_line(title: str, colours: dict) -> str:
+    """astropt_tok.quality.colour_scores as one line: 'title: g-r 0.12 / 0.30, ... (N galaxies)'."""
+    n = next(iter(colours.values()))["galaxies"] if colours else 0
+    return f"{title}: " + ", ".join(f"{name} {_mag(c['rms_mag'])} / {_mag(c['baseline_rms_mag'])}"
+                                    for name, c in colours.items()) + f" ({n} galaxies)"
 
 
 def _mag(value: float | None) -> str:

@@ -29,6 +29,10 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
     assert store.modalities == ["legacysurvey_image", "hsc_image"]  # the synthetic survey has both
     assert "hsc_image drawn from legacysurvey_image tokens" in res.pictures
     assert 0 <= res.metrics["cross_survey"]["token_agreement"] <= 1
+    hsc = {"HSC-G", "HSC-R", "HSC-I", "HSC-Z", "HSC-Y"}  # the drawn HSC images and the codec's ceiling, vs the real ones
+    for key in ("vs_original", "reconstruction_vs_original"):
+        assert set(res.metrics["cross_survey"][key]["explained_variance"]) == hsc
+        assert set(res.metrics["cross_survey"][key]["colours"]) == {"g-r", "r-i", "i-z", "z-y"}
     assert verify_store(res.store) == []
     assert [s for s, _ in list_checkpoints(res.run)] == [6]
     for name, path in res.pictures.items():
@@ -46,6 +50,7 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
         assert set(summary["baselines"][name]) == bands
         assert all(set(v) == keys and np.isfinite(v["psnr"]) for v in summary["baselines"][name].values())
     assert "probes" in summary and summary["demo_codec"] is True
+    assert set(summary["colours"]) == {"g-r", "r-i", "i-z"} and summary["cross_survey"]["generated"] == "hsc_image"
     for b in bands:  # the shipped codec beats both baselines on the demo's own galaxies
         rec, zero, mean = (summary["reconstruction"][b], summary["baselines"]["zero"][b],
                            summary["baselines"]["image_mean"][b])

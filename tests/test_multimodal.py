@@ -347,6 +347,8 @@ def test_decode_draws_one_survey_from_the_other(two_modality_run, two_column_sto
     assert result.bands == store.modality_bands[wanted] and result.flux.shape == (1, 5, 96, 96)
     cross = summarise(result)["metrics"]["cross"]
     assert set(cross["vs_original"]["per_band"]) == set(result.bands) == set(cross["vs_reconstruction"]["per_band"])
+    assert set(cross["reconstruction_vs_original"]["per_band"]) == set(result.bands)  # the codec's ceiling
+    assert set(cross["vs_original"]["colours"]) == {"g-r", "r-i", "i-z", "z-y"}
     assert "has not learned" not in capsys.readouterr().err  # trained legacysurvey_image first
 
 

@@ -87,10 +87,12 @@ def decode_command(
                       f"{100 * m['completion']['token_agreement']:.2f}% of written tokens equal the stored ones")
     if "cross" in m:
         c = summary["metrics"]["cross"]
-        for key, against in (("vs_original", "the real image"), ("vs_reconstruction", "the codec reconstruction")):
+        for key, what in (("vs_original", f"drawn from {c['given']} vs the real image"),
+                          ("reconstruction_vs_original", "codec reconstruction vs the real image (the ceiling)"),
+                          ("vs_reconstruction", f"drawn from {c['given']} vs the codec reconstruction")):
             if key in c:
-                print_reconstruction_table(c[key], console=console, title=f"{c['generated']} drawn from {c['given']} "
-                                           f"vs {against} ({len(result.labels)} galaxies, 96x96 centre crop)")
+                print_reconstruction_table(c[key], console=console, title=f"{c['generated']}: {what} "
+                                           f"({len(result.labels)} galaxies, 96x96 centre crop)")
 
 
 def demo_command(

@@ -532,6 +532,8 @@ def _cross(cfg: DecodeConfig, model, store, codec, rows: np.ndarray, decode_band
              "vs_reconstruction": reconstruction_metrics(recon, drawn, decode_bands)}
     if original is not None:
         cross["vs_original"] = reconstruction_metrics(original, drawn, decode_bands)
+        # the ceiling: the codec's own reconstruction of the real image (what perfect tokens would score)
+        cross["reconstruction_vs_original"] = reconstruction_metrics(original, recon, decode_bands)
     return drawn_tokens, {"cross": cross}, columns, stacks
 
 
@@ -576,6 +578,8 @@ def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
 
 def figure_notes(metrics: dict | None) -> list[str]:
     """The scores drawn under a figure: per band, the codec against the all-zero and image-mean baselines."""
+    from astropt_tok.report import colour_line
+
     metrics = metrics or {}
     notes = []
     rec = metrics.get("reconstruction")
@@ -587,11 +591,18 @@ def figure_notes(metrics: dict | None) -> list[str]:
             notes.append(f"{b}: EV {m['explained_variance']:.3f} ({z['explained_variance']:.3f} / "
                          f"{im['explained_variance']:.3f}), PSNR {m['psnr']:.1f} ({z['psnr']:.1f} / {im['psnr']:.1f}), "
                          f"MSE {m['mse']:.3g}")
+        if rec.get("colours"):
+            notes.append(colour_line("colour RMS error, mag (codec / one colour for all)", rec["colours"]))
     cross = metrics.get("cross")
-    for key, against in (("vs_original", "the real image"), ("vs_reconstruction", "the codec reconstruction")):
+    for key, what in (("vs_original", "drawn vs the real image"),
+                      ("reconstruction_vs_original", "codec reconstruction vs the real image (the ceiling)"),
+                      ("vs_reconstruction", "drawn vs the codec reconstruction")):
         if cross and key in cross:
-            notes.append(f"{cross['generated']} drawn from {cross['given']} vs {against}, per band: MSE, PSNR dB")
-            notes.append("  ".join(f"{b}: {m['mse']:.3g}, {m['psnr']:.1f}" for b, m in cross[key]["per_band"].items()))
+            notes.append(f"{cross['generated']} {what}, per band: explained variance, PSNR dB")
+            notes.append("  ".join(f"{b}: {m['explained_variance']:.2f}, {m['psnr']:.1f}"
+                                   for b, m in cross[key]["per_band"].items()))
+            if key != "vs_reconstruction" and cross[key].get("colours"):
+                notes.append(colour_line("  colour RMS error, mag (this / one colour for all)", cross[key]["colours"]))
     if "prediction" in metrics:
         notes.append(f"teacher-forced next-token accuracy {metrics['prediction']['accuracy']:.3f}")
     if "completion" in metrics:
@@ -613,6 +624,7 @@ def summarise(result: DecodeResult) -> dict[str, Any]:
         if "reconstruction" in m:
             m["reconstruction"] = summary_json(m["reconstruction"])
         if "cross" in m:
-            m["cross"] = {k: summary_json(v) if k.startswith("vs_") else v for k, v in m["cross"].items()}
+            m["cross"] = {k: summary_json(v) if isinstance(v, dict) and "per_band" in v else v
+                          for k, v in m["cross"].items()}
         s["metrics"] = m
     return s

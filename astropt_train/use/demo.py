@@ -230,6 +230,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     metrics = {
         "reconstruction": rec["per_band"],  # per band: mse, explained_variance, psnr
         "baselines": rec["baselines"],  # the same for "zero" and "image_mean" on the same galaxies
+        "colours": rec["colours"],  # per neighbouring-band pair: RMS colour error (mag) beside one colour for all
         "reconstruction_galaxies": len(stored.labels),
         "prediction": predicted.metrics["prediction"],
         "completion": completed.metrics["completion"],
@@ -248,7 +249,14 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     }
     if cross is not None:
         pictures[f"{surveys[1][0]} drawn from {surveys[0][0]} tokens"] = cross.out
-        metrics["cross_survey"] = {k: v for k, v in cross.metrics["cross"].items() if k == "token_agreement"}
+        c = cross.metrics["cross"]
+        metrics["cross_survey"] = {"given": c["given"], "generated": c["generated"], "galaxies": len(cross.labels),
+                                   "token_agreement": c["token_agreement"]}
+        for key in ("vs_original", "reconstruction_vs_original"):  # drawn, and the codec's ceiling, vs the real image
+            if key in c:
+                metrics["cross_survey"][key] = {
+                    "explained_variance": {b: v["explained_variance"] for b, v in c[key]["per_band"].items()},
+                    "colours": c[key]["colours"]}
     val_images = sorted((run / "val_images").glob("*.png"))
     if val_images:
         pictures["validation images during training"] = val_images[-1]
@@ -297,14 +305,18 @@ def write_summary(result: DemoResult) -> Path:
     """WORKDIR/demo_summary.json: reconstruction scores and baselines at the top, then the rest of the run.
 
     Layout: {"reconstruction": {band: {mse, explained_variance, psnr}}, "baselines": {"zero": {band: ...},
-    "image_mean": {band: ...}}, "probes": the linear probes' table and report path (None without the probe step),
+    "image_mean": {band: ...}}, "colours": {pair: rms colour error beside one colour for all}, "probes": the linear
+    probes' table and report path (None without the probe step), "cross_survey": the drawn survey's explained
+    variance and colours against the real image, beside the codec's own reconstruction (None with one survey),
     "prediction", "completion", "train_loss", "val_loss", "seconds", "pictures", ...}.
     """
     m = result.metrics
-    summary = {"reconstruction": m["reconstruction"], "baselines": m["baselines"],
+    summary = {"reconstruction": m["reconstruction"], "baselines": m["baselines"], "colours": m.get("colours"),
                "reconstruction_galaxies": m["reconstruction_galaxies"], "probes": m.get("probe"),
+               "cross_survey": m.get("cross_survey"),
                **{k: v for k, v in _jsonable(result).items() if k != "metrics"},
-               "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines")}}
+               "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines", "colours",
+                                                                   "cross_survey")}}
     path = result.workdir / SUMMARY_FILE
     atomic_write_text(path, json.dumps(json.loads(json.dumps(summary, default=str)), indent=2))
     return path
@@ -342,8 +354,15 @@ def print_demo_summary(result: DemoResult, console=None) -> None:
     where.add_row("summary", str(result.workdir / SUMMARY_FILE))
     console.print(where)
     m = result.metrics
-    print_reconstruction_table({"per_band": m["reconstruction"], "baselines": m["baselines"]}, console=console,
+    print_reconstruction_table({"per_band": m["reconstruction"], "baselines": m["baselines"],
+                                "colours": m.get("colours")}, console=console,
                                title=f"codec reconstruction vs original ({m['reconstruction_galaxies']} galaxies)")
+    cross = m.get("cross_survey", {})
+    if "vs_original" in cross:
+        console.print(f"{cross['generated']} drawn from {cross['given']} tokens ({cross['galaxies']} galaxies), "
+                      "explained variance per band, drawn / codec reconstruction (the ceiling): " + ", ".join(
+                          f"{b} {ev:.2f} / {cross['reconstruction_vs_original']['explained_variance'][b]:.2f}"
+                          for b, ev in cross["vs_original"]["explained_variance"].items()))
     console.print(f"train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}; teacher-forced next-token accuracy "
                   f"{m['prediction']['accuracy']:.3f}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
