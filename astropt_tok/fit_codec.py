@@ -18,10 +18,11 @@
 
 The loss is the reconstruction error in the codec's range-compressed space (where faint structure counts)
 plus the error in flux (where bright galaxies count), each divided by its variance over the training data.
-With `colour_weight` > 0 it adds, per band, the error of the galaxy's central-aperture flux as a fraction of its
-summed aperture flux over the bands (its colour, as astropt_tok.quality scores it), divided by that fraction's
-variance: pixel losses are dominated by brightness and shape, and alone leave every galaxy near the average
-colour.
+With `colour_weight` > 0 it adds a colour term on the galaxy's central-aperture fluxes S (one per band, the
+aperture astropt_tok.quality scores colours in): the part of the error S_rec - S_true that is not a change of
+brightness (orthogonal to S_true), relative to |S_true|, squared and divided by the spread of S_true/|S_true|
+over the training data (so a codec that gives every galaxy the average colour scores about 1). Pixel losses
+are dominated by brightness and shape, and alone leave every galaxy near the average colour.
 `out/fit-state.pt` is a checkpoint every `checkpoint_every` steps; `resume` continues from it.
 """
 
@@ -143,13 +144,21 @@ def read_survey_flux(cfg: FitCodecConfig, column: str | None = None, bands: list
     return flux
 
 
-def band_fraction_error(recon, flux, inside):
-    """(recon, flux) [B, C, H, W] -> each band's aperture-flux error as a fraction of the galaxy's summed
-    aperture flux, [B, C]; `inside` [H, W] is the aperture (astropt_tok.quality.APERTURE_RADIUS)."""
-    true_ap = (flux * inside).sum(dim=(-2, -1))  # [B, C]
-    rec_ap = (recon * inside).sum(dim=(-2, -1))
-    total = true_ap.abs().sum(dim=1, keepdim=True).clamp_min(1e-6)  # [B, 1]
-    return (rec_ap - true_ap) / total
+def colour_error(recon, flux, inside):
+    """(recon, flux) [B, C, H, W] -> the colour part of the aperture-flux error, [B, C]: S_rec - alpha S_true
+    with alpha the best brightness scaling, over |S_true| (module doc); `inside` [H, W] is the aperture."""
+    true_ap = (flux * inside).sum(dim=(-2, -1))  # S_true [B, C]
+    rec_ap = (recon * inside).sum(dim=(-2, -1))  # S_rec [B, C]
+    norm2 = (true_ap**2).sum(dim=1, keepdim=True).clamp_min(1e-6)  # |S_true|^2 [B, 1]
+    alpha = (rec_ap * true_ap).sum(dim=1, keepdim=True) / norm2  # [B, 1]
+    return (rec_ap - alpha * true_ap) / norm2.sqrt()
+
+
+def colour_spread(flux, inside):
+    """sum over bands of the variance over galaxies of S/|S| (aperture fluxes S of flux [N, C, H, W]): a scalar."""
+    true_ap = (flux * inside).sum(dim=(-2, -1))  # [N, C]
+    unit = true_ap / (true_ap**2).sum(dim=1, keepdim=True).clamp_min(1e-6).sqrt()
+    return unit.var(dim=0).sum().clamp_min(1e-12)
 
 
 def aperture_mask(size: int, device):
@@ -360,8 +369,7 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
             survey["flux_var"] = sample.var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
             survey["compressed_var"] = compress(codec, sample, survey["bands"]).var(dim=(0, 2, 3)).clamp_min(1e-12)
             inside = aperture_mask(sample.shape[-1], device)  # [96, 96]
-            fraction = band_fraction_error(torch.zeros_like(sample), sample, inside)  # = -(band fraction) [N, C]
-            survey["fraction_var"] = fraction.var(dim=0).clamp_min(1e-12)  # [C]: the spread of colours
+            survey["colour_spread"] = colour_spread(sample, inside)  # how much galaxies' colours differ
 
     codec.train()
     loss_value = float("nan")
@@ -380,8 +388,9 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
                 per_band = ((compressed - target) ** 2).mean(dim=(0, 2, 3)) / survey["compressed_var"] \
                     + ((recon - x) ** 2).mean(dim=(0, 2, 3)) / survey["flux_var"]  # [C]
                 if cfg.colour_weight:
-                    colour = band_fraction_error(recon, x, inside) ** 2  # [B, C]
-                    per_band = per_band + cfg.colour_weight * colour.mean(dim=0) / survey["fraction_var"]
+                    colour = colour_error(recon, x, inside) ** 2  # [B, C]; summed over C, about the spread
+                    per_band = per_band + cfg.colour_weight * len(survey["bands"]) * colour.mean(dim=0) \
+                        / survey["colour_spread"]  # per_band.mean() then holds |colour error|^2 / spread
                 loss = loss + per_band.mean() / len(surveys)
             if not torch.isfinite(loss):
                 raise AstroptError(f"the fit diverged at step {step} (loss {float(loss)}); lower --lr "
