@@ -131,3 +131,15 @@ def test_demo_refuses_bad_sizes(tmp_path):
     with pytest.raises(AstroptError, match="the demo folder .* exists as a file, not a folder"):
         run_demo(DemoConfig(workdir=tmp_path / "taken", progress=False))
     assert (tmp_path / "taken").read_text() == "a file"
+
+
+def test_demo_on_a_source_whose_every_row_is_rejected_is_one_error(tmp_path):
+    """A --source without the demo's bands: tokenise rejects every row, and the demo stops there with the reason."""
+    from astropt_tok.errors import AstroptError
+    from astropt_tok.synthetic import write_synthetic_survey
+
+    write_synthetic_survey(tmp_path / "two-bands", n_rows=4, n_files=1, bands=("DES-G", "DES-R"), with_hsc=False)
+    with pytest.raises(AstroptError, match="every one of the 4 source rows was rejected"):
+        run_demo(DemoConfig(workdir=tmp_path / "w", source=str(tmp_path / "two-bands"), device="cpu", progress=False,
+                            shards=1))
+    assert not (tmp_path / "w" / "run").exists()

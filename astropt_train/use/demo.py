@@ -177,7 +177,8 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     say(f"[3/{stages}] tokenise {survey} -> {store}")
     surveys = _surveys(survey) if cfg.cross_survey else ()
     tokenise(TokeniseConfig(source=survey, out=str(store), shards=cfg.shards, codec=codec, limit=cfg.limit,
-                            device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress, modalities=surveys))
+                            device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress, modalities=surveys)
+             ).check_usable()  # a --source whose every row was rejected is one error here, not a failure in training
     seconds["tokenise"] = time.perf_counter() - t
 
     run = cfg.workdir / "run"
