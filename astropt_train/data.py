@@ -207,9 +207,8 @@ def to_device(batch, device, non_blocking: bool = True):
 
 def batch_to_device(batch, device, non_blocking: bool = True):
     """A batch (tensor, or a several-modality dict) -> (x, y, model kwargs) on device: kwargs carry the
-    sample's block `order` and a `loss_mask` (B, T-1) that leaves out targets in a modality the row lacks."""
-    import torch
-
+    sample's block `order`, a `loss_mask` (B, T-1) that leaves out targets in a modality the row lacks and, when
+    some row lacks one, `present` (B, T-1): which inputs are real tokens (the model attends to no other)."""
     if not isinstance(batch, dict):
         return (*to_device(batch, device, non_blocking), {})
     x, y = to_device(batch["tokens"], device, non_blocking)
@@ -217,10 +216,20 @@ def batch_to_device(batch, device, non_blocking: bool = True):
     if "order" in batch:
         kwargs["order"] = batch["order"].to(device, non_blocking=non_blocking)
     if "valid" in batch:
-        valid = batch["valid"].to(device, non_blocking=non_blocking)  # [B, M]
-        B, M = valid.shape
-        per = (y.size(1) + 1) // M  # tokens per modality
-        slot = torch.arange(1, y.size(1) + 1, device=y.device) // per  # (T-1,) the block of each target
-        modality = kwargs["order"][:, slot] if "order" in kwargs else slot.expand(B, -1)  # (B, T-1)
-        kwargs["loss_mask"] = valid.gather(1, modality)
+        valid = batch["valid"]  # [B, M] bool, on the CPU: deciding here costs the GPU no sync
+        kwargs["loss_mask"] = valid_at(valid, batch.get("order"), 1, y.size(1)).to(device, non_blocking=non_blocking)
+        if not bool(valid.all()):
+            kwargs["present"] = valid_at(valid, batch.get("order"), 0, x.size(1)).to(device, non_blocking=non_blocking)
     return x, y, kwargs
+
+
+def valid_at(valid, order, start: int, length: int):
+    """valid [B, M] bool (does the row have modality m), order [B, M] or None -> [B, length] bool: whether the
+    token at sequence positions start..start+length-1 belongs to a modality the row has, its blocks in `order`."""
+    import torch
+
+    B, M = valid.shape
+    per = (length + 1) // M  # tokens per modality (the sequence is M blocks; x and y are one shorter)
+    slot = torch.arange(start, start + length, device=valid.device) // per  # the block of each position
+    modality = order.to(valid.device)[:, slot] if order is not None else slot.expand(B, -1)  # (B, length)
+    return valid.gather(1, modality)

@@ -512,9 +512,12 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                             order = targets.get("order")
                             wanted = split_blocks(targets["tokens"], order, modalities)
                             got = split_blocks(predicted, order, modalities)
-                            for m in modalities:
+                            valid = targets.get("valid")  # [n, M]: a row lacking m shows its placeholder, so marked
+                            for k, m in enumerate(modalities):
+                                marks = [f"{label} {m}" + ("" if valid is None or valid[i, k] else " MISSING (not a galaxy)")
+                                         for i, label in enumerate(labels)]
                                 images[m].write(wanted[m], got[m], run / "val_images" / f"step-{step:08d}-{m}.png",
-                                                labels=[f"{label} {m}" for label in labels], step=step)
+                                                labels=marks, step=step)
                 if dist.master:
                     logger.log(record)
                     display.update(step, record)

@@ -70,12 +70,25 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value buffers for incremental decoding; `length` is how many positions are filled."""
+    """Per-layer key/value buffers for incremental decoding; `length` is how many positions are filled.
+    `present` (B, block_size) bool, once a partial row was fed: which cached positions hold real tokens."""
 
     def __init__(self, n_layer: int):
         self.k: list[torch.Tensor | None] = [None] * n_layer  # each (B, nh, block_size, hs) once allocated
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
+        self.present: torch.Tensor | None = None
+
+
+def attention_mask(present_keys: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """The boolean attention mask (B, 1, T, Tk) for the last T = num_queries of Tk positions whose keys are real
+    tokens where present_keys (B, Tk) is True: causal, no key of a missing token, and always the query's own
+    position (so no row is fully masked: a missing position attends to itself and the real tokens before it)."""
+    B, Tk = present_keys.shape
+    offset = Tk - num_queries  # query i sits at key position offset + i
+    ones = torch.ones(num_queries, Tk, dtype=torch.bool, device=present_keys.device)
+    causal, own = ones.tril(offset), ones.tril(offset) & ~ones.tril(offset - 1)  # (T, Tk) each
+    return ((causal & present_keys[:, None, :]) | own)[:, None]  # (B, 1, T, Tk)
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,8 +103,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.block_size, self.layer = config.block_size, layer
 
-    def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, C) at positions pos_offset..pos_offset+T-1 -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions pos_offset..pos_offset+T-1 -> (B, T, C). `mask` (B, 1, T, keys) from
+        `attention_mask` replaces the causal rule when rows lack a modality (None: plain causal, flash on GPU)."""
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -113,6 +128,8 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:  # query i (at pos_offset+i) sees keys 0..pos_offset+i
                     attn_mask = torch.ones(T, pos_offset + T, dtype=torch.bool, device=x.device).tril(pos_offset)
+        if mask is not None:
+            attn_mask, is_causal = mask, False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, nh, T, hs)
@@ -164,9 +181,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
-        x = x + self.attn(self.ln_1(x), pos_offset=pos_offset, kv_cache=kv_cache)
+        x = x + self.attn(self.ln_1(x), pos_offset=pos_offset, kv_cache=kv_cache, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -251,20 +269,38 @@ class GPT(nn.Module):
             return slot.expand(batch, length)
         return order.to(device)[:, slot]
 
-    def _embed(self, tokens: torch.Tensor, pos_offset: int, order: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, tokens: torch.Tensor, pos_offset: int, order: torch.Tensor | None,
+               present: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) at positions pos_offset.. -> token + position embeddings (B, T, C), each token by the
-        tables of its own modality."""
+        tables of its own modality. Where `present` (B, T) is False (a modality the row lacks) the position
+        embedding stands alone: the placeholder token's id never enters the model."""
         B, T = tokens.size()
         pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=tokens.device)  # (T,)
-        if len(self.names) == 1:
-            return self.encoders[self.names[0]](tokens) + self.embedders[self.names[0]](pos)  # (B, T, C)
-        modality = self.modality_at(pos_offset, T, order, B, tokens.device)  # (B, T)
+        modality = self.modality_at(pos_offset, T, order, B, tokens.device) if len(self.names) > 1 else None  # (B, T)
         within = pos % self.tokens_per_modality  # (T,) position within its modality
         x = None
         for m, name in enumerate(self.names):
-            emb = self.encoders[name](tokens) + self.embedders[name](within)  # (B, T, C)
+            tok = self.encoders[name](tokens)  # (B, T, C)
+            if present is not None:
+                tok = torch.where(present[..., None], tok, 0.0)
+            emb = tok + self.embedders[name](within)  # (B, T, C)
             x = emb if x is None else torch.where((modality == m)[..., None], emb, x)
         return x
+
+    def _mask(self, present: torch.Tensor | None, T: int, pos_offset: int, kv_cache: KVCache | None):
+        """The attention mask for T new positions from pos_offset given `present` (B, T) (None: all real), or
+        None when every key is a real token (then attention is plain causal: the fast path)."""
+        if present is not None and bool(present.all()):
+            present = None
+        if kv_cache is not None:
+            if present is not None and kv_cache.present is None:
+                kv_cache.present = torch.ones(present.size(0), self.config.block_size, dtype=torch.bool,
+                                              device=present.device)
+            if kv_cache.present is None:
+                return None
+            kv_cache.present[:, pos_offset : pos_offset + T] = True if present is None else present
+            return attention_mask(kv_cache.present[:, : pos_offset + T], T)
+        return None if present is None else attention_mask(present, T)
 
     def _logits(self, x: torch.Tensor, pos_offset: int, order: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states (B, T, C) at positions pos_offset.. -> (B, T, vocab): each position through the
@@ -310,6 +346,7 @@ class GPT(nn.Module):
         loss_chunks: int = 1,
         order: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens (B, T) int64 at positions pos_offset.. -> (logits, loss).
 
@@ -318,14 +355,18 @@ class GPT(nn.Module):
         Without: logits (B, 1, vocab) for the last position only (what sampling needs), loss None.
         With targets and loss_chunks > 1 (training): logits None and the same loss from `chunked_cross_entropy`,
         which never holds the (B, T, vocab) logits (one modality only; several compute the logits whole).
-        Several modalities: `order` (B, M) is each sample's block order (None: `modalities` order).
+        Several modalities: `order` (B, M) is each sample's block order (None: `modalities` order). `present`
+        (B, T) bool marks real tokens; False: a modality the row lacks (--keep-partial stores), whose positions
+        no position attends to and whose token ids are ignored, so every output at a real position is
+        independent of them. None (or all True) is plain causal attention.
         """
         B, T = tokens.size()
         if pos_offset + T > self.config.block_size:
             raise ValueError(f"positions {pos_offset}..{pos_offset + T - 1} exceed block_size {self.config.block_size}")
-        x = self.transformer.drop(self._embed(tokens, pos_offset, order))  # (B, T, C)
+        mask = self._mask(present, T, pos_offset, kv_cache)  # (B, 1, T, keys) or None
+        x = self.transformer.drop(self._embed(tokens, pos_offset, order, present if mask is not None else None))
         for block in self.transformer.h:
-            x = block(x, pos_offset=pos_offset, kv_cache=kv_cache)
+            x = block(x, pos_offset=pos_offset, kv_cache=kv_cache, mask=mask)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self._logits(x[:, [-1], :], pos_offset + T - 1, order), None  # (B, 1, vocab)
@@ -340,17 +381,20 @@ class GPT(nn.Module):
             loss = (ce * keep).sum() / keep.sum().clamp(min=1)
         return logits, loss
 
-    def hidden_states(self, tokens: torch.Tensor, layers: list[int], order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def hidden_states(self, tokens: torch.Tensor, layers: list[int], order: torch.Tensor | None = None,
+                      present: torch.Tensor | None = None) -> list[torch.Tensor]:
         """tokens (B, T) int64 -> one (B, T, C) per entry of `layers`: i < n_layer is block i's output (no final
-        LayerNorm), n_layer is the final output after `ln_f` (what the head sees). Runs only the blocks needed."""
+        LayerNorm), n_layer is the final output after `ln_f` (what the head sees). Runs only the blocks needed.
+        `present` (B, T) as in `forward`: states at real positions ignore the missing ones."""
         B, T = tokens.size()
         if T > self.config.block_size:
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
-        x = self.transformer.drop(self._embed(tokens, 0, order))  # (B, T, C)
+        mask = self._mask(present, T, 0, None)
+        x = self.transformer.drop(self._embed(tokens, 0, order, present if mask is not None else None))  # (B, T, C)
         wanted, out = set(layers), {}
         last = min(max(layers), self.config.n_layer - 1)
         for i, block in enumerate(self.transformer.h[: last + 1]):
-            x = block(x)
+            x = block(x, mask=mask)
             if i in wanted:
                 out[i] = x
         if self.config.n_layer in wanted:
@@ -393,6 +437,7 @@ class GPT(nn.Module):
         order: torch.Tensor | None = None,
         vocab_limit: int | None = None,
         on_token=None,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continue prefix_tokens (B, K) int64, K >= 1, by max_new_tokens sampled tokens -> (B, K + max_new_tokens).
 
@@ -401,7 +446,8 @@ class GPT(nn.Module):
         tokens for the same generator seed. To generate a galaxy from nothing, pass a first token yourself
         (e.g. sampled from the first tokens of training images in the store) as a (B, 1) prefix. `vocab_limit`
         samples only ids below it (a model whose vocabulary is larger than the codec's, e.g. upstream's 10,000).
-        `on_token()`, when given, is called after each new token (a progress bar's hook).
+        `on_token()`, when given, is called after each new token (a progress bar's hook). `present` (B, K) marks
+        the prefix's real tokens, as in `forward` (the sampled tokens are all real).
         """
         B, K = prefix_tokens.shape
         if K < 1:
@@ -410,13 +456,14 @@ class GPT(nn.Module):
             raise ValueError(f"{K} + {max_new_tokens} tokens exceed block_size {self.config.block_size}")
         seq = prefix_tokens
         cache = KVCache(self.config.n_layer) if use_kv_cache else None
-        step_in, offset = seq, 0
+        step_in, offset, step_present = seq, 0, present
         for _ in range(max_new_tokens):
             if cache is not None:
-                logits, _ = self(step_in, pos_offset=offset, kv_cache=cache, order=order)
-                offset += step_in.size(1)
+                logits, _ = self(step_in, pos_offset=offset, kv_cache=cache, order=order, present=step_present)
+                offset, step_present = offset + step_in.size(1), None
             else:
-                logits, _ = self(seq, order=order)
+                whole = None if present is None else torch.cat([present, present.new_ones(B, seq.size(1) - K)], 1)
+                logits, _ = self(seq, order=order, present=whole)
             logits = logits[:, -1, :vocab_limit].float()  # (B, vocab) or (B, vocab_limit)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
