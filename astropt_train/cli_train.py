@@ -33,7 +33,9 @@ def register(app: typer.Typer) -> None:
                                                  "which to train on, in sequence order, e.g. legacysurvey_image,hsc_image "
                                                  "(all, in the store's order)."),
         shuffle_modalities: Optional[bool] = typer.Option(None, "--shuffle-modalities", help="Draw each galaxy's "
-                                                          "modality order from (seed, row) instead of one fixed order."),
+                                                          "modality order anew each epoch, from (seed, epoch, row), "
+                                                          "instead of one fixed order (validation: each row's epoch-0 "
+                                                          "order)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch per process (16)."),
         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step (1)."),
         max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Optimiser steps in total (1000)."),

@@ -53,7 +53,7 @@ class TrainConfig:
     head: str = "affine"  # "affine" or "aim": upstream AstroPT's two heads (its `tokeniser`)
     # a store of several image columns: which, in sequence order (comma-separated; None: all, the store's order)
     modalities: str | None = None
-    shuffle_modalities: bool = False  # draw each galaxy's block order from (seed, row) instead
+    shuffle_modalities: bool = False  # draw each galaxy's block order from (seed, epoch, row) instead
     init_from: str | None = None  # start from these weights: a run/checkpoint folder or upstream AstroPT's ckpt.pt
     # optimisation
     batch_size: int = 16  # micro-batch per process

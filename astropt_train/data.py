@@ -18,6 +18,8 @@ from astropt_tok.store import TokenStore
 
 SPLIT_STREAM = 0x5A11  # the second word of the split's seed, so it never equals an epoch's stream
 ORDER_STREAM = 0x0D3A  # the second word of a row's modality-order seed (--shuffle-modalities)
+EPOCH_GAMMA = 0xD1B54A32D192ED03  # odd: each epoch moves a row's modality-order hash input by this much
+VAL_EPOCH = 0  # rows given without an epoch (validation, pictures) take their epoch-0 modality order
 
 
 @dataclass
@@ -60,8 +62,10 @@ class TokenRows:
     in the process's RSS, which then grows toward the store's size.
 
     Several modalities (`modalities`, names of a store's token columns): a galaxy is one sequence of their
-    blocks, in that order or, with `shuffle`, in an order picked per row from (seed, row); a batch is then a dict
-    {"tokens": [B, M * T] int16, "order": [B, M] (shuffled), "valid": [B, M] bool (stores with missing images)}.
+    blocks, in that order or, with `shuffle`, in the order `modality_orders` picks from (seed, epoch, row); a
+    batch is then a dict {"tokens": [B, M * T] int16, "order": [B, M] (shuffled), "valid": [B, M] bool (stores
+    with missing images)}. The epoch comes with the rows (`EpochRows`, what `EpochBatchSampler` yields), so
+    workers hold no epoch state; plain row indices (validation, pictures) get the fixed order of epoch 0.
     """
 
     def __init__(self, store: TokenStore, reads: str = "pread", modalities: list[str] | None = None,
@@ -79,9 +83,13 @@ class TokenRows:
         return self.__getitems__([row])[0]
 
     def __getitems__(self, rows):
-        """Rows (store indices) -> [len(rows), tokens_per_image] int16 tensor (several modalities: a dict, above)."""
+        """Rows (store indices, or an `EpochRows`) -> [len(rows), tokens_per_image] int16 tensor (several
+        modalities: a dict, above)."""
         import torch
 
+        epoch = VAL_EPOCH
+        if isinstance(rows, EpochRows):
+            epoch, rows = rows.epoch, rows.rows
         rows = np.asarray(rows, dtype=np.int64)
         located = self.store.locate(rows)
         read = self.store.read_rows if self.reads == "pread" else self.store.gather
@@ -90,7 +98,7 @@ class TokenRows:
         blocks = np.stack([read(*located, modality=m) for m in self.modalities], axis=1)  # [B, M, T]
         batch = {}
         if self.shuffle:
-            order = modality_orders(self.seed, rows, len(self.modalities))  # [B, M]: block k is modality order[b, k]
+            order = modality_orders(self.seed, epoch, rows, len(self.modalities))  # [B, M]: block k is modality order[b, k]
             blocks = np.take_along_axis(blocks, order[:, :, None], axis=1)
             batch["order"] = torch.from_numpy(order)
         batch["tokens"] = torch.from_numpy(np.ascontiguousarray(blocks.reshape(len(rows), -1)))
@@ -100,15 +108,29 @@ class TokenRows:
         return batch
 
 
-def modality_orders(seed: int, rows: np.ndarray, num_modalities: int) -> np.ndarray:
-    """Each row's block order, [len(rows), M] int64: one of the M! permutations, picked by a splitmix64 hash of
-    (seed, row), so a galaxy's order is a pure function of the two (the same on every epoch and every resume),
-    vectorised over the batch."""
+@dataclass(frozen=True)
+class EpochRows:
+    """One batch of store rows and the epoch it belongs to: what the batch sampler hands the Dataset (through
+    DataLoader workers too), so a shuffled modality order can depend on the epoch without state in workers."""
+
+    epoch: int
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def modality_orders(seed: int, epoch: int, rows: np.ndarray, num_modalities: int) -> np.ndarray:
+    """Each row's block order in an epoch, [len(rows), M] int64: one of the M! permutations, picked by a
+    splitmix64 hash of (seed, epoch, row), so a galaxy's order changes from epoch to epoch but is a pure function
+    of the three (the same on every rank, worker count and resume), vectorised over the batch. Epoch 0 gives the
+    order every epoch had before the order depended on the epoch."""
     import itertools
 
     perms = np.array(list(itertools.permutations(range(num_modalities))), dtype=np.int64)  # [M!, M]
+    key = (seed * 0x9E3779B97F4A7C15 + ORDER_STREAM + epoch * EPOCH_GAMMA) % 2**64
     with np.errstate(over="ignore"):
-        z = np.asarray(rows, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + ORDER_STREAM) % 2**64)
+        z = np.asarray(rows, dtype=np.uint64) + np.uint64(key)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -128,6 +150,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 class EpochBatchSampler:
     """Endless batches of store rows: epoch e visits train rows in `epoch_permutation(seed, e)` order, rank r
     takes `perm[r::world]` cut to an equal length, in batches of `batch_size` (the ragged tail is dropped).
+    Each batch is an `EpochRows` (the rows and their epoch).
 
     Starts at (start_epoch, start_batch), so a resumed run continues with exactly the batches it would have seen.
     """
@@ -154,12 +177,12 @@ class EpochBatchSampler:
         """(epoch, batch) after `batches_done` batches from the start of epoch 0."""
         return divmod(batches_done, self.batches_per_epoch)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[EpochRows]:
         epoch, b = self.start_epoch, self.start_batch
         while True:
             mine = self.rank_rows(epoch)
             while b < self.batches_per_epoch:
-                yield mine[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+                yield EpochRows(epoch, mine[b * self.batch_size : (b + 1) * self.batch_size].tolist())
                 b += 1
             epoch, b = epoch + 1, 0
 

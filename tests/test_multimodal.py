@@ -293,6 +293,74 @@ def test_shuffled_order_and_missing_modalities_are_masked(tmp_path):
     assert np.isfinite(summary["loss"])
 
 
+def test_modality_orders_reach_every_permutation_and_change_per_epoch():
+    from astropt_train.data import modality_orders
+
+    perms = {tuple(p) for p in __import__("itertools").permutations(range(3))}
+    epoch0 = modality_orders(7, 0, np.arange(300), 3)
+    assert {tuple(o) for o in epoch0} == perms  # across galaxies
+    assert {tuple(modality_orders(7, e, [5], 3)[0]) for e in range(80)} == perms  # one galaxy across epochs
+    epoch1 = modality_orders(7, 1, np.arange(300), 3)
+    assert 0.7 < (epoch0 != epoch1).any(axis=1).mean() < 0.95  # about 5/6 of galaxies change order
+    np.testing.assert_array_equal(modality_orders(7, 1, np.arange(300), 3), epoch1)  # a pure function
+    assert not np.array_equal(modality_orders(8, 1, np.arange(300), 3), epoch1)  # of the seed too
+
+
+def _tiny_two_column_store(path, rows=24, per=8):
+    rng = np.random.default_rng(1)
+    tokens = {m: rng.integers(0, 50, size=(rows, per)) for m in PAIR}
+    st.write_store_from_arrays(path, tokens, 2, {"id": "random", "vocab_size": 50, "tokens_per_image": per},
+                               {m: ["DES-G"] if m == PAIR[0] else ["HSC-G"] for m in PAIR})
+    return tokens
+
+
+def test_shuffled_orders_change_per_epoch_equal_across_workers_and_resume(tmp_path):
+    from astropt_train.data import EpochBatchSampler, TokenRows, make_loader
+
+    tokens = _tiny_two_column_store(tmp_path / "s")
+    store = st.TokenStore(tmp_path / "s")
+    dataset = TokenRows(store, modalities=PAIR, shuffle=True, seed=3)
+    rows = np.arange(store.num_rows)
+
+    def batches(workers, start=0, count=12):
+        sampler = EpochBatchSampler(rows, 4, seed=3)
+        sampler.start_epoch, sampler.start_batch = sampler.position(start)
+        return [b for _, b in zip(range(count), make_loader(store, sampler, workers, False, dataset=dataset))]
+
+    in_process, workers = batches(0), batches(2)
+    for a, b in zip(in_process, workers):
+        assert torch.equal(a["order"], b["order"]) and torch.equal(a["tokens"], b["tokens"])
+    for a, b in zip(in_process[7:], batches(2, start=7, count=5)):  # resumed mid-epoch 1
+        assert torch.equal(a["order"], b["order"]) and torch.equal(a["tokens"], b["tokens"])
+    per_epoch = {}  # epoch -> {row: order}; 6 batches of 4 per epoch
+    for i, batch in enumerate(in_process):
+        for seq, order in zip(batch["tokens"].numpy(), batch["order"].numpy()):
+            row = int(np.flatnonzero((tokens[PAIR[order[0]]] == seq[:8]).all(1))[0])
+            np.testing.assert_array_equal(seq, np.concatenate([tokens[PAIR[k]][row] for k in order]))
+            per_epoch.setdefault(i // 6, {})[row] = tuple(order)
+    assert sorted(per_epoch[0]) == sorted(per_epoch[1]) == list(range(24))
+    changed = sum(per_epoch[0][r] != per_epoch[1][r] for r in range(24))
+    assert 4 <= changed <= 20  # about half of the galaxies swap their blocks between epochs
+    fixed = dataset.__getitems__(rows)["order"]  # plain rows (validation): the epoch-0 order, at every call
+    assert torch.equal(fixed, dataset.__getitems__(rows)["order"])
+    assert [tuple(o) for o in fixed.tolist()] == [per_epoch[0][r] for r in range(24)]
+
+
+def test_shuffled_training_resumes_exactly(tmp_path):
+    _tiny_two_column_store(tmp_path / "s")
+    kw = dict(shuffle_modalities=True, max_iters=8, lr_decay_iters=8, log_interval=1, eval_interval=8)
+    train(_train_cfg(tmp_path / "s", tmp_path / "a", **kw))  # 19 train rows: 4 batches per epoch, two epochs
+    train(_train_cfg(tmp_path / "s", tmp_path / "b", **{**kw, "max_iters": 3, "checkpoint_interval": 3}))
+    train(_train_cfg(tmp_path / "s", tmp_path / "b", **kw, resume=True))
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    straight, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [s for s, _ in resumed] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in resumed], [v for _, v in straight], rtol=0, atol=1e-6)
+
+
 def test_model_several_modalities_kv_cache_and_order():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=32, modalities=["a", "b"])).eval()

@@ -59,7 +59,7 @@ def test_loader_returns_exactly_the_store_rows(small_store):
     later.start_epoch, later.start_batch = later.position(n + 2)
     it = iter(later)
     for k in range(3):
-        assert next(it) == seen[n + 2 + k].tolist()
+        assert next(it).rows == seen[n + 2 + k].tolist()
 
 
 def test_loader_with_workers_matches_in_process(small_store):
