@@ -4,6 +4,7 @@ it returns, one shard at a time (`encode_shard`)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -145,48 +146,40 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
     from torch.profiler import record_function
 
     t0 = time.perf_counter()
+    several = isinstance(encoder, ModalityEncoders)
     tokens_parts, rows_parts, ids, rejects, valid_parts = [], [], [], [], []
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
 
-    def collect_several(batch: PreparedBatch, handles: dict) -> None:
-        """Several modalities: a row is kept when every image encoded well (with --keep-partial, when one did;
-        the others are marked invalid and hold zeros); a reject names each failed modality."""
-        n = len(batch.rows)
-        results = encoder.result(handles)
-        tokens, valid, why = {}, {}, [[] for _ in range(n)]
-        for column, (t, finite, in_vocab) in results.items():
-            present = batch.valid[column] if batch.valid is not None else np.ones(n, dtype=bool)
-            valid[column] = present & finite & in_vocab
-            for j in np.nonzero(present & ~(finite & in_vocab))[0]:
-                why[j].append(f"{column}: {OUT_OF_VOCABULARY if finite[j] else NONFINITE_LATENTS}")
-            tokens[column] = np.where(valid[column][:, None], t, 0)
-        stacked = np.stack(list(valid.values()))  # [modalities, n]
-        ok = stacked.any(0) if batch.valid is not None else stacked.all(0)
-        for j in np.nonzero(~ok)[0]:
-            _bad_row(reject_record(batch.rows[j], batch.object_ids[j], "; ".join(why[j])), cfg, rejects)
-        tokens_parts.append({column: t[ok].astype(dtype) for column, t in tokens.items()})
-        valid_parts.append({column: v[ok] for column, v in valid.items()})
-        rows_parts.append(batch.rows[ok])
-        ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
-        if on_rows is not None:
-            on_rows(n)
-
     def collect(batch: PreparedBatch, handle) -> None:
+        """Keep the rows whose images encoded well: with one image column, or several without --keep-partial,
+        every image; with --keep-partial, at least one (the others are marked invalid and hold zeros). A
+        reject's reason names each failed column (with one column, the reason alone). Per-row work is only
+        for rejected rows."""
         nonlocal on_first_encoded
         with record_function("astropt.collect"):
-            if isinstance(handle, dict):
-                collect_several(batch, handle)
+            results = encoder.result(handle) if several else {None: encoder.result(handle)}
+            present = batch.valid  # --keep-partial: {column: [n] bool}, False where a kept row lacks that image
+            encoded_well = {column: finite & in_vocab for column, (_, finite, in_vocab) in results.items()}
+            good = encoded_well if present is None else {c: present[c] & e for c, e in encoded_well.items()}
+            if len(good) == 1:
+                ok = next(iter(good.values()))  # [n] bool
             else:
-                tokens, finite, in_vocab = encoder.result(handle)
-                ok = finite & in_vocab
-                for j in np.nonzero(~ok)[0]:
-                    reason = OUT_OF_VOCABULARY if finite[j] else NONFINITE_LATENTS
-                    _bad_row(reject_record(batch.rows[j], batch.object_ids[j], reason), cfg, rejects)
-                tokens_parts.append(tokens[ok].astype(dtype))
-                rows_parts.append(batch.rows[ok])
-                ids.extend(i for i, good in zip(batch.object_ids, ok) if good)
-                if on_rows is not None:
-                    on_rows(len(batch.rows))
+                stacked = np.stack(list(good.values()))  # [columns, n]
+                ok = stacked.any(0) if present is not None else stacked.all(0)
+            for j in np.nonzero(~ok)[0]:
+                why = {c: OUT_OF_VOCABULARY if results[c][1][j] else NONFINITE_LATENTS for c in results
+                       if not encoded_well[c][j] and (present is None or present[c][j])}  # {column: reason}
+                reason = "; ".join(f"{c}: {text}" for c, text in why.items()) if several else why[None]
+                _bad_row(reject_record(batch.rows[j], batch.object_ids[j], reason), cfg, rejects)
+            tokens = {column: t for column, (t, _, _) in results.items()}  # [n, T] int64 each
+            if present is not None:  # --keep-partial: a kept row's failed images hold zeros
+                tokens = {column: np.where(good[column][:, None], t, 0) for column, t in tokens.items()}
+                valid_parts.append({column: v[ok] for column, v in good.items()})
+            tokens_parts.append({column: t[ok].astype(dtype) for column, t in tokens.items()})
+            rows_parts.append(batch.rows[ok])
+            ids.extend(itertools.compress(batch.object_ids, ok))
+            if on_rows is not None:
+                on_rows(len(batch.rows))
             if on_first_encoded is not None:
                 on_first_encoded()
                 on_first_encoded = None
@@ -218,15 +211,15 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
     T = encoder.loaded.tokens_per_image
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     rejects.sort(key=lambda r: r["row"])
+    columns = list(encoder.encoders) if several else [None]
+    tokens = {c: np.concatenate([p[c] for p in tokens_parts]) if tokens_parts else np.zeros((0, T), dtype=dtype)
+              for c in columns}
     valid = None
-    if isinstance(encoder, ModalityEncoders):
-        tokens = {c: np.concatenate([p[c] for p in tokens_parts]) if tokens_parts else np.zeros((0, T), dtype=dtype)
-                  for c in encoder.encoders}
-        if getattr(cfg, "keep_partial", False):
-            valid = {c: np.concatenate([p[c] for p in valid_parts]) if valid_parts else np.zeros(0, dtype=bool)
-                     for c in encoder.encoders}
-    else:
-        tokens = np.concatenate(tokens_parts) if tokens_parts else np.zeros((0, T), dtype=dtype)
+    if several and getattr(cfg, "keep_partial", False):
+        valid = {c: np.concatenate([p[c] for p in valid_parts]) if valid_parts else np.zeros(0, dtype=bool)
+                 for c in columns}
+    if not several:
+        tokens = tokens[None]
     return EncodedShard(index, tokens, rows, ids if has_ids else None, rejects, time.perf_counter() - t0, waited,
                         valid)
 

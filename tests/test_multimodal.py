@@ -142,6 +142,49 @@ def test_rejects_name_the_modality_and_keep_partial_marks_it(bad_hsc_survey, cod
         tokenise(_config(bad_hsc_survey, codec_dir, tmp_path / "x", keep_partial=True, modalities=()))
 
 
+def _codec_failing_on_hsc(codec_dir, dest):
+    """A copy of the codec whose input projection weighs the HSC bands by float32's max: an HSC image's
+    latents overflow, while a Legacy Survey image (HSC channels absent) encodes exactly as before."""
+    import shutil
+
+    from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(codec_dir, dest)
+    weights = dest / "codecs/image/model.safetensors"
+    state = load_file(str(weights))
+    hsc = [BAND_TO_INDEX[b] for b in HSC_BANDS]
+    state["subsample_in.weight"][:, hsc] = float(np.finfo(np.float32).max)  # [projection, 9 bands]
+    save_file(state, str(weights))
+    return dest
+
+
+@pytest.mark.parametrize("keep_partial", [False, True])
+def test_codec_failures_name_the_modality_and_keep_partial_marks_them(keep_partial, two_column_store, survey_dir,
+                                                                      codec_dir, tmp_path):
+    """The codec fails on every HSC image only: a reject's reason is the failed column's alone; with
+    --keep-partial every row is kept, HSC marked invalid with zero tokens, Legacy Survey as before."""
+    from astropt_tok.encoder import NONFINITE_LATENTS
+
+    broken = _codec_failing_on_hsc(codec_dir, tmp_path / "codec")
+    out = tmp_path / "store"
+    summary = tokenise(_config(survey_dir, broken, out, keep_partial=keep_partial))
+    rows = np.arange(ROWS)
+    if not keep_partial:
+        assert summary.rows == 0 and summary.rejected == ROWS
+        rejects = [json.loads(line) for line in (out / st.REJECTS).read_text().splitlines()]
+        assert [r["row"] for r in rejects] == rows.tolist()
+        assert {r["reason"] for r in rejects} == {f"hsc_image: {NONFINITE_LATENTS}"}
+        return
+    store = st.TokenStore(out)
+    assert summary.rejected == 0 and store.num_rows == ROWS
+    valid = store.valid(rows)
+    assert valid["legacysurvey_image"].all() and not valid["hsc_image"].any()
+    assert not store.take(rows, "hsc_image").any()
+    np.testing.assert_array_equal(store.take(rows, "legacysurvey_image"),
+                                  st.TokenStore(two_column_store).take(rows, "legacysurvey_image"))
+
+
 @pytest.mark.parametrize("columns, bands, message", [
     (["legacysurvey_image", "hsc_image"], None, "each is NAME:BAND"),
     (["legacysurvey_image:DES-G", "hsc_image:"], None, "each is NAME:BAND"),
