@@ -27,25 +27,26 @@ app = typer.Typer(
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="Token store folder (holds manifest.json)."),
+    store: Path = typer.Argument(..., help="Token store folder (holds manifest.json), or an embeddings store "
+                                 "written by `astropt embed`."),
     finalize: bool = typer.Option(
-        False, "--finalize", help="Complete the manifest of a store whose shards were all written by "
-        "separate processes, then verify it."),
+        False, "--finalize", help="Complete the manifest of a token store whose shards were all written by "
+        "separate processes (under the store's lock), then verify it."),
 ) -> None:
     """Re-hash every shard against the manifest; check shapes, dtypes and token ranges. Non-zero exit names each bad shard."""
-    from astropt_tok.source import check_recorded_files
-    from astropt_tok.store import finalize_store, read_manifest, verify_store
-
-    if finalize:
-        manifest = read_manifest(store)
-        if not manifest.get("complete"):
-            note = check_recorded_files(manifest["source"])  # refuses a source that changed meanwhile
-            if note:
-                typer.echo(f"note: {note}", err=True)
-        if not manifest.get("complete") and finalize_store(store, manifest) is None:
-            raise AstroptError(f"{store}: not every shard is done yet; re-run `astropt tokenise` to finish them")
     from astropt_tok.report import report_verify
+    from astropt_tok.store import manifest_format, verify_store
+    from astropt_tok.tokenise import finalize as finalize_store
+    from astropt_train.use.embed import FORMAT as EMBEDDINGS, verify_embeddings
 
+    if manifest_format(store) == EMBEDDINGS:
+        if finalize:
+            raise AstroptError(f"{store} is an embeddings store: --finalize is for token stores (re-run the same "
+                               "`astropt embed` command to finish an embeddings store)")
+        report_verify(verify_embeddings(store), store)
+        return
+    if finalize:
+        finalize_store(store)
     report_verify(verify_store(store), store)
 
 

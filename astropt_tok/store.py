@@ -346,6 +346,16 @@ def read_manifest(store_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def manifest_format(folder: str | os.PathLike) -> str | None:
+    """The `format` DIR/manifest.json declares (a token store, an embeddings store), or None when there is no
+    readable one; `read_manifest` says what is wrong with it."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def _check_manifest(m: dict, path: Path) -> None:
     """Every field a reader relies on is there with the right type; shard entries name their own files."""
     def need(obj, key, kind, where=""):

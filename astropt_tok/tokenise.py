@@ -241,6 +241,25 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                          t_start)
 
 
+def finalize(out_dir) -> None:
+    """`astropt verify --finalize`: complete the manifest of a store whose shards separate processes all wrote,
+    holding the store's lock (a tokenise or another finalize at work there is one error)."""
+    from astropt_tok.source import check_recorded_files
+
+    out = Path(out_dir)
+    if st.read_manifest(out).get("complete"):
+        return
+    with folder_lock(out, "`astropt verify --finalize`"):
+        manifest = st.read_manifest(out)  # again, under the lock: another finalize may have just completed it
+        if manifest.get("complete"):
+            return
+        note = check_recorded_files(manifest["source"])  # refuses a source that changed meanwhile
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        if st.finalize_store(out, manifest) is None:
+            raise AstroptError(f"{out}: not every shard is done yet; re-run `astropt tokenise` to finish them")
+
+
 def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world, group,
               t_start) -> TokeniseSummary:
     if rank != 0 and not group.active and cfg.overwrite:

@@ -362,6 +362,35 @@ def test_a_second_tokenise_on_one_store_is_refused(made_store, store, capsys):
     assert not (store / ".done" / "shard-00001.json").exists()
 
 
+HOLD_LOCK = ("import sys; from astropt_tok.lock import folder_lock\n"
+             "with folder_lock(sys.argv[1], sys.argv[2], shared=sys.argv[3] == 'shared'):\n"
+             "    print('locked', flush=True)\n    sys.stdin.read()\n")  # until the test closes its stdin
+
+
+@pytest.mark.parametrize("holder, how", [("`astropt tokenise`", "exclusive"), ("`astropt tokenise`", "shared"),
+                                         ("`astropt verify --finalize`", "exclusive")],
+                         ids=["a tokenise", "an array task", "another finalize"])
+def test_finalize_is_refused_while_another_process_holds_the_store(store, holder, how, capsys):
+    """`verify --finalize` takes the store's lock: while another process holds it (a tokenise, one task of an
+    array, another finalize), finalize is one error naming it and completes nothing; afterwards it goes on."""
+    edit_manifest(store, lambda m: (m.update(complete=False), m.pop("shards"), m.pop("totals")))
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store), holder, how], cwd=REPO, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout.readline() == "locked\n"
+        code, _, err = run_cli(["verify", store, "--finalize"], capsys)
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+    line = assert_one_error(code, err, str(store), "in use")
+    if how == "exclusive":
+        assert holder in line and f"pid {other.pid}" in line
+    assert not json.loads((store / "manifest.json").read_text())["complete"]
+    code, out, err = run_cli(["verify", store, "--finalize"], capsys)
+    assert code == 0 and out.startswith("OK"), err
+    assert json.loads((store / "manifest.json").read_text())["complete"]
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     from astropt_tok.lock import folder_lock
 

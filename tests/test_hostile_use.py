@@ -108,6 +108,8 @@ CASES = {
     "embed missing tokens": ([*EMBED, "--tokens", "{tmp}/nope"], ["{tmp}/nope"]),
     "embed verify a token store": (["embed", "--verify", "{store}"], ["{store}", "not an embeddings store"]),
     "embed verify nothing": (["embed", "--verify", "{tmp}/nope"], ["{tmp}/nope", "does not exist"]),
+    "verify --finalize an embeddings store": (["verify", "{emb}", "--finalize"],
+                                              ["{emb}", "embeddings store", "astropt embed"]),
     "embed usage type": ([*EMBED, "--batch-size", "many"], ["--batch-size", "astropt embed --help"]),
     # probe
     "probe one fold": ([*PROBE, "--target", "redshift", "--folds", "1"], ["--folds"]),
@@ -256,14 +258,14 @@ EMBEDDINGS_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("command", ["verify", "probe"])
+@pytest.mark.parametrize("command", ["embed --verify", "probe"])
 @pytest.mark.parametrize("damage", list(EMBEDDINGS_DAMAGE))
 def test_damaged_embeddings_manifest_is_one_error(damage, command, made, capsys, tmp_path):
     emb = tmp_path / "emb"
     shutil.copytree(made["emb"], emb)
     change, what = EMBEDDINGS_DAMAGE[damage]
     change(emb / "manifest.json")
-    argv = (["embed", "--verify", emb] if command == "verify" else
+    argv = (["embed", "--verify", emb] if command == "embed --verify" else
             [PROBE[0], PROBE[1], emb, *PROBE[3:], "--target", "redshift"])
     check(argv, [str(emb), what], made, tmp_path, capsys)
 
@@ -274,11 +276,14 @@ def test_damaged_embeddings_shard_is_named_by_verify_and_redone_by_embed(made, c
     shard = emb / "shard-00001.arrow"
     good = shard.read_bytes()
     shard.write_bytes(good[:500])
-    code, _, err = run_cli(["embed", "--verify", emb], capsys)
-    assert code == 1 and err.startswith("BAD shard-00001.arrow") and "Traceback" not in err
+    for verify in (["embed", "--verify", emb], ["verify", emb]):  # `astropt verify` knows an embeddings store
+        code, _, err = run_cli(verify, capsys)
+        assert code == 1 and err.startswith("BAD shard-00001.arrow") and "Traceback" not in err
     code, out, err = run_cli(["embed", "--checkpoint", made["run"], "--out", emb, "--device", "cpu"], capsys)
     assert code == 0, err
     assert "1 already done" in out and shard.read_bytes() == good
+    code, out, err = run_cli(["verify", emb], capsys)
+    assert code == 0 and out.startswith(f"OK {emb}"), err
 
 
 METRICS_DAMAGE = {
