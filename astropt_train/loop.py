@@ -448,12 +448,12 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                     rows_log.write(" ".join(map(str, rows.tolist())) + "\n")
                 x, y, kw = batch_to_device(batch, device)
                 sync = micro == cfg.grad_accum - 1
+                parts = {} if modalities else None  # each modality's loss (detached), plain or --loss-chunks
                 with (model.no_sync() if dist.ddp and not sync else nullcontext()), ctx:
-                    logits, loss = model(x, y, loss_chunks=cfg.loss_chunks, **kw)
+                    logits, loss = model(x, y, loss_chunks=cfg.loss_chunks, modality_losses=parts, **kw)
                     loss = loss / cfg.grad_accum
-                if modalities and logits is not None and sync and any((step + 1) % k == 0 for k in (cfg.log_interval, cfg.eval_interval)):
-                    with torch.no_grad():  # each modality's loss on the last micro-batch, for the log line
-                        train_parts = raw_model.loss_by_modality(logits.detach(), y, kw.get("order"), kw.get("loss_mask"))
+                if sync:
+                    train_parts = parts  # the last micro-batch's, for the log line
                 del logits
                 scaler.scale(loss).backward()
                 loss_acc += loss.detach().float()

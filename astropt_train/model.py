@@ -151,24 +151,31 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # (B, T, 4C) inside
 
 
-def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                          weight: torch.Tensor | None) -> torch.Tensor:
+    """sum of weight x cross-entropy(head(hidden), targets): hidden (n, C), targets (n,), weight (n,) or None (1)."""
+    if weight is None:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weight).sum()
 
 
-def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int) -> torch.Tensor:
-    """The mean cross-entropy of head(hidden) against targets, computed `chunks` rows of positions at a time.
+def chunked_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunks: int,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed cross-entropy of head(hidden) against targets (each position times its `weight`, when given),
+    computed `chunks` pieces of positions at a time.
 
-    hidden (B, T, C), targets (B, T). Each chunk's logits (rows, vocab) live only inside a checkpointed
-    function: the backward pass recomputes them instead of keeping all (B, T, vocab) of them (and their fp32
-    copy) from the forward pass. Costs one more head matmul; saves B * T * vocab * 6 bytes of activations.
+    hidden (..., C), targets (...), weight (...) float. Each piece's logits (rows, vocab) live only inside a
+    checkpointed function: the backward pass recomputes them instead of keeping all (B, T, vocab) of them (and
+    their fp32 copy) from the forward pass. Costs one more head matmul; saves B * T * vocab * 6 bytes of activations.
     """
     from torch.utils.checkpoint import checkpoint
 
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)  # (N, C), (N,)
+    weights = weight.reshape(-1).chunk(chunks) if weight is not None else [None] * chunks
     total = hidden.new_zeros((), dtype=torch.float32)
-    for h, t in zip(hidden.chunk(chunks), targets.chunk(chunks)):
-        total = total + checkpoint(_summed_cross_entropy, head, h, t, use_reentrant=False)
-    return total / targets.numel()
+    for h, t, w in zip(hidden.chunk(chunks), targets.chunk(chunks), weights):
+        total = total + checkpoint(_summed_cross_entropy, head, h, t, w, use_reentrant=False)
+    return total
 
 
 class Block(nn.Module):
@@ -302,6 +309,18 @@ class GPT(nn.Module):
             return attention_mask(kv_cache.present[:, : pos_offset + T], T)
         return None if present is None else attention_mask(present, T)
 
+    def _target_runs(self, pos_offset: int, T: int) -> list[tuple[int, int, int]]:
+        """(block, start, end) for each run of positions start..end-1 (of T from pos_offset) whose next tokens lie
+        in one block of the sequence: block k holds modality k, or order[:, k] for a shuffled sample."""
+        per, last = self.tokens_per_modality, len(self.names) - 1
+        runs, start = [], 0
+        while start < T:
+            k = min((pos_offset + start + 1) // per, last)  # the block of the token position start predicts
+            end = T if k == last else min(T, (k + 1) * per - 1 - pos_offset)
+            runs.append((k, start, end))
+            start = end
+        return runs
+
     def _logits(self, x: torch.Tensor, pos_offset: int, order: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states (B, T, C) at positions pos_offset.. -> (B, T, vocab): each position through the
         head of the modality of the token it predicts (the next one)."""
@@ -309,14 +328,8 @@ class GPT(nn.Module):
             return self.decoders[self.names[0]](x)
         B, T, _ = x.size()
         if order is None:  # contiguous runs of one modality: each head only on its own positions
-            per, last = self.tokens_per_modality, len(self.names) - 1
-            parts, start = [], 0
-            while start < T:
-                m = min((pos_offset + start + 1) // per, last)  # the modality of the token position start predicts
-                end = T if m == last else min(T, (m + 1) * per - 1 - pos_offset)
-                parts.append(self.decoders[self.names[m]](x[:, start:end]))
-                start = end
-            return torch.cat(parts, dim=1)
+            runs = self._target_runs(pos_offset, T)
+            return torch.cat([self.decoders[self.names[k]](x[:, start:end]) for k, start, end in runs], dim=1)
         target = self.modality_at(pos_offset + 1, T, order, B, x.device)  # (B, T)
         logits = None
         for m, name in enumerate(self.names):
@@ -324,18 +337,51 @@ class GPT(nn.Module):
             logits = out if logits is None else torch.where((target == m)[..., None], out, logits)
         return logits
 
+    def _modality_means(self, ce_sums: list[torch.Tensor], counts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{modality: its summed cross-entropy / its number of (kept) targets}."""
+        return {name: total / count.clamp(min=1) for name, total, count in zip(self.names, ce_sums, counts)}
+
+    def _ce_by_modality(self, ce: torch.Tensor, keep: torch.Tensor, order: torch.Tensor | None, pos_offset: int):
+        """ce, keep (B, T) float -> ([summed kept cross-entropy], [kept targets]), one entry per modality."""
+        B, T = ce.size()
+        target = self.modality_at(pos_offset + 1, T, order, B, ce.device)  # (B, T)
+        weights = [keep * (target == m) for m in range(len(self.names))]
+        return [(ce * w).sum() for w in weights], [w.sum() for w in weights]
+
     def loss_by_modality(self, logits: torch.Tensor, targets: torch.Tensor, order: torch.Tensor | None = None,
                          loss_mask: torch.Tensor | None = None, pos_offset: int = 0) -> dict[str, torch.Tensor]:
         """{modality: mean cross-entropy over the targets that belong to it} (targets at positions pos_offset+1..)."""
         B, T = targets.size()
         ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(B, T)
-        target = self.modality_at(pos_offset + 1, T, order, B, targets.device)  # (B, T)
-        weight = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
-        out = {}
-        for m, name in enumerate(self.names):
-            w = weight * (target == m)
-            out[name] = (ce * w).sum() / w.sum().clamp(min=1)
-        return out
+        keep = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
+        return self._modality_means(*self._ce_by_modality(ce, keep, order, pos_offset))
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, chunks: int, pos_offset: int,
+                      order: torch.Tensor | None, loss_mask: torch.Tensor | None, modality_losses: dict | None):
+        """The loss of `forward` from final hidden states x (B, T, C), `chunks` pieces of positions at a time
+        through `chunked_cross_entropy`, each position by the head of its next token's modality; the (B, T,
+        vocab) logits never exist. Default order: each head runs only on its own block's positions. Shuffled
+        `order`: each head runs on every position, weighted to its own (M head matmuls, as `_logits`)."""
+        B, T = targets.size()
+        keep = None if loss_mask is None else loss_mask.float()  # (B, T)
+        sums = [x.new_zeros((), dtype=torch.float32) for _ in self.names]
+        counts = [x.new_zeros((), dtype=torch.float32) for _ in self.names]
+        if order is None or len(self.names) == 1:
+            for k, start, end in self._target_runs(pos_offset, T):
+                w = None if keep is None else keep[:, start:end]  # (B, run)
+                sums[k] = sums[k] + chunked_cross_entropy(self.decoders[self.names[k]], x[:, start:end],
+                                                          targets[:, start:end], chunks, w)
+                counts[k] = counts[k] + (w.sum() if w is not None else B * (end - start))
+        else:
+            target = self.modality_at(pos_offset + 1, T, order, B, x.device)  # (B, T)
+            for m, name in enumerate(self.names):
+                w = (target == m).float() if keep is None else keep * (target == m)  # (B, T)
+                sums[m] = chunked_cross_entropy(self.decoders[name], x, targets, chunks, w)
+                counts[m] = w.sum()
+        if modality_losses is not None:
+            modality_losses.update({m: v.detach() for m, v in self._modality_means(sums, counts).items()})
+        kept = keep.sum().clamp(min=1) if keep is not None else B * T
+        return torch.stack(sums).sum() / kept
 
     def forward(
         self,
@@ -347,6 +393,7 @@ class GPT(nn.Module):
         order: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         present: torch.Tensor | None = None,
+        modality_losses: dict | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens (B, T) int64 at positions pos_offset.. -> (logits, loss).
 
@@ -354,7 +401,9 @@ class GPT(nn.Module):
         positions `loss_mask` (B, T) keeps, when given: a row's missing modality is left out).
         Without: logits (B, 1, vocab) for the last position only (what sampling needs), loss None.
         With targets and loss_chunks > 1 (training): logits None and the same loss from `chunked_cross_entropy`,
-        which never holds the (B, T, vocab) logits (one modality only; several compute the logits whole).
+        which never holds the (B, T, vocab) logits (several modalities, shuffled `order` and `loss_mask` too).
+        With targets, a dict as `modality_losses` gets {modality: mean cross-entropy over its targets} (detached),
+        on both paths.
         Several modalities: `order` (B, M) is each sample's block order (None: `modalities` order). `present`
         (B, T) bool marks real tokens; False: a modality the row lacks (--keep-partial stores), whose positions
         no position attends to and whose token ids are ignored, so every output at a real position is
@@ -370,15 +419,21 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self._logits(x[:, [-1], :], pos_offset + T - 1, order), None  # (B, 1, vocab)
-        if loss_chunks > 1 and len(self.names) == 1 and loss_mask is None:
-            return None, chunked_cross_entropy(self.decoders[self.names[0]], x, targets, loss_chunks)
+        if loss_chunks > 1:
+            return None, self._chunked_loss(x, targets, loss_chunks, pos_offset, order, loss_mask, modality_losses)
         logits = self._logits(x, pos_offset, order)  # (B, T, vocab)
+        if loss_mask is None and modality_losses is None:
+            return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(B, T)
         if loss_mask is None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = ce.mean()
         else:
-            ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-            keep = loss_mask.reshape(-1).float()
+            keep = loss_mask.float()
             loss = (ce * keep).sum() / keep.sum().clamp(min=1)
+        if modality_losses is not None:
+            keep = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
+            parts = self._modality_means(*self._ce_by_modality(ce.detach(), keep, order, pos_offset))
+            modality_losses.update(parts)
         return logits, loss
 
     def hidden_states(self, tokens: torch.Tensor, layers: list[int], order: torch.Tensor | None = None,

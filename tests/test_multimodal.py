@@ -389,19 +389,71 @@ def test_shuffled_orders_change_per_epoch_equal_across_workers_and_resume(tmp_pa
     assert [tuple(o) for o in fixed.tolist()] == [per_epoch[0][r] for r in range(24)]
 
 
-def test_shuffled_training_resumes_exactly(tmp_path):
+def test_shuffled_training_resumes_exactly_and_loss_chunks_logs_each_modality(tmp_path):
     _tiny_two_column_store(tmp_path / "s")
     kw = dict(shuffle_modalities=True, max_iters=8, lr_decay_iters=8, log_interval=1, eval_interval=8)
     train(_train_cfg(tmp_path / "s", tmp_path / "a", **kw))  # 19 train rows: 4 batches per epoch, two epochs
     train(_train_cfg(tmp_path / "s", tmp_path / "b", **{**kw, "max_iters": 3, "checkpoint_interval": 3}))
     train(_train_cfg(tmp_path / "s", tmp_path / "b", **kw, resume=True))
+    train(_train_cfg(tmp_path / "s", tmp_path / "c", **kw, loss_chunks=3))
 
-    def losses(run):
-        return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    def losses(run, key="loss"):
+        return [(r["step"], r[key]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
     straight, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [s for s, _ in resumed] == list(range(1, 9))
     np.testing.assert_allclose([v for _, v in resumed], [v for _, v in straight], rtol=0, atol=1e-6)
+    for key in ["loss", *(f"loss_{m}" for m in PAIR)]:  # --loss-chunks: the same run, each modality logged
+        np.testing.assert_allclose([v for _, v in losses(tmp_path / "c", key)], [v for _, v in losses(tmp_path / "a", key)],
+                                   rtol=0, atol=1e-4, err_msg=key)
+
+
+@pytest.mark.parametrize("head, chunks, shuffled, partial", [("affine", 3, False, False), ("affine", 4, True, False),
+                                                        ("aim", 2, False, True), ("affine", 5, True, True)])
+def test_chunked_loss_with_two_modalities_equals_the_plain_loss(head, chunks, shuffled, partial):
+    """--loss-chunks with several modalities: the same loss, per-modality losses and gradients as the plain path,
+    each position through its own modality's head (shuffled orders, a loss_mask and the missing-modality attention
+    mask too), and no (B, T, vocab) logits returned or kept for the backward pass."""
+    from astropt_train.data import valid_at
+
+    torch.manual_seed(0)
+    B, per, vocab = 4, 6, 301
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=2 * per, n_layer=2, n_head=2, n_embd=32, head=head,
+                          dropout=0.1, modalities=["a", "b"]))
+    tokens = torch.randint(0, vocab, (B, 2 * per))
+    x, y, kw = tokens[:, :-1], tokens[:, 1:], {}
+    if shuffled:
+        kw["order"] = torch.tensor([[1, 0], [0, 1], [1, 0], [1, 0]])
+    if partial:  # row 1 lacks b, row 2 lacks a
+        valid = torch.tensor([[True, True], [True, False], [False, True], [True, True]])
+        kw["loss_mask"] = valid_at(valid, kw.get("order"), 1, 2 * per - 1)
+        kw["present"] = valid_at(valid, kw.get("order"), 0, 2 * per - 1)
+
+    def run(n):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks on both paths
+        parts, saved = {}, []
+
+        def keep(t):
+            saved.append(t.size(-1) == vocab if t.dim() else False)  # a tensor of logits (..., vocab)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logits, loss = model(x, y, loss_chunks=n, modality_losses=parts, **kw)
+        loss.backward()
+        return logits, loss.detach(), parts, any(saved), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain_logits, plain, plain_parts, plain_saved, plain_grads = run(1)
+    logits, chunked, parts, saved, grads = run(chunks)
+    assert plain_logits.shape == (B, 2 * per - 1, vocab) and logits is None
+    assert plain_saved and not saved  # the plain path keeps logits for its backward pass, the chunked one none
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    expected = model.loss_by_modality(plain_logits, y, kw.get("order"), kw.get("loss_mask"))
+    for m in ("a", "b"):
+        torch.testing.assert_close(plain_parts[m], expected[m].detach())
+        torch.testing.assert_close(parts[m], expected[m].detach(), rtol=1e-6, atol=1e-6)
+    for k, g in plain_grads.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_model_several_modalities_kv_cache_and_order():
