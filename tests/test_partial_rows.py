@@ -41,7 +41,7 @@ def partial_run(partial_store, tmp_path_factory):
 def _tiny_model(store: st.TokenStore) -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=store.vocab_size, block_size=2 * store.tokens_per_image, n_layer=2, n_head=2,
-                         n_embd=32, modalities=PAIR)).eval()
+                         n_embd=16, modalities=PAIR)).eval()
 
 
 def _scramble_missing(batch: dict) -> dict:
@@ -83,6 +83,26 @@ def test_a_missing_modality_changes_nothing_at_real_positions(partial_store, shu
     torch.testing.assert_close(logits[full], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_no_real_position_attends_to_a_missing_block(partial_store):
+    """Row 2 lacks HSC, its HSC block first: the outputs at its Legacy Survey positions read nothing of that block,
+    not even its position embeddings (the key mask), while row 0, which has both, does read them."""
+    store = st.TokenStore(partial_store)
+    model = _tiny_model(store)
+    rows, order = [2, 0], torch.tensor([[1, 0], [1, 0]])
+    tokens = torch.as_tensor(np.concatenate([store.take(rows, m) for m in ("hsc_image", "legacysurvey_image")], 1)
+                             .astype(np.int64))
+    valid = torch.as_tensor(np.stack([store.valid(rows)[m] for m in PAIR], 1))
+    present = valid_at(valid, order, 0, tokens.size(1) - 1)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    before, _ = model(x, y, order=order, present=present)
+    with torch.no_grad():
+        table = model.embedders["hsc_image"].wpe.weight
+        table.add_(torch.randn(table.shape, generator=torch.Generator().manual_seed(5)))
+    after, _ = model(x, y, order=order, present=present)
+    assert torch.equal(before[0, 576:], after[0, 576:])
+    assert not torch.allclose(before[1, 576:], after[1, 576:])
+
+
 def test_rows_with_every_modality_take_the_causal_fast_path(partial_store, monkeypatch):
     import torch.nn.functional as F
 
@@ -108,21 +128,39 @@ def test_rows_with_every_modality_take_the_causal_fast_path(partial_store, monke
 
 
 def test_generation_from_a_partial_row_ignores_the_missing_block(partial_store):
-    """A galaxy lacking HSC, its blocks HSC first: sampling its Legacy Survey tail gives the same tokens whatever
-    the placeholder holds, with or without the key/value cache."""
+    """Galaxies lacking HSC, their blocks HSC first: the next-token logits of the Legacy Survey tail, through the
+    key/value cache or not, are the same whatever the placeholder holds and whatever the model's HSC position
+    table is, and so are the tokens drawn."""
+    from astropt_train.model import KVCache
+
     store = st.TokenStore(partial_store)
     model = _tiny_model(store)
-    rows = [2, 5, 0]
-    order = torch.tensor([[1, 0]] * 3)
-    seq = torch.as_tensor(np.concatenate([store.take(rows, m) for m in ("hsc_image", "legacysurvey_image")], 1)
+    order = torch.tensor([[1, 0]] * len(LACK_HSC))
+    seq = torch.as_tensor(np.concatenate([store.take(LACK_HSC, m) for m in ("hsc_image", "legacysurvey_image")], 1)
                           .astype(np.int64))[:, : 576 + 8]
-    present = valid_at(torch.as_tensor(np.stack([store.valid(rows)[m] for m in PAIR], 1)), order, 0, seq.size(1))
-    scrambled = seq.clone()
-    scrambled[:2, :576] = torch.randint(1, 4000, (2, 576), generator=torch.Generator().manual_seed(2))
-    outs = [model.generate(prefix, 6, generator=torch.Generator().manual_seed(3), use_kv_cache=use, order=order,
-                           present=present)
-            for prefix in (seq, scrambled) for use in (True, False)]
-    assert all(torch.equal(outs[0][:, -6:], o[:, -6:]) for o in outs[1:])
+    present = torch.arange(seq.size(1)).expand(len(LACK_HSC), -1) >= 576
+
+    def next_logits(tokens):  # (uncached, cached: the prefix, then one step) logits of the next token
+        whole, _ = model(tokens, order=order, present=present)
+        cache = KVCache(model.config.n_layer)
+        model(tokens[:, :-1], kv_cache=cache, order=order, present=present[:, :-1])
+        step, _ = model(tokens[:, -1:], pos_offset=tokens.size(1) - 1, kv_cache=cache, order=order)
+        return whole, step
+
+    outs, logits = [], []
+    for scrambled in (False, True):
+        if scrambled:
+            seq = seq.clone()
+            seq[:, :576] = torch.randint(1, 4000, (len(LACK_HSC), 576), generator=torch.Generator().manual_seed(2))
+            with torch.no_grad():
+                table = model.embedders["hsc_image"].wpe.weight
+                table.add_(torch.randn(table.shape, generator=torch.Generator().manual_seed(5)))
+        logits.append(next_logits(seq))
+        for use in (True, False):
+            outs.append(model.generate(seq, 6, temperature=0, use_kv_cache=use, order=order, present=present)[:, -6:])
+    torch.testing.assert_close(logits[0][0], logits[0][1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(logits[0][1], logits[1][1])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_training_and_validation_on_a_partial_store(partial_run):
@@ -131,3 +169,94 @@ def test_training_and_validation_on_a_partial_store(partial_run):
     records = [json.loads(line) for line in (partial_run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert all(np.isfinite(r[f"val_loss_{m}"]) for r in records if "val_loss" in r for m in PAIR)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the use side: embed, probe, decode
+
+
+def test_pool_hidden_over_the_kept_positions_only():
+    from astropt_train.use.embed import pool_hidden
+
+    hidden = torch.randn(2, 6, 3)
+    keep = torch.tensor([[True, True, True, False, False, False], [False] * 6])
+    weights = torch.logspace(0, -1, 6)[:3, None]
+    expected = {"mean": hidden[0, :3].mean(0), "last": hidden[0, 2],
+                "exp_decay": (weights * hidden[0, :3]).sum(0) / weights.sum()}
+    for pool, want in expected.items():
+        got = pool_hidden(hidden, pool, keep)
+        torch.testing.assert_close(got[0], want)
+        assert torch.isnan(got[1]).all()  # a galaxy with nothing to pool
+        torch.testing.assert_close(pool_hidden(hidden, pool, torch.ones(2, 6, dtype=torch.bool)), pool_hidden(hidden, pool))
+
+
+@pytest.fixture(scope="module")
+def partial_embeddings(partial_run, partial_store, tmp_path_factory):
+    from astropt_train.use.embed import EmbedConfig, embed
+
+    out = tmp_path_factory.mktemp("partial-emb") / "emb"
+    embed(EmbedConfig(checkpoint=partial_run, out=out, tokens=partial_store, device="cpu", progress=False, batch_size=4))
+    return out
+
+
+def test_embed_pools_only_the_images_a_galaxy_has(partial_embeddings, partial_run, partial_store):
+    import pyarrow as pa
+
+    from astropt_train.checkpoint import load_model
+    from astropt_train.use.embed import read_embeddings, verify_embeddings
+
+    assert verify_embeddings(partial_embeddings) == []
+    joint, _, _ = read_embeddings(partial_embeddings)
+    per = {m: read_embeddings(partial_embeddings, f"embedding_{m}")[0] for m in PAIR}
+    lacks = {"hsc_image": LACK_HSC, "legacysurvey_image": LACK_LS}
+    for m in PAIR:  # a missing image's embedding is null in the store, NaN when read
+        assert np.isnan(per[m]).all(1).tolist() == [r in lacks[m] for r in range(10)]
+    nulls = sum(pa.ipc.open_stream(pa.memory_map(str(f))).read_all().column("embedding_hsc_image").null_count
+                for f in sorted(partial_embeddings.glob("shard-*.arrow")))
+    assert nulls == len(LACK_HSC) and np.isfinite(joint).all()
+    for m, other in (PAIR, PAIR[::-1]):  # lacking one image, the joint mean is the other block's
+        np.testing.assert_allclose(joint[lacks[other]], per[m][lacks[other]], atol=1e-5)
+    full = [r for r in range(10) if r not in LACK_HSC + LACK_LS]
+    np.testing.assert_allclose(joint[full], (per[PAIR[0]][full] + per[PAIR[1]][full]) / 2, atol=1e-5)
+    # and by hand: row 2's Legacy Survey states whatever its HSC placeholder holds
+    model, _ = load_model(partial_run)
+    store = st.TokenStore(partial_store)
+    sequence = torch.as_tensor(np.concatenate([store.take([2], m) for m in PAIR], 1).astype(np.int64))
+    sequence[0, 576:] = torch.randint(1, 4000, (576,), generator=torch.Generator().manual_seed(4))
+    present = torch.arange(1152)[None] < 576
+    (hidden,) = model.hidden_states(sequence, [model.config.n_layer], present=present)
+    np.testing.assert_allclose(joint[2], hidden[0, :576].mean(0).detach().numpy(), atol=1e-4)
+
+
+def test_probe_leaves_out_galaxies_without_the_probed_image(partial_embeddings, tmp_path, capsys):
+    from astropt_train.use.embed import read_embeddings
+    from astropt_train.use.probe import ProbeConfig, probe
+
+    _, _, ids = read_embeddings(partial_embeddings)
+    values = np.random.default_rng(0).normal(size=len(ids))
+    (tmp_path / "cat.csv").write_text("object_id,mass\n" + "".join(f"{i},{v}\n" for i, v in zip(ids, values)))
+    report = probe(ProbeConfig(embeddings=partial_embeddings, labels=str(tmp_path / "cat.csv"), targets=["mass"],
+                               out=tmp_path / "out", folds=2, column="embedding_hsc_image", pictures=False)).report
+    entry = report["targets"]["mass"]
+    assert entry["n"] == 10 - len(LACK_HSC) and entry["left_out"]["no_embedding"] == len(LACK_HSC)
+    assert all(np.isfinite(v) for v in entry["scores"].values())
+    assert f"{len(LACK_HSC)} of 10 galaxies lack the image that column embedding_hsc_image pools" in capsys.readouterr().err
+
+
+def test_decode_leaves_out_rows_without_the_image_and_refuses_when_none_is_left(partial_run, partial_store, tmp_path,
+                                                                                capsys):
+    from astropt_tok.errors import AstroptError
+    from astropt_train.use.decode import DecodeConfig, decode, first_token_distribution
+
+    base = dict(checkpoint=partial_run, device="cpu", threads=1, seed=1, given="hsc_image",
+                generate_modality="legacysurvey_image")
+    with pytest.raises(AstroptError, match=r"rows 2, 5 lack hsc_image \(token store .* --keep-partial\): no chosen row"):
+        decode(DecodeConfig(out=tmp_path / "none.png", rows="2,5", **base))
+    result = decode(DecodeConfig(out=tmp_path / "cross.png", rows="1:3", **base))
+    assert result.rows.tolist() == [1] and "note: row 2 lacks hsc_image" in capsys.readouterr().err
+    stored = decode(DecodeConfig(out=tmp_path / "stored.png", tokens=partial_store, rows="6:8", device="cpu", threads=1))
+    assert stored.rows.tolist() == [6] and "note: row 7 lacks legacysurvey_image" in capsys.readouterr().err
+    store = st.TokenStore(partial_store)  # generating from nothing: first tokens of rows that have the image
+    firsts = store.take([r for r in range(10) if r not in LACK_LS], "legacysurvey_image")[:, 0].astype(np.int64)
+    np.testing.assert_allclose(first_token_distribution(store, store.vocab_size),
+                               np.bincount(firsts, minlength=store.vocab_size) / len(firsts))

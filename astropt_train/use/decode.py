@@ -132,6 +132,29 @@ def select_rows(store, rows: str | None, ids: Sequence[str] | None, random: int 
     return np.sort(np.random.default_rng(seed).choice(store.num_rows, size=random, replace=False)).astype(np.int64)
 
 
+def rows_with_images(store, rows: np.ndarray, modalities: Sequence[str]) -> np.ndarray:
+    """The rows that have every image in `modalities`: in a --keep-partial store a row may lack one (its tokens are
+    placeholder zeros, not a galaxy), and such rows are left out with a note naming them; none left is an error."""
+    if not store.partial:
+        return rows
+    valid = store.valid(rows)
+    has = np.logical_and.reduce([valid[m] for m in modalities])
+    if has.all():
+        return rows
+
+    def lack(m: str) -> str:  # "rows 2, 5 lack hsc_image", at most 12 rows named
+        r = rows[~valid[m]]
+        listed = ", ".join(str(int(x)) for x in r[:12]) + (f" and {len(r) - 12} more" if len(r) > 12 else "")
+        return f"rows {listed} lack {m}" if len(r) > 1 else f"row {listed} lacks {m}"
+
+    lacking = "; ".join(lack(m) for m in modalities if not valid[m].all())
+    why = f"token store {store.dir} was made with --keep-partial"
+    if not has.any():
+        raise AstroptError(f"{lacking} ({why}): no chosen row has {' and '.join(modalities)}; choose other rows")
+    print(f"note: {lacking} ({why}): left out", file=sys.stderr)
+    return rows[has]
+
+
 def check_token_range(tokens: np.ndarray, vocab_size: int, what: str = "tokens") -> None:
     """Raise AstroptError when any token is outside 0..vocab_size-1, naming the first bad one."""
     tokens = np.asarray(tokens)
@@ -266,6 +289,8 @@ def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000) ->
     """
     n = min(store.num_rows, max_rows)
     first = np.asarray(store.take(np.arange(n))[:, 0], dtype=np.int64)
+    if store.partial:  # a row that lacks the image holds placeholder zeros, not a beginning
+        first = first[store.valid(np.arange(n))[store.modalities[0]]]
     check_token_range(first[:, None], vocab_size, what=f"store {store.dir}")
     counts = np.bincount(first, minlength=vocab_size).astype(np.float64)
     return counts / counts.sum()
@@ -438,10 +463,12 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
     elif mode == "cross":
         rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
+        rows = rows_with_images(store, rows, [cfg.given, cfg.generate_modality])
         labels = _labels_for(store, rows)
         final, metrics, columns, stacks = _cross(cfg, model, store, codec, rows, decode_bands)
     else:
         rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
+        rows = rows_with_images(store, rows, store.modalities[:1])  # the rows decoded: the store's first column
         stored = store.take(rows).astype(np.int64)  # [N, T]
         check_token_range(stored, codec.vocab_size, what=f"store {store.dir}")
         labels = _labels_for(store, rows)

@@ -11,6 +11,9 @@ n_layer // 2's output, upstream's `draw_from_centre`; an integer i is block i's 
 several image columns (`astropt train --modalities`) reads each galaxy as its columns' token blocks in the
 model's order, one after another, and writes per layer the joint embedding (pooled over all of them) and one
 per modality (pooled over its block): `embedding` and `embedding_<modality>`, listed as "columns".
+A galaxy that lacks an image (a token store made with --keep-partial) is read without it: the model attends
+only to the blocks the galaxy has, the joint embedding pools only their positions, and the embedding of the
+missing modality is null (`read_embeddings` gives NaN for it; `astropt probe` leaves such rows out).
 
 Embeddings store (format version 1)
 -----------------------------------
@@ -25,6 +28,7 @@ EMB/shard-00000.arrow ...
     source row), `store_row` int64 (the row's index in the token store), `object_id` string (null when the
     store has none), and one fixed_size_list<float32 | float16>[n_embd] column per layer: `embedding` for a
     single layer, `embedding_<name>` for each of several. `datasets.Dataset.from_file` and `pyarrow` read it.
+    An entry is null where the galaxy lacks what it would pool (a --keep-partial store's missing image).
 EMB/.done/shard-00000.json
     The shard's completion record, as in a token store; a shard without one is redone on the next run.
 """
@@ -37,6 +41,7 @@ import queue
 import shutil
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,35 +124,51 @@ def parse_layers(spec: str, n_layer: int) -> list[dict]:
     return layers
 
 
-def pool_hidden(hidden, pool: str):
-    """(B, T, C) hidden states -> (B, C) in float32 with upstream's reduction `pool`."""
+def pool_hidden(hidden, pool: str, keep=None):
+    """(B, T, C) hidden states -> (B, C) in float32 with upstream's reduction `pool`; with `keep` (B, T) bool,
+    over the kept positions only (their own weights, for exp_decay), NaN for a row that keeps none."""
     import torch
 
     hidden = hidden.float()
-    if pool == "mean":
-        return hidden.mean(dim=1)
+    B, T, _ = hidden.shape
+    if pool not in POOLS:
+        raise AstroptError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if keep is None:
+        if pool == "mean":
+            return hidden.mean(dim=1)
+        if pool == "last":
+            return hidden[:, -1, :]
+    keep = torch.ones(B, T, dtype=torch.bool, device=hidden.device) if keep is None else keep
     if pool == "last":
-        return hidden[:, -1, :]
-    if pool == "exp_decay":
-        weights = torch.logspace(0, -1, hidden.shape[1], device=hidden.device).unsqueeze(0).unsqueeze(-1)  # (1, T, 1)
-        return (weights * hidden).sum(dim=1) / weights.sum(dim=1)
-    raise AstroptError(f"--pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        last = T - 1 - keep.flip(1).int().argmax(dim=1)  # (B,) the last kept position
+        pooled = hidden[torch.arange(B, device=hidden.device), last]
+    else:
+        weights = torch.ones(T, device=hidden.device) if pool == "mean" else torch.logspace(0, -1, T, device=hidden.device)
+        weights = weights * keep  # (B, T)
+        pooled = (weights[..., None] * hidden).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+    return torch.where(keep.any(dim=1, keepdim=True), pooled, float("nan"))
 
 
-def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1) -> list:
+def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1, valid=None) -> list:
     """tokens (B, T) int64 on the model's device -> one (B, C) float32 tensor per layer. With `blocks` > 1 (a
     sequence of several modalities' equal blocks), per layer the joint embedding (pooled over the whole
-    sequence) and then one per block (pooled over its positions)."""
+    sequence) and then one per block (pooled over its positions). `valid` (B, blocks) bool: which blocks the
+    galaxy has; the model reads only those, the joint embedding pools only them, a missing block's is NaN."""
     import torch
 
+    present = None
+    if valid is not None and not bool(valid.all()):
+        present = valid.repeat_interleave(tokens.size(1) // blocks, dim=1)  # (B, T): blocks in the model's order
     with torch.no_grad():
-        hidden = model.hidden_states(tokens, [lay["index"] for lay in layers])
+        hidden = model.hidden_states(tokens, [lay["index"] for lay in layers], present=present)
     if blocks == 1:
-        return [pool_hidden(h, pool) for h in hidden]
+        return [pool_hidden(h, pool, present) for h in hidden]
     out = []
     for h in hidden:  # (B, M * T, C)
-        out.append(pool_hidden(h, pool))
-        out.extend(pool_hidden(part, pool) for part in h.chunk(blocks, dim=1))
+        out.append(pool_hidden(h, pool, present))
+        parts = h.chunk(blocks, dim=1)
+        out.extend(pool_hidden(part, pool, None if present is None else present.chunk(blocks, dim=1)[k])
+                   for k, part in enumerate(parts))
     return out
 
 
@@ -156,10 +177,11 @@ def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1) -
 
 
 class _BatchReader:
-    """Token batches (int64 tensors, pinned on CUDA) read by a thread a few batches ahead of the model."""
+    """(token batch, valid batch or None) pairs, int64 tokens pinned on CUDA and the [b, M] bool of which images
+    each galaxy has, read by a thread a few batches ahead of the model."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, pin: bool, ahead: int = 3):
-        self.tokens, self.batch_size, self.pin = tokens, batch_size, pin
+    def __init__(self, tokens: np.ndarray, batch_size: int, pin: bool, ahead: int = 3, valid: np.ndarray | None = None):
+        self.tokens, self.batch_size, self.pin, self.valid = tokens, batch_size, pin, valid
         self.queue: queue.Queue = queue.Queue(maxsize=ahead)
         self.wait_s = 0.0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -171,7 +193,8 @@ class _BatchReader:
         try:
             for a in range(0, len(self.tokens), self.batch_size):
                 batch = torch.from_numpy(np.asarray(self.tokens[a : a + self.batch_size]).astype(np.int64))
-                self.queue.put(batch.pin_memory() if self.pin else batch)
+                valid = None if self.valid is None else torch.from_numpy(self.valid[a : a + self.batch_size])
+                self.queue.put((batch.pin_memory() if self.pin else batch, valid))
         except BaseException as exc:  # handed to the consumer, which raises it
             self.queue.put(exc)
         self.queue.put(None)
@@ -277,13 +300,21 @@ def read_embeddings(path: str | os.PathLike, column: str | None = None) -> tuple
         except (OSError, pa.ArrowInvalid) as exc:
             raise AstroptError(f"embeddings shard {path / s['file']} is unreadable ({exc}); run "
                                f"`astropt embed --verify {path}`") from None
-        flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        embs.append(flat.reshape(table.num_rows, m["n_embd"]).astype(np.float32))
+        embs.append(_column_rows(table, column, m["n_embd"]))
         rows.append(table.column("row").to_numpy())
         ids.extend(table.column("object_id").to_pylist())
     n = m["n_embd"]
     return (np.concatenate(embs) if embs else np.zeros((0, n), np.float32),
             np.concatenate(rows) if rows else np.zeros(0, np.int64), ids)
+
+
+def _column_rows(table, column: str, n_embd: int) -> np.ndarray:
+    """An embedding column -> [rows, n_embd] float32, NaN rows where the entry is null (a missing image)."""
+    values = table.column(column).combine_chunks()
+    out = np.full((table.num_rows, n_embd), np.nan, dtype=np.float32)
+    real = ~values.is_null().to_numpy(zero_copy_only=False)
+    out[real] = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, n_embd)
+    return out
 
 
 def _write_shard(out: Path, index: int, rows: np.ndarray, store_rows: np.ndarray, ids: list,
@@ -296,9 +327,11 @@ def _write_shard(out: Path, index: int, rows: np.ndarray, store_rows: np.ndarray
     tmp = temporary_name(final)
     cols = {"row": pa.array(rows, type=pa.int64()), "store_row": pa.array(store_rows, type=pa.int64()),
             "object_id": pa.array(ids, type=pa.string())}
-    for name, emb in columns.items():  # emb [n, C]
+    for name, emb in columns.items():  # emb [n, C]; a NaN row (nothing to pool) is written as null
         flat = pa.array(np.ascontiguousarray(emb, dtype=dtype).reshape(-1))
-        cols[name] = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
+        missing = np.isnan(emb).all(axis=1)
+        cols[name] = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1],
+                                                       mask=pa.array(missing) if missing.any() else None)
     table = pa.table(cols)
     with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary left
         with open(tmp, "wb") as f:
@@ -429,17 +462,20 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         for index, a, b in todo:
             if len(modalities) > 1:  # [rows, M * T]
                 tokens = np.concatenate([np.asarray(store.shard_tokens(index, modality=m)[a:b]) for m in modalities], 1)
-            else:
-                tokens = store.shard_tokens(index)[a:b]  # [rows, T], a zero-copy view
-            reader = _BatchReader(tokens, cfg.batch_size, pin=cuda)
+            else:  # [rows, T], a zero-copy view (a model of one of several columns: that column)
+                tokens = store.shard_tokens(index, modality=modalities[0] if modalities else None)[a:b]
+            valid = None  # [rows, M] bool: which images each galaxy has (a --keep-partial store)
+            if store.partial and modalities:
+                has = store.valid(np.arange(a, b) + int(store.offsets[index]))
+                valid = np.stack([has[m] for m in modalities], axis=1)
+            reader = _BatchReader(tokens, cfg.batch_size, pin=cuda, valid=valid)
             parts: list[list[np.ndarray]] = [[] for _ in columns]
-            for batch in reader:
+            for batch, batch_valid in reader:
                 batch = batch.to(device, non_blocking=True)
-                if amp is not None:
-                    with amp:
-                        pooled = embed_batch(model, batch, layers, cfg.pool, blocks)
-                else:
-                    pooled = embed_batch(model, batch, layers, cfg.pool, blocks)
+                if batch_valid is not None:
+                    batch_valid = batch_valid.to(device)
+                with amp if amp is not None else nullcontext():
+                    pooled = embed_batch(model, batch, layers, cfg.pool, blocks, batch_valid)
                 for k, p in enumerate(pooled):
                     parts[k].append(p.float().cpu().numpy())
                 if bar is not None:
@@ -496,6 +532,7 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
     m = open_embeddings(path)
     problems = []
     want = ["row", "store_row", "object_id"] + embedding_columns(m)
+    joint = {lay["column"] for lay in m["layers"]}
     for s in m["shards"]:
         problem = shard_hash_problem(path, s)
         if problem:
@@ -513,7 +550,12 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
                             f"{s['rows']}")
             continue
         for column in embedding_columns(m):
-            vals = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            if vals.size != s["rows"] * m["n_embd"] or not np.isfinite(vals).all():
+            values = table.column(column).combine_chunks()
+            vals = values.flatten().to_numpy(zero_copy_only=False)
+            real = s["rows"] - values.null_count  # null: a galaxy lacking the image this column pools
+            if vals.size != real * m["n_embd"] or not np.isfinite(vals).all():
                 problems.append(f"{s['file']}: column {column} is not {s['rows']} finite rows of {m['n_embd']}")
+            elif values.null_count and len(m.get("modalities") or []) > 1 and column in joint:
+                problems.append(f"{s['file']}: joint column {column} has {values.null_count} null rows (every "
+                                "galaxy has at least one image)")
     return problems

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +249,13 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     manifest = open_embeddings(cfg.embeddings)
     column = cfg.column or manifest["layers"][0]["column"]
     emb, _, ids = read_embeddings(cfg.embeddings, column)
+    embedded = ~np.isnan(emb).any(axis=1)  # NaN: the galaxy lacks the image this column pools (--keep-partial)
+    if not embedded.any():
+        raise AstroptError(f"column {column} of {cfg.embeddings} has no embedding: every galaxy lacks the image it "
+                           "pools; probe another --column (e.g. the joint embedding)")
+    if not embedded.all():
+        print(f"note: {int((~embedded).sum())} of {len(ids)} galaxies lack the image that column {column} pools "
+              "(their token store was made with --keep-partial): left out of the probe", file=sys.stderr)
     if any(i is None for i in ids):
         raise AstroptError(f"{cfg.embeddings} has rows without an object id (the token store had no id column); "
                            "the probe joins labels by object id")
@@ -276,7 +284,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         raw = np.where(found, labels[target][np.where(found, at, 0)], None)
         task = _task_of(raw[found], cfg.task)
         keep, y = _clean(raw, task)
-        keep &= found
+        keep &= found & embedded
         n = int(keep.sum())
         if n < 2 * cfg.folds:
             raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds")
@@ -295,7 +303,8 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         rand = cross_validate(xr, yk, task, folds, redshift)
         shuffled = cross_validate(x, np.random.default_rng(cfg.seed).permutation(yk), task, folds, redshift)
         entry = {"task": task, "n": n, "left_out": {"no_label_row": int((~found).sum()),
-                                                     "missing_or_not_finite": int((found & ~keep).sum())},
+                                                     "missing_or_not_finite": int((found & embedded & ~keep).sum()),
+                                                     "no_embedding": int((found & ~embedded).sum())},
                  "scores": model["scores"], "spread": model["spread"], "per_fold": model["per_fold"],
                  "baselines": {name: {"scores": r["scores"], "spread": r["spread"]}
                                for name, r in (("random_init", rand), ("shuffled_labels", shuffled))}}
