@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         codec: str = typer.Option(DEFAULT_CODEC, "--codec", help="AION codec: hub id or a local snapshot in the hub layout (codecs/image/...)."),
         column: List[str] = typer.Option(["legacysurvey_image"], "--column", help="Image column: a struct with 'band' and 'flux'. Several surveys of each galaxy in one store: repeat as COLUMN:BAND,BAND,... (e.g. --column legacysurvey_image:DES-G,DES-R,DES-I,DES-Z --column hsc_image:HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y); one token column each."),
         bands: Optional[str] = typer.Option(None, "--bands", help="Bands of a single --column, in the channel order given to the codec [default: DES-G,DES-R,DES-I,DES-Z]."),
-        keep_partial: bool = typer.Option(False, "--keep-partial", help="Several --column: keep a row when at least one of its images is good; the others are zeros, marked False in <column>_valid."),
+        keep_partial: bool = typer.Option(False, "--keep-partial", help="Several --column: keep a row when at least one of its images is good; the others are zeros, marked False in <column>_valid (training, embed and decode never read them as images)."),
         split: str = typer.Option("train", "--split", help="Dataset split."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per codec call (use 256+ on a GPU)."),
         device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N or cpu."),

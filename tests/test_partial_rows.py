@@ -260,3 +260,45 @@ def test_decode_leaves_out_rows_without_the_image_and_refuses_when_none_is_left(
     firsts = store.take([r for r in range(10) if r not in LACK_LS], "legacysurvey_image")[:, 0].astype(np.int64)
     np.testing.assert_allclose(first_token_distribution(store, store.vocab_size),
                                np.bincount(firsts, minlength=store.vocab_size) / len(firsts))
+
+
+def test_a_model_of_one_column_embeds_that_column_and_nulls_galaxies_without_it(partial_store, tmp_path):
+    """A model trained with --modalities hsc_image on a several-column store: embed reads hsc_image (not the
+    store's first column) and writes a null embedding for the galaxies that lack it."""
+    from dataclasses import asdict
+
+    from astropt_tok.store import manifest_sha256
+    from astropt_train import checkpoint as ck
+    from astropt_train.use.embed import EmbedConfig, embed, read_embeddings, verify_embeddings
+
+    store = st.TokenStore(partial_store)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=576, n_layer=1, n_head=2, n_embd=16,
+                          modalities=["hsc_image"])).eval()
+    config = {"model": asdict(model.config), "vocab_size": store.vocab_size, "tokens_per_image": 576,
+              "store": {"dir": str(partial_store), "manifest_sha256": manifest_sha256(partial_store),
+                        "codec_id": store.codec_id, "bands": store.modality_bands["hsc_image"]}, "step": 1}
+    ck.save_checkpoint(tmp_path / "run", 1, model.state_dict(), config, {"step": 1})
+    embed(EmbedConfig(checkpoint=tmp_path / "run", out=tmp_path / "emb", device="cpu", progress=False))
+    assert verify_embeddings(tmp_path / "emb") == []
+    emb, _, _ = read_embeddings(tmp_path / "emb")
+    assert np.isnan(emb).all(1).tolist() == [r in LACK_HSC for r in range(10)]
+    (hidden,) = model.hidden_states(torch.as_tensor(store.take([0], "hsc_image").astype(np.int64)), [1])
+    np.testing.assert_allclose(emb[0], hidden[0].mean(0).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_the_missing_modality_mask_on_a_gpu_under_autocast(partial_store):
+    """The same independence on CUDA in bf16 autocast (the masked kernel there), compared on the same GPU."""
+    store = st.TokenStore(partial_store)
+    model = _tiny_model(store).cuda()
+    batch = TokenRows(store, modalities=PAIR, shuffle=True, seed=1).__getitems__([0, 2, 5, 7])
+    outputs = []
+    for b in (batch, _scramble_missing(batch)):
+        x, y, kw = batch_to_device(b, "cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outputs.append((*model(x, y, **kw), kw["loss_mask"]))
+    (logits, loss, keep), (logits2, loss2, _) = outputs
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[keep].float(), logits2[keep].float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(loss, loss2, rtol=1e-3, atol=1e-3)
