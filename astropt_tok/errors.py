@@ -45,10 +45,13 @@ _WRITE_HINTS = {
 
 
 def _io_errno(exc: BaseException) -> int | None:
-    """The errno behind a failed write: an OSError's own, or the one torch.save (a RuntimeError) and
-    safetensors (a SafetensorError, '... (os error 28)') put in their messages; None if not an I/O failure."""
+    """The errno behind a failed write: an OSError's own, the one behind torch.save's RuntimeError (the file
+    object's OSError it was raised while handling, or one in its message) or safetensors' (a SafetensorError,
+    '... (os error 28)'); None if not an I/O failure."""
     if isinstance(exc, OSError):
         return exc.errno or -1
+    if isinstance(exc, RuntimeError) and isinstance(exc.__context__, OSError):  # torch.save into a Python file
+        return exc.__context__.errno or -1
     text = str(exc)
     found = re.search(r"Os \{ code: (\d+)|\(os error (\d+)\)", text)
     if found:

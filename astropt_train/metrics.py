@@ -19,6 +19,21 @@ CURVE_FILE = "loss_curve.png"
 CSV_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss", "mfu")
 
 
+def write_png(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure as PNG `path` through a temporary name, then close it: a full or read-only disk
+    is one AstroptError naming `path`, and no half-written file is left."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with writing(path, cleanup=[tmp]):
+            fig.savefig(tmp, format="png", **savefig_kwargs)
+            tmp.replace(path)
+    finally:
+        plt.close(fig)
+    return path
+
 class MetricsLogger:
     """Appends one record per logged step to RUN/metrics.jsonl (and the chosen mirror); draws the loss curve."""
 
@@ -108,15 +123,7 @@ class MetricsLogger:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        out = self.run / CURVE_FILE
-        tmp = temporary_name(out)
-        try:
-            with writing(out, cleanup=[tmp]):
-                fig.savefig(tmp, format="png")
-                tmp.replace(out)
-        finally:
-            plt.close(fig)
-        return out
+        return write_png(fig, self.run / CURVE_FILE)
 
     def close(self) -> None:
         """Flush and close every sink (a write that fails here was reported by `log` already)."""

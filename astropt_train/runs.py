@@ -119,9 +119,9 @@ def plot_runs(runs: list[RunSummary], out: str | Path) -> Path:
     if any(r.train_curve or r.val_curve for r in runs):
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    from astropt_train.metrics import write_png
+
+    return write_png(fig, out)
 
 
 def _distinct_names(runs: list[RunSummary]) -> list[str]:

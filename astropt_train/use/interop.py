@@ -96,9 +96,12 @@ def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | N
              "codec_vocab_size": conf.get("vocab_size"), "tokens_per_image": conf.get("tokens_per_image")}
     final = out / UPSTREAM_FILE
     tmp = temporary_name(final)
-    with writing(final, cleanup=[tmp]):  # a full disk (torch.save's RuntimeError) is one error, no temporary left
-        torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), tmp,
-                   pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
+    # into a Python file: torch's own writer reports a full disk only as 'unexpected pos', ours as ENOSPC; a
+    # full or read-only disk is one error, no temporary left
+    with writing(final, cleanup=[tmp]):
+        with open(tmp, "wb") as f:
+            torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), f,
+                       pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
         os.replace(tmp, final)
     return final
 

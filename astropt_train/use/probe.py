@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
+from astropt_tok.errors import AstroptError, ensure_folder
 
 TASKS = ("auto", "regression", "classification")
 ALPHAS = np.logspace(-2, 4, 7)  # ridge strengths tried by RidgeCV in each training fold
@@ -360,15 +360,9 @@ def _picture(out: Path, target: str, task: str, y: np.ndarray, pred: np.ndarray,
             ax.set_title(f"{name}: accuracy {scores['accuracy']:.3f}")
     fig.suptitle(f"linear probe of {target} (out-of-fold predictions)")
     fig.tight_layout()
-    path = out / f"{_safe(target)}.png"
-    tmp = temporary_name(path)
-    try:
-        with writing(path, cleanup=[tmp]):  # a full or read-only disk: one error, no half-written PNG
-            fig.savefig(tmp, dpi=90, format="png")
-            tmp.replace(path)
-    finally:
-        plt.close(fig)
-    return path.name
+    from astropt_train.metrics import write_png
+
+    return write_png(fig, out / f"{_safe(target)}.png", dpi=90).name
 
 
 def table_rows(report: dict) -> list[tuple[str, ...]]:
