@@ -54,7 +54,12 @@ def verify(
 def info(store: Path = typer.Argument(..., help="Token store folder (holds manifest.json).")) -> None:
     """Summarise a token store: rows, shards, codec, vocabulary, rejects and codebook usage."""
     from astropt_tok.report import print_store_info
+    from astropt_tok.store import manifest_format
+    from astropt_train.use.embed import FORMAT as EMBEDDINGS
 
+    if manifest_format(store) == EMBEDDINGS:
+        raise AstroptError(f"{store} is an embeddings store (from `astropt embed`): `astropt info` summarises token "
+                           f"stores; check it with `astropt verify {store}`")
     print_store_info(store)
 
 

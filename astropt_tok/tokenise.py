@@ -25,7 +25,7 @@ from pathlib import Path
 
 from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
-from astropt_tok.encoder import EncodedShard, Encoder, ModalityEncoders, encode_shard
+from astropt_tok.encoder import PRECISIONS, EncodedShard, Encoder, ModalityEncoders, encode_shard
 from astropt_tok.errors import AstroptError, ensure_folder
 from astropt_tok.lock import folder_lock
 from astropt_tok.executor import (TorchrunGroup, await_replaced_store, check_rerun, check_source_unchanged,
@@ -195,6 +195,8 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         raise AstroptError(f"--workers must be 0 (read in this process) or more, got {cfg.workers}")
     if cfg.reader not in ("pyarrow", "datasets"):
         raise AstroptError(f"--reader must be pyarrow or datasets, got {cfg.reader!r}")
+    if cfg.precision not in PRECISIONS:  # before the store's manifest is written
+        raise AstroptError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if len(cfg.modalities) == 1:  # one COLUMN:BANDS is the one-column store
         (column, one_bands), = cfg.modalities
         cfg = dataclasses.replace(cfg, column=column, bands=tuple(one_bands), modalities=())

@@ -98,7 +98,8 @@ class TrainConfig:
         if name not in PRESETS:
             raise AstroptError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         L, H, E = PRESETS[name]
-        return (self.n_layer or L, self.n_head or H, self.n_embd or E)
+        return (L if self.n_layer is None else self.n_layer, H if self.n_head is None else self.n_head,  # 0 is refused
+                E if self.n_embd is None else self.n_embd)
 
     def model_given(self) -> bool:
         """Whether the user chose a model shape (a preset or any size)."""

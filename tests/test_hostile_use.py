@@ -9,12 +9,16 @@ trained run of each kind, and one embeddings store, made once for the module.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from test_hostile import assert_one_error, run_cli
+from test_hostile import REPO, assert_one_error, run_cli, temporaries, tiny_tmpfs  # noqa: F401 (a fixture)
+from test_hostile import fill as fill_disk
 
 # ---------------------------------------------------------------------------------------------------------
 # fixtures: a one-column and a two-column store of the synthetic survey, a run trained on each, embeddings
@@ -88,6 +92,8 @@ TRAIN = ["train", "--tokens", "{store}", "--out", "{tmp}/out", "--device", "cpu"
 MTRAIN = [*TRAIN[:2], "{mstore}", *TRAIN[3:]]
 CROSS = ["decode", "--checkpoint", "{mrun}", "--out", "{tmp}/out/d.png", "--device", "cpu", "--no-progress",
          "--rows", "0:2"]
+
+STORED = ["decode", "--tokens", "{store}", "--out", "{tmp}/out/d.png", "--device", "cpu", "--rows", "0"]
 
 CASES = {
     # embed
@@ -228,6 +234,48 @@ CASES = {
     "given temperature nan": ([*CROSS, "--given", "legacysurvey_image", "--generate-modality", "hsc_image",
                                "--temperature", "nan"], ["--temperature", "nan"]),
     "decode device": ([*CROSS, "--device", "tpu"], ["--device", "tpu"]),
+    # the other commands' flags, beside test_hostile.py's
+    "tokenise format": ([*TOKENISE, "--format", "parquet"], ["--format", "parquet"]),
+    "tokenise workers negative": ([*TOKENISE, "--workers", "-1"], ["--workers", "-1"]),
+    "tokenise precision": ([*TOKENISE, "--precision", "fp8"], ["--precision", "fp8"]),
+    "tokenise reader": ([*TOKENISE, "--reader", "arrow"], ["--reader", "arrow"]),
+    "fit layers zero": ([*FIT, "--layers", "0"], ["--layers"]),
+    "fit projection zero": ([*FIT, "--projection", "0"], ["--projection"]),
+    "fit warmup negative": ([*FIT, "--warmup", "-1"], ["--warmup"]),
+    "fit colour weight nan": ([*FIT, "--colour-weight", "nan"], ["--colour-weight", "nan"]),
+    "fit colour weight negative": ([*FIT, "--colour-weight", "-1"], ["--colour-weight"]),
+    "train zero layers": ([*TRAIN, "--n-layer", "0"], ["n_layer (0)"]),
+    "train zero heads": ([*TRAIN, "--n-head", "0"], ["n_head (0)"]),
+    "train zero width": ([*TRAIN, "--n-embd", "0"], ["n_embd (0)"]),
+    "train heads not dividing the width": ([*TRAIN, "--n-head", "3"], ["n_head (3)"]),
+    "train unknown preset": ([*TRAIN, "--preset", "huge"], ["huge"]),
+    "train zero grad accum": ([*TRAIN, "--grad-accum", "0"], ["grad-accum"]),
+    "train negative warmup": ([*TRAIN, "--warmup-iters", "-1"], ["warmup-iters"]),
+    "train negative decay": ([*TRAIN, "--lr-decay-iters", "-5"], ["lr-decay-iters", "-5"]),
+    "train unknown log": ([*TRAIN, "--log", "nope"], ["log", "nope"]),
+    "train negative workers": ([*TRAIN, "--workers", "-1"], ["workers", "-1"]),
+    "train unknown store reads": ([*TRAIN, "--store-reads", "nope"], ["store-reads", "nope"]),
+    "train negative checkpoint interval": ([*TRAIN, "--checkpoint-interval", "-1"], ["checkpoint-interval"]),
+    "train keep no checkpoint": ([*TRAIN, "--keep-last", "0"], ["keep-last"]),
+    "train dtype": ([*TRAIN, "--dtype", "int8"], ["dtype", "int8"]),
+    "train missing config": ([*TRAIN, "--config", "{tmp}/nope.toml"], ["{tmp}/nope.toml"]),
+    "decode unknown id": ([*STORED[:-2], "--ids", "nope"], ["nope"]),
+    "decode random zero": ([*STORED[:-2], "--random", "0"], ["--random"]),
+    "decode random past the store": ([*STORED[:-2], "--random", "1000"], ["--random 1000", "40 rows"]),
+    "decode two rgb bands": ([*STORED, "--rgb", "DES-G,DES-R"], ["3 bands"]),
+    "decode unknown band": ([*STORED, "--bands", "X"], ["'X'"]),
+    "decode flux as text": ([*STORED, "--save-flux", "{tmp}/out/f.txt"], ["--save-flux", "f.txt"]),
+    "decode complete from too many": (["decode", "--checkpoint", "{run}", "--out", "{tmp}/out/d.png", "--rows", "0",
+                                       "--complete-from", "9999"], ["--complete-from", "9999"]),
+    "decode zero batch": ([*CROSS, "--batch-size", "0"], ["--batch-size"]),
+    "demo workdir is a file": (["demo", "--workdir", "{afile}"], ["{afile}", "file"]),
+    "demo too few rows": (["demo", "--workdir", "{tmp}/out", "--rows", "0"], ["--rows"]),
+    "demo zero steps": (["demo", "--workdir", "{tmp}/out", "--steps", "0"], ["--steps"]),
+    "demo missing source": (["demo", "--workdir", "{tmp}/out", "--source", "{tmp}/nope"], ["{tmp}/nope"]),
+    "probe negative baseline seed": ([*PROBE, "--target", "redshift", "--random-init-seed", "-1"],
+                                     ["--random-init-seed", "-1"]),
+    "info of an embeddings store": (["info", "{emb}"], ["{emb}", "embeddings store", "astropt verify"]),
+    "export negative step": (["export", "{run}", "--astropt", "{tmp}/out", "--step", "-1"], ["step -1"]),
 }
 
 
@@ -351,3 +399,49 @@ def test_a_store_where_every_row_was_rejected_is_an_error(columns, made, capsys,
     argv = fill([*TOKENISE, *columns, "--limit", "4"], {**made, "tmp": tmp_path})
     code, _, err = run_cli(argv, capsys)
     assert_one_error(code, err, "every one of the 4 source rows was rejected", "--bands", "missing band")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# I/O faults where export and runs write: a full disk, a read-only file system, a folder without write
+# permission (as in test_hostile.py): one error naming the folder, no temporary or half-written file
+
+
+WRITERS = {"export": (["export", "{run}", "--astropt", "{target}"], "ckpt.pt"),
+           "runs": (["runs", "{run}", "--out", "{target}/loss.png"], "loss.png")}
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only"])
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_io_faults_while_exporting_or_plotting(command, fault, made, tiny_tmpfs, capsys):
+    argv, written = WRITERS[command]
+    target = tiny_tmpfs / "out"
+    target.mkdir()
+    if fault == "full disk":
+        fill_disk(tiny_tmpfs, leave=0)
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    code, _, err = run_cli(fill(argv, {**made, "target": target}), capsys)
+    assert_one_error(code, err, str(target), "disk is full" if fault == "full disk" else "read-only")
+    assert not (target / written).exists() and not temporaries(tiny_tmpfs)
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_no_permission_to_write_an_export_or_plot(command, made, tmp_path):
+    """For real, in a child process (root: without CAP_DAC_OVERRIDE, through setpriv)."""
+    argv, written = WRITERS[command]
+    target = tmp_path / "out"
+    target.mkdir()
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root ignores permissions, and setpriv (to drop that) is not installed")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    target.chmod(0o555)
+    try:
+        out = subprocess.run([*prefix, sys.executable, "-m", "astropt_tok", *fill(argv, {**made, "target": target})],
+                             cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        target.chmod(0o755)
+    assert_one_error(out.returncode, out.stderr, str(target), "permission denied")
+    assert not any(target.iterdir())
