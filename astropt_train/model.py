@@ -359,9 +359,9 @@ class GPT(nn.Module):
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, chunks: int, pos_offset: int,
                       order: torch.Tensor | None, loss_mask: torch.Tensor | None, modality_losses: dict | None):
         """The loss of `forward` from final hidden states x (B, T, C), `chunks` pieces of positions at a time
-        through `chunked_cross_entropy`, each position by the head of its next token's modality; the (B, T,
-        vocab) logits never exist. Default order: each head runs only on its own block's positions. Shuffled
-        `order`: each head runs on every position, weighted to its own (M head matmuls, as `_logits`)."""
+        through `chunked_cross_entropy`, each head only on the positions that predict its modality's tokens; the
+        (B, T, vocab) logits never exist. Default order: a contiguous slice per modality. Shuffled `order`: each
+        modality's positions gathered per sample into (B, tokens_per_modality), static shapes, no host sync."""
         B, T = targets.size()
         keep = None if loss_mask is None else loss_mask.float()  # (B, T)
         sums = [x.new_zeros((), dtype=torch.float32) for _ in self.names]
@@ -373,10 +373,16 @@ class GPT(nn.Module):
                                                           targets[:, start:end], chunks, w)
                 counts[k] = counts[k] + (w.sum() if w is not None else B * (end - start))
         else:
-            target = self.modality_at(pos_offset + 1, T, order, B, x.device)  # (B, T)
+            per = self.tokens_per_modality
+            block_of = torch.argsort(order.to(x.device), dim=1)  # (B, M): the block that holds modality m
+            within = torch.arange(per, device=x.device)  # (per,)
             for m, name in enumerate(self.names):
-                w = (target == m).float() if keep is None else keep * (target == m)  # (B, T)
-                sums[m] = chunked_cross_entropy(self.decoders[name], x, targets, chunks, w)
+                at = block_of[:, m : m + 1] * per + within - 1 - pos_offset  # (B, per): the position predicting each token
+                real = (at >= 0) & (at < T)  # the first token of the first block has no predictor
+                at = at.clamp(0, T - 1)
+                w = real.float() if keep is None else keep.gather(1, at) * real  # (B, per)
+                hidden = x.gather(1, at[..., None].expand(-1, -1, x.size(-1)))  # (B, per, C)
+                sums[m] = chunked_cross_entropy(self.decoders[name], hidden, targets.gather(1, at), chunks, w)
                 counts[m] = w.sum()
         if modality_losses is not None:
             modality_losses.update({m: v.detach() for m, v in self._modality_means(sums, counts).items()})
