@@ -4,6 +4,8 @@ time, how many codec calls it makes, and how fast the trainer's loader serves tw
     python benchmarks/bench_surveys.py tokenise --rows 256 --repeats 3              # tiny codec: reading dominates
     python benchmarks/bench_surveys.py tokenise --rows 32 --repeats 2 --codec base  # aion-base architecture
     python benchmarks/bench_surveys.py loader --rows 20000 --repeats 5
+    python benchmarks/bench_surveys.py tokenise --rows 512 --repeats 1 --codec base --device cuda --precision bf16 \
+        --workers 2 --batch-size 256 --json mm.json                                   # gpu.sh's multimodal stage
 
 Each prints one JSON object. `tokenise` runs, interleaved, the Legacy Survey column alone, the HSC column alone
 and both in one pass (`--column legacysurvey_image:... --column hsc_image:...`) on the same synthetic survey, and
@@ -35,7 +37,7 @@ def bench_tokenise(args, work: Path) -> dict:
     from astropt_tok.tokenise import TokeniseConfig, tokenise
 
     survey = work / "survey"
-    write_synthetic_survey(survey, n_rows=args.rows, n_files=2, seed=0, row_group_size=32)
+    write_synthetic_survey(survey, n_rows=args.rows, n_files=2, seed=0, row_group_size=32, processes=2)
     codec = make_random_codec(work / "codec", "tiny" if args.codec == "tiny" else "full")
     calls = []
     real = ImageCodec._encode
@@ -55,13 +57,14 @@ def bench_tokenise(args, work: Path) -> dict:
             calls.clear()
             t = time.perf_counter()
             tokenise(TokeniseConfig(source=str(survey), out=str(work / f"store-{r}-{len(times[name])}-{hash(name)}"),
-                                    shards=1, codec=str(codec), batch_size=args.batch_size, device="cpu",
-                                    workers=0, progress=False, **kw))
+                                    shards=1, codec=str(codec), batch_size=args.batch_size, device=args.device,
+                                    precision=args.precision, workers=args.workers, progress=False, **kw))
             times[name].append(time.perf_counter() - t)
             counts[name] = {"codec_calls": len(calls), "images_encoded": sum(calls)}
     med = {k: statistics.median(v) for k, v in times.items()}
     separate = med["legacysurvey_image alone"] + med["hsc_image alone"]
     return {"rows": args.rows, "codec": args.codec, "batch_size": args.batch_size, "repeats": args.repeats,
+            "device": args.device, "precision": args.precision,
             "seconds_median": med, "rows_per_s": {k: args.rows / v for k, v in med.items()}, "counts": counts,
             "both_vs_two_separate_runs": med["both in one pass"] / separate}
 
@@ -109,10 +112,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=500, help="loader: timed batches per repeat")
     ap.add_argument("--codec", choices=["tiny", "base"], default="tiny", help="tokenise: the tiny test codec or "
                     "aion-base's architecture (random weights: speed does not depend on them)")
+    ap.add_argument("--device", default="cpu", help="tokenise: where the codec runs")
+    ap.add_argument("--precision", default="fp32", help="tokenise: the codec's precision")
+    ap.add_argument("--workers", type=int, default=0, help="tokenise: reader processes")
+    ap.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = bench_tokenise(args, Path(tmp)) if args.what == "tokenise" else bench_loader(args, Path(tmp))
     print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@
 #   6 training MFU      95M preset, bf16, compiled, at TRAIN_BATCHES and with --loss-chunks LOSS_CHUNKS at
 #                       the largest (best >= 45%); the largest batch that trains per preset 95M/300M/700M
 #   7 this script       <= 8 minutes
+#   8 multimodal        two image columns tokenised in one pass on the GPU vs each alone (rows/s, codec calls);
+#                       training tokens/s with 2 modalities vs 1 at the same tokens per step (eager bf16), and
+#                       2 with --shuffle-modalities --loss-chunks; the gpu tests of several modalities pass.
+#                       About a minute; it runs last, and only when the script is still MM_SECONDS inside
+#                       BUDGET_S (so it never pushes the script past its budget): alone, STAGES=multimodal.
 # Usage, from the repository root:  bash benchmarks/gpu.sh        (OUT=dir; default bench-out/)
 # Some stages only:                 STAGES="tokenise train" bash benchmarks/gpu.sh
 # A CPU dry run of the whole script (tiny sizes; the figures mean nothing):  DRY_RUN=1 bash benchmarks/gpu.sh
@@ -22,12 +27,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 T_START=$(date +%s)
 OUT=${OUT:-$PWD/bench-out}
-STAGES=${STAGES:-"tests tokenise train memory"}
+STAGES=${STAGES:-"tests tokenise train memory multimodal"}
 if [ -n "${DRY_RUN:-}" ]; then
   DEVICE=cpu CODEC_SIZE=tiny FP32_ROWS=32 BF16_ROWS=48 BATCH=16 SHARDS=2 REPEATS=1 PROFILE_ROWS=16
   TRAIN_PRESET=tiny TRAIN_BATCHES="2 4" TRAIN_STEPS=6 TRAIN_COMPILE=--no-compile LOSS_CHUNKS=4 MEMORY_PRESETS=tiny
   WORKERS=1
-  PYTEST_FILES="tests/test_gpu.py tests/test_tokenise.py" PYTEST_K="latents or torchrun_processes_than"
+  PYTEST_FILES="tests/test_gpu.py tests/test_tokenise.py" PYTEST_K="latents or torchrun_processes_than or multimodal_gpu"
+  MM_ROWS=16 MM_CODEC=tiny MM_PRESET=tiny MM_BATCH=4 MM_STEPS=6 MM_CHUNKS=4 BUDGET_S=100000 MM_SECONDS=60
 else
   DEVICE=${DEVICE:-cuda} CODEC_SIZE=${CODEC_SIZE:-full} FP32_ROWS=${FP32_ROWS:-4096} BF16_ROWS=${BF16_ROWS:-16384}
   BATCH=${BATCH:-256} SHARDS=${SHARDS:-4} REPEATS=${REPEATS:-2} PROFILE_ROWS=${PROFILE_ROWS:-1024}
@@ -36,6 +42,9 @@ else
   LOSS_CHUNKS=${LOSS_CHUNKS-8}  # a contender for goal 6 at the largest TRAIN_BATCHES; empty: not run
   MEMORY_PRESETS=${MEMORY_PRESETS:-"95M 300M 700M"} WORKERS=${WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}
   PYTEST_FILES=${PYTEST_FILES:-tests} PYTEST_K=${PYTEST_K:-}
+  MM_ROWS=${MM_ROWS:-512} MM_CODEC=$([ "$CODEC_SIZE" = tiny ] && echo tiny || echo base) MM_PRESET=${MM_PRESET:-$TRAIN_PRESET}
+  MM_BATCH=${MM_BATCH:-32} MM_STEPS=${MM_STEPS:-30} MM_CHUNKS=${MM_CHUNKS:-8}  # MM_BATCH: one modality's; two take half
+  BUDGET_S=${BUDGET_S:-480} MM_SECONDS=${MM_SECONDS:-75}  # the multimodal stage runs only if it ends inside BUDGET_S
 fi
 # Every result goes to $RAW as it is made; at the end $OUT holds summary.json, the profile table and trace of
 # the codec's thread, gpu.txt and raw.tar.gz (all of $RAW): few files, as a lent machine sends back few.
@@ -105,6 +114,26 @@ if want memory; then
   stage "largest batch per preset"
   # shellcheck disable=SC2086
   python3 benchmarks/bench_memory.py --presets $MEMORY_PRESETS --device "$DEVICE" --json "$RAW/memory.json"
+fi
+
+if want multimodal; then
+  if (( $(date +%s) - T_START + MM_SECONDS > BUDGET_S )); then
+    echo "== multimodal: skipped, $(( $(date +%s) - T_START )) s + ~$MM_SECONDS s would pass BUDGET_S=$BUDGET_S s" \
+      "(run it alone: STAGES=multimodal bash benchmarks/gpu.sh)" | tee "$RAW/multimodal_skipped.txt"
+  else
+    stage "multimodal: two image columns in one pass vs each alone ($MM_ROWS rows, bf16)"
+    python3 benchmarks/bench_surveys.py tokenise --rows "$MM_ROWS" --repeats 1 --codec "$MM_CODEC" --device "$DEVICE" \
+      --precision bf16 --workers 2 --batch-size "$BATCH" --json "$RAW/mm_tokenise.json"
+    MM_TRAIN="python3 benchmarks/bench_train_step.py --preset $MM_PRESET --dtype bf16 --no-compile --steps $MM_STEPS
+      --device $DEVICE"
+    stage "multimodal: train 1 modality, batch $MM_BATCH (eager bf16)"
+    $MM_TRAIN --batch-size "$MM_BATCH" --json "$RAW/mm_train_1.json"
+    stage "multimodal: train 2 modalities, batch $(( MM_BATCH / 2 )), the same tokens per step"
+    $MM_TRAIN --batch-size $(( MM_BATCH / 2 )) --modalities 2 --json "$RAW/mm_train_2.json"
+    stage "multimodal: train 2 modalities --shuffle-modalities --loss-chunks $MM_CHUNKS"
+    $MM_TRAIN --batch-size $(( MM_BATCH / 2 )) --modalities 2 --shuffle-modalities --loss-chunks "$MM_CHUNKS" \
+      --json "$RAW/mm_train_2_shuffled.json"
+  fi
 fi
 
 stage "summary"

@@ -54,11 +54,39 @@ def tests_goal(tests: dict[str, str] | None, *needles: str) -> tuple[str, str]:
     return ("PASS" if ok else "FAIL"), detail
 
 
+MM_RUNS = ("1", "2", "2_shuffled")  # gpu.sh's multimodal training runs: mm_train_<run>.json
+
+
+def multimodal_goal(out: Path, tests: dict[str, str] | None) -> tuple[str, str]:
+    """PASS when the gpu tests of several modalities passed (if the suite ran), tokenising two columns in one
+    pass made one codec call per column per batch, and every multimodal training run ended with a finite loss;
+    the detail has the ratios (one pass vs two runs, 2 modalities vs 1 at the same tokens per step)."""
+    if (out / "multimodal_skipped.txt").is_file():
+        return "NOT RUN", (out / "multimodal_skipped.txt").read_text().strip().lstrip("= ")
+    tok, runs = load(out / "mm_tokenise.json"), {k: load(out / f"mm_train_{k}.json") for k in MM_RUNS}
+    if tok is None or not all(runs.values()):
+        return "NOT RUN", "multimodal results missing"
+    counts = tok["counts"]
+    alone = [counts["legacysurvey_image alone"], counts["hsc_image alone"]]
+    calls_ok = all(counts["both in one pass"][k] == sum(a[k] for a in alone) for k in ("codec_calls", "images_encoded"))
+    finite = all(r["final_loss"] == r["final_loss"] and abs(r["final_loss"]) != float("inf") for r in runs.values())
+    one, two, shuffled = (runs[k]["tokens_per_s"] for k in MM_RUNS)
+    detail = (f"two columns in one pass take {tok['both_vs_two_separate_runs']:.2f}x the time of two one-column runs "
+              f"({tok['rows']} rows, {tok['precision']}); codec calls {'one per column per batch' if calls_ok else 'WRONG'}; "
+              f"training 2 modalities {two / one:.2f}x the tokens/s of 1 ({one:,} tokens/s), shuffled with "
+              f"--loss-chunks {runs['2_shuffled']['loss_chunks']} {shuffled / two:.2f}x fixed order")
+    ok = calls_ok and finite
+    if tests is not None:
+        status, text = tests_goal(tests, "multimodal_gpu")
+        ok, detail = ok and status == "PASS", f"{detail}; gpu tests: {text}"
+    return ("PASS" if ok else "FAIL"), detail
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--seconds", type=float, required=True, help="gpu.sh's wall time so far")
-    ap.add_argument("--stages", default="tests tokenise train memory")
+    ap.add_argument("--stages", default="tests tokenise train memory multimodal")
     args = ap.parse_args(argv)
     out = args.out
 
@@ -121,9 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     goals.append(("7 gpu.sh in <= 8 minutes", "PASS" if args.seconds <= 480 else "FAIL",
                   f"{args.seconds:.0f} s (stages: {args.stages})"))
 
+    goals.append(("8 multimodal on the GPU", *multimodal_goal(out, tests)))
+
     summary = {"goals": [{"goal": g, "result": r, "detail": d} for g, r, d in goals],
                "seconds": args.seconds, "encode_fp32": fp32, "encode_bf16": bf16, "startup": startup,
                "train": trains, "largest_batch": memory,
+               "multimodal": {"tokenise": load(out / "mm_tokenise.json"),
+                              "train": {k: load(out / f"mm_train_{k}.json") for k in MM_RUNS}},
                "tests": None if tests is None else {"passed": sum(v == "passed" for v in tests.values()),
                                                     "failed": [k for k, v in tests.items() if v == "failed"],
                                                     "skipped": {k: v for k, v in tests.items() if v.startswith("skipped")}}}
