@@ -287,9 +287,10 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
 
     # --- precision, seeds
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if cuda:  # TF32 matmuls for training, and back to the caller's setting when train() returns
+        from astropt_tok.executor import tf32_allowed
+
+        held.enter_context(tf32_allowed(True))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype] if cuda else None
     if cfg.dtype == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         amp_dtype = torch.float16
