@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_hostile import REPO, assert_one_error, run_cli, temporaries, tiny_tmpfs  # noqa: F401 (a fixture)
+from test_hostile import HOLD_LOCK, REPO, assert_one_error, run_cli, temporaries, tiny_tmpfs  # noqa: F401 (a fixture)
 from test_hostile import fill as fill_disk
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,6 +283,28 @@ CASES = {
 def test_hostile_use_is_one_error(case, made, capsys, tmp_path):
     argv, names = CASES[case]
     check(argv, names, made, tmp_path, capsys)
+
+
+def test_a_second_embed_into_one_folder_is_refused(made, capsys, tmp_path):
+    """`astropt embed` holds its --out folder's lock: while another process holds it, embed is one error naming
+    the folder and the holder and writes nothing; once it is released embed runs, and --overwrite keeps the lock."""
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), "`astropt embed`", "exclusive"], cwd=REPO,
+                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout.readline() == "locked\n"
+        line = check(EMBED, ["{tmp}/out", "in use"], made, tmp_path, capsys)
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+    assert "`astropt embed`" in line and f"pid {other.pid}" in line
+    for extra in ([], ["--pool", "last", "--overwrite"]):  # embed took the lock itself, and keeps it through a clear
+        code, _, err = run_cli(fill([*EMBED, *extra], {**made, "tmp": tmp_path}), capsys)
+        assert code == 0, err
+        assert json.loads((out / ".astropt.lock").read_text())["command"] == "`astropt embed`"
+    assert json.loads((out / "manifest.json").read_text())["pool"] == "last"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,13 +41,14 @@ import queue
 import shutil
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
+from astropt_tok.lock import LOCK_FILE, folder_lock
 
 FORMAT = "astropt-embeddings"
 FORMAT_VERSION = 1
@@ -385,6 +386,11 @@ def _check_options(cfg: EmbedConfig) -> None:
 
 def embed(cfg: EmbedConfig) -> EmbedResult:
     """Embed the chosen rows of a token store with a checkpoint into an embeddings store (resumable per shard)."""
+    with ExitStack() as held:  # held: the embeddings folder's lock, released on return
+        return _embed(cfg, held)
+
+
+def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
     import torch
 
     from astropt_tok.executor import resolve_device
@@ -438,15 +444,16 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         **({"columns": columns} if len(modalities) > 1 else {}),
         "dtype": cfg.dtype, "planned_shards": [i for i, _, _ in plan],
     }
-    old = _read_manifest(out) if out.is_dir() else None
+    # one writer per folder: a second `astropt embed --out` here is refused until this one ends
+    held.enter_context(folder_lock(ensure_folder(out, "the embeddings folder"), "`astropt embed`"))
+    old = _read_manifest(out)
     if old is not None and any(old.get(k) != manifest[k] for k in IDENTITY_KEYS):
         if not cfg.overwrite:
             diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest[k]]
             raise AstroptError(f"{out} holds embeddings made with another {', '.join(diff)}; pass --overwrite "
                                "to replace them, or choose another --out")
-        shutil.rmtree(out)
+        _clear(out)
         old = None
-    ensure_folder(out, "the embeddings folder")
     if old is None or not old.get("complete"):
         write_manifest(out, manifest)
 
@@ -495,6 +502,14 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     return EmbedResult(out=out, rows=stop - start, shards_written=len(todo), shards_skipped=len(plan) - len(todo),
                        seconds=time.perf_counter() - t_start, rows_embedded=rows_done, loader_seconds=loader_s,
                        manifest=final)
+
+
+def _clear(out: Path) -> None:
+    """Empty an embeddings folder for --overwrite, keeping the lock file this run holds."""
+    with writing(out):
+        for p in out.iterdir():
+            if p.name != LOCK_FILE:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _progress(enabled: bool, total: int):
