@@ -13,6 +13,7 @@ import contextlib
 import glob as globlib
 import hashlib
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from astropt_tok.errors import AstroptError
 
 DEFAULT_SOURCE = "Smith42/legacysurvey_hsc_crossmatched"
+DEFAULT_SPLIT = "train"
 IMAGE_SIZE = 160  # the Legacy Survey cutouts are 160x160 pixels
 SOURCE_SUFFIXES = (".parquet", ".arrow")
 
@@ -90,19 +92,58 @@ class SourcePlan:
 
 
 def _local_files(source: str, split: str) -> list[str] | None:
-    """Local parquet/arrow files for `source` (folder, file or glob), or None when it is not local."""
+    """Local parquet/arrow files of `split` for `source` (folder, file or glob), or None when it is not local."""
     p = Path(os.path.abspath(Path(source).expanduser()))  # absolute: a store works from any folder
-    if p.is_file():
-        return [str(p)]
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in SOURCE_SUFFIXES and f.is_file())
-        # A hub-style snapshot keeps splits apart by name (data/train-0000x-of-0000n.parquet): use the split's.
-        in_split = [f for f in files if Path(f).name.startswith(f"{split}-") or f"/{split}/" in f]
-        return in_split or files
-    if any(ch in source for ch in "*?["):
-        return sorted(os.path.abspath(f) for f in globlib.glob(os.path.expanduser(source), recursive=True)
-                      if f.endswith(SOURCE_SUFFIXES))
-    return None
+        return _folder_split_files(p, split, source)
+    if p.is_file():
+        files = [str(p)]
+    elif any(ch in source for ch in "*?["):
+        files = sorted(os.path.abspath(f) for f in globlib.glob(os.path.expanduser(source), recursive=True)
+                       if f.endswith(SOURCE_SUFFIXES))
+    else:
+        return None
+    # files named directly are read as given; another split than the default must be what their names say
+    other = [f for f in files if split != DEFAULT_SPLIT and not _named_for_split(f, split)]
+    if other:
+        raise AstroptError(f"--split {split}: {Path(other[0]).name} of source {source} is not named for split "
+                           f"{split!r}; pass the folder that holds the splits, or only that split's files")
+    return files
+
+
+def _folder_split_files(folder: Path, split: str, source: str) -> list[str]:
+    """The parquet/arrow files of `split` in a folder, split by `datasets`' rules for a dataset folder
+    (data/train-00000-of-00002.parquet, test.parquet, a validation/ folder, ...); a folder whose data files'
+    names mark no split is all one split, train, as `datasets.load_dataset` reads it."""
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    try:
+        patterns = get_data_patterns(str(folder))
+    except EmptyDatasetError:  # no files at all: the caller says so
+        return []
+    except ValueError as exc:  # a split name `datasets` refuses
+        raise AstroptError(f"source {source}: {exc}") from None
+    by_name = DataFilesDict.from_patterns(patterns, str(folder), allowed_extensions=list(SOURCE_SUFFIXES))
+    by_split = {str(name): sorted(map(str, files)) for name, files in by_name.items() if files}
+    if patterns == DEFAULT_PATTERNS_ALL:
+        by_split = {}  # `datasets`' fallback, every file in train: the folder has no split structure
+    if not by_split:  # no parquet/arrow file is named for a split (a README or train.log may be)
+        if split != DEFAULT_SPLIT and not _named_for_split(str(folder), split):
+            raise AstroptError(f"--split {split}: source {source} has no splits (no data file or folder in it is "
+                               f"named for one, as in data/{split}-00000-of-00001.parquet), so it is all split "
+                               f"{DEFAULT_SPLIT}: leave out --split, or pass the folder that holds that split")
+        return sorted(str(f) for f in folder.rglob("*") if f.suffix in SOURCE_SUFFIXES and f.is_file())
+    if split not in by_split:
+        raise AstroptError(f"source {source} has no split {split!r} (it has: {', '.join(by_split)}); "
+                           "pass one of them with --split")
+    return by_split[split]
+
+
+def _named_for_split(path: str, split: str) -> bool:
+    """Whether the file's (or folder's) name, or that of the folder it is in, has `split` as a word, as `datasets`
+    tells a file's split (train-00000-of-00002.parquet, test.arrow, validation/part-0.parquet)."""
+    word = re.compile(rf"(^|[-._ 0-9]){re.escape(split)}([-._ 0-9]|$)")
+    return any(word.search(name) for name in (Path(path).name, Path(path).parent.name))
 
 
 def _hub_files(source: str, split: str) -> tuple[list[str], str | None]:
@@ -256,7 +297,7 @@ def _file_schema(path: str):
 
 def resolve_source(
     source: str = DEFAULT_SOURCE,
-    split: str = "train",
+    split: str = DEFAULT_SPLIT,
     column: str = "legacysurvey_image",
     id_column: str | None = "object_id",
     limit: int | None = None,

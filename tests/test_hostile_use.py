@@ -59,9 +59,12 @@ def made(tmp_path_factory, survey_dir, codec_dir):
     cat.drop(columns=["object_id"]).to_csv(labels / "no_id.csv", index=False)
     cat.head(3).to_csv(labels / "three.csv", index=False)
     (base / "afile").write_text("not a folder")
+    (base / "flat").mkdir()  # the survey's files under names that mark no split
+    for i, f in enumerate(sorted(Path(survey_dir).glob("*.parquet"))):
+        shutil.copy(f, base / "flat" / f"galaxies-{i}.parquet")
     return {"store": base / "store", "mstore": base / "mstore", "run": base / "run", "mrun": base / "mrun",
             "emb": base / "emb", "export": base / "export", "labels": labels, "survey": Path(survey_dir),
-            "codec": Path(codec_dir), "afile": base / "afile", "probe_out": base / "probe-out"}
+            "codec": Path(codec_dir), "afile": base / "afile", "flat": base / "flat", "probe_out": base / "probe-out"}
 
 
 def fill(items, paths: dict) -> list[str]:
@@ -196,6 +199,15 @@ CASES = {
     "column and --bands": ([*TOKENISE, *TWO_COLUMNS, "--bands", "DES-G"], ["--bands", "--column"]),
     "column without bands beside one with": ([*TOKENISE, "--column", "legacysurvey_image", "--column",
                                               "hsc_image:HSC-G"], ["legacysurvey_image", "NAME:BAND"]),
+    # --split of a local source
+    "tokenise split the folder lacks": ([*TOKENISE, "--split", "test"], ["{survey}", "no split 'test'", "train"]),
+    "fit split the folder lacks": ([*FIT, "--split", "validation"], ["{survey}", "no split 'validation'"]),
+    "tokenise split of a folder without splits": ([*TOKENISE[:2], "{flat}", *TOKENISE[3:], "--split", "test"],
+                                                  ["--split test", "{flat}", "no splits"]),
+    "fit split of a folder without splits": ([*FIT[:2], "{flat}", *FIT[3:], "--split", "test"],
+                                             ["--split test", "{flat}", "no splits"]),
+    "fit split of files named otherwise": ([*FIT[:2], "{survey}/*.parquet", *FIT[3:], "--split", "test"],
+                                           ["--split test", "train-00000-of-00002.parquet"]),
     "keep-partial with one column": ([*TOKENISE, "--keep-partial"], ["--keep-partial"]),
     # train
     "train unknown head": ([*TRAIN, "--head", "mlp"], ["head", "mlp"]),

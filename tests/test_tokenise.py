@@ -228,6 +228,58 @@ def test_open_files_parse_each_footer_once_and_read_the_same_rows(survey_dir):
     assert not files.handles
 
 
+@pytest.mark.parametrize("layout", [  # {file: (survey file it copies, its split)}; None: not data
+    {"data/train-00000-of-00001.parquet": (0, "train"), "data/test-00000-of-00001.parquet": (1, "test"),
+     "README.md": None},
+    {"train/part-0.parquet": (0, "train"), "validation/part-0.parquet": (1, "validation")},
+    {"train.parquet": (0, "train"), "test.arrow": (1, "test"), "test_notes.csv": None},
+], ids=["hub shards", "split folders", "split files"])
+def test_split_picks_its_files_in_a_local_folder_laid_out_by_split(survey_dir, tmp_path, layout):
+    """A local folder named by split as `datasets` names them: --split reads that split's files only, and a
+    split it lacks is one error listing those it has."""
+    from astropt_tok.source import resolve_source
+
+    survey = sorted(Path(survey_dir).glob("*.parquet"))
+    for name, made in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        if made is None:
+            (tmp_path / name).write_text("not data")
+        elif name.endswith(".arrow"):  # the same rows as an Arrow IPC file
+            table = pq.read_table(survey[made[0]])
+            with pa.ipc.new_file(tmp_path / name, table.schema) as writer:
+                writer.write_table(table)
+        else:
+            shutil.copy(survey[made[0]], tmp_path / name)
+    splits = {made[1]: name for name, made in layout.items() if made is not None}
+    for split, name in splits.items():
+        plan = resolve_source(str(tmp_path), split)
+        assert [f.path for f in plan.files] == [str(tmp_path / name)] and plan.describe()["split"] == split
+        assert plan.num_rows == pq.ParquetFile(survey[layout[name][0]]).metadata.num_rows
+    with pytest.raises(AstroptError, match=f"no split 'dev' \\(it has: {', '.join(splits)}\\)"):
+        resolve_source(str(tmp_path), "dev")
+
+
+def test_split_of_local_files_without_splits_is_refused_not_ignored(survey_dir, tmp_path):
+    """A folder whose files name no split is all split train (as `datasets` reads it): another --split is one
+    error rather than reading everything; files or a glob given directly must be named for a non-default split."""
+    from astropt_tok.source import resolve_source
+
+    flat = tmp_path / "survey" / "flat"  # names of its own: pytest's tmp_path has "test" in its name
+    flat.mkdir(parents=True)
+    for i, f in enumerate(sorted(Path(survey_dir).glob("*.parquet"))):
+        shutil.copy(f, flat / f"galaxies-{i}.parquet")
+    assert resolve_source(str(flat)).num_rows == 40  # the default split: every file
+    with pytest.raises(AstroptError, match="--split test: source .*flat has no splits"):
+        resolve_source(str(flat), "test")
+    with pytest.raises(AstroptError, match="--split test: galaxies-0.parquet of source .* is not named for split"):
+        resolve_source(str(flat / "*.parquet"), "test")
+    named = tmp_path / "survey" / "test"
+    flat.rename(named)
+    assert resolve_source(str(named), "test").num_rows == 40  # a folder named for it: its files are that split
+    (named / "galaxies-0.parquet").rename(flat.parent / "test-0.parquet")
+    assert resolve_source(str(flat.parent / "test-0.parquet"), "test").num_rows == 20  # a file named for it
+
+
 def test_cli_run_closes_with_a_summary_of_rows_and_where_the_time_went(bad_survey, codec_dir, tmp_path, capsys):
     out = tmp_path / "tok"
     code, stdout, _ = run_cli(capsys, "tokenise", "--source", str(bad_survey), "--codec", str(codec_dir), "--out",
