@@ -281,8 +281,9 @@ CASES = {
                                        "--complete-from", "9999"], ["--complete-from", "9999"]),
     "decode zero batch": ([*CROSS, "--batch-size", "0"], ["--batch-size"]),
     "demo workdir is a file": (["demo", "--workdir", "{afile}"], ["{afile}", "file"]),
-    "demo too few rows": (["demo", "--workdir", "{tmp}/out", "--rows", "0"], ["--rows"]),
-    "demo zero steps": (["demo", "--workdir", "{tmp}/out", "--steps", "0"], ["--steps"]),
+    "demo missing codec": (["demo", "--workdir", "{tmp}/out", "--codec", "{tmp}/nope"], ["{tmp}/nope"]),
+    "demo codec is a store": (["demo", "--workdir", "{tmp}/out", "--codec", "{store}"], ["{store}", "hub layout"]),
+    "demo limit word": (["demo", "--workdir", "{tmp}/out", "--limit", "some"], ["--limit", "astropt demo --help"]),
     "demo missing source": (["demo", "--workdir", "{tmp}/out", "--source", "{tmp}/nope"], ["{tmp}/nope"]),
     "probe negative baseline seed": ([*PROBE, "--target", "redshift", "--random-init-seed", "-1"],
                                      ["--random-init-seed", "-1"]),
@@ -317,6 +318,17 @@ def test_a_second_embed_into_one_folder_is_refused(made, capsys, tmp_path):
         assert code == 0, err
         assert json.loads((out / ".astropt.lock").read_text())["command"] == "`astropt embed`"
     assert json.loads((out / "manifest.json").read_text())["pool"] == "last"
+
+
+DEMO_FLAGS = {"--rows": "0", "--steps": "0", "--limit": "0", "--seed": "-1", "--threads": "-1", "--device": "tpu"}
+
+
+@pytest.mark.parametrize("flag", list(DEMO_FLAGS))
+def test_a_bad_demo_flag_is_named_alone(flag, made, capsys, tmp_path):
+    """Each bad `astropt demo` value is its own error naming that flag and value, and no other flag."""
+    line = check(["demo", "--workdir", "{tmp}/out", flag, DEMO_FLAGS[flag]], [flag, DEMO_FLAGS[flag]], made, tmp_path,
+                 capsys)
+    assert not [other for other in DEMO_FLAGS if other != flag and other in line], line
 
 
 # ---------------------------------------------------------------------------------------------------------

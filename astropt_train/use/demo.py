@@ -111,8 +111,6 @@ def prepare_survey(cfg: DemoConfig) -> str:
     stamp = out / "demo-survey.json"
     settings = {"rows": cfg.rows, "seed": cfg.seed, "files": 2}
     if not _cached(stamp, settings):
-        if cfg.rows < 10:
-            raise AstroptError(f"--rows must be at least 10 for the demo, got {cfg.rows}")
         shutil.rmtree(out, ignore_errors=True)
         with writing(out):
             write_synthetic_survey(out, n_rows=cfg.rows, n_files=2, seed=cfg.seed, processes=2)  # one file per core
@@ -141,11 +139,28 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from astropt_tok.executor import resolve_device
     from astropt_train.use.decode import torch_threads
 
-    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
-        raise AstroptError(f"--threads must be 0 (torch's default) or more, got {cfg.cpu_threads}")
+    _check_flags(cfg)
     threads = cfg.cpu_threads if resolve_device(cfg.device) == "cpu" else None
     with torch_threads(threads):
         return _run_demo(cfg)
+
+
+def _check_flags(cfg: DemoConfig) -> None:
+    """Each bad flag is its own error naming only that flag, before the demo writes anything."""
+    from astropt_tok.codec import resolve_codec_files
+
+    if cfg.source is None and cfg.rows < 10:
+        raise AstroptError(f"--rows must be at least 10 for the demo, got {cfg.rows}")
+    if cfg.steps < 1:
+        raise AstroptError(f"--steps must be at least 1, got {cfg.steps}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise AstroptError(f"--limit must be at least 1, got {cfg.limit}")
+    if cfg.seed < 0:
+        raise AstroptError(f"--seed must be 0 or more, got {cfg.seed}")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        raise AstroptError(f"--threads must be 0 (torch's default) or more, got {cfg.cpu_threads}")
+    if cfg.codec is not None:
+        resolve_codec_files(cfg.codec)  # a missing folder or unknown hub id now, not after writing the survey
 
 
 def _run_demo(cfg: DemoConfig) -> DemoResult:
@@ -154,10 +169,6 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     from astropt_train.use.decode import DecodeConfig, decode
     from astropt_train.loop import train
 
-    if cfg.steps < 1:
-        raise AstroptError(f"--steps must be at least 1, got {cfg.steps}")
-    if cfg.seed < 0 or (cfg.limit is not None and cfg.limit < 1):
-        raise AstroptError(f"--seed must be >= 0 and --limit >= 1, got {cfg.seed} and {cfg.limit}")
     if cfg.fresh:
         clean_workdir(cfg.workdir)
     ensure_folder(cfg.workdir, "the demo folder")
