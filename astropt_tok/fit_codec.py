@@ -19,9 +19,10 @@
 The loss is the reconstruction error in the codec's range-compressed space (where faint structure counts)
 plus the error in flux (where bright galaxies count), each divided by its variance over the training data.
 With `colour_weight` > 0 it adds a colour term on the galaxy's central-aperture fluxes S (one per band, the
-aperture astropt_tok.quality scores colours in): the part of the error S_rec - S_true that is not a change of
-brightness (orthogonal to S_true), relative to |S_true|, squared and divided by the spread of S_true/|S_true|
-over the training data (so a codec that gives every galaxy the average colour scores about 1). Pixel losses
+aperture astropt_tok.quality scores colours in): |u_rec - u_true|^2 for the direction u = S / |S| of each (the
+galaxy's colour, whatever its brightness; |S_rec| is floored at a tenth of |S_true| so that a faint or empty
+reconstruction is far from every colour rather than free of the term), divided by the spread of u_true over
+the training data (so a codec that gives every galaxy the average colour scores about 1). Pixel losses
 are dominated by brightness and shape, and alone leave every galaxy near the average colour.
 `out/fit-state.pt` is a checkpoint every `checkpoint_every` steps; `resume` continues from it.
 """
@@ -145,13 +146,13 @@ def read_survey_flux(cfg: FitCodecConfig, column: str | None = None, bands: list
 
 
 def colour_error(recon, flux, inside):
-    """(recon, flux) [B, C, H, W] -> the colour part of the aperture-flux error, [B, C]: S_rec - alpha S_true
-    with alpha the best brightness scaling, over |S_true| (module doc); `inside` [H, W] is the aperture."""
+    """(recon, flux) [B, C, H, W] -> u_rec - u_true [B, C], the colour directions of their aperture fluxes
+    (module doc); `inside` [H, W] is the aperture."""
     true_ap = (flux * inside).sum(dim=(-2, -1))  # S_true [B, C]
     rec_ap = (recon * inside).sum(dim=(-2, -1))  # S_rec [B, C]
-    norm2 = (true_ap**2).sum(dim=1, keepdim=True).clamp_min(1e-6)  # |S_true|^2 [B, 1]
-    alpha = (rec_ap * true_ap).sum(dim=1, keepdim=True) / norm2  # [B, 1]
-    return (rec_ap - alpha * true_ap) / norm2.sqrt()
+    true_norm2 = (true_ap**2).sum(dim=1, keepdim=True).clamp_min(1e-12)  # |S_true|^2 [B, 1]
+    rec_norm2 = (rec_ap**2).sum(dim=1, keepdim=True) + 0.01 * true_norm2  # |S_rec|^2, floored at |S_true|^2 / 100
+    return rec_ap / rec_norm2.sqrt() - true_ap / true_norm2.sqrt()
 
 
 def colour_spread(flux, inside):
