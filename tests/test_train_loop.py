@@ -223,20 +223,36 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(store, tmp_path):
     assert step >= 3 and torch.load(path / "trainer_state.pt", weights_only=True)["step"] == step
 
 
+# A hang guard only: one run takes about 10 s on an idle 2-core box and 30-35 s beside two busy processes
+# (load 5.5); a too-tight limit, not the training, is what a loaded machine trips.
+TORCHRUN_TIMEOUT_S = 600
+
+
+def torchrun(*args, env: dict) -> None:
+    """`torchrun --standalone --nproc_per_node 2 -m astropt_tok ARGS` to its end; past the limit, torchrun is
+    stopped with its workers (none left burning the CPU) and the test fails with their output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "astropt_tok", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers (each in a session of its own) on SIGTERM, then exits
+        out, err = proc.communicate(timeout=120)
+        pytest.fail(f"torchrun ran past {TORCHRUN_TIMEOUT_S} s: {' '.join(map(str, args))}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{out[-1500:]}\n{err[-3000:]}"
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu_read_disjoint_rows(tmp_path):
     store = make_store(tmp_path / "store", rows=64)
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "astropt_tok", "train", "--tokens", str(store), "--out", str(run), "--n-layer", "1",
-           "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--max-iters", "12", "--eval-interval", "6",
-           "--eval-iters", "1", "--val-images", "0", "--log-interval", "3", "--device", "cpu", "--seed", "5"]
     # log_rows is a debug setting without a flag: pass it through a TOML config
     (tmp_path / "dbg.toml").write_text("log_rows = true\n")
-    out = subprocess.run(cmd + ["--config", str(tmp_path / "dbg.toml")], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
+    torchrun("train", "--tokens", store, "--out", run, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+             "--batch-size", "4", "--max-iters", "12", "--eval-interval", "6", "--eval-iters", "1", "--val-images",
+             "0", "--log-interval", "3", "--device", "cpu", "--seed", "5", "--config", tmp_path / "dbg.toml",
+             env=dict(os.environ, OMP_NUM_THREADS="1"))
     rows = [[list(map(int, line.split())) for line in (run / f"rows-rank{r}.txt").read_text().splitlines()]
             for r in range(2)]
     assert len(rows[0]) == len(rows[1]) == 12
@@ -258,14 +274,10 @@ def test_ddp_resume_with_dropout_gives_the_same_losses_as_a_straight_run(tmp_pat
     (tmp_path / "dropout.toml").write_text("dropout = 0.2\n")
 
     def run(out, iters, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "astropt_tok", "train", "--tokens", str(store), "--out", str(out), "--n-layer", "1",
-               "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--max-iters", str(iters),
-               "--lr-decay-iters", "12", "--eval-interval", "100", "--eval-iters", "1", "--val-images", "0",
-               "--log-interval", "1", "--device", "cpu", "--seed", "5", "--no-compile", "--lr", "0.01",
-               "--config", str(tmp_path / "dropout.toml"), *extra]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr[-3000:]
+        torchrun("train", "--tokens", store, "--out", out, "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                 "--batch-size", "4", "--max-iters", iters, "--lr-decay-iters", "12", "--eval-interval", "100",
+                 "--eval-iters", "1", "--val-images", "0", "--log-interval", "1", "--device", "cpu", "--seed", "5",
+                 "--no-compile", "--lr", "0.01", "--config", tmp_path / "dropout.toml", *extra, env=env)
 
     run(tmp_path / "a", 12)
     run(tmp_path / "b", 6)
