@@ -303,7 +303,7 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     import torch
     from aion.codecs.image import ImageCodec
 
-    from astropt_tok.codec import _fix_hsc_decode, save_image_codec
+    from astropt_tok.codec import CROP_SIZE, _fix_hsc_decode, save_image_codec
     from astropt_tok.executor import resolve_device
     from astropt_tok.progress import ProgressBar
     from astropt_tok.quality import reconstruction_metrics, summary_json
@@ -364,12 +364,12 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
         start, history = int(state["step"]), list(state["history"])
 
     # Loss weights: the variance of the training flux, per band, in compressed space and in flux.
+    inside = aperture_mask(CROP_SIZE, device)  # [96, 96]: the colour term's aperture
     with torch.no_grad():
         for survey in surveys:
             sample = torch.as_tensor(survey["flux"][survey["train"][: 256]], device=device)
             survey["flux_var"] = sample.var(dim=(0, 2, 3)).clamp_min(1e-12)  # [C]
             survey["compressed_var"] = compress(codec, sample, survey["bands"]).var(dim=(0, 2, 3)).clamp_min(1e-12)
-            inside = aperture_mask(sample.shape[-1], device)  # [96, 96]
             survey["colour_spread"] = colour_spread(sample, inside)  # how much galaxies' colours differ
 
     codec.train()
