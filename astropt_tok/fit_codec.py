@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
-from astropt_tok.store import atomic_write_text
+from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.atomic import atomic_write_text
 
 STATE_FILE = "fit-state.pt"
 REPORT_FILE = "fit_report.json"
@@ -279,10 +278,10 @@ def _check(cfg: FitCodecConfig) -> None:
 def _save_state(path: Path, state: dict) -> None:
     import torch
 
-    tmp = temporary_name(path)
-    with writing(path, cleanup=[tmp]):  # a full disk (torch.save's RuntimeError) is one error, no temporary left
+    from astropt_tok.atomic import atomic_file
+
+    with atomic_file(path) as tmp:  # a full disk (torch.save's RuntimeError) is one error, no temporary left
         torch.save(state, tmp)
-        os.replace(tmp, path)
 
 
 def _identity(cfg: FitCodecConfig) -> dict:

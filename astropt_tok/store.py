@@ -51,7 +51,8 @@ from typing import Iterable
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, temporary_name, writing
+from astropt_tok.atomic import atomic_file, atomic_write_text
+from astropt_tok.errors import AstroptError, writing
 
 FORMAT = "astropt-token-store"
 FORMAT_VERSION = 2  # a store of one image column (a `tokens` column)
@@ -78,33 +79,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def shard_name(index: int, storage: str) -> str:
     """`shard-00042.arrow` or `shard-00042.zarr`."""
     return f"shard-{index:05d}.{storage}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# atomic file helpers
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, so a rename inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers see the old content or the new, never a mix. A failed write (disk
-    full, read-only, no permission) is one AstroptError naming `path`, and leaves no temporary file."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    with writing(path, cleanup=[tmp]):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
 
 
 def shard_hash_problem(folder: Path, entry: dict) -> str | None:
@@ -177,7 +151,6 @@ def write_shard(
     """
     out = Path(out_dir)
     final = out / shard_name(index, storage)
-    tmp = temporary_name(final)
     columns = {name: np.ascontiguousarray(t) for name, t in (tokens.items() if isinstance(tokens, dict)
                                                              else [("tokens", tokens)])}
     rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -188,12 +161,10 @@ def write_shard(
         columns[f"{name}_valid"] = np.ascontiguousarray(v, dtype=bool)
     if storage not in STORAGES:
         raise AstroptError(f"unknown store format {storage!r}; choose one of {', '.join(STORAGES)}")
-    with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary left
+    # a full or read-only disk: one error, no temporary left; an earlier, unrecorded attempt at this shard is
+    # replaced only once the new one is whole
+    with atomic_file(final) as tmp:
         (_write_arrow if storage == "arrow" else _write_zarr)(tmp, columns, rows, object_ids)
-        if final.exists():  # an earlier, unrecorded attempt at this shard: replace it
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        os.replace(tmp, final)
-        fsync_dir(out)
     n = int(rows.shape[0])
     token_arrays = [t for name, t in columns.items() if t.ndim == 2]  # every token column, not the validity flags
     return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
@@ -226,8 +197,6 @@ def _write_arrow(path: Path, columns: dict, rows: np.ndarray, object_ids: list[s
         # One record batch per shard: the reader gets the whole shard as one zero-copy [rows, T] view.
         with pa.ipc.new_stream(f, table.schema) as writer:
             writer.write_table(table, max_chunksize=max(1, table.num_rows))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_zarr(path: Path, columns: dict, rows: np.ndarray, object_ids: list[str] | None) -> None:
@@ -249,9 +218,6 @@ def _write_zarr(path: Path, columns: dict, rows: np.ndarray, object_ids: list[st
         oarr = group.create_array("object_id", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str)
         if n:
             oarr[:] = np.array(object_ids, dtype=object)
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
 
 
 def done_record_path(out_dir: str | os.PathLike, index: int) -> Path:
@@ -752,8 +718,10 @@ def write_store_from_arrays(
     (`LoadedCodec.describe()`, or at least {"id", "vocab_size", "tokens_per_image"}). Several modalities:
     `tokens` {name: [rows, T]}, `bands` {name: [...]}, and optionally `valid` {name: [rows] bool}.
     """
+    from astropt_tok.artifacts import claim_output
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "token-store", "`write_store_from_arrays`")
     vocab = int(codec["vocab_size"])
     dtype = token_dtype(vocab)
     several = isinstance(tokens, dict)

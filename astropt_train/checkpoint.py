@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError, temporary_name, writing
+from astropt_tok.errors import AstroptError, writing
 
 CKPT_DIR = "checkpoints"
 FORMAT = "astropt-train-checkpoint"
@@ -149,45 +149,24 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
     return state
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, config: dict, trainer_state: dict) -> Path:
     """Write RUN/checkpoints/step-N/ atomically (temporary folder, fsync, rename); returns the folder."""
     import torch
     from safetensors.torch import save_file
 
+    from astropt_tok.atomic import atomic_file
+
     root = Path(run_dir) / CKPT_DIR
     final = root / step_dir_name(step)
-    tmp = temporary_name(final)
-    with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary folder left
+    with writing(final):
         root.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    # a full or read-only disk: one error, no temporary folder left; the same step saved again (a signal right
+    # after an interval save) replaces the old folder only once the new one is whole
+    with atomic_file(final, folder=True) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
                                                   indent=2))
         torch.save(trainer_state, tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. a signal right after an interval save)
-            old = temporary_name(final, "old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     return final
 
 
@@ -204,7 +183,7 @@ def read_best(run_dir: str | os.PathLike) -> dict | None:
 
 def write_best(run_dir: str | os.PathLike, step: int, val_loss: float) -> None:
     """Record the best checkpoint (atomically)."""
-    from astropt_tok.store import atomic_write_text
+    from astropt_tok.atomic import atomic_write_text
 
     atomic_write_text(Path(run_dir) / CKPT_DIR / BEST_FILE, json.dumps({"step": step, "val_loss": val_loss}) + "\n")
 

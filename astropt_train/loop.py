@@ -368,7 +368,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     }
     logger = display = None
     if dist.master:
-        from astropt_tok.store import atomic_write_text
+        from astropt_tok.atomic import atomic_write_text
 
         ensure_folder(run, "the run folder")
         atomic_write_text(run / RUN_CONFIG, json.dumps(run_config, indent=2) + "\n")

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError, temporary_name, writing
-from astropt_tok.store import atomic_write_text
+from astropt_tok.errors import AstroptError, writing
+from astropt_tok.atomic import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
@@ -24,12 +24,12 @@ def write_png(fig, path: str | Path, **savefig_kwargs) -> Path:
     is one AstroptError naming `path`, and no half-written file is left."""
     import matplotlib.pyplot as plt
 
+    from astropt_tok.atomic import atomic_file
+
     path = Path(path)
-    tmp = temporary_name(path)
     try:
-        with writing(path, cleanup=[tmp]):
+        with atomic_file(path) as tmp:
             fig.savefig(tmp, format="png", **savefig_kwargs)
-            tmp.replace(path)
     finally:
         plt.close(fig)
     return path

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from astropt_tok.errors import AstroptError, ensure_folder, writing
-from astropt_tok.store import atomic_write_text
+from astropt_tok.atomic import atomic_write_text
 
 SUMMARY_FILE = "demo_summary.json"
 # what run_demo writes ("codec" and "demo-summary.json": what older versions wrote, cleaned up by --fresh too)

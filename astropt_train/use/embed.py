@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
+from astropt_tok.errors import AstroptError, ensure_folder, writing
 from astropt_tok.lock import LOCK_FILE, folder_lock
 
 FORMAT = "astropt-embeddings"
@@ -322,10 +322,10 @@ def _write_shard(out: Path, index: int, rows: np.ndarray, store_rows: np.ndarray
                  columns: dict[str, np.ndarray], dtype: str):
     import pyarrow as pa
 
-    from astropt_tok.store import ShardRecord, fsync_dir, path_bytes, sha256_path, shard_name
+    from astropt_tok.atomic import atomic_file
+    from astropt_tok.store import ShardRecord, path_bytes, sha256_path, shard_name
 
     final = out / shard_name(index, "arrow")
-    tmp = temporary_name(final)
     cols = {"row": pa.array(rows, type=pa.int64()), "store_row": pa.array(store_rows, type=pa.int64()),
             "object_id": pa.array(ids, type=pa.string())}
     for name, emb in columns.items():  # emb [n, C]; a NaN row (nothing to pool) is written as null
@@ -334,14 +334,10 @@ def _write_shard(out: Path, index: int, rows: np.ndarray, store_rows: np.ndarray
         cols[name] = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1],
                                                        mask=pa.array(missing) if missing.any() else None)
     table = pa.table(cols)
-    with writing(final, cleanup=[tmp]):  # a full or read-only disk: one error, no temporary left
+    with atomic_file(final) as tmp:  # a full or read-only disk: one error, no temporary left
         with open(tmp, "wb") as f:
             with pa.ipc.new_stream(f, table.schema) as writer:
                 writer.write_table(table, max_chunksize=max(1, table.num_rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fsync_dir(out)
     return ShardRecord(index, final.name, int(len(rows)), 0, sha256_path(final), path_bytes(final))
 
 

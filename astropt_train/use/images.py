@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder, temporary_name, writing
+from astropt_tok.atomic import atomic_file
+from astropt_tok.errors import AstroptError, ensure_folder
 
 # Astronomical convention: the reddest band is shown red, the bluest blue.
 DEFAULT_RGB_BANDS = ("DES-Z", "DES-R", "DES-G")
@@ -139,10 +140,8 @@ def save_grid(
     for k, text in enumerate(wrapped_notes):
         draw.text((layout.pad, top + height + k * line), text, fill=(200, 200, 200), font=font)
     ensure_folder(path.parent, "the output folder")
-    tmp = temporary_name(path)
-    with writing(path, cleanup=[tmp]):  # a full or read-only disk: one error, no half-written PNG
+    with atomic_file(path) as tmp:  # a full or read-only disk: one error, no half-written PNG
         canvas.save(tmp, format="PNG")
-        tmp.replace(path)
     return path
 
 
@@ -203,9 +202,9 @@ def save_flux(path: str | os.PathLike, flux: np.ndarray, bands: Sequence[str], l
     ensure_folder(path.parent, "the output folder")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        with writing(path, cleanup=[path]):
-            with open(path, "wb") as f:  # np.save on a name would add .npy to a name without it
-                np.save(f, flux)
+        # through a temporary name: a failed write leaves an earlier file of that name whole, not deleted
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:  # np.save on a name would add .npy to one without
+            np.save(f, flux)
     elif suffix in (".fits", ".fit"):
         try:
             from astropy.io import fits
@@ -222,8 +221,8 @@ def save_flux(path: str | os.PathLike, flux: np.ndarray, bands: Sequence[str], l
                          array=np.array([str(s) for s in labels]))],
             name="LABELS",
         )
-        with writing(path, cleanup=[path]):
-            fits.HDUList([primary, table]).writeto(path, overwrite=True)
+        with atomic_file(path) as tmp:
+            fits.HDUList([primary, table]).writeto(tmp)
     else:
         raise AstroptError(f"--save-flux must end in .npy or .fits, got {path.name}")
     return path

@@ -19,7 +19,8 @@ import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from astropt_tok.errors import AstroptError, temporary_name, writing
+from astropt_tok.atomic import atomic_file
+from astropt_tok.errors import AstroptError
 
 UPSTREAM_FILE = "ckpt.pt"
 UPSTREAM_MODULE = "astropt.model"
@@ -95,14 +96,11 @@ def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | N
     extra = {"exported_from": str(ckpt.resolve()), "codec_id": (conf.get("store") or {}).get("codec_id"),
              "codec_vocab_size": conf.get("vocab_size"), "tokens_per_image": conf.get("tokens_per_image")}
     final = out / UPSTREAM_FILE
-    tmp = temporary_name(final)
     # into a Python file: torch's own writer reports a full disk only as 'unexpected pos', ours as ENOSPC; a
-    # full or read-only disk is one error, no temporary left
-    with writing(final, cleanup=[tmp]):
-        with open(tmp, "wb") as f:
-            torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), f,
-                       pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
-        os.replace(tmp, final)
+    # full or read-only disk is one error, no temporary left, an earlier ckpt.pt left whole
+    with atomic_file(final) as tmp, open(tmp, "wb") as f:
+        torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), f,
+                   pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
     return final
 
 

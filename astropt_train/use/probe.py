@@ -315,7 +315,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         if cfg.pictures:
             entry["picture"] = _picture(out, target, task, yk, model["predictions"], rand["predictions"], entry)
         report["targets"][target] = entry
-    from astropt_tok.store import atomic_write_text
+    from astropt_tok.atomic import atomic_write_text
 
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     return ProbeResult(out=out, report=report)

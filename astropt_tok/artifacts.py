@@ -1,0 +1,401 @@
+"""Artifacts: what kind of thing each folder the tool writes is, what made it, and who may clear it.
+
+Every folder a command writes is an *artifact* of one kind (`KINDS`: a token store, a training run, an
+embeddings store, a fitted codec, an export, a demo work folder, a probe report). Its lineage record,
+`DIR/.astropt-artifact.json`, says
+
+    {"format": "astropt-artifact", "format_version": 1, "kind", "command", "tool_version", "created",
+     "lineage": {...}}
+
+where `lineage` holds the identities of what the artifact was made from, as far as the kind has them:
+`codec` {id, weights_sha256, vocab_size}, `store` {dir, manifest_sha256}, `modalities` {name: bands},
+`id_column`, `checkpoint` {path, weights_sha256}. The kind's own files (a store's manifest, a run's
+config.json) hold the full details; the record is what any command reads to tell kinds apart.
+
+Three rules live here and in no command:
+
+1. **What a folder holds** (`identify`): its record, or, for folders written before records existed, its own
+   files (a token store's manifest, a run's checkpoints, a codec's `codecs/image/config.json`, ...).
+2. **Ownership** (`claim_output`, `clear_own`): a command writes into a folder only when it is new, empty, or
+   holds the command's own kind of artifact; `--overwrite`/`--fresh` clear only the files that kind writes
+   (`Kind.owns`), never another kind's folder, never a file no command of the tool created.
+3. **Lineage checks** (`check_model_store`, `check_store_codec`, `check_embeddings_sources`): before two
+   artifacts are combined, what they were made from agrees; a mismatch is one AstroptError naming both sides.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from astropt_tok.errors import AstroptError, ensure_folder, remove_quietly, writing
+
+RECORD = ".astropt-artifact.json"
+RECORD_FORMAT = "astropt-artifact"
+RECORD_VERSION = 1
+LOCK_FILE = ".astropt.lock"  # astropt_tok.lock's file: shared by every kind, never cleared
+# names no command ever clears or counts as content: the lock, the record, and temporaries of atomic writes
+_ALWAYS_IGNORED = (LOCK_FILE, ".*.tmp-*", ".*.old-*")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of artifact: its name, how a message calls it, which command makes it, and the files it owns."""
+
+    name: str
+    noun: str  # "a token store"
+    made_by: str  # "`astropt tokenise`"
+    owns: tuple[str, ...]  # glob patterns (top-level names) of what its commands write: what a replace may clear
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("token-store", "a token store", "`astropt tokenise`",
+         ("manifest.json", "shard-*", ".shard-*", "rejects.jsonl", ".done", RECORD)),
+    Kind("embeddings", "an embeddings store", "`astropt embed`",
+         ("manifest.json", "shard-*", ".shard-*", ".done", RECORD)),
+    Kind("run", "a training run", "`astropt train`",
+         ("config.json", "train_config.toml", "metrics.jsonl", "metrics.csv", "loss_curve.png", "val_images",
+          "checkpoints", "rows-rank*.txt", "tensorboard", "wandb", RECORD)),
+    Kind("codec", "a fitted codec", "`astropt fit-codec`",
+         ("codecs", "fit_report.json", "fit-state.pt", "MODEL.md", RECORD)),
+    Kind("export", "an upstream AstroPT export", "`astropt export`", ("ckpt.pt", RECORD)),
+    Kind("demo", "a demo work folder", "`astropt demo`",
+         ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", "demo_summary.json",
+          "demo-summary.json", RECORD)),
+    Kind("probe-report", "a probe report", "`astropt probe`",
+         ("report.json", "*.png", "random-init-embeddings", RECORD)),
+)}
+
+
+def kind(name: str) -> Kind:
+    """The Kind called `name`."""
+    return KINDS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the record
+
+
+def read_record(folder: str | os.PathLike) -> dict | None:
+    """DIR/.astropt-artifact.json as a dict, or None when there is none. A record that is there but damaged
+    is one AstroptError naming it (a command must not guess what a folder is)."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AstroptError(f"{path} is damaged ({type(exc).__name__}): delete it if {folder} is yours, and re-run "
+                           "the command that made the folder") from None
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT or rec.get("kind") not in KINDS \
+            or not isinstance(rec.get("lineage", {}), dict):
+        raise AstroptError(f"{path} is damaged: not an {RECORD_FORMAT} record of a known kind "
+                           f"({', '.join(KINDS)}); delete it if {folder} is yours, and re-run the command that made it")
+    return rec
+
+
+def write_record(folder: str | os.PathLike, kind_name: str, command: str, lineage: dict | None = None) -> dict:
+    """Write (or rewrite, keeping its creation time) DIR/.astropt-artifact.json for an artifact of `kind_name`."""
+    from astropt_tok import __version__
+    from astropt_tok.atomic import atomic_write_json
+
+    if kind_name not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind_name!r}")
+    old = None
+    try:
+        old = read_record(folder)
+    except AstroptError:
+        pass
+    rec = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, "kind": kind_name, "command": command,
+           "tool_version": __version__,
+           "created": (old or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "lineage": _jsonable(lineage or {})}
+    atomic_write_json(Path(folder) / RECORD, rec)
+    return rec
+
+
+def update_lineage(folder: str | os.PathLike, **fields) -> None:
+    """Add or replace lineage fields of an existing record (e.g. the weights sha256 once they are written)."""
+    rec = read_record(folder)
+    if rec is None:
+        return
+    write_record(folder, rec["kind"], rec["command"], {**rec.get("lineage", {}), **fields})
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what a folder holds
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _ignored(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in _ALWAYS_IGNORED)
+
+
+def contents(folder: str | os.PathLike) -> list[str]:
+    """Top-level names in `folder` that count as content (not the lock, the record or atomic temporaries)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not _ignored(p.name) and p.name != RECORD)
+
+
+def identify(folder: str | os.PathLike) -> str | None:
+    """The kind of artifact `folder` holds: its record's, or for a folder made before records existed, what its
+    own files say; None for a missing or empty folder, or one holding nothing the tool makes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    rec = read_record(folder)
+    if rec is not None:
+        return rec["kind"]
+    return _identify_by_files(folder)
+
+
+def _identify_by_files(folder: Path) -> str | None:
+    manifest = _json(folder / "manifest.json")
+    if isinstance(manifest, dict):
+        fmt = manifest.get("format")
+        if fmt == "astropt-token-store":
+            return "token-store"
+        if fmt == "astropt-embeddings":
+            return "embeddings"
+    config = _json(folder / "config.json")
+    if (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file() or \
+            (isinstance(config, dict) and "train" in config and "model" in config):
+        return "run"
+    if (folder / "model.safetensors").is_file() and isinstance(config, dict) and \
+            config.get("format") == "astropt-train-checkpoint":
+        return "run"  # one checkpoint folder of a run: the run's to clear
+    if (folder / "codecs").is_dir() or (folder / "fit-state.pt").is_file() or (folder / "fit_report.json").is_file():
+        return "codec"
+    if (folder / "demo_summary.json").is_file() or (folder / "demo-summary.json").is_file() or \
+            ((folder / "survey" / "demo-survey.json").is_file()):
+        return "demo"
+    if (folder / "ckpt.pt").is_file():
+        return "export"
+    report = _json(folder / "report.json")
+    if isinstance(report, dict) and ("targets" in report or "embeddings" in report):
+        return "probe-report"
+    return None
+
+
+def describe(folder: str | os.PathLike) -> str:
+    """How a message names what `folder` holds: 'a token store (made by `astropt tokenise`)', or its files."""
+    found = identify(folder)
+    if found is not None:
+        k = KINDS[found]
+        return f"{k.noun} (made by {k.made_by})"
+    names = contents(folder)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"files no astropt command wrote ({shown})" if names else "nothing"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ownership
+
+
+def claim_output(folder: str | os.PathLike, kind_name: str, command: str, flag: str = "--out",
+                 lineage: dict | None = None, may_hold: tuple[str, ...] = ()) -> bool:
+    """Make `folder` this command's output folder, before anything is written into it.
+
+    A missing or empty folder is created and gets a record of `kind_name` (returns False: nothing was there).
+    A folder that holds an artifact of `kind_name` is this command's to reuse or, with its replace flag, to
+    clear with `clear_own` (returns True). Anything else, another kind of artifact or files no command made,
+    is one AstroptError naming the folder and what it holds: `--overwrite` never changes that. `may_hold`
+    names files (patterns) the caller knows are there on purpose (e.g. a source under the demo folder)."""
+    k = KINDS[kind_name]
+    folder = Path(folder)
+    ensure_folder(folder, f"the {k.noun.split(' ', 1)[1]} folder ({flag})")
+    found = identify(folder)
+    if found == kind_name:
+        if read_record(folder) is None:  # made before records existed: record it now
+            write_record(folder, kind_name, command, lineage)
+        return True
+    if found is not None:
+        other = KINDS[found]
+        raise AstroptError(
+            f"{flag} {folder} holds {other.noun} (made by {other.made_by}); {command} writes {k.noun} and never "
+            f"replaces another kind of folder, even with --overwrite: choose another {flag}")
+    foreign = [n for n in contents(folder) if not any(fnmatch.fnmatch(n, p) for p in may_hold)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise AstroptError(
+            f"{flag} {folder} is not empty and holds no {k.noun.split(' ', 1)[1]} ({shown}); {command} writes only "
+            f"into a new or empty folder, or one it made: choose another {flag}")
+    write_record(folder, kind_name, command, lineage)
+    return False
+
+
+def clear_own(folder: str | os.PathLike, kind_name: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Delete what an artifact of `kind_name` wrote in `folder` (its `owns` patterns, minus `keep`), leaving the
+    lock, the record and anything else; returns the names removed. Refuses a folder of another kind."""
+    folder = Path(folder)
+    found = identify(folder)
+    if found not in (None, kind_name):
+        raise AstroptError(f"{folder} holds {KINDS[found].noun}, not {KINDS[kind_name].noun}: not cleared")
+    removed = []
+    with writing(folder):
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if p.name in (RECORD, LOCK_FILE) or any(fnmatch.fnmatch(p.name, pat) for pat in keep):
+                continue
+            if any(fnmatch.fnmatch(p.name, pat) for pat in KINDS[kind_name].owns):
+                if p.is_dir() and not p.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p.name)
+    return removed
+
+
+def check_not_inside(path: str | os.PathLike, folder: str | os.PathLike, what: str, flag: str) -> None:
+    """Refuse a `folder` that a command would clear while `path` (an input: a source, a codec) lies inside it."""
+    p, f = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    if p == f or f in p.parents:
+        raise AstroptError(f"{what} {path} lies inside {flag} {folder}, which this command may clear: move it out, "
+                           f"or choose another {flag}")
+
+
+def remove_owned(path: str | os.PathLike) -> None:
+    """Delete one file or folder an artifact's own command wrote (thin wrapper: the caller checked ownership)."""
+    remove_quietly(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lineage: what each artifact was made from, and the checks before two are combined
+
+
+def short(digest: str | None) -> str:
+    """A sha256 as messages show it: its first 12 hex digits."""
+    return (digest or "unknown")[:12]
+
+
+def store_lineage(manifest: dict) -> dict:
+    """The lineage a token store's manifest gives: codec {id, weights_sha256, vocab_size}, modalities
+    {name: bands} (a one-column store: {column: bands}), id_column."""
+    source = manifest.get("source") or {}
+    mods = {m["name"]: list(m["bands"]) for m in manifest.get("modalities") or []}
+    if not mods:
+        mods = {source.get("column") or "tokens": list(manifest.get("bands") or [])}
+    codec = manifest.get("codec") or {}
+    return {"codec": {"id": codec.get("id"), "weights_sha256": codec.get("weights_sha256"),
+                      "vocab_size": manifest.get("vocab_size")},
+            "modalities": mods, "id_column": source.get("id_column")}
+
+
+def model_store_info(store, manifest_sha: str) -> dict:
+    """What a training run records of the store it trains on (RUN/config.json "store"): enough for every later
+    command to check that a store it is given holds tokens of the same codec, modalities and bands."""
+    lin = store_lineage(store.manifest)
+    return {"dir": str(Path(store.dir).resolve()), "manifest_sha256": manifest_sha, "codec_id": store.codec_id,
+            "codec_sha256": lin["codec"]["weights_sha256"], "bands": list(store.bands),
+            "modalities": lin["modalities"], "id_column": lin["id_column"]}
+
+
+def check_model_store(model_name: str, trained_on: dict | None, model_modalities: list[str] | None, store,
+                      manifest_sha: str | None = None) -> list[str]:
+    """Refuse to combine a model with a token store whose tokens it was not trained on; returns notes to print.
+
+    `trained_on` is the checkpoint's recorded store ("store" of its config.json; None for an upstream AstroPT
+    checkpoint, which records nothing to check). The codec's weights must agree (by sha256; by id for runs that
+    recorded no sha), and each modality the model reads must be in the store with the bands it was trained on.
+    """
+    notes: list[str] = []
+    if not trained_on:
+        return [f"note: {model_name} records no token store or codec (an upstream AstroPT checkpoint?): "
+                f"cannot check that store {store.dir} holds tokens of the codec it was trained on"]
+    lin = store_lineage(store.manifest)
+    same_store = manifest_sha is not None and trained_on.get("manifest_sha256") == manifest_sha
+    want_sha, have_sha = trained_on.get("codec_sha256"), lin["codec"]["weights_sha256"]
+    if want_sha and have_sha:
+        if want_sha != have_sha:
+            raise AstroptError(
+                f"{model_name} was trained on tokens of codec {trained_on.get('codec_id')} (weights sha256 "
+                f"{short(want_sha)}), but store {store.dir} was made with codec {lin['codec']['id']} (weights sha256 "
+                f"{short(have_sha)}): the same token ids mean different images; use a store made with the model's "
+                f"codec, or train on this one")
+    elif not same_store and trained_on.get("codec_id") and trained_on.get("codec_id") != lin["codec"]["id"]:
+        raise AstroptError(
+            f"{model_name} was trained on tokens of codec {trained_on.get('codec_id')}, but store {store.dir} was "
+            f"made with codec {lin['codec']['id']}: use a store made with the model's codec")
+    elif not same_store and not want_sha:
+        notes.append(f"note: {model_name} records no codec weights sha256 (an older run): the codec is checked by "
+                     f"its id only")
+    # which bands did the model learn for each modality it reads?
+    learned: dict[str, list[str]] = dict(trained_on.get("modalities") or {})
+    names = list(model_modalities or [])
+    if not names:  # a one-modality model (images_aion): it reads the store's first (or only) column
+        first = next(iter(lin["modalities"]))
+        want = trained_on.get("bands") or (next(iter(learned.values())) if learned else None)
+        have = lin["modalities"][first]
+        if want is not None and list(want) != list(have):
+            raise AstroptError(
+                f"{model_name} was trained on images in bands {','.join(want)}, but store {store.dir} holds "
+                f"{first} in bands {','.join(have)}: a model of one survey cannot read another's tokens")
+        return notes
+    for name in names:
+        if name not in lin["modalities"]:
+            raise AstroptError(f"{model_name} models {name}, which store {store.dir} does not hold (it has "
+                               f"{', '.join(lin['modalities'])})")
+        want = learned.get(name)
+        have = lin["modalities"][name]
+        if want is not None and list(want) != list(have):
+            raise AstroptError(f"{model_name} learned {name} in bands {','.join(want)}, but store {store.dir} holds "
+                               f"{name} in bands {','.join(have)}")
+    return notes
+
+
+def check_store_codec(store_name: str, recorded: dict, codec, accept_changed: bool = False,
+                      flag: str = "--accept-codec-change") -> list[str]:
+    """Refuse to decode a store's (or a model's) tokens with a codec whose weights differ from those that made
+    them; returns notes. `recorded` {id, weights_sha256}; `codec` a LoadedCodec (or anything with
+    `codec_id` and `weights_sha256`). With `accept_changed` a difference is a note instead."""
+    want = recorded.get("weights_sha256") or recorded.get("codec_sha256")
+    have = getattr(codec, "weights_sha256", None)
+    if not want or not have or want == have:
+        return []
+    message = (f"{store_name} was made with codec {recorded.get('id') or recorded.get('codec_id')} (weights sha256 "
+               f"{short(want)}), but codec {codec.codec_id} now has weights sha256 {short(have)}: its tokens would "
+               f"decode to other images")
+    if accept_changed:
+        return [f"note: {message} ({flag} given: decoding anyway)"]
+    raise AstroptError(f"{message}; use the codec that made them, or pass {flag} to decode with this one")
+
+
+def check_embeddings_sources(emb_dir: str | os.PathLike, manifest: dict, store_manifest_sha: str | None,
+                             checkpoint_sha: str | None) -> None:
+    """Refuse to re-embed (the probe's random-init baseline) or join embeddings whose token store or
+    checkpoint changed since they were written: the rows would no longer be the same galaxies or model."""
+    tokens = manifest.get("tokens") or {}
+    if store_manifest_sha is not None and tokens.get("manifest_sha256") not in (None, store_manifest_sha):
+        raise AstroptError(
+            f"embeddings {emb_dir} were made from token store {tokens.get('dir')} with manifest sha256 "
+            f"{short(tokens.get('manifest_sha256'))}, but that store's manifest is now {short(store_manifest_sha)}: "
+            f"re-run `astropt embed` on the store as it is")
+    ckpt = manifest.get("checkpoint") or {}
+    if checkpoint_sha is not None and ckpt.get("weights_sha256") not in (None, checkpoint_sha):
+        raise AstroptError(
+            f"embeddings {emb_dir} were made by checkpoint {ckpt.get('path')} with weights sha256 "
+            f"{short(ckpt.get('weights_sha256'))}, but its weights are now {short(checkpoint_sha)}: re-run "
+            f"`astropt embed`")
