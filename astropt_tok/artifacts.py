@@ -342,8 +342,9 @@ def check_model_store(model_name: str, trained_on: dict | None, model_modalities
     elif not same_store and not want_sha:
         notes.append(f"note: {model_name} records no codec weights sha256 (an older run): the codec is checked by "
                      f"its id only")
-    # which bands did the model learn for each modality it reads?
-    learned: dict[str, list[str]] = dict(trained_on.get("modalities") or {})
+    # which bands did the model learn for each modality it reads? (runs before lineage records kept a list of
+    # {"name", "bands"} of the modalities trained on; dict() of that list would pair up its keys, silently)
+    learned = _learned_bands(trained_on.get("modalities"))
     names = list(model_modalities or [])
     if not names:  # a one-modality model (images_aion): it reads the store's first (or only) column
         first = next(iter(lin["modalities"]))
@@ -366,6 +367,17 @@ def check_model_store(model_name: str, trained_on: dict | None, model_modalities
     return notes
 
 
+def _learned_bands(recorded) -> dict[str, list[str]]:
+    """{modality: bands} of a run's recorded store: {name: bands} (lineage records), or the older
+    [{"name", "bands"}] list."""
+    if isinstance(recorded, dict):
+        return {str(k): list(v) for k, v in recorded.items() if isinstance(v, (list, tuple))}
+    if isinstance(recorded, list):
+        return {m["name"]: list(m["bands"]) for m in recorded
+                if isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("bands"), list)}
+    return {}
+
+
 def check_store_codec(store_name: str, recorded: dict, codec, accept_changed: bool = False,
                       flag: str = "--accept-codec-change") -> list[str]:
     """Refuse to decode a store's (or a model's) tokens with a codec whose weights differ from those that made
@@ -375,9 +387,11 @@ def check_store_codec(store_name: str, recorded: dict, codec, accept_changed: bo
     have = getattr(codec, "weights_sha256", None)
     if not want or not have or want == have:
         return []
-    message = (f"{store_name} was made with codec {recorded.get('id') or recorded.get('codec_id')} (weights sha256 "
-               f"{short(want)}), but codec {codec.codec_id} now has weights sha256 {short(have)}: its tokens would "
-               f"decode to other images")
+    made_with = recorded.get("id") or recorded.get("codec_id")
+    # the same folder or hub id with other weights was refitted (or replaced) since; another id is another codec
+    now = "now has" if made_with == codec.codec_id else "has"
+    message = (f"{store_name} was made with codec {made_with} (weights sha256 {short(want)}), but codec "
+               f"{codec.codec_id} {now} weights sha256 {short(have)}: its tokens would decode to other images")
     if accept_changed:
         return [f"note: {message} ({flag} given: decoding anyway)"]
     raise AstroptError(f"{message}; use the codec that made them, or pass {flag} to decode with this one")

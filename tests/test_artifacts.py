@@ -172,6 +172,22 @@ def test_model_vs_store_bands_and_modalities(tmp_path):
         art.check_model_store("run R", des, None, hsc_other, manifest_sha256(hsc_other.dir))
 
 
+def test_runs_recorded_before_lineage_records_are_checked_by_their_bands(tmp_path):
+    """Older runs kept the modalities trained on as [{"name", "bands"}], and no codec sha256."""
+    two = _store(tmp_path / "two", modalities={"legacysurvey_image": ["DES-G", "DES-R"],
+                                                "hsc_image": ["HSC-G", "HSC-R", "HSC-I"]})
+    older = {"dir": str(two.dir), "manifest_sha256": "0" * 64, "codec_id": "codec-x", "bands": ["DES-G", "DES-R"],
+             "modalities": [{"name": "hsc_image", "bands": ["HSC-G", "HSC-R", "HSC-I"]}]}
+    notes = art.check_model_store("run R", older, ["hsc_image"], two, manifest_sha256(two.dir))
+    assert len(notes) == 1 and "codec is checked by its id only" in notes[0]
+    other = _store(tmp_path / "h2", modalities={"hsc_image": ["HSC-Z", "HSC-Y", "HSC-I"],
+                                                 "legacysurvey_image": ["DES-G", "DES-R"]})
+    with pytest.raises(AstroptError, match="learned hsc_image in bands HSC-G,HSC-R,HSC-I"):
+        art.check_model_store("run R", older, ["hsc_image"], other, manifest_sha256(other.dir))
+    with pytest.raises(AstroptError, match="trained on tokens of codec codec-y, but store"):
+        art.check_model_store("run R", {**older, "codec_id": "codec-y"}, ["hsc_image"], two, manifest_sha256(two.dir))
+
+
 def test_upstream_models_record_nothing_and_get_a_note(tmp_path):
     store = _store(tmp_path / "s")
     notes = art.check_model_store("ckpt.pt", None, None, store)
@@ -190,6 +206,14 @@ def test_store_vs_codec_folder():
         art.check_store_codec("store S", recorded, _Codec("b" * 64))
     notes = art.check_store_codec("store S", recorded, _Codec("b" * 64), accept_changed=True)
     assert notes and notes[0].startswith("note:")
+    # the same folder refitted "now has" other weights; another folder is another codec
+    with pytest.raises(AstroptError, match=r"but codec /codecs/x now has weights sha256 bbbbbbbbbbbb"):
+        art.check_store_codec("store S", recorded, _Codec("b" * 64))
+    with pytest.raises(AstroptError, match=r"made with codec /codecs/y .*but codec /codecs/x has weights"):
+        art.check_store_codec("store S", {"id": "/codecs/y", "weights_sha256": "a" * 64}, _Codec("b" * 64))
+    # a run's record names them codec_id / codec_sha256
+    with pytest.raises(AstroptError, match=r"aaaaaaaaaaaa"):
+        art.check_store_codec("run R", {"codec_id": "/codecs/x", "codec_sha256": "a" * 64}, _Codec("b" * 64))
 
 
 def test_embeddings_vs_changed_sources():
