@@ -120,14 +120,22 @@ def tf32_allowed(allow: bool):
 # the store's identity: what a rerun must agree on
 
 
+# Everything in a manifest that shapes what the shards hold: the codec's weights and settings, the bands and
+# image columns, the source (which files, split, rows, id column: the shards' object_id), how tokens are
+# computed and stored. A re-run that differs in any of them would mix two kinds of rows in one store.
 IDENTITY_KEYS = ("codec.weights_sha256", "codec.config", "bands", "storage", "sharding.num_shards",
-                 "source.id", "source.split", "source.column", "source.files", "source.limit", "precision",
-                 "modalities", "keep_partial")
+                 "source.id", "source.kind", "source.revision", "source.split", "source.column", "source.id_column",
+                 "source.files", "source.limit", "precision", "modalities", "keep_partial")
+# keys that a store made by another version (or by hand) may lack: absent there means "not recorded", so they are
+# compared only when both manifests hold them; a hub revision is compared only when both runs could resolve one
+# (offline, the cache may not say)
+_WHEN_RECORDED = ("source.kind", "source.revision", "source.id_column")
+_ABSENT = object()
 
 
-def _get(d: dict, dotted: str):
+def _get(d: dict, dotted: str, absent=None):
     for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
+        d = d.get(part, absent) if isinstance(d, dict) else absent
     return d
 
 
@@ -143,8 +151,15 @@ def _file_list(files) -> list | None:
 def check_rerun(existing: dict, wanted: dict) -> list[str]:
     """Fields where an existing store differs from what this run would write."""
     norm = {"source.files": _file_list}
-    return [k for k in IDENTITY_KEYS
-            if norm.get(k, lambda v: v)(_get(existing, k)) != norm.get(k, lambda v: v)(_get(wanted, k))]
+    diff = []
+    for k in IDENTITY_KEYS:
+        old, new = _get(existing, k, _ABSENT), _get(wanted, k, _ABSENT)
+        if k in _WHEN_RECORDED and (old is _ABSENT or new is _ABSENT or (k == "source.revision" and None in (old, new))):
+            continue
+        old, new = (None if v is _ABSENT else v for v in (old, new))
+        if norm.get(k, lambda v: v)(old) != norm.get(k, lambda v: v)(new):
+            diff.append(k)
+    return diff
 
 
 def _changed_source_files(existing: dict, wanted: dict) -> list[str]:
