@@ -111,6 +111,30 @@ def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
     return CodecFiles(codec_id=codec_id, config_path=config_path, weights_path=weights_path, revision=revision)
 
 
+def local_codec_files(codec_id: str) -> CodecFiles | None:
+    """The codec's files when they are on this machine (a folder in the hub layout, or a hub id already in the HF
+    cache), without reaching the hub; None otherwise (a check that needs the weights is then left to whoever loads
+    them)."""
+    local = Path(codec_id).expanduser()
+    if local.exists():
+        try:
+            return resolve_codec_files(codec_id)
+        except AstroptError:
+            return None
+    if codec_id.startswith((".", "/", "~")) or codec_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_path = try_to_load_from_cache(codec_id, CONFIG_FILE)
+        weights_path = try_to_load_from_cache(codec_id, WEIGHTS_FILE)
+    except Exception:  # an old huggingface_hub, a damaged cache: nothing known here
+        return None
+    if not isinstance(config_path, str) or not isinstance(weights_path, str):
+        return None
+    return CodecFiles(codec_id=codec_id, config_path=Path(config_path), weights_path=Path(weights_path))
+
+
 def tokens_per_image(config: dict) -> int:
     """Tokens per image: the 96x96 crop downsampled 2**n_compressions times per side (576 for AION)."""
     side = CROP_SIZE // (2 ** int(config.get("n_compressions", 2)))

@@ -3,7 +3,8 @@
 RUN/checkpoints/step-00001000/
     model.safetensors   the GPT's state dict (upstream AstroPT key names)
     config.json         {"model": GPTConfig fields, "train": TrainConfig fields, "vocab_size", "tokens_per_image",
-                         "store": {"dir", "manifest_sha256", "codec_id", "bands"}, "split": {...}, "step",
+                         "store": {"dir", "manifest_sha256", "codec_id", "codec_sha256", "bands", "modalities",
+                         "id_column"} (astropt_tok.artifacts.model_store_info), "split": {...}, "step",
                          "val_loss", "format": "astropt-train-checkpoint", "format_version": 1}
     trainer_state.pt    optimiser, grad scaler, RNG and data position; tensors, numbers, strings, lists and
                         dicts only, so `torch.load(path, weights_only=True)` reads it

@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
         resume: Optional[bool] = typer.Option(None, "--resume", help="Continue from the newest checkpoint in --out."),
         codec: Optional[str] = typer.Option(None, "--codec", help="Codec id or folder for validation images "
                                             "(default: the store's)."),
+        accept_codec_change: Optional[bool] = typer.Option(None, "--accept-codec-change", help="Draw validation "
+                                                           "images with a codec whose weights differ from those that "
+                                                           "made the store (refitted since); refused without it."),
         log: Optional[str] = typer.Option(None, "--log", help="csv, wandb or tensorboard (csv)."),
         workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (0 on CPU, 2 on CUDA)."),
         store_reads: Optional[str] = typer.Option(None, "--store-reads", help="pread: one read per row, memory "

@@ -73,6 +73,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     val_images: int = 4  # validation galaxies drawn target|prediction at each eval; 0 never loads the codec
     codec: str | None = None  # codec id or folder for those images; None: the store manifest's codec
+    accept_codec_change: bool = False  # draw them with a codec whose weights differ from those that made the store
     # system
     device: str = "auto"
     dtype: str = "bf16"  # autocast dtype on CUDA; CPU always trains in fp32

@@ -184,10 +184,13 @@ def train(cfg: TrainConfig) -> dict:
                 tdist.destroy_process_group()
 
 
-def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], modalities: list[str] | None, echo):
-    """(model config, state dict) of `--init-from`, refused with one line when it cannot fit the store."""
+def _init_from(cfg: TrainConfig, store, manifest_sha: str, dims: tuple[int, int, int], modalities: list[str] | None,
+               echo):
+    """(model config, state dict) of `--init-from`, refused with one line when it cannot fit the store: its
+    shape, its image columns, and (our runs) the codec weights and bands it was trained on."""
     from dataclasses import replace
 
+    from astropt_tok.artifacts import check_model_store
     from astropt_train.use.interop import load_any_model
 
     model, info = load_any_model(cfg.init_from)
@@ -200,10 +203,12 @@ def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], modalities: 
         raise AstroptError(f"--init-from {cfg.init_from} models {','.join(c.modalities or ['images_aion'])}; this run "
                            f"trains on {','.join(modalities or ['images_aion'])} of store {cfg.tokens}: start from a "
                            "model of the same image columns (or pass --modalities to match it)")
-    codec = (info.get("store") or {}).get("codec_id")
-    if info["kind"] == "astropt-train" and (codec != store.codec_id or info["vocab_size"] != store.vocab_size):
-        raise AstroptError(f"--init-from {cfg.init_from} was trained on codec {codec!r} (vocab {info['vocab_size']}); "
-                           f"store {cfg.tokens} has {store.codec_id!r} (vocab {store.vocab_size})")
+    if info["kind"] == "astropt-train" and info["vocab_size"] != store.vocab_size:
+        raise AstroptError(f"--init-from {cfg.init_from} was trained on a vocabulary of {info['vocab_size']}; "
+                           f"store {cfg.tokens} has {store.vocab_size}")
+    # the same vocabulary is not the same codec: token ids of another codec's weights mean other images
+    for note in check_model_store(f"--init-from {info['path']}", info.get("store"), c.modalities, store, manifest_sha):
+        echo(note)
     if cfg.model_given() and (c.n_layer, c.n_head, c.n_embd) != dims:
         raise AstroptError(f"--init-from {cfg.init_from} is {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide; "
                            f"the flags ask for {dims[0]}/{dims[1]}/{dims[2]} (leave the shape flags out)")
@@ -211,10 +216,28 @@ def _init_from(cfg: TrainConfig, store, dims: tuple[int, int, int], modalities: 
     return replace(c, dropout=cfg.dropout), model.state_dict()
 
 
+def _check_validation_codec(cfg: TrainConfig, store) -> list[str]:
+    """Validation images decode stored tokens with --codec (else the store's): refuse, before the first step, a
+    codec whose weights are not those that made the tokens (a folder refitted since, another codec), unless
+    --accept-codec-change; returns notes. A codec not on this machine (a hub id offline) is checked by nobody
+    here: the images then say they are off when they fail to load."""
+    from types import SimpleNamespace
+
+    from astropt_tok.artifacts import check_store_codec
+    from astropt_tok.codec import local_codec_files, sha256_file
+
+    files = local_codec_files(cfg.codec or store.codec_id)
+    if files is None:
+        return []
+    codec = SimpleNamespace(codec_id=files.codec_id, weights_sha256=sha256_file(files.weights_path))
+    return check_store_codec(f"store {store.dir}", store.manifest.get("codec") or {}, codec, cfg.accept_codec_change)
+
+
 def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStack) -> dict:
     import torch
     import torch.distributed as tdist
 
+    from astropt_tok.artifacts import check_model_store, model_store_info
     from astropt_tok.store import TokenStore, manifest_sha256
     from astropt_train import checkpoint as ck
     from astropt_train.data import EpochBatchSampler, TokenRows, batch_to_device, make_loader, split_rows
@@ -232,15 +255,23 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
         echo(f"note: {cfg.tokens} records no per-shard token ranges (an older store): "
              f"`astropt verify {cfg.tokens}` checks every token")
     modalities = cfg.modality_names(store)  # None: a one-column store, one modality images_aion
-    store_info = {"dir": str(Path(cfg.tokens).resolve()), "manifest_sha256": manifest_sha256(cfg.tokens),
-                  "codec_id": store.codec_id, "bands": store.bands}
+    # what later commands check a store against (astropt_tok.artifacts.check_model_store): the codec's weights,
+    # each modality's bands, the id column; dir, manifest_sha256, codec_id and bands as before
+    store_info = model_store_info(store, manifest_sha256(cfg.tokens))
     if modalities:
-        store_info["modalities"] = [{"name": m, "bands": store.modality_bands[m]} for m in modalities]
         store_info["shuffle_modalities"] = cfg.shuffle_modalities
     split = split_rows(store.num_rows, cfg.val_fraction, cfg.seed)
+    n_layer, n_head, n_embd = cfg.model_dims()
+    init = None
+    if cfg.init_from and not (cfg.resume and ck.list_checkpoints(run)):
+        # loaded and checked against the store before the run folder is made: a refused model leaves nothing
+        init = _init_from(cfg, store, store_info["manifest_sha256"], (n_layer, n_head, n_embd), modalities, echo)
+    codec_notes = _check_validation_codec(cfg, store) if dist.master and cfg.val_images > 0 else []
     if dist.master:  # one run per run folder: a second `astropt train --out` here is refused until this one ends
         ensure_folder(run, "the run folder")
         held.enter_context(folder_lock(run, "`astropt train`"))
+    for note in codec_notes:
+        echo(note)
 
     # --- resume: the newest complete checkpoint, refused if it was trained on another codec or vocabulary
     ckpt_dir = None
@@ -251,22 +282,24 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
         echo(f"--resume: no checkpoint in {run}; starting from scratch")
     elif existing:
         raise AstroptError(f"{run} already holds checkpoints; pass --resume to continue that run, or choose another --out")
-    n_layer, n_head, n_embd = cfg.model_dims()
     gconf = GPTConfig(vocab_size=store.vocab_size, block_size=store.tokens_per_image * len(modalities or [0]),
                       n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias, head=cfg.head,
                       modalities=modalities)
     state = None
     if ckpt_dir is not None:
         old = ck.read_config(ckpt_dir)
-        if (old["vocab_size"], old["store"].get("codec_id"), old["tokens_per_image"]) != (
-                store.vocab_size, store.codec_id, store.tokens_per_image):
+        if (old["vocab_size"], old["tokens_per_image"]) != (store.vocab_size, store.tokens_per_image):
             raise AstroptError(
                 f"cannot resume {run}: it was trained on codec {old['store'].get('codec_id')!r} (vocab {old['vocab_size']}, "
                 f"{old['tokens_per_image']} tokens per image) but store {cfg.tokens} has codec {store.codec_id!r} "
                 f"(vocab {store.vocab_size}, {store.tokens_per_image} tokens per image)")
+        saved = ck.model_config(ckpt_dir, old)
+        # the codec's weights (by sha256; by id for older runs) and each modality's bands, before any step
+        for note in check_model_store(f"run {run}", old["store"], saved.modalities, store,
+                                      store_info["manifest_sha256"]):
+            echo(note)
         if old["store"].get("manifest_sha256") != store_info["manifest_sha256"]:
             echo(f"note: {cfg.tokens} is not the store {run} was trained on (same codec and vocab); continuing")
-        saved = ck.model_config(ckpt_dir, old)
         if (saved.modalities or None) != modalities:
             raise AstroptError(f"cannot resume {run}: it was trained on modalities "
                                f"{','.join(saved.modalities or ['images_aion'])}, this run asks for "
@@ -283,7 +316,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                     "already_finished": True, "rank": dist.rank, "world_size": dist.world}
     init_state = None
     if cfg.init_from and state is None:  # start from another model's weights (ours, or upstream's ckpt.pt)
-        gconf, init_state = _init_from(cfg, store, (n_layer, n_head, n_embd), modalities, echo)
+        if init is None:  # the run's checkpoints went away since they were listed above
+            init = _init_from(cfg, store, store_info["manifest_sha256"], (n_layer, n_head, n_embd), modalities, echo)
+        gconf, init_state = init
 
     # --- precision, seeds
     cuda = device.type == "cuda"
@@ -383,7 +418,8 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
              f"{' compiled' if compile_on else ''}{' deterministic' if cfg.deterministic else ''}")
     images = None  # {modality: ImageGrid}, one picture per modality at each eval
     if dist.master and cfg.val_images > 0:
-        images = {m: ImageGrid(cfg.codec or store.codec_id, store.modality_bands.get(m, store.bands), device, echo=echo)
+        images = {m: ImageGrid(cfg.codec or store.codec_id, store.modality_bands.get(m, store.bands), device, echo=echo,
+                               made_with=store.manifest.get("codec"), accept_changed=cfg.accept_codec_change)
                   for m in modalities or [None]}
     rows_log = None
     if cfg.log_rows:

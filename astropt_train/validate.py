@@ -93,8 +93,12 @@ class ImageGrid:
     The codec loads on first use; if it cannot (offline, missing), this says so once and draws nothing after.
     """
 
-    def __init__(self, codec_id: str, store_bands: list[str], device, echo=print):
+    def __init__(self, codec_id: str, store_bands: list[str], device, echo=print, made_with: dict | None = None,
+                 accept_changed: bool = False):
         self.codec_id, self.store_bands, self.device, self.echo = codec_id, list(store_bands), device, echo
+        # the store's codec section {id, weights_sha256}: a codec loaded here (e.g. from the hub at the first eval,
+        # after the check before the first step could not see it) must have those weights to draw its tokens
+        self.made_with, self.accept_changed = made_with or {}, accept_changed
         self._codec = None
         self.failed = False
         self.bands = rgb_bands(self.store_bands)
@@ -104,7 +108,11 @@ class ImageGrid:
             try:
                 from astropt_tok.codec import load_image_codec
 
-                self._codec = load_image_codec(self.codec_id, device=str(self.device)).codec
+                from astropt_tok.artifacts import check_store_codec
+
+                loaded = load_image_codec(self.codec_id, device=str(self.device))
+                check_store_codec("the token store", self.made_with, loaded, self.accept_changed)
+                self._codec = loaded.codec
             except Exception as exc:  # AstroptError (offline, bad folder) or anything the codec raises
                 self.failed = True
                 self.echo(f"validation images off: cannot load codec {self.codec_id!r} ({exc}); training goes on")

@@ -112,7 +112,9 @@ def test_checkpoint_folder_format_and_retention(store, tmp_path):
     assert state["step"] == 20 and state["data"]["micro_batches_done"] == 20
     conf = json.loads((last / "config.json").read_text())
     assert conf["vocab_size"] == VOCAB and conf["tokens_per_image"] == T and conf["step"] == 20
-    assert set(conf["store"]) == {"dir", "manifest_sha256", "codec_id", "bands"}
+    # the older keys, and what later commands check a store against (astropt_tok.artifacts.model_store_info)
+    assert set(conf["store"]) == {"dir", "manifest_sha256", "codec_id", "bands", "codec_sha256", "modalities",
+                                  "id_column"}
     assert conf["model"]["n_embd"] == 32 and conf["train"]["max_iters"] == 20
     model, conf2 = ck.load_model(last)
     assert model.config.vocab_size == VOCAB and conf2["step"] == 20
