@@ -33,13 +33,19 @@ def _tiny_gpt(vocab: int = 4375, seed: int = 0) -> GPT:
 
 
 def _save_run(run_dir, model: GPT, store_dir, codec_id: str, bands, step: int = 7):
+    """A checkpoint as if trained on `store_dir` (its manifest's sha256 recorded: the random store records no
+    codec weights, so the lineage check knows the store by that), whose validation images used `codec_id`."""
+    from pathlib import Path
+
+    from astropt_tok.store import manifest_sha256
     from astropt_train.checkpoint import save_checkpoint
 
+    sha = manifest_sha256(store_dir) if (Path(store_dir) / "manifest.json").is_file() else ""
     config = {
         "model": asdict(model.config),
         "vocab_size": model.config.vocab_size,
         "tokens_per_image": 576,
-        "store": {"dir": str(store_dir), "manifest_sha256": "", "codec_id": codec_id, "bands": list(bands)},
+        "store": {"dir": str(store_dir), "manifest_sha256": sha, "codec_id": codec_id, "bands": list(bands)},
         "step": step,
     }
     save_checkpoint(run_dir, step, model.state_dict(), config, {})
@@ -148,7 +154,8 @@ def test_predict_mode_shows_reconstruction_and_prediction(run_dir, random_store,
 
 
 def test_checkpoint_vocab_must_match_the_codec(tmp_path, random_store, codec_dir):
-    run = _save_run(tmp_path / "run5000", _tiny_gpt(vocab=5000), random_store, str(codec_dir), ["DES-G"])
+    run = _save_run(tmp_path / "run5000", _tiny_gpt(vocab=5000), random_store, str(codec_dir),
+                    ["DES-G", "DES-R", "DES-I", "DES-Z"])
     with pytest.raises(AstroptError, match="vocabulary of 5000"):
         decode(DecodeConfig(checkpoint=run, generate=1, out=tmp_path / "x.png"))
 

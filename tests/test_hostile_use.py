@@ -252,7 +252,7 @@ CASES = {
     "given with --predict": ([*CROSS, "--given", "legacysurvey_image", "--generate-modality", "hsc_image",
                               "--predict"], ["--predict", "--given"]),
     "given from a one-column store": ([*CROSS, "--tokens", "{store}", "--given", "legacysurvey_image",
-                                       "--generate-modality", "hsc_image"], ["{store}", "one image column"]),
+                                       "--generate-modality", "hsc_image"], ["{store}", "{mrun}", "hsc_image"]),
     "given temperature nan": ([*CROSS, "--given", "legacysurvey_image", "--generate-modality", "hsc_image",
                                "--temperature", "nan"], ["--temperature", "nan"]),
     "decode device": ([*CROSS, "--device", "tpu"], ["--device", "tpu"]),

@@ -24,6 +24,7 @@ def decode_command(
     random: Optional[int] = typer.Option(None, "--random", help="This many random stored rows (see --seed)."),
     seed: int = typer.Option(0, "--seed", help="Seed for --random and for sampling."),
     codec: Optional[str] = typer.Option(None, "--codec", help="Codec hub id or local folder (default: the checkpoint's, else the store's)."),
+    accept_codec_change: bool = typer.Option(False, "--accept-codec-change", help="Decode with a codec whose weights differ from those that made the tokens (a codec folder refitted since); refused without it."),
     compare: bool = typer.Option(False, "--compare", help="Re-read the rows from the store's source: original | codec reconstruction; per-band MSE, explained variance and PSNR beside all-zero and image-mean baselines."),
     source: Optional[Path] = typer.Option(None, "--source", help="Folder where the store's source files are now, found by name (if they moved since tokenising)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint folder of `astropt train`."),
@@ -51,7 +52,8 @@ def decode_command(
 
     rgb_bands = _split(rgb) or []
     cfg = DecodeConfig(
-        out=out, tokens=tokens, rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec, compare=compare,
+        out=out, tokens=tokens, rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec,
+        accept_codec_change=accept_codec_change, compare=compare,
         source=source, checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
         given=given, generate_modality=generate_modality,
         temperature=temperature, top_k=top_k, kv_cache=not no_kv_cache, bands=_split(bands),

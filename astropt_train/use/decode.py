@@ -57,6 +57,7 @@ class DecodeConfig:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None
     kv_cache: bool = True  # sample with the model's key/value cache (same tokens, much faster)
+    accept_codec_change: bool = False  # decode with a codec whose weights differ from those that made the tokens
     bands: list[str] | None = None  # bands of --save-flux (default: the store's bands)
     rgb_bands: tuple[str, str, str] = DEFAULT_RGB_BANDS  # displayed as (red, green, blue)
     save_flux: Path | None = None  # .npy or .fits
@@ -84,6 +85,8 @@ class DecodeResult:
     metrics: dict | None = None  # --compare: per-band MSE/PSNR; predict: accuracy/loss; complete: agreement
     flux_path: Path | None = None
     columns: list[str] = field(default_factory=list)  # panel kinds per galaxy, e.g. ["original", "reconstruction"]
+    rgb_bands: list[str] = field(default_factory=list)  # the bands drawn as red, green, blue
+    modality: str | None = None  # the store column whose tokens were decoded (None: a store of one column)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,16 +284,18 @@ def cross_survey_tokens(
     return np.concatenate(out).astype(np.int64)
 
 
-def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000) -> np.ndarray:
-    """Empirical distribution [vocab] of the first token of stored rows (at most the first `max_rows`).
+def first_token_distribution(store, vocab_size: int, max_rows: int = 100_000, modality: str | None = None
+                             ) -> np.ndarray:
+    """Empirical distribution [vocab] of the first token of stored rows (at most the first `max_rows`) of
+    `modality` (None: the store's first column).
 
     The model has no begin-of-image token, so it cannot choose position 0 itself; generating "from nothing"
     draws the first token from how images in the training store actually begin, then the model writes the rest.
     """
     n = min(store.num_rows, max_rows)
-    first = np.asarray(store.take(np.arange(n))[:, 0], dtype=np.int64)
+    first = np.asarray(store.take(np.arange(n), modality)[:, 0], dtype=np.int64)
     if store.partial:  # a row that lacks the image holds placeholder zeros, not a beginning
-        first = first[store.valid(np.arange(n))[store.modalities[0]]]
+        first = first[store.valid(np.arange(n))[modality or store.modalities[0]]]
     check_token_range(first[:, None], vocab_size, what=f"store {store.dir}")
     counts = np.bincount(first, minlength=vocab_size).astype(np.float64)
     return counts / counts.sum()
@@ -385,9 +390,10 @@ def decode(cfg: DecodeConfig) -> DecodeResult:
 
 
 def _decode(cfg: DecodeConfig) -> DecodeResult:
+    from astropt_tok.artifacts import check_model_store, check_store_codec
     from astropt_tok.codec import load_image_codec
-    from astropt_tok.store import TokenStore
     from astropt_tok.executor import resolve_device
+    from astropt_tok.store import TokenStore, manifest_sha256
 
     mode = _mode(cfg)
     device = resolve_device(cfg.device)
@@ -409,10 +415,24 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     if not Path(store_dir).exists() and cfg.tokens is None:
         raise AstroptError(f"the checkpoint's token store {store_dir} is not here: pass --tokens DIR")
     store = TokenStore(store_dir)
+    if model is not None:  # before any work: the store holds tokens of the codec, modalities and bands it learned
+        for note in check_model_store(f"checkpoint {ckpt['path']}", ck_store or None, model.config.modalities, store,
+                                      manifest_sha256(store.dir)):
+            print(note, file=sys.stderr)
 
     # The model's own codec first (its tokens are what it learned), then the store's.
     codec_id = cfg.codec or ck_store.get("codec_id") or store.codec_id
     codec = load_image_codec(str(codec_id), device=device)
+    # its weights must be those that made the store's tokens, and those of the tokens the model learned: a codec
+    # folder refitted since decodes the same ids to other images
+    notes = check_store_codec(f"token store {store.dir}", store.manifest.get("codec") or {}, codec,
+                              cfg.accept_codec_change)
+    if model is not None and ck_store:
+        notes += check_store_codec(f"the token store checkpoint {ckpt['path']} was trained on",
+                                   {"id": ck_store.get("codec_id"), "weights_sha256": ck_store.get("codec_sha256")},
+                                   codec, cfg.accept_codec_change)
+    for note in notes:
+        print(note, file=sys.stderr)
     if store.vocab_size != codec.vocab_size or store.tokens_per_image != codec.tokens_per_image:
         raise AstroptError(
             f"store {store.dir} holds {store.tokens_per_image} tokens per image from a vocabulary of {store.vocab_size}, "
@@ -429,16 +449,23 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             raise AstroptError(f"checkpoint {cfg.checkpoint} has {model.config.block_size} positions, "
                                f"fewer than the codec's {codec.tokens_per_image} tokens per image")
 
-    rgb_wanted = cfg.rgb_bands
+    # The modality whose tokens are decoded, and so whose bands are drawn: the drawn one (cross-survey), the
+    # model's first block (its positions 0..T-1: a model of hsc_image alone reads and writes hsc_image), else the
+    # store's first column. `store.bands` are the first column's bands only.
     if mode == "cross":
         _check_cross(cfg, model, store, ck_store)
-        flux_bands = list(cfg.bands or store.modality_bands[cfg.generate_modality])
-        if tuple(cfg.rgb_bands) == tuple(DEFAULT_RGB_BANDS) and not set(cfg.rgb_bands) <= set(flux_bands):
-            from astropt_train.validate import rgb_bands as rgb_of
-
-            rgb_wanted = tuple(rgb_of(flux_bands))  # the drawn survey's own colours (e.g. HSC i, r, g)
+        modality = cfg.generate_modality
+    elif model is not None and model.config.modalities:
+        modality = model.names[0]
     else:
-        flux_bands = list(cfg.bands or store.bands or ck_store.get("bands") or [])
+        modality = store.modalities[0] if store.modalities else None
+    own_bands = store.modality_bands[modality] if modality in store.modality_bands else store.bands
+    flux_bands = list(cfg.bands or own_bands)
+    rgb_wanted = cfg.rgb_bands
+    if tuple(cfg.rgb_bands) == tuple(DEFAULT_RGB_BANDS) and not set(cfg.rgb_bands) <= set(own_bands):
+        from astropt_train.validate import rgb_bands as rgb_of
+
+        rgb_wanted = tuple(rgb_of(own_bands))  # the decoded survey's own colours (e.g. HSC i, r, g)
     if not flux_bands:
         raise AstroptError("no bands to decode: pass --bands")
     decode_bands = flux_bands + [b for b in rgb_wanted if b not in flux_bands]  # one decode serves both
@@ -454,7 +481,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     stacks: list[np.ndarray] = []  # each [N, decode_bands, 96, 96], one per panel column
     columns: list[str] = []
     if mode == "generate":
-        probs = first_token_distribution(store, codec.vocab_size)
+        probs = first_token_distribution(store, codec.vocab_size, modality=modality)
         final = generate_tokens(model, cfg.generate, probs, codec.tokens_per_image, cfg.temperature, cfg.top_k,
                                 cfg.seed, cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size,
                                 progress=cfg.progress)
@@ -468,16 +495,16 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         final, metrics, columns, stacks = _cross(cfg, model, store, codec, rows, decode_bands)
     else:
         rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
-        rows = rows_with_images(store, rows, store.modalities[:1])  # the rows decoded: the store's first column
-        stored = store.take(rows).astype(np.int64)  # [N, T]
+        rows = rows_with_images(store, rows, [modality] if modality else [])  # the rows that have the image decoded
+        stored = store.take(rows, modality).astype(np.int64)  # [N, T]
         check_token_range(stored, codec.vocab_size, what=f"store {store.dir}")
         labels = _labels_for(store, rows)
         original = None
         if cfg.compare:
-            original = _read_originals(store, rows, decode_bands, 96, cfg.source)
+            original = _read_originals(store, rows, decode_bands, 96, cfg.source, column=modality)
         elif mode in ("complete", "predict") and _source_rereadable(store.manifest):
             try:  # a nicety beside predictions: shown when the source can still be read
-                original = _read_originals(store, rows, decode_bands, 96, cfg.source)
+                original = _read_originals(store, rows, decode_bands, 96, cfg.source, column=modality)
             except AstroptError as exc:
                 print(f"note: no original panels: {exc}", file=sys.stderr)
         if original is not None:
@@ -514,7 +541,7 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     flux_path = save_flux(cfg.save_flux, final_flux, flux_bands, labels) if cfg.save_flux else None
     return DecodeResult(mode=mode, out=out, tokens=np.asarray(final, dtype=np.int64), flux=final_flux,
                         bands=flux_bands, labels=labels, codec_id=codec.codec_id, rows=rows, metrics=metrics,
-                        flux_path=flux_path, columns=columns)
+                        flux_path=flux_path, columns=columns, rgb_bands=list(rgb_wanted), modality=modality)
 
 
 def _check_cross(cfg: DecodeConfig, model, store, trained_on: dict) -> None:
@@ -643,7 +670,8 @@ def summarise(result: DecodeResult) -> dict[str, Any]:
     """A JSON-friendly summary of a decode result."""
     s: dict[str, Any] = {"mode": result.mode, "out": None if result.out is None else str(result.out),
                          "images": len(result.labels),
-                         "codec": result.codec_id, "bands": result.bands, "columns": result.columns}
+                         "codec": result.codec_id, "bands": result.bands, "columns": result.columns,
+                         "rgb": result.rgb_bands, "modality": result.modality}
     if result.flux_path:
         s["flux"] = str(result.flux_path)
     if result.metrics:

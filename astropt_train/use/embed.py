@@ -39,6 +39,7 @@ import json
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from contextlib import ExitStack, nullcontext
@@ -389,6 +390,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
 def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
     import torch
 
+    from astropt_tok.artifacts import check_model_store
     from astropt_tok.executor import resolve_device
     from astropt_tok.store import TokenStore, manifest_sha256, mark_shard_done, read_done_records, write_manifest
     from astropt_train.use.interop import load_any_model
@@ -408,8 +410,13 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
     if cfg.tokens is None and not Path(store_dir).exists():
         raise AstroptError(f"the checkpoint's token store {store_dir} is not here: pass --tokens DIR")
     store = TokenStore(store_dir)
+    store_sha = manifest_sha256(store.dir)
     # a model of several image columns sees each galaxy as their token blocks in its order, one after another
     modalities = list(getattr(model.config, "modalities", None) or [])
+    # before any work: the store holds tokens of the codec, modalities and bands the checkpoint was trained on
+    # (a random-init baseline takes the checkpoint's shape and so reads the store as it would)
+    for note in check_model_store(f"checkpoint {info['path']}", info.get("store"), modalities, store, store_sha):
+        print(note, file=sys.stderr)
     if len(modalities) > 1 and not set(modalities) <= set(store.modalities):
         raise AstroptError(f"{cfg.checkpoint} models image columns {', '.join(modalities)}; store {store.dir} holds "
                            f"{', '.join(store.modalities) or 'one unnamed column'}")
@@ -433,7 +440,7 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
         "checkpoint": {**{k: info[k] for k in ("kind", "path", "step", "weights_sha256")},
                        "model": info["model"], "random_init_seed": cfg.random_init_seed},
-        "tokens": {"dir": str(store.dir.resolve()), "manifest_sha256": manifest_sha256(store.dir),
+        "tokens": {"dir": str(store.dir.resolve()), "manifest_sha256": store_sha,
                    "num_rows": store.num_rows, "codec_id": store.codec_id},
         "modalities": modalities or None, "store_rows": [start, stop], "pool": cfg.pool, "layers": layers,
         "n_embd": model.config.n_embd,
@@ -468,9 +475,9 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
             else:  # [rows, T], a zero-copy view (a model of one of several columns: that column)
                 tokens = store.shard_tokens(index, modality=modalities[0] if modalities else None)[a:b]
             valid = None  # [rows, M] bool: which images each galaxy has (a --keep-partial store)
-            if store.partial and modalities:
+            if store.partial:  # a model of one unnamed column (upstream's) reads the first: its rows may lack it too
                 has = store.valid(np.arange(a, b) + int(store.offsets[index]))
-                valid = np.stack([has[m] for m in modalities], axis=1)
+                valid = np.stack([has[m] for m in modalities or store.modalities[:1]], axis=1)
             reader = _BatchReader(tokens, cfg.batch_size, pin=cuda, valid=valid)
             parts: list[list[np.ndarray]] = [[] for _ in columns]
             for batch, batch_valid in reader:

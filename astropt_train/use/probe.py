@@ -203,17 +203,35 @@ def cross_validate(x: np.ndarray, y: np.ndarray, task: str, folds, redshift: boo
 # the command
 
 
+def _check_baseline_sources(cfg: ProbeConfig, manifest: dict) -> None:
+    """The random-init baseline re-embeds the embeddings' token store with their checkpoint's shape: both must be
+    here and unchanged since the embeddings were written (a re-tokenised store holds other galaxies in its rows,
+    a changed checkpoint is another model), checked before anything is written."""
+    from astropt_tok.artifacts import check_embeddings_sources
+    from astropt_tok.store import manifest_sha256, sha256_path
+
+    ck, tokens = manifest.get("checkpoint") or {}, manifest.get("tokens") or {}
+    if not ck.get("path") or not Path(ck["path"]).exists():
+        raise AstroptError(f"the random-init baseline needs the checkpoint the embeddings came from, {ck.get('path')}, "
+                           "which is not here")
+    if not tokens.get("dir") or not Path(tokens["dir"]).exists():
+        raise AstroptError(f"the random-init baseline needs the token store {tokens.get('dir')}, which is not here")
+    weights = Path(ck["path"])
+    if weights.is_dir():  # one of our checkpoint folders (an upstream ckpt.pt is recorded as the file itself)
+        from astropt_train.checkpoint import MODEL_FILE
+
+        weights = weights / MODEL_FILE
+    store_manifest = Path(tokens["dir"]) / "manifest.json"
+    check_embeddings_sources(cfg.embeddings, manifest,
+                             manifest_sha256(tokens["dir"]) if store_manifest.is_file() else None,
+                             sha256_path(weights) if weights.is_file() else None)
+
+
 def _random_init_embeddings(cfg: ProbeConfig, manifest: dict, out: Path) -> Path:
     """Embed the store rows of `manifest` with a fresh model of the same shape (seeded), same pooling and layers."""
     from astropt_train.use.embed import EmbedConfig, embed
 
     ck = manifest["checkpoint"]
-    if not Path(ck["path"]).exists():
-        raise AstroptError(f"the random-init baseline needs the checkpoint the embeddings came from, {ck['path']}, "
-                           "which is not here")
-    if not Path(manifest["tokens"]["dir"]).exists():
-        raise AstroptError(f"the random-init baseline needs the token store {manifest['tokens']['dir']}, which is "
-                           "not here")
     start, stop = manifest["store_rows"]
     dest = out / "random-init-embeddings"
     embed(EmbedConfig(checkpoint=ck["path"], out=dest, tokens=manifest["tokens"]["dir"], step=None,
@@ -247,6 +265,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
 
     _check_options(cfg)
     manifest = open_embeddings(cfg.embeddings)
+    _check_baseline_sources(cfg, manifest)
     column = cfg.column or manifest["layers"][0]["column"]
     emb, _, ids = read_embeddings(cfg.embeddings, column)
     embedded = ~np.isnan(emb).any(axis=1)  # NaN: the galaxy lacks the image this column pools (--keep-partial)
@@ -274,6 +293,9 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     rand_emb, _, rand_ids = read_embeddings(rand_dir, column)
     if rand_ids != ids:
         raise AstroptError(f"the random-init embeddings in {rand_dir} do not cover the same rows; delete it and re-run")
+    if (np.isnan(rand_emb).any(axis=1) != ~embedded).any():  # both read the same store: the same images are missing
+        raise AstroptError(f"the random-init embeddings in {rand_dir} lack other galaxies' images than {cfg.embeddings}; "
+                           "delete it and re-run")
 
     report = {"embeddings": str(Path(cfg.embeddings).resolve()), "column": column, "labels": str(cfg.labels),
               "id_column": cfg.id_column, "folds": cfg.folds, "seed": cfg.seed, "pool": manifest["pool"],
