@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 
 from astropt_tok.codec import DEFAULT_CODEC
+from astropt_tok.launch import DEFAULT_DIST_TIMEOUT_S
 from astropt_tok.source import DEFAULT_SOURCE
 
 
@@ -34,6 +35,10 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", "--precision", help="Codec precision: fp32, tf32, bf16 or fp16 (recorded in the manifest)."),
         reader: str = typer.Option("pyarrow", "--reader", help="pyarrow (direct, fastest) or datasets (streaming IterableDataset)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),
+        dist_timeout: float = typer.Option(DEFAULT_DIST_TIMEOUT_S, "--dist-timeout", help="Under torchrun: seconds each rank waits "
+                                           "for the others to join the process group before giving up with an "
+                                           "error (a stale RANK/WORLD_SIZE in the shell); waits for other ranks' "
+                                           "shards are not limited by it."),
     ) -> None:
         """Stream a survey through the AION image codec into a sharded int16 token store.
 
@@ -49,6 +54,7 @@ def register(app: typer.Typer) -> None:
             modalities=modalities, keep_partial=keep_partial, split=split, batch_size=batch_size,
             device=device, storage=storage, limit=limit, workers=workers, id_column=id_column or None,
             strict=strict, overwrite=overwrite, precision=precision, reader=reader, progress=progress,
+            dist_timeout=dist_timeout,
         )
         summary = run(cfg)
         print_tokenise_summary(summary)

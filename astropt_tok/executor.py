@@ -15,21 +15,25 @@ from pathlib import Path
 
 from astropt_tok import store as st
 from astropt_tok.errors import AstroptError, ensure_folder, writing
+from astropt_tok.launch import LaunchEnv, read_launch
 
-def process_rank(cfg) -> tuple[int, int]:
-    """(rank, world size): from the config, else torchrun's RANK/WORLD_SIZE, else a SLURM array, else (0, 1)."""
+
+def launch_of(cfg) -> LaunchEnv:
+    """How this tokenise process takes part: the config's rank/world_size when a caller assigns them (then it
+    acts as an array task does: it prepares the store itself and joins no process group), else the checked
+    launch environment (torchrun's RANK/WORLD_SIZE, a SLURM array, or one process)."""
     if cfg.rank is not None or cfg.world_size is not None:
         rank, world = int(cfg.rank or 0), int(cfg.world_size or 1)
-    elif "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"])
-    elif "SLURM_ARRAY_TASK_COUNT" in os.environ:
-        rank = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        world = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
-    else:
-        rank, world = 0, 1
-    if not 0 <= rank < world:
-        raise AstroptError(f"process rank {rank} is outside a world of {world} processes")
-    return rank, world
+        if not 0 <= rank < world:
+            raise AstroptError(f"process rank {rank} is outside a world of {world} processes")
+        return LaunchEnv("single" if world == 1 else "slurm-array", rank, world)
+    return read_launch()
+
+
+def process_rank(cfg) -> tuple[int, int]:
+    """(rank, world size) of this tokenise process (see `launch_of`)."""
+    launch = launch_of(cfg)
+    return launch.rank, launch.world_size
 
 
 def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]:
@@ -37,14 +41,14 @@ def shards_for_this_process(num_shards: int, rank: int, world: int) -> list[int]
     return list(range(rank, num_shards, world))
 
 
-def default_workers(device: str) -> int:
+def default_workers(device: str, processes_per_node: int = 1) -> int:
     """Reader processes when --workers is not given: on a GPU, min(8, this process's share of the cores - 1),
     leaving a core to drive the codec (torchrun's LOCAL_WORLD_SIZE processes share the node); on a CPU none,
     since the codec needs every core and reading in-process is as fast as pyarrow itself."""
     if not device.startswith("cuda"):
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    share = cores // max(1, processes_per_node)
     return max(1, min(8, share - 1))
 
 
@@ -68,11 +72,13 @@ def free_shared_memory() -> int | None:
         return None
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun), else cpu. A GPU that is
-    not there, or more torchrun processes on this node than it has GPUs, is one clear error, raised by every
-    process before any work."""
+def resolve_device(device: str, launch: LaunchEnv | None = None) -> str:
+    """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun: `launch`, None for a single
+    process), else cpu. A GPU that is not there, or more torchrun processes on this node than it has GPUs, is
+    one clear error, raised by every process before any work."""
     import torch
+
+    launch = launch or LaunchEnv()
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,9 +89,8 @@ def resolve_device(device: str) -> str:
             raise AstroptError("--device cuda asked for, but torch sees no GPU")
         gpus = torch.cuda.device_count()
         if device == "cuda":
-            check_processes_per_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)),
-                                    gpus)
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            check_processes_per_gpu(launch.processes_per_node, launch.local_rank, gpus)
+            device = f"cuda:{launch.local_rank}"
         elif not device.partition(":")[2].isdigit() or int(device.partition(":")[2]) >= gpus:
             raise AstroptError(f"--device {device}: this node has {gpus} GPU{'s' * (gpus != 1)} "
                                f"(cuda, or cuda:0..cuda:{gpus - 1})")
@@ -252,32 +257,6 @@ def remove_stale_temporaries(out: Path, index: int) -> None:
     name = st.shard_name(index, "x").rsplit(".", 1)[0]
     for p in out.glob(f".{name}.*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-class TorchrunGroup:
-    """A gloo process group when running under torchrun (RANK/WORLD_SIZE/MASTER_ADDR), else nothing."""
-
-    def __init__(self, world: int):
-        self.active = world > 1 and "MASTER_ADDR" in os.environ
-        if self.active:
-            import datetime
-
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 @contextmanager

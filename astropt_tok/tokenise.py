@@ -28,9 +28,10 @@ from astropt_tok.codec import DEFAULT_CODEC
 from astropt_tok.encoder import PRECISIONS, EncodedShard, Encoder, ModalityEncoders, encode_shard
 from astropt_tok.errors import AstroptError, ensure_folder
 from astropt_tok.lock import folder_lock
-from astropt_tok.executor import (TorchrunGroup, await_replaced_store, check_rerun, check_source_unchanged,
-                                  default_workers, prepare_store, process_rank, remove_stale_temporaries,
-                                  resolve_device, shards_for_this_process)
+from astropt_tok.executor import (await_replaced_store, check_rerun, check_source_unchanged, default_workers,
+                                  launch_of, prepare_store, remove_stale_temporaries, resolve_device,
+                                  shards_for_this_process)
+from astropt_tok.launch import DEFAULT_DIST_TIMEOUT_S, RankGroup, dist_timeout
 from astropt_tok.source import DEFAULT_SOURCE
 from astropt_tok.stages import modalities_of, prepare_shards
 
@@ -66,6 +67,7 @@ class TokeniseConfig:
     # executor: None -> from the environment (torchrun's RANK/WORLD_SIZE or a SLURM array)
     rank: int | None = None
     world_size: int | None = None
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S  # torchrun: seconds to wait for the other ranks to join
 
 
 @dataclass
@@ -195,6 +197,7 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         raise AstroptError(f"--workers must be 0 (read in this process) or more, got {cfg.workers}")
     if cfg.reader not in ("pyarrow", "datasets"):
         raise AstroptError(f"--reader must be pyarrow or datasets, got {cfg.reader!r}")
+    timeout = dist_timeout(cfg.dist_timeout)
     if cfg.precision not in PRECISIONS:  # before the store's manifest is written
         raise AstroptError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if len(cfg.modalities) == 1:  # one COLUMN:BANDS is the one-column store
@@ -224,23 +227,27 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         if repeated:
             what = f"the bands of --column {column} name" if modalities else "--bands names"
             raise AstroptError(f"{what} {','.join(repeated)} more than once; give each band once")
-    rank, world = process_rank(cfg)
-    device = resolve_device(cfg.device)  # before any work: also refuses more torchrun processes than GPUs
-    plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit,
-                          extra_columns=[c for c, _ in modalities[1:]])
-    if cfg.workers is None:
-        cfg = dataclasses.replace(cfg, workers=default_workers(device))
-    loaded = load_image_codec(cfg.codec, device=device)
-    dtype = st.token_dtype(loaded.vocab_size)
-    out = Path(cfg.out)
-    manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision, plan.describe(),
-                               modalities=[{"name": c, "column": c, "bands": list(b)} for c, b in modalities] or None,
-                               keep_partial=cfg.keep_partial)
-    group = TorchrunGroup(world)
-    # Two uncoordinated runs on one store are refused; the processes of one job (world > 1) share it.
-    with folder_lock(ensure_folder(out, "the store folder"), "`astropt tokenise`", shared=world > 1):
-        return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world, group,
-                         t_start)
+    launch = launch_of(cfg)  # the launch variables, checked
+    rank, world = launch.rank, launch.world_size
+    device = resolve_device(cfg.device, launch)  # before any work: also refuses more torchrun processes than GPUs
+    # Under torchrun the ranks meet first, before any slow work, so a stale environment is one error within
+    # --dist-timeout; reading the source and loading the codec (their times differ per rank) come after.
+    with RankGroup(launch).join("gloo", timeout) as group:
+        plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit,
+                              extra_columns=[c for c, _ in modalities[1:]])
+        if cfg.workers is None:
+            cfg = dataclasses.replace(cfg, workers=default_workers(device, launch.processes_per_node))
+        loaded = load_image_codec(cfg.codec, device=device)
+        dtype = st.token_dtype(loaded.vocab_size)
+        out = Path(cfg.out)
+        manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision,
+                                   plan.describe(),
+                                   modalities=[{"name": c, "column": c, "bands": list(b)} for c, b in modalities]
+                                   or None, keep_partial=cfg.keep_partial)
+        # Two uncoordinated runs on one store are refused; the processes of one job (world > 1) share it.
+        with folder_lock(ensure_folder(out, "the store folder"), "`astropt tokenise`", shared=world > 1):
+            return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world,
+                             group, t_start)
 
 
 def finalize(out_dir) -> None:
@@ -268,7 +275,7 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
     elif rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
         prepare_store(out, manifest, cfg.overwrite)
-    group.barrier()  # under torchrun, the other ranks look only once rank 0 has created or checked the store
+    group.wait_for_all("rank 0 to create or check the store")  # under torchrun, the others look only after it
     if rank != 0 and group.active:
         existing = st.read_manifest(out)
         diff = check_rerun(existing, manifest)
@@ -326,7 +333,10 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
             writer.shutdown(wait=True)  # a shard encoded in full is still written
         summary.work_s = time.perf_counter() - t_work
     summary.results.sort(key=lambda r: r.index)
-    group.barrier()  # every rank's shards are written before anyone checks whether the store is complete
+    # Every rank's shards are written before anyone checks whether the store is complete. Ranks may finish
+    # hours apart (a rerun where one rank's shards were done): this is RankGroup's long wait, not a collective
+    # under --dist-timeout.
+    group.wait_for_all("every rank to finish its shards")
     group.close()
     final = st.finalize_store(out, st.read_manifest(out) if (out / st.MANIFEST).is_file() else manifest)
     summary.complete = final is not None

@@ -73,6 +73,10 @@ def register(app: typer.Typer) -> None:
                                                           help="Steps between checkpoints; 0: only at the end (1000)."),
         keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept, plus the best (3)."),
         log_interval: Optional[int] = typer.Option(None, "--log-interval", help="Steps between log lines (10)."),
+        dist_timeout: Optional[float] = typer.Option(None, "--dist-timeout", help="Under torchrun: seconds each "
+                                                     "rank waits for the others to join, and the limit of each "
+                                                     "collective step; rank 0's checkpoint writes are not "
+                                                     "limited by it (600)."),
     ) -> None:
         """Train an AstroPT GPT on a token store; checkpoints, metrics.jsonl and images go to --out.
 

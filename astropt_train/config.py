@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from astropt_tok.errors import AstroptError
+from astropt_tok.launch import DEFAULT_DIST_TIMEOUT_S
 
 # name -> (n_layer, n_head, n_embd). The numbered ones are upstream AstroPT's scaling-suite shapes
 # (config/scaling/astroptNNNM.py); their names count upstream's parameters, which depend on its patch
@@ -83,6 +84,9 @@ class TrainConfig:
     seed: int = 1337
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
     store_reads: str = "pread"  # "pread": RSS flat however large the store; "mmap": gather through the maps
+    # under torchrun: seconds to wait for the other ranks to join, and the limit of every collective (DDP's
+    # all-reduces); waits for rank 0's checkpoints and validation pictures are not limited by it
+    dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
     # checkpoints and logs
     resume: bool = False
     checkpoint_interval: int = 1000  # 0: only at the end of the run
@@ -150,6 +154,8 @@ class TrainConfig:
             raise AstroptError(f"lr-decay-iters must be >= 0, got {self.lr_decay_iters}")
         if self.workers is not None and self.workers < 0:
             raise AstroptError(f"workers must be 0 (read in this process) or more, got {self.workers}")
+        if self.dist_timeout <= 0:
+            raise AstroptError(f"dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.seed < 0:
             raise AstroptError(f"seed must be 0 or more, got {self.seed}")
         if self.store_reads not in ("pread", "mmap"):

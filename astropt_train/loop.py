@@ -51,14 +51,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lo + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - lo)
 
 
-def _pick_device(cfg: TrainConfig, dist: Dist):
+def _pick_device(cfg: TrainConfig, dist: Dist, launch):
     """This process's device: tokenise's `resolve_device` (cuda:LOCAL_RANK under torchrun; a missing GPU or
     more processes than GPUs is one clear error), made the current CUDA device."""
     import torch
 
     from astropt_tok.executor import resolve_device
 
-    dev = torch.device(resolve_device(cfg.device))
+    dev = torch.device(resolve_device(cfg.device, launch))
     if dev.type == "cuda":
         if dist.ddp:
             dev = torch.device(f"cuda:{dist.local_rank}")
@@ -120,9 +120,10 @@ def _set_rng_state(rng: dict, cuda: bool) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def _dist_from_env() -> Dist:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
-        return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
+def _dist_of(launch) -> Dist:
+    """This process's place from its checked launch environment (`astropt_tok.launch`)."""
+    if launch.distributed:
+        return Dist(launch.rank, launch.world_size, launch.local_rank, True)
     return Dist()
 
 
@@ -165,23 +166,23 @@ def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     cfg = absolute_paths(cfg)
     import torch
-    import torch.distributed as tdist
 
-    dist = _dist_from_env()
+    from astropt_tok.launch import RankGroup, dist_timeout, read_launch
+
+    launch = read_launch(arrays=False)  # SLURM array variables: an array of runs is a sweep, not ranks of one
+    dist = _dist_of(launch)
     with deterministic_mode(cfg.deterministic):  # before any CUDA work: it sets cuBLAS's workspace
-        device = _pick_device(cfg, dist)  # before any work, on every rank
-        if dist.ddp and not tdist.is_initialized():
-            tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        try:
-            with _StopFlag() as stop, ExitStack() as held:  # held: the run folder's lock, released on return
-                return _train(cfg, dist, device, stop, held)
-        except torch.cuda.OutOfMemoryError:
-            raise AstroptError(
-                f"{device} ran out of memory at --batch-size {cfg.batch_size}: use a smaller --batch-size (with a "
-                f"larger --grad-accum for the same tokens per step)") from None
-        finally:
-            if dist.ddp and tdist.is_initialized():
-                tdist.destroy_process_group()
+        device = _pick_device(cfg, dist, launch)  # before any work, on every rank
+        # under torchrun: one line saying what this rank waits for, then the rendezvous within --dist-timeout
+        with RankGroup(launch).join("nccl" if device.type == "cuda" else "gloo", dist_timeout(cfg.dist_timeout)) \
+                as group:
+            try:
+                with _StopFlag() as stop, ExitStack() as held:  # held: the run folder's lock, released on return
+                    return _train(cfg, dist, device, stop, held, group)
+            except torch.cuda.OutOfMemoryError:
+                raise AstroptError(
+                    f"{device} ran out of memory at --batch-size {cfg.batch_size}: use a smaller --batch-size (with "
+                    f"a larger --grad-accum for the same tokens per step)") from None
 
 
 def _init_from(cfg: TrainConfig, store, manifest_sha: str, dims: tuple[int, int, int], modalities: list[str] | None,
@@ -233,7 +234,12 @@ def _check_validation_codec(cfg: TrainConfig, store) -> list[str]:
     return check_store_codec(f"store {store.dir}", store.manifest.get("codec") or {}, codec, cfg.accept_codec_change)
 
 
-def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStack) -> dict:
+def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStack, group) -> dict:
+    """The run itself. Under DDP the collectives on the default group (the all-reduces of every step, the
+    stop flags at log steps, validation) have --dist-timeout; work that rank 0 does alone while the others
+    wait (the run folder and its lock, checkpoints, validation pictures and the loss curve) is followed by
+    `group.wait_for_all`, whose limit is days, so a large checkpoint on a slow disk is no timeout. Rank 0's
+    log lines between two collectives are the only such work left under --dist-timeout."""
     import torch
     import torch.distributed as tdist
 
@@ -456,8 +462,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                 ck.write_best(run, step_now, val_loss)
             ck.prune(run, cfg.keep_last)
             last_ckpt = str(path)
-        if dist.ddp:
-            tdist.barrier()
+        group.wait_for_all(f"rank 0 to write the checkpoint of step {step_now}")
 
     def check_finite(loss_value: float, at: int):
         if not math.isfinite(loss_value):
@@ -466,6 +471,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                                f"(try a lower --lr, more --warmup-iters, or --dtype bf16/fp32)")
 
     # --- the loop
+    group.wait_for_all("rank 0 to prepare the run folder")  # its lock and settings, written by rank 0 alone
     it = iter(loader)
     model.train()
     t_last, steps_since = time.perf_counter(), 0
@@ -560,6 +566,8 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                     display.update(step, record)
                     if is_eval:
                         logger.plot()
+                if is_eval:  # the first pictures load the codec on rank 0, which may take minutes
+                    group.wait_for_all(f"rank 0 to draw the validation pictures of step {step}")
                 t_last, steps_since = time.perf_counter(), 0
             if is_eval and last_val < best_val:
                 best_val = last_val

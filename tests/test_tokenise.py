@@ -20,7 +20,6 @@ import pytest
 from astropt_tok import store as st
 from astropt_tok.cli import main
 from astropt_tok.errors import AstroptError
-from astropt_tok.executor import process_rank
 from astropt_tok.tokenise import TokeniseConfig, tokenise
 
 BANDS = ("DES-G", "DES-R", "DES-I", "DES-Z")
@@ -661,16 +660,6 @@ def test_slurm_array_overwrite_is_done_by_task_0_while_the_others_wait(store_arr
     assert st.read_manifest(out)["complete"]
     for s in st.read_manifest(store_arrow)["shards"]:
         assert (out / s["file"]).read_bytes() == (store_arrow / s["file"]).read_bytes()
-
-
-def test_process_rank_from_environment(monkeypatch):
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "12")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
-    assert process_rank(TokeniseConfig()) == (2, 4)
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    monkeypatch.setenv("RANK", "5")
-    assert process_rank(TokeniseConfig()) == (5, 8)  # torchrun wins
 
 
 @pytest.mark.parametrize("local_world, local_rank, gpus, ok", [
