@@ -53,6 +53,7 @@ import numpy as np
 
 from astropt_tok.atomic import atomic_file, atomic_write_text
 from astropt_tok.errors import AstroptError, writing
+from astropt_tok.schema import DamagedFile, Fields, read_json_object
 
 FORMAT = "astropt-token-store"
 FORMAT_VERSION = 2  # a store of one image column (a `tokens` column)
@@ -291,24 +292,22 @@ def finalize_store(out_dir: str | os.PathLike, manifest: dict) -> dict | None:
 
 
 def read_manifest(store_dir: str | os.PathLike) -> dict:
-    """Load and check DIR/manifest.json (format, version, fields and their types); any problem is one AstroptError."""
+    """Load and check DIR/manifest.json as a whole (format, version, every field a reader uses, their types and
+    how they agree with each other); damage is one DamagedFile naming the file and the field."""
     path = Path(store_dir) / MANIFEST
     if not Path(store_dir).is_dir():
         raise AstroptError(f"token store {store_dir} does not exist")
     if not path.is_file():
         raise AstroptError(f"{store_dir} is not a token store: no {MANIFEST}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AstroptError(f"{path} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(path, "token store manifest", _REPAIR)
+    if manifest.get("format") != FORMAT:
         raise AstroptError(f"{path} is not an {FORMAT} manifest")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise AstroptError(
-            f"{path} has format version {manifest.get('format_version')}; this tool reads versions "
+            f"{path} has format version {manifest.get('format_version')!r}; this tool reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (a newer astropt-tokens wrote it: upgrade to read it)"
         )
-    _check_manifest(manifest, path)
+    check_manifest(manifest, path)
     return manifest
 
 
@@ -322,49 +321,100 @@ def manifest_format(folder: str | os.PathLike) -> str | None:
     return manifest.get("format") if isinstance(manifest, dict) else None
 
 
-def _check_manifest(m: dict, path: Path) -> None:
-    """Every field a reader relies on is there with the right type; shard entries name their own files."""
-    def need(obj, key, kind, where=""):
-        value = obj.get(key) if isinstance(obj, dict) else None
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if not ok:
-            raise AstroptError(f"{path} is damaged: {where}{key!r} is {'missing' if value is None else repr(value)}"
-                               f" (expected {kind.__name__})")
-        return value
+_REPAIR = "re-run the `astropt tokenise` that made the store (with --overwrite), or restore the file"
 
-    need(m, "complete", bool)
-    need(need(m, "codec", dict), "id", str, "codec.")
-    vocab, per_image = need(m, "vocab_size", int), need(m, "tokens_per_image", int)
-    if vocab < 1 or per_image < 1:
-        raise AstroptError(f"{path} is damaged: vocab_size {vocab} and tokens_per_image {per_image} must be positive")
-    if need(m, "dtype", str) not in ("int16", "uint16"):
-        raise AstroptError(f"{path} is damaged: dtype {m['dtype']!r} is not int16 or uint16")
-    bands = need(m, "bands", list)
-    if not bands or not all(isinstance(b, str) for b in bands):
-        raise AstroptError(f"{path} is damaged: bands {bands!r} is not a list of band names")
-    if need(m, "storage", str) not in STORAGES:
-        raise AstroptError(f"{path} is damaged: storage {m['storage']!r} is not one of {', '.join(STORAGES)}")
-    need(m, "source", dict)
-    num_shards = need(need(m, "sharding", dict), "num_shards", int, "sharding.")
-    if num_shards < 1:
-        raise AstroptError(f"{path} is damaged: sharding.num_shards is {num_shards}")
+
+def check_manifest(m: dict, path: Path) -> None:
+    """Every field a reader relies on is there with the right type and agrees with the others: vocabulary and
+    dtype, the codec section, modalities and their bands, the version, and (complete) each shard entry and the
+    totals. A DamagedFile names the first field that does not."""
+    f = Fields(path, _REPAIR)
+    f.need(m, "complete", bool)
+    codec = f.need(m, "codec", dict)
+    f.need(codec, "id", str, "codec.")
+    vocab = f.need(m, "vocab_size", int, low=1, high=2**16)
+    per_image = f.need(m, "tokens_per_image", int, low=1)
+    for key, want in (("vocab_size", vocab), ("tokens_per_image", per_image)):
+        if codec.get(key) is not None:
+            f.equal(f"codec.{key}", codec[key], want, f"the store's {key} is {want}")
+    f.equal("dtype", f.one_of(m, "dtype", ("int16", "uint16")), token_dtype(vocab).name,
+            f"the narrowest token dtype of a vocabulary of {vocab}")
+    bands = f.need_list(m, "bands", str, unique=True)
+    storage = f.one_of(m, "storage", STORAGES)
+    f.maybe(m, "precision", str)
+    source = f.need(m, "source", dict)
+    f.need(source, "id", str, "source.")
+    for key in ("kind", "split", "column", "id_column", "revision"):
+        f.maybe(source, key, str, "source.")
+    for i, entry in enumerate(f.need_list(source, "files", dict, "source.", nonempty=False)
+                              if source.get("files") is not None else []):
+        where = f"source.files[{i}]."
+        f.need(entry, "path", str, where)
+        for key in ("rows", "bytes"):
+            f.maybe(entry, key, int, where, low=0)
+        f.maybe(entry, "fingerprint", str, where)
+    _check_modalities(m, f, bands)
+    num_shards = f.need(f.need(m, "sharding", dict), "num_shards", int, "sharding.", low=1)
     if not m["complete"]:
         return
-    shards = need(m, "shards", list)
+    shards = f.need(m, "shards", list)
     if len(shards) != num_shards:
-        raise AstroptError(f"{path} is damaged: {len(shards)} shard entries for {num_shards} shards")
+        raise f.fail("shards", f"{len(shards)} entries", f"one entry per shard: sharding.num_shards is {num_shards}")
+    last_row = -1
     for i, s in enumerate(shards):
         where = f"shards[{i}]."
-        for key, kind in (("index", int), ("file", str), ("rows", int), ("rejected", int), ("sha256", str),
-                          ("bytes", int)):
-            need(s, key, kind, where)
-        for key in ("first_row", "last_row", "token_min", "token_max"):
-            if s.get(key) is not None:
-                need(s, key, int, where)
-        if s["index"] != i or s["file"] != shard_name(i, m["storage"]) or s["rows"] < 0:
-            raise AstroptError(f"{path} is damaged: shard entry {i} is {s['file']!r} (index {s['index']}, "
-                               f"{s['rows']} rows), expected {shard_name(i, m['storage'])}")
-    need(m, "totals", dict)
+        f.equal(where + "index", f.need(s, "index", int, where), i, "entries are in shard order")
+        f.equal(where + "file", f.need(s, "file", str, where), shard_name(i, storage),
+                f"shard {i} of a {storage} store")
+        rows = f.need(s, "rows", int, where, low=0)
+        for key in ("rejected", "bytes"):
+            f.need(s, key, int, where, low=0)
+        sha = f.need(s, "sha256", str, where)
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise f.fail(where + "sha256", sha, "64 lowercase hex digits")
+        first, last = (f.maybe(s, key, int, where, low=0) for key in ("first_row", "last_row"))
+        if first is not None or last is not None:
+            if not rows or first is None or last is None or not last_row < first <= last:
+                raise f.fail(where + "first_row", first, f"ascending source rows after {last_row}, "
+                             f"first_row <= last_row, only in a shard with rows (it has {rows})")
+            last_row = last
+        low, high = (f.maybe(s, key, int, where, low=0, below=vocab) for key in ("token_min", "token_max"))
+        if (low is None) != (high is None) or (low is not None and low > high):
+            raise f.fail(where + "token_min", low, f"token_min <= token_max ({high})")
+    totals = f.need(m, "totals", dict)
+    f.equal("totals.rows", f.need(totals, "rows", int, "totals."), sum(s["rows"] for s in shards),
+            "the sum of the shards' rows")
+    f.equal("totals.rejected", f.need(totals, "rejected", int, "totals."), sum(s["rejected"] for s in shards),
+            "the sum of the shards' rejected rows")
+
+
+def _check_modalities(m: dict, f: Fields, bands: list) -> None:
+    """The version agrees with whether the store names modalities; each is {name, column, bands}, the names are
+    distinct token columns that clash with no other shard column, and `bands` are the first one's."""
+    version = m["format_version"]
+    if m.get("modalities") is None:
+        if version == MODALITIES_VERSION:
+            raise f.fail("modalities", expected="a list of image columns: format_version is "
+                         f"{MODALITIES_VERSION} (several image columns)")
+        if m.get("keep_partial"):
+            raise f.fail("keep_partial", m["keep_partial"], "false or absent: the store names no modalities")
+        return
+    if version != MODALITIES_VERSION:
+        raise f.fail("format_version", version, f"{MODALITIES_VERSION}, the version of a store of several image "
+                     "columns (it lists modalities)")
+    mods = f.need_list(m, "modalities", dict)
+    names = []
+    for i, mod in enumerate(mods):
+        where = f"modalities[{i}]."
+        name = f.need(mod, "name", str, where)
+        f.need(mod, "column", str, where)
+        f.need_list(mod, "bands", str, where, unique=True)
+        if not name or name in RESERVED_COLUMNS or name.endswith("_valid") or name in names:
+            raise f.fail(where + "name", name, "a distinct image column name, not "
+                         f"{', '.join(RESERVED_COLUMNS)} nor *_valid")
+        names.append(name)
+    f.equal("bands", bands, mods[0]["bands"], f"the bands of the first modality, {names[0]}")
+    f.need(m, "keep_partial", bool)
 
 
 def manifest_sha256(store_dir: str | os.PathLike) -> str:
@@ -450,6 +500,9 @@ class TokenStore:
         return self._open[i]
 
     def _check_shard(self, i: int, path: Path) -> None:
+        """Shard i is the one the manifest describes: exactly its token columns (and `<name>_valid` flags iff
+        keep_partial), each of the recorded shape and dtype, and the recorded first and last source rows."""
+        self._check_columns(i, path)
         for column in self.token_columns:
             t = self._open[i].get(column)
             if t is None:
@@ -460,6 +513,33 @@ class TokenStore:
                     f"manifest says ({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
                 )
         self._check_row_ids(i, path)
+
+    def _check_columns(self, i: int, path: Path) -> None:
+        """The shard holds the columns the manifest's modalities and keep_partial name, no more, no fewer: a
+        manifest edited to drop a modality or flip keep_partial is refused, not read as another store."""
+        have = set(self._open[i]["columns"])
+        tokens = {c for c in have if c not in ("row", "object_id") and not c.endswith("_valid")}
+        flags = {c for c in have if c.endswith("_valid")}
+        want_flags = {f"{c}_valid" for c in self.token_columns} if self.partial else set()
+        f = Fields(self.dir / MANIFEST, f"its shards hold token columns {', '.join(sorted(tokens)) or 'none'}"
+                   f"{' with ' + ', '.join(sorted(flags)) if flags else ''}: restore the manifest that describes them")
+        if tokens != set(self.token_columns):
+            if self.modalities:
+                raise f.fail("modalities", [m["name"] for m in self.manifest["modalities"]], why="not the token "
+                             f"columns of shard {path.name}")
+            raise f.fail("modalities", expected=f"the image columns of shard {path.name}: a store without "
+                         "modalities holds one `tokens` column")
+        if flags != want_flags:
+            raise f.fail("keep_partial", self.manifest.get("keep_partial"),
+                         why=f"shard {path.name} {'holds' if flags else 'lacks'} <name>_valid columns")
+        if "row" not in have:
+            raise AstroptError(f"token store {self.dir}: shard {path.name} has no row column")
+        n = self.shards[i]["rows"]
+        for column in ["row", *sorted(flags)]:
+            values = self._open[i][column]
+            if tuple(values.shape) != (n,) or (column != "row" and np.dtype(values.dtype) != np.bool_):
+                raise AstroptError(f"token store {self.dir}: shard {path.name} holds {column} {tuple(values.shape)} "
+                                   f"{values.dtype}, the manifest says ({n},) {'int64' if column == 'row' else 'bool'}")
 
     def check_shards(self) -> None:
         """Open every shard once and check it is the one the manifest describes (shape, dtype, first and last
@@ -617,7 +697,7 @@ def _open_arrow(path: Path) -> dict:
 
     whole = pa.memory_map(str(path), "r").read_buffer()  # the whole file, zero-copy
     table = pa.ipc.open_stream(whole).read_all()
-    cols = {"file_offset": {}}
+    cols = {"file_offset": {}, "columns": list(table.column_names)}
     for name in table.column_names:
         column = table.column(name)
         if pa.types.is_fixed_size_list(column.type):  # a token column
@@ -641,7 +721,10 @@ def _open_zarr(path: Path, token_columns=("tokens",)) -> dict:
     import zarr
 
     group = zarr.open_group(str(path), mode="r")
-    cols = {"row": group["row"], "file_offset": {}}
+    names = sorted(name for name, _ in group.arrays())
+    if "row" not in names:
+        raise AstroptError(f"shard {path.name} has no row array")
+    cols = {"row": group["row"], "file_offset": {}, "columns": names}
     for name in list(token_columns) + [f"{c}_valid" for c in token_columns] + ["object_id"]:
         if name in group:
             cols[name] = group[name]
@@ -658,7 +741,10 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
     Returns one problem line per bad shard (empty when the store is sound).
     """
     store_dir = Path(store_dir)
-    manifest = read_manifest(store_dir)
+    try:
+        manifest = read_manifest(store_dir)
+    except DamagedFile as exc:  # what every reader would refuse: reported, as a bad shard is
+        return [f"{MANIFEST}: {exc}"]
     if not manifest.get("complete"):
         return [f"{store_dir}: manifest is not complete (run `astropt verify {store_dir} --finalize`)"]
     problems = []
