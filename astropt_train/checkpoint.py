@@ -72,33 +72,98 @@ def find_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
 
 
 def read_config(ckpt: str | os.PathLike) -> dict:
-    """A checkpoint's config.json."""
+    """A checkpoint's config.json, checked as a whole (`check_config`): damage is one error naming the field."""
+    from astropt_tok.schema import read_json_object
+
     p = Path(ckpt) / CONFIG_FILE
-    try:
-        cfg = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AstroptError(f"checkpoint config {p} is unreadable: {exc}") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+    cfg = read_json_object(p, "checkpoint config", _REPAIR)
+    if cfg.get("format") != FORMAT:
         raise AstroptError(f"{p} is not an {FORMAT} config")
-    for key, kind in (("model", dict), ("vocab_size", int), ("tokens_per_image", int), ("store", dict)):
-        if not isinstance(cfg.get(key), kind):
-            raise AstroptError(f"checkpoint config {p} is damaged: {key!r} is {cfg.get(key)!r} "
-                               f"(expected {kind.__name__})")
+    check_config(cfg, p, checkpoint=True)
     return cfg
 
 
+def read_run_config(run: str | os.PathLike) -> dict | None:
+    """RUN/config.json (the settings a run trained with), checked as a whole; None when the run has none."""
+    from astropt_tok.schema import read_json_object
+
+    p = Path(run) / RUN_CONFIG_FILE
+    if not p.is_file():
+        return None
+    cfg = read_json_object(p, "run config", "it is rewritten by `astropt train --resume`; or restore it")
+    check_config(cfg, p, checkpoint=False)
+    return cfg
+
+
+RUN_CONFIG_FILE = "config.json"  # RUN/config.json: the run's settings, as a checkpoint's config.json less its step
+_REPAIR = "delete that checkpoint folder to use an earlier one, or restore the file"
+
+
+def check_config(cfg: dict, path: Path, checkpoint: bool) -> None:
+    """Every field a run's or checkpoint's config.json holds that a reader builds on: the model (each GPTConfig
+    field, its head, sizes, dropout, modalities), and how it agrees with the store's vocabulary and tokens per
+    image; a checkpoint's own step (that of its folder name) and format version."""
+    from astropt_tok.schema import Fields
+
+    f = Fields(path, _REPAIR if checkpoint else "")
+    if checkpoint:
+        f.one_of(cfg, "format_version", (FORMAT_VERSION,))
+        step = f.need(cfg, "step", int, low=0)
+        m = _STEP_RE.match(path.parent.name)
+        if m:
+            f.equal("step", step, int(m.group(1)), f"the step of its folder {path.parent.name}")
+        f.maybe(cfg, "val_loss", float, finite=False)
+    vocab = f.need(cfg, "vocab_size", int, low=1)
+    per_image = f.need(cfg, "tokens_per_image", int, low=1)
+    check_model_fields(f.need(cfg, "model", dict), f, vocab, per_image)
+    train = f.maybe(cfg, "train", dict) or {}  # every run writes it; checkpoints made by hand may not
+    f.maybe(train, "max_iters", int, "train.", low=1)
+    store = f.need(cfg, "store", dict)
+    for key in ("dir", "codec_id", "manifest_sha256"):
+        f.maybe(store, key, str, "store.")
+    if store.get("bands") is not None:
+        f.need_list(store, "bands", str, "store.")
+    f.maybe(cfg, "split", dict)
+
+
+def check_model_fields(model: dict, f, vocab: int | None = None, per_image: int | None = None) -> None:
+    """The GPTConfig fields of a config.json: known names, positive sizes, n_embd a multiple of n_head, dropout
+    in [0, 1), bias a bool, a head the model has, distinct modality names; and, given the store's vocabulary
+    and tokens per image, room for both (every modality's block in `block_size`)."""
+    import dataclasses
+
+    from astropt_train.model import HEADS, GPTConfig
+
+    known = {fl.name for fl in dataclasses.fields(GPTConfig)}
+    for key in model:
+        if key not in known:
+            raise f.fail(f"model.{key}", model[key], f"no such field: a GPT has {', '.join(sorted(known))}")
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        f.need(model, key, int, "model.", low=1)
+    if model["n_embd"] % model["n_head"]:
+        raise f.fail("model.n_embd", model["n_embd"], f"a multiple of model.n_head ({model['n_head']})")
+    f.maybe(model, "dropout", float, "model.", low=0.0, below=1.0)
+    f.maybe(model, "bias", bool, "model.")
+    if "head" in model:
+        f.one_of(model, "head", HEADS, "model.")
+    mods = f.need_list(model, "modalities", str, "model.", unique=True) if model.get("modalities") is not None else []
+    blocks = max(1, len(mods))
+    if model["block_size"] % blocks:
+        raise f.fail("model.block_size", model["block_size"], f"a multiple of the {blocks} modalities' blocks")
+    if vocab is not None and model["vocab_size"] < vocab:
+        raise f.fail("model.vocab_size", model["vocab_size"], f"at least the store's vocab_size {vocab}")
+    if per_image is not None and model["block_size"] // blocks < per_image:
+        raise f.fail("model.block_size", model["block_size"], f"at least {blocks} x tokens_per_image {per_image}")
+
+
 def model_config(ckpt: str | os.PathLike, cfg: dict):
-    """The GPTConfig a checkpoint's config.json describes; damaged fields are one error naming the file."""
+    """The GPTConfig a checkpoint's config.json describes (`read_config` checked its fields)."""
+    from astropt_tok.schema import Fields
     from astropt_train.model import GPTConfig
 
-    try:
-        gconf = GPTConfig(**cfg["model"])
-        dims = (gconf.vocab_size, gconf.block_size, gconf.n_layer, gconf.n_head, gconf.n_embd)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims) or gconf.n_embd % gconf.n_head:
-            raise ValueError(f"sizes {dims}")
-    except (TypeError, ValueError) as exc:
-        raise AstroptError(f"checkpoint config {Path(ckpt) / CONFIG_FILE} is damaged: its model is not a GPT ({exc})") from None
-    return gconf
+    check_model_fields(cfg.get("model") if isinstance(cfg.get("model"), dict) else {}, Fields(Path(ckpt) / CONFIG_FILE,
+                                                                                              _REPAIR))
+    return GPTConfig(**cfg["model"])
 
 
 def load_weights(model, ckpt: str | os.PathLike, device: str = "cpu") -> None:
@@ -134,7 +199,7 @@ def load_model(path: str | os.PathLike, step: int | None = None, device: str = "
 
 
 def load_trainer_state(ckpt: str | os.PathLike) -> dict:
-    """The optimiser/scaler/RNG/data-position state, read with weights_only=True."""
+    """The optimiser/scaler/RNG/data-position state, read with weights_only=True and checked as a whole."""
     import torch
 
     p = Path(ckpt) / STATE_FILE
@@ -142,12 +207,48 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AstroptError(f"trainer state {p} is unreadable (truncated or corrupt?): {reason}") from None
-    need = {"step": int, "optimizer": dict, "rng": dict, "data": dict, "best_val_loss": float}
-    bad = [k for k, kind in need.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
-    if bad:
-        raise AstroptError(f"trainer state {p} is damaged: {', '.join(bad)} missing or of the wrong type")
+        raise AstroptError(f"trainer state {p} is unreadable (truncated or corrupt?): {reason}; {_REPAIR}") from None
+    check_trainer_state(state, p)
     return state
+
+
+def check_trainer_state(state, path: Path) -> None:
+    """The structure `train --resume` restores: step (that of the checkpoint folder), an optimiser state dict,
+    every rank's random state, the data position, the best validation loss so far."""
+    import math
+
+    import torch
+
+    from astropt_tok.schema import Fields
+
+    f = Fields(path, _REPAIR)
+    if not isinstance(state, dict):
+        raise f.fail("the whole file", type(state).__name__, "a dict of step, optimizer, rng, data, best_val_loss")
+    step = f.need(state, "step", int, low=0)
+    m = _STEP_RE.match(path.parent.name)
+    if m:
+        f.equal("step", step, int(m.group(1)), f"the step of its folder {path.parent.name}")
+    opt = f.need(state, "optimizer", dict)
+    f.need(opt, "state", dict, "optimizer.")
+    for i, group in enumerate(f.need_list(opt, "param_groups", dict, "optimizer.")):
+        f.need_list(group, "params", int, f"optimizer.param_groups[{i}].", nonempty=False)
+    if state.get("scaler") is not None:
+        f.need(state, "scaler", dict)
+    rng = f.need(state, "rng", dict)
+    per_rank = f.need_list(rng, "per_rank", dict, "rng.") if "per_rank" in rng else [rng]  # older: rank 0's alone
+    for i, r in enumerate(per_rank):
+        where = f"rng.per_rank[{i}]." if "per_rank" in rng else "rng."
+        t = f.need(r, "torch", torch.Tensor, where)
+        if t.dtype != torch.uint8 or tuple(t.shape) != tuple(torch.get_rng_state().shape):
+            raise f.fail(where + "torch", f"{t.dtype} {tuple(t.shape)}", "a 1-D uint8 tensor (torch's RNG state)")
+    data = f.need(state, "data", dict)
+    for key in ("micro_batches_done", "epoch", "batch", "seed"):
+        f.need(data, key, int, "data.", low=0)
+    for key in ("batch_size", "world_size"):
+        f.need(data, key, int, "data.", low=1)
+    best = f.need(state, "best_val_loss", float, finite=False)
+    if math.isnan(best) or best == -math.inf:
+        raise f.fail("best_val_loss", best, "a loss, or inf before the first evaluation")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, config: dict, trainer_state: dict) -> Path:

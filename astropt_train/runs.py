@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from astropt_tok.errors import AstroptError
+from astropt_tok.schema import DamagedFile
 
 
 @dataclass
@@ -35,9 +36,16 @@ def read_metrics(run: Path) -> list[dict]:
     """RUN/metrics.jsonl's records (a line cut by a kill is skipped)."""
     path = run / "metrics.jsonl"
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AstroptError(f"{path} is unreadable ({exc}); it is not a metrics log of `astropt train`") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AstroptError(f"{path} is unreadable ({exc.strerror or exc}); it is not a metrics log of `astropt train`") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        if exc.start <= data.rstrip(b"\n").rfind(b"\n"):  # not only the last line, which a kill may have cut
+            raise DamagedFile(f"{path} is damaged: not UTF-8 text (byte {exc.start}); leave it out of `astropt "
+                              "runs`, or restore it") from None
+        lines = data[: data.rstrip(b"\n").rfind(b"\n") + 1].decode("utf-8").splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         try:
@@ -65,7 +73,7 @@ def _numbers(record: dict) -> bool:
 
 def summarise_run(run: str | Path) -> RunSummary:
     """Read one run folder; a folder that is not a run (no metrics.jsonl) is an AstroptError."""
-    from astropt_train.checkpoint import list_checkpoints
+    from astropt_train.checkpoint import list_checkpoints, read_run_config
 
     run = Path(run)
     if not (run / "metrics.jsonl").is_file():
@@ -78,11 +86,8 @@ def summarise_run(run: str | Path) -> RunSummary:
     rates = [float(r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
     best = min(val_curve, key=lambda sv: sv[1]) if val_curve else None
     checkpoints = list_checkpoints(run)
-    max_iters = None
-    try:
-        max_iters = json.loads((run / "config.json").read_text())["train"]["max_iters"]
-    except (OSError, KeyError, json.JSONDecodeError):
-        pass
+    config = read_run_config(run)  # damaged (not UTF-8, not an object, wrong fields): one error naming it
+    max_iters = ((config or {}).get("train") or {}).get("max_iters")
     return RunSummary(
         run=run, name=run.name or str(run), steps=max((int(r["step"]) for r in records), default=None),
         max_iters=max_iters, best_val_loss=best[1] if best else None, best_val_step=best[0] if best else None,
