@@ -217,22 +217,24 @@ class _BatchReader:
 # the store
 
 
+_REPAIR = "re-run `astropt embed` with --overwrite"
+
+
 def _read_manifest(out: Path) -> dict | None:
     p = out / "manifest.json"
     if not p.is_file():
         return None
-    try:
-        m = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AstroptError(f"{p} is unreadable ({exc}); remove it or pass --overwrite") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
+    from astropt_tok.schema import read_json_object
+
+    m = read_json_object(p, "embeddings manifest", "remove it or pass --overwrite")
+    if m.get("format") != FORMAT:
         raise AstroptError(f"{out} is not an embeddings store (its manifest.json is of another kind); choose another "
                            "folder")
     return m
 
 
 def open_embeddings(path: str | os.PathLike) -> dict:
-    """The manifest of a complete embeddings store; one clear error otherwise."""
+    """The manifest of a complete embeddings store, checked as a whole; one clear error otherwise."""
     path = Path(path)
     if not path.is_dir():
         raise AstroptError(f"embeddings store {path} does not exist")
@@ -240,7 +242,7 @@ def open_embeddings(path: str | os.PathLike) -> dict:
     if m is None:
         raise AstroptError(f"{path} is not an embeddings store: no manifest.json")
     if m.get("format_version") != FORMAT_VERSION:
-        raise AstroptError(f"{path} has format version {m.get('format_version')}; this tool reads {FORMAT_VERSION}")
+        raise AstroptError(f"{path} has format version {m.get('format_version')!r}; this tool reads {FORMAT_VERSION}")
     if not m.get("complete"):
         raise AstroptError(f"embeddings store {path} is incomplete: re-run the same `astropt embed` command")
     _check_complete_manifest(m, path / "manifest.json")
@@ -248,34 +250,69 @@ def open_embeddings(path: str | os.PathLike) -> dict:
 
 
 def _check_complete_manifest(m: dict, path: Path) -> None:
-    """Every field a reader of a complete embeddings store relies on is there with the right type, and shard
-    entries name their own files: a damaged manifest is one error naming the field, not a KeyError."""
+    """Every field a reader of a complete embeddings store relies on is there with the right type and agrees
+    with the others (n_embd with the checkpoint's model, layers with its depth, columns with layers and
+    modalities, shard rows with store_rows); shard entries name their own files."""
+    from astropt_tok.schema import Fields
     from astropt_tok.store import shard_name
 
-    def need(obj, key, kind, where=""):
-        value = obj.get(key) if isinstance(obj, dict) else None
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise AstroptError(f"{path} is damaged: {where}{key!r} is {'missing' if value is None else repr(value)}"
-                               f" (expected {kind.__name__}); re-run `astropt embed` with --overwrite")
-        return value
-
-    if need(m, "n_embd", int) < 1:
-        raise AstroptError(f"{path} is damaged: n_embd is {m['n_embd']}; re-run `astropt embed` with --overwrite")
-    layers = need(m, "layers", list)
-    if not layers:
-        raise AstroptError(f"{path} is damaged: it lists no layers; re-run `astropt embed` with --overwrite")
+    f = Fields(path, _REPAIR)
+    n_embd = f.need(m, "n_embd", int, low=1)
+    f.one_of(m, "dtype", DTYPES)
+    f.one_of(m, "pool", POOLS)
+    model = f.need(f.need(m, "checkpoint", dict), "model", dict, "checkpoint.")
+    f.equal("n_embd", n_embd, model.get("n_embd"), "the width of the checkpoint's model (checkpoint.model.n_embd)")
+    depth = f.need(model, "n_layer", int, "checkpoint.model.", low=1)
+    tokens = f.need(m, "tokens", dict)
+    f.need(tokens, "dir", str, "tokens.")
+    num_rows = f.need(tokens, "num_rows", int, "tokens.", low=1)
+    layers = f.need_list(m, "layers", dict)
     for i, layer in enumerate(layers):
-        need(layer, "column", str, f"layers[{i}].")
-    if "columns" in m and not (isinstance(m["columns"], list) and m["columns"]
-                               and all(isinstance(c, str) for c in m["columns"])):
-        raise AstroptError(f"{path} is damaged: columns {m['columns']!r} is not a list of column names")
-    for i, s in enumerate(need(m, "shards", list)):
+        where = f"layers[{i}]."
+        f.need(layer, "name", str, where)
+        f.need(layer, "index", int, where, low=0, high=depth)
+        f.need(layer, "column", str, where)
+    mods = f.need_list(m, "modalities", str, unique=True) if m.get("modalities") is not None else []
+    joint = [lay["column"] for lay in layers]
+    want = [c for c in joint for c in [c] + ([f"{c}_{x}" for x in mods] if len(mods) > 1 else [])]
+    columns = f.need_list(m, "columns", str, unique=True) if "columns" in m else joint
+    f.equal("columns" if "columns" in m else "layers", columns, want,
+            "a column per layer" + (", then one per modality" if len(mods) > 1 else "") + ", none twice")
+    if any(c in ("row", "store_row", "object_id") for c in columns):
+        raise f.fail("columns", columns, "embedding columns, not row, store_row or object_id")
+    start, stop = (f.need_list(m, "store_rows", int) + [None, None])[:2]
+    if len(m["store_rows"]) != 2 or not 0 <= start < stop <= num_rows:
+        raise f.fail("store_rows", m["store_rows"], f"[start, stop] with 0 <= start < stop <= tokens.num_rows "
+                     f"({num_rows})")
+    shards = f.need(m, "shards", list)
+    seen = -1
+    for i, s in enumerate(shards):
         where = f"shards[{i}]."
-        for key, kind in (("index", int), ("file", str), ("rows", int), ("sha256", str)):
-            need(s, key, kind, where)
-        if s["file"] != shard_name(s["index"], "arrow") or s["rows"] < 0:
-            raise AstroptError(f"{path} is damaged: shard entry {i} is {s['file']!r} (index {s['index']}, "
-                               f"{s['rows']} rows); re-run `astropt embed` with --overwrite")
+        index = f.need(s, "index", int, where, low=0)
+        f.equal(where + "file", f.need(s, "file", str, where), shard_name(index, "arrow"), "the shard of its index")
+        if index <= seen:
+            raise f.fail(where + "index", index, f"above the previous entry's {seen} (shards in order)")
+        seen = index
+        f.need(s, "rows", int, where, low=0)
+        f.need(s, "sha256", str, where)
+    f.equal("shards", f"{sum(s['rows'] for s in shards)} rows", f"{stop - start} rows",
+            f"the rows of store_rows [{start}, {stop})")
+
+
+def _shard_problem(table, m: dict) -> str | None:
+    """Why a shard's table is not what the manifest describes (its columns, each embedding column a
+    fixed_size_list of n_embd values of dtype), or None."""
+    import pyarrow as pa
+
+    want = ["row", "store_row", "object_id"] + embedding_columns(m)
+    if table.column_names != want:
+        return f"columns {table.column_names}, the manifest's layers and modalities name {want}"
+    for column in embedding_columns(m):
+        t = table.schema.field(column).type
+        if not pa.types.is_fixed_size_list(t) or t.list_size != m["n_embd"] or \
+                t.value_type != pa.from_numpy_dtype(np.dtype(m["dtype"])):
+            return f"column {column} is {t}; the manifest says n_embd {m['n_embd']}, dtype {m['dtype']}"
+    return None
 
 
 def embedding_columns(manifest: dict) -> list[str]:
@@ -302,6 +339,11 @@ def read_embeddings(path: str | os.PathLike, column: str | None = None) -> tuple
         except (OSError, pa.ArrowInvalid) as exc:
             raise AstroptError(f"embeddings shard {path / s['file']} is unreadable ({exc}); run "
                                f"`astropt embed --verify {path}`") from None
+        problem = _shard_problem(table, m)
+        if problem:  # a manifest that does not describe its shards (edited, or another store's)
+            from astropt_tok.schema import DamagedFile
+
+            raise DamagedFile(f"{path / 'manifest.json'} is damaged: {s['file']} holds {problem}; {_REPAIR}")
         embs.append(_column_rows(table, column, m["n_embd"]))
         rows.append(table.column("row").to_numpy())
         ids.extend(table.column("object_id").to_pylist())
@@ -546,10 +588,14 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
 
     from astropt_tok.store import shard_hash_problem
 
+    from astropt_tok.schema import DamagedFile
+
     path = Path(path)
-    m = open_embeddings(path)
+    try:
+        m = open_embeddings(path)
+    except DamagedFile as exc:  # what every reader would refuse: reported, as a bad shard is
+        return [f"manifest.json: {exc}"]
     problems = []
-    want = ["row", "store_row", "object_id"] + embedding_columns(m)
     joint = {lay["column"] for lay in m["layers"]}
     for s in m["shards"]:
         problem = shard_hash_problem(path, s)
@@ -563,9 +609,10 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
         except (OSError, pa.ArrowInvalid) as exc:
             problems.append(f"{s['file']}: unreadable ({exc})")
             continue
-        if table.column_names != want or table.num_rows != s["rows"]:
-            problems.append(f"{s['file']}: columns {table.column_names} / {table.num_rows} rows, expected {want} / "
-                            f"{s['rows']}")
+        problem = _shard_problem(table, m) or (f"{table.num_rows} rows, the manifest says {s['rows']}"
+                                               if table.num_rows != s["rows"] else None)
+        if problem:
+            problems.append(f"{s['file']}: {problem}")
             continue
         for column in embedding_columns(m):
             values = table.column(column).combine_chunks()
