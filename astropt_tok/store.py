@@ -468,6 +468,8 @@ class TokenStore:
                         f"token store {self.dir}: shard {s['file']} is {size} bytes, the manifest says {s['bytes']} "
                         f"(corrupt or truncated; run `astropt verify {self.dir}`)"
                     )
+            for i, s in enumerate(self.shards):  # a manifest edited to name other columns: refused before any work
+                self._check_columns(i, self.dir / s["file"], _shard_columns(self.dir / s["file"], self.storage))
         self._open: dict[int, dict] = {}  # shard index -> {"tokens": array-like, "row": ..., "object_id": ...}
         self._fds: dict[int, int] = {}  # shard index -> file descriptor, for `read_rows`
 
@@ -502,7 +504,8 @@ class TokenStore:
     def _check_shard(self, i: int, path: Path) -> None:
         """Shard i is the one the manifest describes: exactly its token columns (and `<name>_valid` flags iff
         keep_partial), each of the recorded shape and dtype, and the recorded first and last source rows."""
-        self._check_columns(i, path)
+        self._check_columns(i, path, self._open[i]["columns"])
+        self._check_flags(i, path)
         for column in self.token_columns:
             t = self._open[i].get(column)
             if t is None:
@@ -514,10 +517,10 @@ class TokenStore:
                 )
         self._check_row_ids(i, path)
 
-    def _check_columns(self, i: int, path: Path) -> None:
+    def _check_columns(self, i: int, path: Path, columns: list[str]) -> None:
         """The shard holds the columns the manifest's modalities and keep_partial name, no more, no fewer: a
         manifest edited to drop a modality or flip keep_partial is refused, not read as another store."""
-        have = set(self._open[i]["columns"])
+        have = set(columns)
         tokens = {c for c in have if c not in ("row", "object_id") and not c.endswith("_valid")}
         flags = {c for c in have if c.endswith("_valid")}
         want_flags = {f"{c}_valid" for c in self.token_columns} if self.partial else set()
@@ -534,8 +537,11 @@ class TokenStore:
                          why=f"shard {path.name} {'holds' if flags else 'lacks'} <name>_valid columns")
         if "row" not in have:
             raise AstroptError(f"token store {self.dir}: shard {path.name} has no row column")
+
+    def _check_flags(self, i: int, path: Path) -> None:
+        """An opened shard's row ids and validity flags: one per row, of their dtypes."""
         n = self.shards[i]["rows"]
-        for column in ["row", *sorted(flags)]:
+        for column in ["row", *(f"{c}_valid" for c in self.token_columns if self.partial)]:
             values = self._open[i][column]
             if tuple(values.shape) != (n,) or (column != "row" and np.dtype(values.dtype) != np.bool_):
                 raise AstroptError(f"token store {self.dir}: shard {path.name} holds {column} {tuple(values.shape)} "
@@ -715,6 +721,22 @@ def _open_arrow(path: Path) -> dict:
         else:  # row, <modality>_valid
             cols[name] = column.to_numpy(zero_copy_only=False)
     return cols
+
+
+def _shard_columns(path: Path, storage: str) -> list[str]:
+    """The column names of a shard, from its schema alone (arrow) or its group's arrays (zarr)."""
+    try:
+        if storage == "arrow":
+            import pyarrow as pa
+
+            with pa.memory_map(str(path), "r") as source:
+                return list(pa.ipc.open_stream(source).schema.names)
+        import zarr
+
+        return sorted(name for name, _ in zarr.open_group(str(path), mode="r").arrays())
+    except Exception as exc:
+        raise AstroptError(f"token store {path.parent}: shard {path.name} is unreadable ({exc}); run "
+                           f"`astropt verify {path.parent}`") from None
 
 
 def _open_zarr(path: Path, token_columns=("tokens",)) -> dict:

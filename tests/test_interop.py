@@ -94,13 +94,22 @@ def test_checkpoints_that_cannot_fit_are_one_clear_error(random_store, tmp_path)
     # its vocabulary (300) is smaller than the random store's 4375
     with pytest.raises(AstroptError, match="knows .* tokens, fewer than the vocabulary"):
         embed(EmbedConfig(checkpoint=path, tokens=random_store, out=tmp_path / "e", device="cpu", progress=False))
-    # another modality
+    # a modality renamed in model_args alone: the registry and the weights' names disagree with it
     from astropt_train.use.interop import _UPSTREAM_PICKLE
 
     ckpt = read_upstream_checkpoint(path)
     ckpt["model_args"]["modalities"][0].name = "images"
     torch.save(ckpt, tmp_path / "other.pt", pickle_module=_UPSTREAM_PICKLE)
-    with pytest.raises(AstroptError, match="models modalities \\['images'\\]"):
+    with pytest.raises(AstroptError, match="modality_registry is \\['images_aion'\\]"):
+        load_any_model(tmp_path / "other.pt")
+    del ckpt["modality_registry"]
+    torch.save(ckpt, tmp_path / "other.pt", pickle_module=_UPSTREAM_PICKLE)
+    with pytest.raises(AstroptError, match="weights do not fit its model_args"):
+        load_any_model(tmp_path / "other.pt")
+    # a modality of patches (upstream's images), not tokens
+    ckpt["model_args"]["modalities"][0].vocab_size = 0
+    torch.save(ckpt, tmp_path / "other.pt", pickle_module=_UPSTREAM_PICKLE)
+    with pytest.raises(AstroptError, match="reads token models"):
         load_any_model(tmp_path / "other.pt")
     # a pickle that would run code is refused, not executed
     torch.save({"model": {}, "model_args": {}, "hook": print}, tmp_path / "evil.pt")

@@ -13,14 +13,17 @@ checkpoint never runs code from it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import sys
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from astropt_tok.atomic import atomic_file
 from astropt_tok.errors import AstroptError
+from astropt_tok.schema import is_kind
 
 UPSTREAM_FILE = "ckpt.pt"
 UPSTREAM_MODULE = "astropt.model"
@@ -68,22 +71,30 @@ _UPSTREAM_PICKLE = types.SimpleNamespace(Pickler=_UpstreamPickler, __name__="pic
 
 
 def upstream_checkpoint(model, step: int | None = None, val_loss: float | None = None, extra: dict | None = None) -> dict:
-    """Upstream AstroPT's checkpoint dict for a GPT of this project (one modality `images_aion`)."""
+    """Upstream AstroPT's checkpoint dict for a GPT of this project: one ModalityConfig per modality the model
+    reads (`images_aion` for a model of one unnamed column, else each image column's name), all with the
+    model's vocabulary, so the weights' names (`encoders.<name>.wpe.weight`, ...) are those upstream's GPT
+    builds from its registry. `config.modality_order` keeps the model's block order (upstream's own GPT
+    orders the blocks by name)."""
+    from astropt_train.model import MODALITY
+
     c = model.config
-    if len(getattr(c, "modalities", None) or []) > 1:
-        raise AstroptError("export writes one-modality (images_aion) models; this one models several image columns")
-    modality = ModalityConfig(name="images_aion", input_size=c.vocab_size, pos_input_size=1, patch_size=0,
-                              embed_pos=True, vocab_size=c.vocab_size)
+    names = list(c.modalities or [MODALITY])
+    mods = [ModalityConfig(name=n, input_size=c.vocab_size, pos_input_size=1, patch_size=0, embed_pos=True,
+                           vocab_size=c.vocab_size) for n in names]
     model_args = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
                   "dropout": c.dropout, "bias": c.bias, "tokeniser": c.head, "attn_type": "causal",
-                  "modalities": [modality]}
+                  "modalities": mods}
     return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "model_args": model_args,
-            "modality_registry": ModalityRegistry([modality]), "iter_num": int(step or 0),
-            "best_val_loss": float(val_loss) if val_loss is not None else None, "config": dict(extra or {})}
+            "modality_registry": ModalityRegistry(mods), "iter_num": int(step or 0),
+            "best_val_loss": float(val_loss) if val_loss is not None else None,
+            "config": {**(extra or {}), "modality_order": names}}
 
 
 def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
-    """Write OUT/ckpt.pt, which upstream's `load_astropt(repo_id=None, path="OUT/")` loads; returns its path."""
+    """Write OUT/ckpt.pt, which upstream's `load_astropt(repo_id=None, path="OUT/")` loads; returns its path.
+    The file is read back with this tool's own upstream loader before it takes its name: what export writes
+    loads, with the same weights, or nothing is written."""
     import torch
 
     from astropt_tok.errors import ensure_folder
@@ -98,10 +109,27 @@ def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | N
     final = out / UPSTREAM_FILE
     # into a Python file: torch's own writer reports a full disk only as 'unexpected pos', ours as ENOSPC; a
     # full or read-only disk is one error, no temporary left, an earlier ckpt.pt left whole
-    with atomic_file(final) as tmp, open(tmp, "wb") as f:
-        torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), f,
-                   pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
+    with atomic_file(final) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(upstream_checkpoint(model, conf.get("step"), conf.get("val_loss"), extra), f,
+                       pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
+        _check_reads_back(tmp, final, model)
     return final
+
+
+def _check_reads_back(written: Path, final: Path, model) -> None:
+    """Load the written ckpt.pt as any upstream checkpoint is loaded here; its model must be `model` (shape,
+    head, modalities in order, every weight equal), else one error and nothing written."""
+    import torch
+
+    back, _ = load_upstream_model(written)
+    want = dataclasses.replace(model.config, dropout=0.0)  # upstream's dropout is a training setting
+    if back.config != want:
+        raise AstroptError(f"export would write {final} that reads back as another model ({back.config}, not "
+                           f"{want}); nothing written")
+    mine, theirs = model.state_dict(), back.state_dict()
+    if mine.keys() != theirs.keys() or any(not torch.equal(mine[k].cpu(), theirs[k]) for k in mine):
+        raise AstroptError(f"export would write {final} whose weights read back differently; nothing written")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,30 +160,53 @@ def read_upstream_checkpoint(path: Path) -> dict:
 
 
 def gpt_config_from_upstream(ckpt: dict, path: Path):
-    """This project's GPTConfig for an upstream checkpoint, refusing what this model cannot be."""
+    """This project's GPTConfig for an upstream checkpoint, refusing what this model cannot be: every modality a
+    token modality (vocab_size = input_size > 0, embedded positions) of one shared vocabulary; native causal
+    autoregressive; sizes of the right types."""
+    from astropt_tok.schema import Fields
     from astropt_train.model import HEADS, MODALITY, GPTConfig
 
     args = ckpt.get("model_args") if isinstance(ckpt, dict) else None
     if not isinstance(args, dict) or "model" not in ckpt:
         raise AstroptError(f"{path} has no model_args/model: not an upstream AstroPT checkpoint")
-    mods = args.get("modalities") or list(getattr(ckpt.get("modality_registry"), "modalities", {}).values())
+    f = Fields(path, "export it again")
+    registry = getattr(ckpt.get("modality_registry"), "modalities", None)  # {name: ModalityConfig}
+    registry = registry if isinstance(registry, dict) else {}
+    mods = args.get("modalities") or list(registry.values())
     names = [getattr(m, "name", None) for m in mods]
-    if names != [MODALITY]:
-        raise AstroptError(f"{path} models modalities {names}; this tool reads AION image-token models, one modality "
-                           f"{MODALITY!r}")
-    mod = mods[0]
-    if not mod.vocab_size or mod.input_size != mod.vocab_size or not mod.embed_pos:
-        raise AstroptError(f"{path}: modality {MODALITY} has vocab_size {mod.vocab_size}, input_size {mod.input_size}, "
-                           f"embed_pos {mod.embed_pos}; a token model needs vocab_size = input_size > 0, embed_pos")
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise f.fail("model_args.modalities", names, "distinct modality names")
+    if registry and sorted(registry) != sorted(names):  # upstream builds its modules from the registry's names
+        raise f.fail("modality_registry", sorted(registry), f"the modalities of model_args, {names}")
+    for mod in mods:
+        if not is_kind(mod.vocab_size, int) or mod.vocab_size < 1 or mod.input_size != mod.vocab_size \
+                or not mod.embed_pos:
+            raise AstroptError(f"{path}: modality {mod.name} has vocab_size {mod.vocab_size}, input_size "
+                               f"{mod.input_size}, embed_pos {mod.embed_pos}; this tool reads token models "
+                               "(vocab_size = input_size > 0, embed_pos), such as AION image tokens")
+    if len({mod.vocab_size for mod in mods}) > 1:
+        raise AstroptError(f"{path}: its modalities have vocabularies {[m.vocab_size for m in mods]}; this tool's "
+                           "model shares one vocabulary between its modalities")
     head = args.get("tokeniser", "aim")  # upstream's GPTConfig default
     unsupported = {k: args.get(k) for k, ok in (("attn_type", "causal"), ("objective", "ar"), ("backbone", "native"),
                                                  ("lora_r", 0)) if args.get(k, ok) != ok}
     if head not in HEADS or unsupported:
         raise AstroptError(f"{path} was trained with {unsupported or {'tokeniser': head}}; this tool reads native "
                            f"causal autoregressive models with an affine or aim head")
-    return GPTConfig(vocab_size=int(mod.vocab_size), block_size=int(args.get("block_size", 1024)),
-                     n_layer=int(args.get("n_layer", 12)), n_head=int(args.get("n_head", 12)),
-                     n_embd=int(args.get("n_embd", 768)), dropout=0.0, bias=bool(args.get("bias", False)), head=head)
+    dims = {key: (f.need(args, key, int, "model_args.", low=1) if key in args else default)  # upstream's defaults
+            for key, default in (("block_size", 1024), ("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
+    if dims["n_embd"] % dims["n_head"]:
+        raise f.fail("model_args.n_embd", dims["n_embd"], f"a multiple of n_head ({dims['n_head']})")
+    if dims["block_size"] % len(names):
+        raise f.fail("model_args.block_size", dims["block_size"], f"a multiple of its {len(names)} modalities")
+    f.maybe(args, "dropout", float, "model_args.", low=0.0, below=1.0)
+    bias = f.maybe(args, "bias", bool, "model_args.") or False
+    # the block order: the one our export recorded, else upstream's own (its GPT reads modalities by sorted name)
+    order = (ckpt.get("config") or {}).get("modality_order") if isinstance(ckpt.get("config"), dict) else None
+    if not (isinstance(order, list) and sorted(order) == sorted(names)):
+        order = sorted(names)
+    return GPTConfig(vocab_size=int(mods[0].vocab_size), dropout=0.0, bias=bias, head=head,
+                     modalities=None if order == [MODALITY] else order, **dims)
 
 
 def load_upstream_model(path: Path, device: str = "cpu"):
@@ -189,6 +240,12 @@ def load_any_model(path: str | os.PathLike, step: int | None = None, device: str
 
     path = Path(path)
     upstream = find_upstream_checkpoint(path)
+    if upstream is not None and path.is_dir() and ck.list_checkpoints(path):
+        # a run folder always means its own checkpoints: a ckpt.pt left beside them (an export, a download)
+        # never shadows them; pass the file itself to load it
+        print(f"note: {path} is a training run: using its own checkpoints, not the {UPSTREAM_FILE} beside "
+              f"them (pass {upstream} to load that)", file=sys.stderr)
+        upstream = None
     if upstream is not None and not (path / ck.MODEL_FILE).is_file():
         if step is not None:
             raise AstroptError(f"{upstream} is an upstream AstroPT checkpoint (one step); drop --step")
