@@ -39,13 +39,11 @@ def read_metrics(run: Path) -> list[dict]:
         data = path.read_bytes()
     except OSError as exc:
         raise AstroptError(f"{path} is unreadable ({exc.strerror or exc}); it is not a metrics log of `astropt train`") from None
-    try:
+    try:  # records are ASCII JSON: a byte that is not UTF-8 is damage, never a line cut by a kill
         lines = data.decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        if exc.start <= data.rstrip(b"\n").rfind(b"\n"):  # not only the last line, which a kill may have cut
-            raise DamagedFile(f"{path} is damaged: not UTF-8 text (byte {exc.start}); leave it out of `astropt "
-                              "runs`, or restore it") from None
-        lines = data[: data.rstrip(b"\n").rfind(b"\n") + 1].decode("utf-8").splitlines()
+        raise DamagedFile(f"{path} is damaged: not UTF-8 text (byte {exc.start}); leave it out of `astropt runs`, "
+                          "or restore it") from None
     records = []
     for number, line in enumerate(lines, 1):
         try:
