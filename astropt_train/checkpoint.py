@@ -119,7 +119,7 @@ def check_config(cfg: dict, path: Path, checkpoint: bool) -> None:
     train = f.maybe(cfg, "train", dict) or {}  # every run writes it; checkpoints made by hand may not
     f.maybe(train, "max_iters", int, "train.", low=1)
     store = f.need(cfg, "store", dict)
-    for key in ("dir", "codec_id", "manifest_sha256"):
+    for key in ("dir", "codec_id", "manifest_sha256", "codec_sha256", "id_column"):
         f.maybe(store, key, str, "store.")
     if store.get("bands") is not None:
         f.need_list(store, "bands", str, "store.")
