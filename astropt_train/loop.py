@@ -272,7 +272,8 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     if cfg.init_from and not (cfg.resume and ck.list_checkpoints(run)):
         # loaded and checked against the store before the run folder is made: a refused model leaves nothing
         init = _init_from(cfg, store, store_info["manifest_sha256"], (n_layer, n_head, n_embd), modalities, echo)
-    codec_notes = _check_validation_codec(cfg, store) if dist.master and cfg.val_images > 0 else []
+    # on every rank, though only the master draws: a refusal on the master alone would leave the others waiting
+    codec_notes = _check_validation_codec(cfg, store) if cfg.val_images > 0 else []
     if dist.master:  # one run per run folder: a second `astropt train --out` here is refused until this one ends
         ensure_folder(run, "the run folder")
         held.enter_context(folder_lock(run, "`astropt train`"))

@@ -37,7 +37,7 @@ def decode_command(
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Re-run the whole sequence per token (slow; for checking)."),
-    bands: Optional[str] = typer.Option(None, "--bands", help="Bands of --save-flux, comma-separated (default: the store's)."),
+    bands: Optional[str] = typer.Option(None, "--bands", help="Bands of --save-flux, comma-separated (default: those of the modality decoded)."),
     rgb: str = typer.Option("DES-Z,DES-R,DES-G", "--rgb", help="Bands shown as red, green, blue."),
     save_flux: Optional[Path] = typer.Option(None, "--save-flux", help="Write decoded float32 flux [N, bands, 96, 96] as .npy or .fits."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available)."),

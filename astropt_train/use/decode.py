@@ -58,7 +58,7 @@ class DecodeConfig:
     top_k: int | None = None
     kv_cache: bool = True  # sample with the model's key/value cache (same tokens, much faster)
     accept_codec_change: bool = False  # decode with a codec whose weights differ from those that made the tokens
-    bands: list[str] | None = None  # bands of --save-flux (default: the store's bands)
+    bands: list[str] | None = None  # bands of --save-flux (default: those of the modality decoded)
     rgb_bands: tuple[str, str, str] = DEFAULT_RGB_BANDS  # displayed as (red, green, blue)
     save_flux: Path | None = None  # .npy or .fits
     device: str = "auto"  # "cpu", "cuda", "auto" (cuda when available)

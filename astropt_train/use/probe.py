@@ -210,11 +210,11 @@ def _check_baseline_sources(cfg: ProbeConfig, manifest: dict) -> None:
     from astropt_tok.artifacts import check_embeddings_sources
     from astropt_tok.store import manifest_sha256, sha256_path
 
-    ck, tokens = manifest.get("checkpoint") or {}, manifest.get("tokens") or {}
-    if not ck.get("path") or not Path(ck["path"]).exists():
+    ck, tokens = (v if isinstance(v, dict) else {} for v in (manifest.get("checkpoint"), manifest.get("tokens")))
+    if not isinstance(ck.get("path"), str) or not Path(ck["path"]).exists():
         raise AstroptError(f"the random-init baseline needs the checkpoint the embeddings came from, {ck.get('path')}, "
                            "which is not here")
-    if not tokens.get("dir") or not Path(tokens["dir"]).exists():
+    if not isinstance(tokens.get("dir"), str) or not Path(tokens["dir"]).exists():
         raise AstroptError(f"the random-init baseline needs the token store {tokens.get('dir')}, which is not here")
     weights = Path(ck["path"])
     if weights.is_dir():  # one of our checkpoint folders (an upstream ckpt.pt is recorded as the file itself)
@@ -222,7 +222,7 @@ def _check_baseline_sources(cfg: ProbeConfig, manifest: dict) -> None:
 
         weights = weights / MODEL_FILE
     store_manifest = Path(tokens["dir"]) / "manifest.json"
-    check_embeddings_sources(cfg.embeddings, manifest,
+    check_embeddings_sources(cfg.embeddings, {"checkpoint": ck, "tokens": tokens},
                              manifest_sha256(tokens["dir"]) if store_manifest.is_file() else None,
                              sha256_path(weights) if weights.is_file() else None)
 
