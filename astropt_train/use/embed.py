@@ -612,7 +612,7 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
         problem = _shard_problem(table, m) or (f"{table.num_rows} rows, the manifest says {s['rows']}"
                                                if table.num_rows != s["rows"] else None)
         if problem:
-            problems.append(f"{s['file']}: {problem}")
+            problems.append(f"{s['file']}: {problem} (manifest {path / 'manifest.json'})")
             continue
         for column in embedding_columns(m):
             values = table.column(column).combine_chunks()
