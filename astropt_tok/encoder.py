@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from astropt_tok.errors import AstroptError
+from astropt_tok.executor import tf32_allowed
 from astropt_tok.stages import PreparedBatch, reject_record
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -34,10 +35,6 @@ class Encoder:
         self.precision = precision
         self.bands = bands
         self.vocab = loaded.vocab_size
-        if self.device.type == "cuda":
-            allow = precision == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = allow
-            torch.backends.cudnn.allow_tf32 = allow
         from aion.modalities import HSCImage, LegacySurveyImage
 
         self.image_type = HSCImage if bands[0].startswith("HSC") else LegacySurveyImage
@@ -79,12 +76,18 @@ class Encoder:
         The device is made the default one while AION encodes: its ImagePadder builds a zero tensor
         [n, 9 bands, 96, 96] with `torch.zeros(...).to(image.device)`, which would otherwise be allocated and
         zeroed on the host and copied over (85 MB at n=256, a pageable copy that waits for the device) on
-        every batch. Under the default device it is made on the device; the tokens are the same."""
+        every batch. Under the default device it is made on the device; the tokens are the same.
+
+        TF32 is on inside the call only with precision "tf32"; the process's TF32 flags are as they were after."""
         import torch
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         mixed = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with torch.inference_mode(), mixed, self.device:
+        # TF32 as the precision says for this call only (its kernels are queued inside it, which is when torch
+        # reads the flags), and the caller's setting after: the flags are process-wide, and a Python caller's
+        # own fp32 work after tokenise() must not run in TF32. Set on every device (no effect off CUDA), so the
+        # rule has one code path.
+        with torch.inference_mode(), mixed, self.device, tf32_allowed(self.precision == "tf32"):
             latents = self.codec._encode(self.image_type(flux=x, bands=self.bands))  # [n, C, T] float
             tokens = self.codec.quantizer.encode(latents)  # [n, T] int32
             finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [n] bool

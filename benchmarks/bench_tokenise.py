@@ -172,7 +172,9 @@ def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plai
 
     x_all = torch.from_numpy(flux).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    encoder = Encoder(loaded, device, precision, BANDS)  # also sets TF32 as the pipeline does for `precision`
+    from astropt_tok.executor import tf32_allowed
+
+    encoder = Encoder(loaded, device, precision, BANDS)  # sets TF32 for `precision` inside each of its calls
     codec = loaded.codec
     out = []
 
@@ -181,8 +183,8 @@ def codec_alone(loaded, flux, batch_size: int, device: str, precision: str, plai
         for i in range(0, len(x_all), batch_size):
             x = x_all[i:i + batch_size].clone()
             if plain:
-                with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=dtype,
-                                                            enabled=dtype is not None):
+                with torch.inference_mode(), tf32_allowed(precision == "tf32"), \
+                        torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
                     out.append(codec.encode(LegacySurveyImage(flux=x, bands=BANDS)))
             else:
                 out.append(encoder.encode_on_device(x)[0])

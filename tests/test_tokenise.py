@@ -481,6 +481,40 @@ def test_encoder_copies_nothing_from_the_host_while_encoding(codec_dir):
     assert ours.ops == [] and tokens.shape == (8, 576)
 
 
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_tf32_is_set_only_inside_the_codec_calls(precision, codec_dir, survey_dir, tmp_path):
+    """TF32 flags are process-wide: the encoder sets them as its precision says inside each codec call only,
+    and tokenise() leaves them as the caller had them. The caller's flags are set to the opposite of the
+    precision's, so a leak either way is seen; the codec's own modules report what they ran under (forward
+    pre-hooks), so the check can fail (these flags can be read and set without a GPU)."""
+    import torch
+
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.encoder import Encoder
+
+    def flags():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    before = flags()
+    caller = (precision != "tf32",) * 2
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = caller
+        loaded = load_image_codec(str(codec_dir), device="cpu")
+        seen = set()
+        for module in loaded.codec.modules():
+            module.register_forward_pre_hook(lambda m, args: seen.add(flags()))
+        encoder = Encoder(loaded, "cpu", precision, list(BANDS))
+        assert flags() == caller  # making an encoder changes nothing
+        encoder.encode(torch.zeros(2, 4, 96, 96))
+        assert seen == {(precision == "tf32",) * 2}  # inside the call: the precision's
+        assert flags() == caller  # after it: the caller's
+        tokenise(config(survey_dir, codec_dir, tmp_path / "tok", shards=1, limit=8, precision=precision))
+        assert flags() == caller
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def _plain_list_survey(path: Path, flux: np.ndarray, fixed: bool) -> None:
     """The same galaxies written by pyarrow alone: plain nested lists, or fixed-size lists."""
     n, b, h, w = flux.shape
