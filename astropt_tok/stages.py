@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import queue
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,6 +16,7 @@ import numpy as np
 from astropt_tok.codec import CROP_SIZE
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import PREFETCH_PER_WORKER, free_shared_memory, workers_for_shared_memory
+from astropt_tok.prefetch import Prefetch
 from astropt_tok.source import OpenFiles, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task, read_tasks
 
 
@@ -103,54 +103,26 @@ def _shard_batches(chunks, indices: list[int], batch_size: int, pin: bool):
 
 
 class _Staged:
-    """Runs a generator of (shard, batch-or-None) in a thread, `depth` items ahead of the consumer."""
-
-    _STOP = object()
+    """The staging thread's (shard, batch-or-None) items, `depth` ahead of the codec's thread (a `Prefetch`), taken
+    one shard at a time."""
 
     def __init__(self, items, depth: int = 3):
-        self.items = items
-        self.ready: queue.Queue = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="astropt-staging", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for item in self.items:
-                if not self._put(item):
-                    return
-            self._put(self._STOP)
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            self._put(exc)
-        finally:
-            self.items = None  # drops the DataLoader iterator, which stops its workers
-
-    def _put(self, item) -> bool:
-        while not self.stop.is_set():
-            try:
-                self.ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        self.ahead = Prefetch(items, depth, name="astropt-staging")
 
     def shard(self, index: int) -> Iterator[PreparedBatch]:
         """The batches of shard `index`, which must be the next shard in the staged order."""
         while True:
-            item = self.ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is self._STOP:
-                raise RuntimeError(f"the staging thread ended before shard {index}")
-            shard, batch = item
+            try:
+                shard, batch = next(self.ahead)
+            except StopIteration:
+                raise RuntimeError(f"the staging thread ended before shard {index}") from None
             assert shard == index, f"staged shard {shard} where shard {index} was expected"
             if batch is None:
                 return
             yield batch
 
     def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
+        self.ahead.close()
 
 
 def modalities_of(cfg) -> list[tuple[str, tuple[str, ...]]]:

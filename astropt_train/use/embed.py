@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ import numpy as np
 
 from astropt_tok.errors import AstroptError, ensure_folder, writing
 from astropt_tok.lock import LOCK_FILE, folder_lock
+from astropt_tok.prefetch import Prefetch
 
 FORMAT = "astropt-embeddings"
 FORMAT_VERSION = 1
@@ -178,39 +177,15 @@ def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1, v
 # reading token batches ahead of the model
 
 
-class _BatchReader:
-    """(token batch, valid batch or None) pairs, int64 tokens pinned on CUDA and the [b, M] bool of which images
-    each galaxy has, read by a thread a few batches ahead of the model."""
+def _token_batches(tokens: np.ndarray, batch_size: int, pin: bool, valid: np.ndarray | None = None):
+    """(token batch, valid batch or None) pairs: int64 tokens, pinned on CUDA, and the [b, M] bool of which
+    images each galaxy has. Run in a thread a few batches ahead of the model (`Prefetch`)."""
+    import torch
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, pin: bool, ahead: int = 3, valid: np.ndarray | None = None):
-        self.tokens, self.batch_size, self.pin, self.valid = tokens, batch_size, pin, valid
-        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
-        self.wait_s = 0.0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import torch
-
-        try:
-            for a in range(0, len(self.tokens), self.batch_size):
-                batch = torch.from_numpy(np.asarray(self.tokens[a : a + self.batch_size]).astype(np.int64))
-                valid = None if self.valid is None else torch.from_numpy(self.valid[a : a + self.batch_size])
-                self.queue.put((batch.pin_memory() if self.pin else batch, valid))
-        except BaseException as exc:  # handed to the consumer, which raises it
-            self.queue.put(exc)
-        self.queue.put(None)
-
-    def __iter__(self):
-        while True:
-            t0 = time.perf_counter()
-            item = self.queue.get()
-            self.wait_s += time.perf_counter() - t0
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+    for a in range(0, len(tokens), batch_size):
+        batch = torch.from_numpy(np.asarray(tokens[a : a + batch_size]).astype(np.int64))
+        has = None if valid is None else torch.from_numpy(valid[a : a + batch_size])
+        yield batch.pin_memory() if pin else batch, has
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -520,18 +495,20 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
             if store.partial:  # a model of one unnamed column (upstream's) reads the first: its rows may lack it too
                 has = store.valid(np.arange(a, b) + int(store.offsets[index]))
                 valid = np.stack([has[m] for m in modalities or store.modalities[:1]], axis=1)
-            reader = _BatchReader(tokens, cfg.batch_size, pin=cuda, valid=valid)
             parts: list[list[np.ndarray]] = [[] for _ in columns]
-            for batch, batch_valid in reader:
-                batch = batch.to(device, non_blocking=True)
-                if batch_valid is not None:
-                    batch_valid = batch_valid.to(device)
-                with amp if amp is not None else nullcontext():
-                    pooled = embed_batch(model, batch, layers, cfg.pool, blocks, batch_valid)
-                for k, p in enumerate(pooled):
-                    parts[k].append(p.float().cpu().numpy())
-                if bar is not None:
-                    bar.update(bar.task_ids[0], advance=batch.shape[0])
+            # read a few batches ahead of the model; closed (its thread stopped) also when a batch fails
+            with Prefetch(_token_batches(tokens, cfg.batch_size, cuda, valid), depth=3,
+                          name="astropt-embed-reader") as reader:
+                for batch, batch_valid in reader:
+                    batch = batch.to(device, non_blocking=True)
+                    if batch_valid is not None:
+                        batch_valid = batch_valid.to(device)
+                    with amp if amp is not None else nullcontext():
+                        pooled = embed_batch(model, batch, layers, cfg.pool, blocks, batch_valid)
+                    for k, p in enumerate(pooled):
+                        parts[k].append(p.float().cpu().numpy())
+                    if bar is not None:
+                        bar.update(bar.task_ids[0], advance=batch.shape[0])
             loader_s += reader.wait_s
             ids = store.shard_object_ids(index)
             record = _write_shard(
