@@ -141,20 +141,37 @@ def tokens_per_image(config: dict) -> int:
     return side * side
 
 
+def check_codec_config(config: dict, path: Path) -> None:
+    """The `ImageCodec` arguments a codec's config.json gives, of the types and ranges aion builds from (a
+    negative or fractional size is a traceback inside torch otherwise, a string factor a codec that fails later)."""
+    from astropt_tok.schema import Fields
+
+    f = Fields(path, "fit or download the codec again")
+    levels = f.need_list(config, "quantizer_levels", int)
+    if any(level < 2 for level in levels):
+        raise f.fail("quantizer_levels", levels, "a list of integers, each at least 2")
+    for key in ("hidden_dims", "multisurvey_projection_dims", "embedding_dim", "num_consecutive"):
+        f.maybe(config, key, int, low=1)
+    f.maybe(config, "n_compressions", int, low=0)
+    for key in ("range_compression_factor", "mult_factor"):
+        if config.get(key) is not None and f.need(config, key, float) <= 0:
+            raise f.fail(key, config[key], "a positive number")
+
+
 def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> LoadedCodec:
     """Build the real `aion.codecs.image.ImageCodec` from its config and load its safetensors weights."""
+    from astropt_tok.schema import read_json_object
+
     files = resolve_codec_files(codec_id)
-    try:
-        config = json.loads(files.config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AstroptError(f"codec config {files.config_path} is unreadable: {exc}") from None
+    config = read_json_object(files.config_path, "codec config", "fit or download the codec again")
+    check_codec_config(config, files.config_path)
 
     from aion.codecs.image import ImageCodec
     from safetensors.torch import load_file
 
     try:
         codec = ImageCodec(**config)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise AstroptError(f"codec config {files.config_path} does not fit aion's ImageCodec: {exc}") from None
     try:
         state = load_file(str(files.weights_path))

@@ -476,3 +476,36 @@ def test_a_ckpt_pt_in_a_run_folder_is_ignored_with_a_note(made, more, capsys, tm
     assert code == 0, err
     manifest = json.loads((tmp_path / "emb2" / "manifest.json").read_text())
     assert manifest["checkpoint"]["kind"] == "upstream-astropt" and manifest["modalities"] == ["hsc_image"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a codec folder's config.json (the ImageCodec arguments), read by tokenise and decode
+
+
+CODEC_CONFIG = {  # name: (damage, words)
+    "not UTF-8": (NOT_UTF8, ["not UTF-8"]),
+    "not an object": (NOT_OBJECT, ["not a JSON object"]),
+    "levels missing": (edited(lambda c: c.pop("quantizer_levels")), ["quantizer_levels"]),
+    "levels of one": (setting("quantizer_levels", [1, 5]), ["quantizer_levels"]),
+    "negative size": (setting("embedding_dim", -3), ["embedding_dim"]),
+    "fractional size": (setting("hidden_dims", 2.5), ["hidden_dims"]),
+    "factor a string": (setting("mult_factor", "ten"), ["mult_factor"]),
+    "unknown argument": (setting("rotary", True), ["rotary"]),
+}
+
+
+@pytest.mark.parametrize("command", ["tokenise", "decode"])
+@pytest.mark.parametrize("case", list(CODEC_CONFIG))
+def test_damaged_codec_config(case, command, made, capsys, tmp_path):
+    damage, words = CODEC_CONFIG[case]
+    codec = copy_of(made["codec"], tmp_path / "codec")
+    config = codec / "codecs" / "image" / "config.json"
+    damage(config)
+    out = tmp_path / "out"
+    argv = {"tokenise": ["tokenise", "--source", made["survey"], "--out", out, "--shards", "2", "--codec", codec,
+                         "--device", "cpu", "--no-progress"],
+            "decode": ["decode", "--tokens", made["store"], "--rows", "0", "--codec", codec, "--out", out / "d.png",
+                       "--device", "cpu"]}[command]
+    code, _, err = run_cli(argv, capsys)
+    refused(code, err, command, config, *words)
+    assert not out.exists() or not list(out.glob("shard-*")) and not (out / "d.png").exists()
