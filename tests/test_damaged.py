@@ -509,3 +509,71 @@ def test_damaged_codec_config(case, command, made, capsys, tmp_path):
     code, _, err = run_cli(argv, capsys)
     refused(code, err, command, config, *words)
     assert not out.exists() or not list(out.glob("shard-*")) and not (out / "d.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# an upstream ckpt.pt (export's output, or upstream's own), read wherever a checkpoint is taken
+
+
+def _upstream_edit(change):
+    def apply(path: Path):
+        from astropt_train.use.interop import _UPSTREAM_PICKLE, read_upstream_checkpoint
+
+        ckpt = read_upstream_checkpoint(path)
+        change(ckpt)
+        torch.save(ckpt, path, pickle_module=_UPSTREAM_PICKLE)
+    return apply
+
+
+def _mods(ckpt):
+    return ckpt["model_args"]["modalities"]
+
+
+UPSTREAM = {  # name: (damage, words)
+    "n_layer a string": (_upstream_edit(lambda c: c["model_args"].update(n_layer="two")), ["model_args.n_layer"]),
+    "n_embd not a multiple of n_head": (_upstream_edit(lambda c: c["model_args"].update(n_head=3)),
+                                        ["model_args.n_embd"]),
+    "block_size not a multiple of its modalities": (_upstream_edit(lambda c: c["model_args"].update(block_size=1151)),
+                                                    ["model_args.block_size"]),
+    "bias a string": (_upstream_edit(lambda c: c["model_args"].update(bias="no")), ["model_args.bias"]),
+    "iter_num a string": (_upstream_edit(lambda c: c.update(iter_num="last")), ["iter_num"]),
+    "registry of other modalities": (_upstream_edit(lambda c: c["modality_registry"].modalities.pop("hsc_image")),
+                                     ["modality_registry"]),
+    "modality names repeated": (_upstream_edit(lambda c: c["model_args"].update(modalities=[_mods(c)[0]] * 2)),
+                                ["model_args.modalities"]),
+    "a modality of patches": (_upstream_edit(lambda c: setattr(_mods(c)[1], "vocab_size", 0)), ["hsc_image",
+                                                                                                "token models"]),
+    "vocabularies differ": (_upstream_edit(lambda c: (setattr(_mods(c)[1], "vocab_size", 9),
+                                                      setattr(_mods(c)[1], "input_size", 9))), ["vocabularies"]),
+    "an MAE model": (_upstream_edit(lambda c: c["model_args"].update(objective="mae")), ["mae"]),
+    "weights of another model": (_upstream_edit(lambda c: c["model"].pop("encoders.hsc_image.wpe.weight")),
+                                 ["encoders.hsc_image.wpe.weight"]),
+}
+
+
+@pytest.fixture(scope="module")
+def exported_pair(made, tmp_path_factory):
+    """upstream ckpt.pt of the two-column model."""
+    from astropt_train.use.interop import export_astropt
+
+    return export_astropt(made["mrun"], tmp_path_factory.mktemp("exported") / "pair")
+
+
+@pytest.mark.parametrize("command", ["embed", "decode", "train --init-from"])
+@pytest.mark.parametrize("case", list(UPSTREAM))
+def test_damaged_upstream_checkpoint(case, command, made, exported_pair, capsys, tmp_path):
+    damage, words = UPSTREAM[case]
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy(exported_pair, ckpt)
+    damage(ckpt)
+    out = tmp_path / "out"
+    argv = {"embed": ["embed", "--checkpoint", ckpt, "--tokens", made["mstore"], "--out", out, "--device", "cpu"],
+            "decode": ["decode", "--checkpoint", ckpt, "--tokens", made["mstore"], "--rows", "0", "--predict",
+                       "--out", out / "d.png", "--device", "cpu"],
+            "train --init-from": ["train", "--tokens", made["mstore"], "--out", out, "--init-from", ckpt,
+                                  "--device", "cpu", "--max-iters", "1", "--batch-size", "4", "--val-images", "0"]
+            }[command]
+    code, _, err = run_cli(argv, capsys)
+    refused(code, err, command, ckpt, *words)
+    written = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".astropt")] if out.exists() else []
+    assert not written, written

@@ -170,6 +170,7 @@ def gpt_config_from_upstream(ckpt: dict, path: Path):
     if not isinstance(args, dict) or "model" not in ckpt:
         raise AstroptError(f"{path} has no model_args/model: not an upstream AstroPT checkpoint")
     f = Fields(path, "export it again")
+    f.maybe(ckpt, "iter_num", int, low=0)  # the step every manifest records of it
     registry = getattr(ckpt.get("modality_registry"), "modalities", None)  # {name: ModalityConfig}
     registry = registry if isinstance(registry, dict) else {}
     mods = args.get("modalities") or list(registry.values())
