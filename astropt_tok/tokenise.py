@@ -275,7 +275,7 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
     elif rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
         prepare_store(out, manifest, cfg.overwrite)
-    group.wait_for_all("rank 0 to create or check the store")  # under torchrun, the others look only after it
+    group.wait_for_all("the store to be created or checked by rank 0")  # under torchrun, the others look after it
     if rank != 0 and group.active:
         existing = st.read_manifest(out)
         diff = check_rerun(existing, manifest)

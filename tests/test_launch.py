@@ -227,12 +227,18 @@ def test_stale_environment_is_one_error_within_the_timeout(command, rank, tokeni
 
 _TWO_RANKS = textwrap.dedent("""
     import datetime, os, sys, time
+    from pathlib import Path
     from astropt_tok.errors import AstroptError
     from astropt_tok.launch import RankGroup, read_launch
-    rank, mode = int(os.environ["RANK"]), sys.argv[1]
-    with RankGroup(read_launch()).join("gloo", datetime.timedelta(seconds=1)) as group:
+    rank, mode, meet = int(os.environ["RANK"]), sys.argv[1], Path(sys.argv[2])
+    # both ranks have imported torch before either joins: on a loaded machine one may start seconds after the
+    # other, which the short timeout below must not be asked to absorb
+    (meet / f"up-{rank}").touch()
+    while not all((meet / f"up-{r}").exists() for r in (0, 1)):
+        time.sleep(0.02)
+    with RankGroup(read_launch()).join("gloo", datetime.timedelta(seconds=3)) as group:
         if rank == 1:
-            time.sleep(3)  # three times the timeout: rank 0 waits for this rank's work
+            time.sleep(6)  # twice the timeout: rank 0 waits for this rank's work
             if mode == "dies":
                 os._exit(3)
         try:
@@ -245,9 +251,9 @@ _TWO_RANKS = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("mode", ["slow", "dies"])
-def test_waits_for_work_outlast_the_timeout_and_end_when_a_rank_dies(mode):
+def test_waits_for_work_outlast_the_timeout_and_end_when_a_rank_dies(mode, tmp_path):
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS, mode], cwd=REPO, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_RANKS, mode, str(tmp_path)], cwd=REPO, text=True,
                               env=child_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
     try:
