@@ -90,13 +90,14 @@ def read_run_config(run: str | os.PathLike) -> dict | None:
     p = Path(run) / RUN_CONFIG_FILE
     if not p.is_file():
         return None
-    cfg = read_json_object(p, "run config", "it is rewritten by `astropt train --resume`; or restore it")
+    cfg = read_json_object(p, "run config", _RUN_REPAIR)
     check_config(cfg, p, checkpoint=False)
     return cfg
 
 
 RUN_CONFIG_FILE = "config.json"  # RUN/config.json: the run's settings, as a checkpoint's config.json less its step
 _REPAIR = "delete that checkpoint folder to use an earlier one, or restore the file"
+_RUN_REPAIR = "`astropt train --resume` rewrites it, or restore the file"
 
 
 def check_config(cfg: dict, path: Path, checkpoint: bool) -> None:
@@ -105,7 +106,7 @@ def check_config(cfg: dict, path: Path, checkpoint: bool) -> None:
     image; a checkpoint's own step (that of its folder name) and format version."""
     from astropt_tok.schema import Fields
 
-    f = Fields(path, _REPAIR if checkpoint else "")
+    f = Fields(path, _REPAIR if checkpoint else _RUN_REPAIR)
     if checkpoint:
         f.one_of(cfg, "format_version", (FORMAT_VERSION,))
         step = f.need(cfg, "step", int, low=0)
