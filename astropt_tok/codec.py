@@ -177,6 +177,11 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
         state = load_file(str(files.weights_path))
     except Exception as exc:
         raise AstroptError(f"codec weights {files.weights_path} are unreadable: {exc}") from None
+    from astropt_tok.health import refuse_non_finite_weights
+
+    # a NaN weight would give NaN latents (every row rejected by tokenise) or NaN pictures (decode)
+    refuse_non_finite_weights(state, files.weights_path, "the codec is damaged or its fit diverged; fit it again "
+                              "(astropt fit-codec) or pass another --codec")
     try:
         missing, unexpected = codec.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that do not fit the config

@@ -17,6 +17,7 @@ killed run leaves either the whole checkpoint or none of it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from astropt_tok.errors import AstroptError, writing
+from astropt_tok.health import refuse_non_finite_weights
 
 CKPT_DIR = "checkpoints"
 FORMAT = "astropt-train-checkpoint"
@@ -33,6 +35,9 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
 BEST_FILE = "best.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+# what to do about a checkpoint whose weights hold a NaN or an infinity (astropt_tok.health)
+DIVERGED = ("the run diverged; use an earlier checkpoint (`astropt runs RUN` names the best; `--step N`, or delete "
+            "this step's folder to --resume from the one before)")
 
 
 def step_dir_name(step: int) -> str:
@@ -168,8 +173,8 @@ def model_config(ckpt: str | os.PathLike, cfg: dict):
 
 
 def load_weights(model, ckpt: str | os.PathLike, device: str = "cpu") -> None:
-    """Load a checkpoint's model.safetensors into `model`; missing, truncated, corrupt or mis-shaped weights are
-    one error naming the file."""
+    """Load a checkpoint's model.safetensors into `model`; missing, truncated, corrupt, mis-shaped or non-finite
+    weights are one error naming the file."""
     from safetensors.torch import load_file
 
     path = Path(ckpt) / MODEL_FILE
@@ -179,6 +184,7 @@ def load_weights(model, ckpt: str | os.PathLike, device: str = "cpu") -> None:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise AstroptError(f"checkpoint weights {path} are unreadable (truncated or corrupt?): {reason}; "
                            f"delete that checkpoint folder to use an earlier one") from None
+    refuse_non_finite_weights(state, path, DIVERGED)  # before anything is built on them (embed, decode, resume)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of another shape
@@ -281,14 +287,18 @@ def read_best(run_dir: str | os.PathLike) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None  # damaged or missing: the next evaluation writes a new one
     ok = isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("val_loss"), (int, float))
-    return best if ok else None
+    # a NaN (from an older version) would never compare below a later loss: as if there were no best yet
+    return best if ok and math.isfinite(best["val_loss"]) else None
 
 
 def write_best(run_dir: str | os.PathLike, step: int, val_loss: float) -> None:
-    """Record the best checkpoint (atomically)."""
+    """Record the best checkpoint (atomically); a validation loss that is not finite is never a best (ValueError)."""
     from astropt_tok.atomic import atomic_write_text
 
-    atomic_write_text(Path(run_dir) / CKPT_DIR / BEST_FILE, json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+    if not math.isfinite(val_loss):  # callers compare first; this keeps NaN out of best.json whatever they do
+        raise ValueError(f"a validation loss of {val_loss} cannot be the best")
+    atomic_write_text(Path(run_dir) / CKPT_DIR / BEST_FILE,
+                      json.dumps({"step": step, "val_loss": val_loss}, allow_nan=False) + "\n")
 
 
 def prune(run_dir: str | os.PathLike, keep_last: int) -> None:

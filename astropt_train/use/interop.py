@@ -23,6 +23,7 @@ from pathlib import Path
 
 from astropt_tok.atomic import atomic_file
 from astropt_tok.errors import AstroptError
+from astropt_tok.health import refuse_non_finite_weights
 from astropt_tok.schema import is_kind
 
 UPSTREAM_FILE = "ckpt.pt"
@@ -219,6 +220,7 @@ def load_upstream_model(path: Path, device: str = "cpu"):
     try:  # a damaged or hand-made file: wrong types in model_args, weights of other shapes
         config = gpt_config_from_upstream(ckpt, path)
         state = {k.replace("_orig_mod.", ""): v for k, v in ckpt["model"].items()}
+        refuse_non_finite_weights(state, path, "the run that wrote it diverged; use an earlier checkpoint")
         model = GPT(config)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (AttributeError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
