@@ -518,6 +518,10 @@ class GPT(nn.Module):
         seq = prefix_tokens
         cache = KVCache(self.config.n_layer) if use_kv_cache else None
         step_in, offset, step_present = seq, 0, present
+        # rows whose logits (raw, or after the temperature) were not finite at some step: flagged on the device,
+        # read once at the end (no sync per token), and refused there rather than returned as samples
+        bad_logits = torch.zeros(B, dtype=torch.bool, device=prefix_tokens.device)
+        bad_probs = torch.zeros(B, dtype=torch.bool, device=prefix_tokens.device)
         for _ in range(max_new_tokens):
             if cache is not None:
                 logits, _ = self(step_in, pos_offset=offset, kv_cache=cache, order=order, present=step_present)
@@ -526,6 +530,7 @@ class GPT(nn.Module):
                 whole = None if present is None else torch.cat([present, present.new_ones(B, seq.size(1) - K)], 1)
                 logits, _ = self(seq, order=order, present=whole)
             logits = logits[:, -1, :vocab_limit].float()  # (B, vocab) or (B, vocab_limit)
+            bad_logits |= ~torch.isfinite(logits).all(dim=-1)  # (B,)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -533,11 +538,27 @@ class GPT(nn.Module):
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+                probs = F.softmax(logits, dim=-1)  # (B, vocab)
+                ok = torch.isfinite(probs).all(dim=-1)  # (B,): NaN when a logit (or logit / T) is not finite
+                bad_probs |= ~ok
+                # multinomial raises on NaN (and misbehaves on a GPU): such a row draws uniformly until the end,
+                # where it is refused
+                probs = torch.where(ok[:, None], probs, torch.ones_like(probs))
+                nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             seq = torch.cat((seq, nxt), dim=1)
             step_in = nxt
             if on_token is not None:
                 on_token()
+        if bool((bad_logits | bad_probs).any()):
+            from astropt_tok.errors import AstroptError  # the one-line error of the `astropt` commands
+
+            rows = int((bad_logits | bad_probs).sum())
+            if bool(bad_logits.any()):
+                raise AstroptError(f"the model's logits are not finite (NaN or infinite) for {rows} of {B} sequences: "
+                                   "its activations overflowed or its weights are damaged; nothing was drawn from "
+                                   "them (try another checkpoint, or fp32)")
+            raise AstroptError(f"--temperature {temperature} is too small: logits / temperature overflow for {rows} of "
+                               f"{B} sequences; use a larger temperature, or 0 for greedy sampling")
         return seq
 
 
