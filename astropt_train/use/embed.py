@@ -511,10 +511,11 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
                         bar.update(bar.task_ids[0], advance=batch.shape[0])
             loader_s += reader.wait_s
             ids = store.shard_object_ids(index)
+            arrays = {column: np.concatenate(parts[k]) for k, column in enumerate(columns)}
+            _refuse_non_finite(arrays, _pooled_modality(columns, layers, modalities), valid, cfg, index)
             record = _write_shard(
                 out, index, store.shard_source_rows(index)[a:b], np.arange(a, b) + int(store.offsets[index]),
-                ids[a:b] if ids is not None else [None] * (b - a),
-                {column: np.concatenate(parts[k]) for k, column in enumerate(columns)}, cfg.dtype)
+                ids[a:b] if ids is not None else [None] * (b - a), arrays, cfg.dtype)
             mark_shard_done(out, record, [])
             rows_done += b - a
     finally:
@@ -524,6 +525,31 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
     return EmbedResult(out=out, rows=stop - start, shards_written=len(todo), shards_skipped=len(plan) - len(todo),
                        seconds=time.perf_counter() - t_start, rows_embedded=rows_done, loader_seconds=loader_s,
                        manifest=final)
+
+
+def _pooled_modality(columns: list[str], layers: list[dict], modalities: list[str]) -> dict[str, int | None]:
+    """{column: index of the modality it pools alone, or None for a joint column (every galaxy has one)}."""
+    per = {f"{lay['column']}_{m}": k for lay in layers for k, m in enumerate(modalities)} if len(modalities) > 1 else {}
+    return {c: per.get(c) for c in columns}
+
+
+def _refuse_non_finite(arrays: dict[str, np.ndarray], pooled: dict[str, int | None], valid, cfg, index: int) -> None:
+    """One error, before the shard is written, when an embedding that should exist is not finite: a joint column's
+    (every galaxy has one), or a per-modality column's where the galaxy has that image. Only a missing image's
+    per-modality entry may be empty (NaN here, null on disk); anything else would be written as a null or NaN
+    row that looks like a galaxy without the image, or a number that is none."""
+    for column, emb in arrays.items():  # emb [rows, C] float32
+        k = pooled[column]
+        should = np.ones(len(emb), bool) if k is None or valid is None else valid[:, k]
+        with np.errstate(over="ignore"):
+            stored = emb.astype(cfg.dtype)  # float16 overflows to inf above 65504
+        bad = should & ~np.isfinite(stored).all(axis=1)
+        if bad.any():
+            how = (f"in {cfg.dtype} (values beyond its range): use --dtype float32"
+                   if np.isfinite(emb[bad]).all() else
+                   "its activations overflowed or its weights are damaged: use another checkpoint")
+            raise AstroptError(f"{cfg.checkpoint} gives non-finite embeddings in column {column} for {int(bad.sum())} "
+                               f"of {len(emb)} galaxies of token shard {index}, {how}")
 
 
 def _clear(out: Path) -> None:
@@ -597,7 +623,8 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
             real = s["rows"] - values.null_count  # null: a galaxy lacking the image this column pools
             if vals.size != real * m["n_embd"] or not np.isfinite(vals).all():
                 problems.append(f"{s['file']}: column {column} is not {s['rows']} finite rows of {m['n_embd']}")
-            elif values.null_count and len(m.get("modalities") or []) > 1 and column in joint:
-                problems.append(f"{s['file']}: joint column {column} has {values.null_count} null rows (every "
-                                "galaxy has at least one image)")
+            elif values.null_count and column in joint:  # nulls belong only to a missing image's own column
+                problems.append(f"{s['file']}: column {column} has {values.null_count} null rows: every galaxy "
+                                "has an embedding there (null only in a per-modality column, for a missing image); "
+                                "a model with non-finite weights or activations writes these: embed again")
     return problems
