@@ -45,7 +45,8 @@ def test_probe_scores_a_known_linear_label_and_both_baselines(emb, tmp_path):
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     lin, flag = rep["targets"]["linear"], rep["targets"]["flag"]
     assert rep["rows_without_labels"] == 1
-    assert lin["left_out"] == {"no_label_row": 1, "missing_or_not_finite": 2, "no_embedding": 0}
+    assert lin["left_out"] == {"no_label_row": 1, "no_embedding": 0, "missing_label": 2, "non_finite_label": 0,
+                               "overflowing_label": 0, "rare_class": 0}
     assert lin["task"] == "regression" and lin["n"] == 37 and flag["task"] == "classification" and flag["n"] == 39
     assert lin["scores"]["r2"] > 0.95 and lin["baselines"]["shuffled_labels"]["scores"]["r2"] < 0.5
     assert set(lin["spread"]) == {"r2", "mae", "nmad"} and set(flag["scores"]) == {"accuracy", "f1_macro"}

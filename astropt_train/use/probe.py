@@ -10,7 +10,19 @@ is `z` or contains "redshift", or ends in "_z"), the usual photometric-redshift 
 / (1 + truth). Every score is the mean over the k test folds, with the standard deviation over folds as its
 spread. The same folds are scored for two baselines: embeddings of the same rows from a randomly initialised
 model of the same shape (seeded; embedded here with the same pooling and layer), and the real embeddings with
-shuffled labels. Rows whose label is missing or not finite are left out and counted.
+shuffled labels.
+
+Guards with numbers: nothing is silently dropped or kept, and report.json holds only finite numbers or null.
+  - An object id that appears twice in the catalogue (among the embedded galaxies), or twice among the
+    embeddings, is one error naming the id column, how many ids repeat and one of them: which row's label
+    (or embedding) is the galaxy's is not ours to guess, and a galaxy in both a training and a test fold
+    inflates every score.
+  - Left out and counted per target (`left_out`): no catalogue row (`no_label_row`), no embedding in the
+    column (`no_embedding`, a --keep-partial store's missing image), a null label (`missing_label`), NaN or
+    infinite (`non_finite_label`), a regression label beyond +-OVERFLOW_LABEL (`overflowing_label`: the ridge
+    and R² square labels, and float64 overflows near 1e308), and members of a class seen only once
+    (`rare_class`: a class needs a member in a training fold and one to test). When too few rows are left,
+    one error.
 """
 
 from __future__ import annotations
@@ -28,6 +40,11 @@ from astropt_tok.errors import AstroptError, ensure_folder
 TASKS = ("auto", "regression", "classification")
 ALPHAS = np.logspace(-2, 4, 7)  # ridge strengths tried by RidgeCV in each training fold
 MAX_CLASSES = 20  # an integer or string column with at most this many distinct values is a class label (auto)
+# |label| beyond this is left out of a regression (`overflowing_label`): squares and sums of squares of labels
+# (centring, the ridge's closed form, R²) then stay far below float64's 1.8e308; no physical catalogue column
+# in any sane unit comes near it
+OVERFLOW_LABEL = 1e100
+MIN_CLASS_MEMBERS = 2  # a class seen fewer times is left out (`rare_class`): one to train on, one to test
 
 
 @dataclass
@@ -139,18 +156,47 @@ def _task_of(values: np.ndarray, task: str) -> str:
     return "regression"
 
 
-def _clean(values: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(kept mask, values): missing labels (and non-finite ones for regression) are not kept."""
+def _clean(values: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(kept mask, values, {reason: mask of rows left out for it}): null labels (`missing_label`), NaN or
+    infinite ones (`non_finite_label`) and, for a regression, ones beyond +-OVERFLOW_LABEL (`overflowing_label`)."""
+    missing = np.array([v is None for v in values], dtype=bool)
     if task == "regression":
-        y = np.full(len(values), np.nan)
+        y = np.zeros(len(values))
         for i, v in enumerate(values):
             try:
-                y[i] = float(v) if v is not None else np.nan
+                y[i] = float(v) if v is not None else 0.0
             except (TypeError, ValueError):
                 raise AstroptError(f"label {v!r} is not a number: use --task classification") from None
-        return np.isfinite(y), y
-    keep = np.array([v is not None and not (isinstance(v, float) and not np.isfinite(v)) for v in values])
-    return keep, np.array([str(v) for v in values], dtype=object)
+            except OverflowError:  # an integer too large for a float64
+                y[i] = np.inf
+        non_finite = ~missing & ~np.isfinite(y)
+        with np.errstate(invalid="ignore"):
+            overflowing = ~missing & ~non_finite & (np.abs(y) > OVERFLOW_LABEL)
+        out = {"missing_label": missing, "non_finite_label": non_finite, "overflowing_label": overflowing}
+        return ~(missing | non_finite | overflowing), y, out
+    non_finite = np.array([isinstance(v, (float, np.floating)) and not np.isfinite(v) for v in values], dtype=bool)
+    out = {"missing_label": missing, "non_finite_label": non_finite,
+           "overflowing_label": np.zeros(len(values), dtype=bool)}  # a class is a name: no arithmetic on it
+    return ~(missing | non_finite), np.array([str(v) for v in values], dtype=object), out
+
+
+def _rare_classes(y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Rows of `keep` whose class has fewer than MIN_CLASS_MEMBERS kept members (a mask)."""
+    classes, counts = np.unique(y[keep], return_counts=True)
+    rare = set(classes[counts < MIN_CLASS_MEMBERS].tolist())
+    return keep & np.array([v in rare for v in y], dtype=bool)
+
+
+def _repeated(ids, what: str, where: str) -> None:
+    """One error when an id occurs more than once in `ids` (None ignored), naming how many and one example."""
+    from collections import Counter
+
+    counts = Counter(i for i in ids if i is not None)
+    repeated = [(i, c) for i, c in counts.items() if c > 1]
+    if repeated:
+        example, times = repeated[0]
+        raise AstroptError(f"{where} repeats {len(repeated)} object id{'s' if len(repeated) > 1 else ''} (e.g. "
+                           f"{example!r}, {times} times) {what}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,12 +204,18 @@ def _clean(values: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _folds(y: np.ndarray, task: str, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    import warnings
+
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if task == "classification":
         _, counts = np.unique(y, return_counts=True)
-        if counts.min() >= k:
-            return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+        # stratified whenever one class fills the k folds: a class of m >= 2 members (rare ones are left out)
+        # then lies in m different folds, so every training fold holds every class
+        if counts.max() >= k:
+            with warnings.catch_warnings():  # "the least populated class has only m members": known, intended
+                warnings.simplefilter("ignore", UserWarning)
+                return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     return list(KFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y))))
 
 
@@ -184,8 +236,12 @@ def cross_validate(x: np.ndarray, y: np.ndarray, task: str, folds, redshift: boo
     per_fold: dict[str, list[float]] = {}
     pred = np.empty(len(y), dtype=y.dtype)
     for train, test in folds:
-        model = _probe(task).fit(x[train], y[train])
-        p = model.predict(x[test])
+        if task == "classification" and len(np.unique(y[train])) < 2:
+            # one class in a training fold (the shuffled-labels baseline can put a small class's every member in
+            # one test fold): what any classifier learns from it is that class
+            p = np.full(len(test), y[train][0], dtype=y.dtype)
+        else:
+            p = _probe(task).fit(x[train], y[train]).predict(x[test])
         pred[test] = p
         if task == "regression":
             scores = {"r2": r2_score(y[test], p), "mae": mean_absolute_error(y[test], p),
@@ -268,7 +324,11 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     _check_baseline_sources(cfg, manifest)
     column = cfg.column or manifest["layers"][0]["column"]
     emb, _, ids = read_embeddings(cfg.embeddings, column)
-    embedded = ~np.isnan(emb).any(axis=1)  # NaN: the galaxy lacks the image this column pools (--keep-partial)
+    embedded = ~np.isnan(emb).all(axis=1)  # a NaN row: the galaxy lacks the image this column pools (--keep-partial)
+    broken = embedded & ~np.isfinite(emb).all(axis=1)
+    if broken.any():  # a number that is none in a galaxy's embedding: a damaged store or a model that overflowed
+        raise AstroptError(f"column {column} of {cfg.embeddings} holds non-finite values in {int(broken.sum())} "
+                           f"galaxies' embeddings; run `astropt embed --verify {cfg.embeddings}`, and embed again")
     if not embedded.any():
         raise AstroptError(f"column {column} of {cfg.embeddings} has no embedding: every galaxy lacks the image it "
                            "pools; probe another --column (e.g. the joint embedding)")
@@ -278,11 +338,14 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     if any(i is None for i in ids):
         raise AstroptError(f"{cfg.embeddings} has rows without an object id (the token store had no id column); "
                            "the probe joins labels by object id")
+    _repeated(ids, "among its galaxies: a galaxy embedded twice would sit in training and test folds at once; "
+              "embed a store that holds each galaxy once", f"{cfg.embeddings}")
     labels = read_labels(cfg.labels, cfg.id_column, cfg.targets)
-    index: dict[str, int] = {}
-    for j, i in enumerate(labels[cfg.id_column]):
-        if i is not None:
-            index.setdefault(i, j)  # the first row of a repeated id
+    embedded_ids = set(ids)
+    _repeated([i for i in labels[cfg.id_column] if i in embedded_ids],
+              "among the embedded galaxies: which row is the galaxy's label is not ours to guess; keep one row per "
+              "galaxy", f"column {cfg.id_column!r} of {cfg.labels}")
+    index = {i: j for j, i in enumerate(labels[cfg.id_column]) if i is not None}  # each id once (checked above)
     at = np.array([index.get(i, -1) for i in ids])
     found = at >= 0
     if not found.any():
@@ -305,14 +368,25 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     for target in cfg.targets:
         raw = np.where(found, labels[target][np.where(found, at, 0)], None)
         task = _task_of(raw[found], cfg.task)
-        keep, y = _clean(raw, task)
-        keep &= found & embedded
+        keep, y, why = _clean(raw, task)
+        usable = found & embedded
+        keep &= usable
+        rare = _rare_classes(y, keep) if task == "classification" else np.zeros(len(y), dtype=bool)
+        keep &= ~rare
+        left_out = {"no_label_row": int((~found).sum()), "no_embedding": int((found & ~embedded).sum()),
+                    **{reason: int((mask & usable).sum()) for reason, mask in why.items()},
+                    "rare_class": int(rare.sum())}
         n = int(keep.sum())
         if n < 2 * cfg.folds:
-            raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds")
+            counted = ", ".join(f"{k} {v}" for k, v in left_out.items() if v)
+            raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds"
+                               + (f" (left out: {counted}; |label| above {OVERFLOW_LABEL:g} overflows)"
+                                  if left_out["overflowing_label"] else f" (left out: {counted})" if counted else ""))
         x, xr, yk = emb[keep], rand_emb[keep], y[keep]
         if task == "classification" and len(np.unique(yk)) < 2:
-            raise AstroptError(f"target {target!r} has a single class; nothing to classify")
+            raise AstroptError(f"target {target!r} has a single class"
+                               + (f" once {left_out['rare_class']} rows of classes seen once are left out"
+                                  if left_out["rare_class"] else "") + "; nothing to classify")
         if task == "classification" and len(np.unique(yk)) > n // 2:
             raise AstroptError(f"target {target!r} has {len(np.unique(yk))} classes among {n} labelled rows, too "
                                "few rows per class to learn from: use --task regression for a continuous column")
@@ -324,9 +398,7 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         model = cross_validate(x, yk, task, folds, redshift)
         rand = cross_validate(xr, yk, task, folds, redshift)
         shuffled = cross_validate(x, np.random.default_rng(cfg.seed).permutation(yk), task, folds, redshift)
-        entry = {"task": task, "n": n, "left_out": {"no_label_row": int((~found).sum()),
-                                                     "missing_or_not_finite": int((found & embedded & ~keep).sum()),
-                                                     "no_embedding": int((found & ~embedded).sum())},
+        entry = {"task": task, "n": n, "left_out": left_out,
                  "scores": model["scores"], "spread": model["spread"], "per_fold": model["per_fold"],
                  "baselines": {name: {"scores": r["scores"], "spread": r["spread"]}
                                for name, r in (("random_init", rand), ("shuffled_labels", shuffled))}}
@@ -338,9 +410,16 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
             entry["picture"] = _picture(out, target, task, yk, model["predictions"], rand["predictions"], entry)
         report["targets"][target] = entry
     from astropt_tok.atomic import atomic_write_text
+    from astropt_tok.health import dumps_finite, finite_json
 
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    report = finite_json(report)  # a score that is no number (a fold without variance) is null, never NaN
+    atomic_write_text(out / "report.json", dumps_finite(report, indent=2) + "\n")
     return ProbeResult(out=out, report=report)
+
+
+def _num(value, spec: str) -> str:
+    """A score in a title; a non-finite one as `-`."""
+    return "-" if value is None or not np.isfinite(value) else format(value, spec)
 
 
 def _safe(name: str) -> str:
@@ -364,7 +443,7 @@ def _picture(out: Path, target: str, task: str, y: np.ndarray, pred: np.ndarray,
             ax.plot([lo, hi], [lo, hi], "k--", lw=1)
             ax.set_xlabel(f"true {target}")
             ax.set_ylabel(f"predicted {target}")
-            ax.set_title(f"{name}: R² {scores['r2']:.3f}, NMAD {scores['nmad']:.3g}")
+            ax.set_title(f"{name}: R² {_num(scores['r2'], '.3f')}, NMAD {_num(scores['nmad'], '.3g')}")
         else:
             classes = entry["classes"]
             k = {c: i for i, c in enumerate(classes)}
@@ -379,7 +458,7 @@ def _picture(out: Path, target: str, task: str, y: np.ndarray, pred: np.ndarray,
             ax.set_yticks(range(len(classes)), classes, fontsize=8)
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
-            ax.set_title(f"{name}: accuracy {scores['accuracy']:.3f}")
+            ax.set_title(f"{name}: accuracy {_num(scores['accuracy'], '.3f')}")
     fig.suptitle(f"linear probe of {target} (out-of-fold predictions)")
     fig.tight_layout()
     from astropt_train.metrics import write_png
@@ -387,15 +466,21 @@ def _picture(out: Path, target: str, task: str, y: np.ndarray, pred: np.ndarray,
     return write_png(fig, out / f"{_safe(target)}.png", dpi=90).name
 
 
+def _pm(scores: dict, spread: dict, metric: str) -> str:
+    """`value ± spread`, with `-` for a score that is null (not a number)."""
+    f = (lambda v: "-" if v is None else f"{v:.3f}")
+    return f"{f(scores.get(metric))} ± {f(spread.get(metric))}"
+
+
 def table_rows(report: dict) -> list[tuple[str, ...]]:
     """(target, task, n, metric, model ± spread, random init, shuffled labels) per target and metric."""
     rows = []
     for target, e in report["targets"].items():
-        for metric, value in e["scores"].items():
+        for metric in e["scores"]:
             b = e["baselines"]
-            rows.append((target, e["task"], str(e["n"]), metric, f"{value:.3f} ± {e['spread'][metric]:.3f}",
-                         f"{b['random_init']['scores'][metric]:.3f} ± {b['random_init']['spread'][metric]:.3f}",
-                         f"{b['shuffled_labels']['scores'][metric]:.3f} ± {b['shuffled_labels']['spread'][metric]:.3f}"))
+            rows.append((target, e["task"], str(e["n"]), metric, _pm(e["scores"], e["spread"], metric),
+                         _pm(b["random_init"]["scores"], b["random_init"]["spread"], metric),
+                         _pm(b["shuffled_labels"]["scores"], b["shuffled_labels"]["spread"], metric)))
     return rows
 
 
