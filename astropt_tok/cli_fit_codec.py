@@ -60,11 +60,12 @@ def register(app: typer.Typer) -> None:
             raise AstroptError(f"--threads must be at least 1, got {threads}")
         with torch_threads(threads):
             result = fit_codec(cfg)
-        if result.already_finished:
-            typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue")
+        if result.already_finished:  # nothing was written: the codec and fit_report.json are the finished fit's
+            typer.echo(f"fit already finished at step {result.steps}; nothing changed (raise --steps to continue)")
         if len(result.reports) > 1:
             for name, report in result.reports.items():
                 print_reconstruction_table(report, title=f"{name}: held-out reconstruction")
         else:
             print_reconstruction_table(result.report, title=f"held-out reconstruction ({result.heldout_rows} galaxies)")
-        typer.echo(f"wrote {result.out} (use it with --codec {result.out}); report in {result.out / 'fit_report.json'}")
+        done = "" if result.already_finished else "wrote "
+        typer.echo(f"{done}{result.out} (use it with --codec {result.out}); report in {result.out / 'fit_report.json'}")

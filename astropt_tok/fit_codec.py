@@ -25,6 +25,13 @@ reconstruction is far from every colour rather than free of the term), divided b
 the training data (so a codec that gives every galaxy the average colour scores about 1). Pixel losses
 are dominated by brightness and shape, and alone leave every galaxy near the average colour.
 `out/fit-state.pt` is a checkpoint every `checkpoint_every` steps; `resume` continues from it.
+
+One fit per folder: the fit holds `out`'s lock (astropt_tok.lock) from start to end, so a second fit-codec into
+it is one error naming the first. `resume` of a fit that already reached `steps` changes nothing (the codec and
+fit_report.json stay as they are); asking it for fewer steps than it ran is refused (a fit cannot be shortened).
+fit-state.pt is read with `weights_only=True` and checked as a whole: keys, types, the codec's tensor names
+and shapes, finite weights, the optimiser's groups; damage is one error naming the file. fit_report.json
+holds only finite numbers or null (astropt_tok.health).
 """
 
 from __future__ import annotations
@@ -297,19 +304,108 @@ def _identity(cfg: FitCodecConfig) -> dict:
     return identity
 
 
+STATE_KEYS = {"step": int, "codec": dict, "optimizer": dict, "history": list, "identity": dict, "config": dict}
+
+
+def read_fit_state(path: Path, cfg: FitCodecConfig) -> dict:
+    """fit-state.pt, loaded without running code from it (`weights_only=True`) and checked: its keys and their
+    types, a step within 0..cfg.steps, the settings of this fit; damage is one error naming the file."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise AstroptError(f"--resume: {path} is unreadable or not a fit state ({reason}); delete it to start "
+                           "again") from None
+    if not isinstance(state, dict):
+        raise AstroptError(f"--resume: {path} holds a {type(state).__name__}, not a fit state (a dict of "
+                           f"{', '.join(STATE_KEYS)}); delete it to start again")
+    for key, kind in STATE_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in state else f"a {type(value).__name__}"
+            raise AstroptError(f"--resume: {path} is damaged: {key!r} is {got}, not a {kind.__name__}; delete it to "
+                               "start again")
+    if state["step"] < 0:
+        raise AstroptError(f"--resume: {path} is damaged: step {state['step']} is negative; delete it to start again")
+    pairs = all(isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, (int, float)) for x in h)
+                for h in state["history"])
+    if not pairs:
+        raise AstroptError(f"--resume: {path} is damaged: its history is not (step, loss) pairs; delete it to start "
+                           "again")
+    bad = [k for k, v in state["codec"].items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise AstroptError(f"--resume: {path} is damaged: codec entry {bad[0]!r} is not a named tensor; delete it "
+                           "to start again")
+    identity = _identity(cfg)
+    if state["identity"] != identity:
+        diff = [k for k in sorted(set(state["identity"]) | set(identity)) if state["identity"].get(k) != identity.get(k)]
+        raise AstroptError(f"--resume: {path} was a fit with other settings ({', '.join(diff)}); "
+                           "give the same ones, or another --out")
+    if state["step"] > cfg.steps:
+        raise AstroptError(f"--resume --steps {cfg.steps}: the fit in {path.parent} already ran {state['step']} steps, "
+                           f"and a fit cannot be shortened; pass --steps {state['step']} (nothing left to do) or more "
+                           "to continue it, or fit again into another --out")
+    return state
+
+
+def _restore(codec, opt, state: dict, path: Path) -> None:
+    """Load a checked fit state's codec and optimiser; tensors of other names or shapes, non-finite weights or
+    other optimiser groups are one error naming the file."""
+    from astropt_tok.health import refuse_non_finite_weights
+
+    refuse_non_finite_weights(state["codec"], path, "the fit diverged; delete it to start again")
+    try:
+        missing, unexpected = codec.load_state_dict(state["codec"], strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:160])
+        raise AstroptError(f"--resume: {path} does not fit this codec ({detail}); delete it to start again") from None
+    missing = [k for k in missing if not k.endswith("levels")]  # the quantiser's levels come from the config
+    if missing or unexpected:
+        raise AstroptError(f"--resume: {path} does not fit this codec (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); delete it to start again")
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise AstroptError(f"--resume: {path}: its optimiser state does not fit this codec ({type(exc).__name__}: "
+                           f"{str(exc)[:160]}); delete it to start again") from None
+
+
+def _finished_report(out: Path) -> dict | None:
+    """The fit_report.json of a finished fit whose codec is in place, or None (then the fit is completed)."""
+    try:
+        record = json.loads((out / REPORT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    weights = out / "codecs" / "image" / "model.safetensors"
+    if not isinstance(record, dict) or not isinstance(record.get("heldout"), dict) or not weights.is_file():
+        return None
+    return record
+
+
 def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
-    """Fit a real AION ImageCodec to cfg.source and save it in the hub layout in cfg.out (see the module doc)."""
+    """Fit a real AION ImageCodec to cfg.source and save it in the hub layout in cfg.out (see the module doc);
+    the folder's lock is held for the whole fit, so a second fit-codec into it is one error naming this one."""
+    from astropt_tok.lock import folder_lock
+
+    _check(cfg)
+    out = ensure_folder(cfg.out, "the codec folder")
+    with folder_lock(out, "`astropt fit-codec`"):
+        return _fit_codec(cfg, out)
+
+
+def _fit_codec(cfg: FitCodecConfig, out: Path) -> FitCodecResult:
     import torch
     from aion.codecs.image import ImageCodec
 
     from astropt_tok.codec import CROP_SIZE, _fix_hsc_decode, save_image_codec
     from astropt_tok.executor import resolve_device
+    from astropt_tok.health import dumps_finite
     from astropt_tok.progress import ProgressBar
     from astropt_tok.quality import reconstruction_metrics, summary_json
 
-    _check(cfg)
     t0 = time.perf_counter()
-    out = ensure_folder(cfg.out, "the codec folder")
     state_path = out / STATE_FILE
     device = resolve_device(cfg.device)
     start_from = None
@@ -325,15 +421,15 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     if cfg.resume:
         if not state_path.is_file():
             raise AstroptError(f"--resume: {state_path} does not exist; run without --resume to start a fit")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise AstroptError(f"--resume: {state_path} is unreadable ({type(exc).__name__}); "
-                               "delete it to start again") from None
-        if state["identity"] != _identity(cfg):
-            diff = [k for k in state["identity"] if state["identity"][k] != _identity(cfg).get(k)]
-            raise AstroptError(f"--resume: {state_path} was a fit with other settings ({', '.join(diff)}); "
-                               "give the same ones, or another --out")
+        state = read_fit_state(state_path, cfg)
+        done = _finished_report(out) if state["step"] == cfg.steps else None
+        if done is not None:  # finished, codec and report in place: nothing to do, nothing rewritten
+            reports = {c: r["report"] for c, r in (done.get("heldout_by_column") or {}).items()
+                       if isinstance(r, dict) and "report" in r} or {fitted_columns(cfg)[0][0]: done["heldout"]}
+            return FitCodecResult(out=out, steps=cfg.steps, report=done["heldout"], train_rows=done.get("train_rows"),
+                                  heldout_rows=done.get("heldout_rows"), final_loss=done.get("final_loss"),
+                                  seconds=time.perf_counter() - t0, resumed_from=state["step"], already_finished=True,
+                                  history=list(state["history"]), reports=reports)
     elif state_path.is_file():
         raise AstroptError(f"{out} already holds a fit ({STATE_FILE}); add --resume to continue it (or raise "
                            "--steps), or choose another --out")
@@ -358,8 +454,7 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     start, history = 0, []
     if state is not None:
-        codec.load_state_dict(state["codec"])
-        opt.load_state_dict(state["optimizer"])
+        _restore(codec, opt, state, state_path)
         start, history = int(state["step"]), list(state["history"])
 
     # Loss weights: the variance of the training flux, per band, in compressed space and in flux.
@@ -372,7 +467,8 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
             survey["colour_spread"] = colour_spread(sample, inside)  # how much galaxies' colours differ
 
     codec.train()
-    loss_value = float("nan")
+    # the last recorded loss when no step is left to run (a finished fit whose report is being completed)
+    loss_value = float(history[-1][1]) if history and not start < cfg.steps else float("nan")
     with ProgressBar("fit-codec", cfg.steps, cfg.progress, unit="steps") as bar:
         bar.advance(completed=start)
         for step in range(start, cfg.steps):
@@ -429,5 +525,5 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     if cfg.modalities:  # every column's held-out scores ("heldout" stays the first column's)
         record["heldout_by_column"] = {s["column"]: {"train_rows": len(s["train"]), "heldout_rows": len(s["held"]),
                                                      "report": reports[s["column"]]} for s in surveys}
-    atomic_write_text(out / REPORT_FILE, json.dumps(record, indent=2))
+    atomic_write_text(out / REPORT_FILE, dumps_finite(record, indent=2))  # a loss or score that is no number: null
     return result
