@@ -459,7 +459,8 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
             path = ck.save_checkpoint(run, step_now, raw_model.state_dict(),
                                       {**run_config, "step": step_now, "val_loss": val_loss}, tstate)
             best = ck.read_best(run)
-            if val_loss is not None and (best is None or val_loss < best["val_loss"]):
+            # a NaN or infinite validation loss is never the best (NaN < x is False, but not against no best yet)
+            if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
                 ck.write_best(run, step_now, val_loss)
             ck.prune(run, cfg.keep_last)
             last_ckpt = str(path)
@@ -543,6 +544,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                     last_val = evaluate(model.module if dist.ddp else model, dataset, split.val, cfg.batch_size, cfg.eval_iters, device, ctx,
                                         dist.rank, dist.world, by_modality=val_parts)
                     record["val_loss"] = last_val
+                    if not math.isfinite(last_val):
+                        echo(f"note: validation loss is {last_val} at step {step} (the training loss is finite): "
+                             "not a candidate for the best checkpoint; try --dtype fp32 if it persists")
                     record.update({f"val_loss_{m}": v for m, v in (val_parts or {}).items()})
                     if images is not None:
                         shown = split.val[: cfg.val_images]

@@ -80,8 +80,10 @@ def summarise_run(run: str | Path) -> RunSummary:
     records = read_metrics(run)
     train_curve = [(int(r["step"]), float(r["loss"])) for r in records
                    if r.get("loss") is not None and math.isfinite(r["loss"])]
-    val_curve = [(int(r["step"]), float(r["val_loss"])) for r in records if r.get("val_loss") is not None]
-    rates = [float(r["tokens_per_s"]) for r in records if r.get("tokens_per_s")]
+    # a NaN or infinite validation loss (an overflow in evaluation) is neither plotted nor ever the best
+    val_curve = [(int(r["step"]), float(r["val_loss"])) for r in records
+                 if r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+    rates = [float(r["tokens_per_s"]) for r in records if r.get("tokens_per_s") and math.isfinite(r["tokens_per_s"])]
     best = min(val_curve, key=lambda sv: sv[1]) if val_curve else None
     checkpoints = list_checkpoints(run)
     config = read_run_config(run)  # damaged (not UTF-8, not an object, wrong fields): one error naming it
