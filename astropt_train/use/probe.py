@@ -382,7 +382,8 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
             raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds"
                                + (f" (left out: {counted}; |label| above {OVERFLOW_LABEL:g} overflows)"
                                   if left_out["overflowing_label"] else f" (left out: {counted})" if counted else ""))
-        x, xr, yk = emb[keep], rand_emb[keep], y[keep]
+        # float64 features: scikit-learn casts the labels to the features' dtype, and float32 overflows at 3.4e38
+        x, xr, yk = emb[keep].astype(np.float64), rand_emb[keep].astype(np.float64), y[keep]
         if task == "classification" and len(np.unique(yk)) < 2:
             raise AstroptError(f"target {target!r} has a single class"
                                + (f" once {left_out['rare_class']} rows of classes seen once are left out"
