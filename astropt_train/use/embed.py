@@ -535,12 +535,15 @@ def _pooled_modality(columns: list[str], layers: list[dict], modalities: list[st
 
 def _refuse_non_finite(arrays: dict[str, np.ndarray], pooled: dict[str, int | None], valid, cfg, index: int) -> None:
     """One error, before the shard is written, when an embedding that should exist is not finite: a joint column's
-    (every galaxy has one), or a per-modality column's where the galaxy has that image. Only a missing image's
-    per-modality entry may be empty (NaN here, null on disk); anything else would be written as a null or NaN
-    row that looks like a galaxy without the image, or a number that is none."""
+    where the galaxy has an image the model reads, a per-modality column's where it has that image. Only a
+    missing image's entry may be empty (NaN here, null on disk); anything else would be written as a null or
+    NaN row that looks like a galaxy without the image, or a number that is none."""
     for column, emb in arrays.items():  # emb [rows, C] float32
         k = pooled[column]
-        should = np.ones(len(emb), bool) if k is None or valid is None else valid[:, k]
+        if valid is None:  # every galaxy has every image the model reads
+            should = np.ones(len(emb), bool)
+        else:  # a joint column: a galaxy with any of them (a one-column model: with that one); else with its own
+            should = valid.any(axis=1) if k is None else valid[:, k]
         with np.errstate(over="ignore"):
             stored = emb.astype(cfg.dtype)  # float16 overflows to inf above 65504
         bad = should & ~np.isfinite(stored).all(axis=1)
@@ -623,8 +626,37 @@ def verify_embeddings(path: str | os.PathLike) -> list[str]:
             real = s["rows"] - values.null_count  # null: a galaxy lacking the image this column pools
             if vals.size != real * m["n_embd"] or not np.isfinite(vals).all():
                 problems.append(f"{s['file']}: column {column} is not {s['rows']} finite rows of {m['n_embd']}")
-            elif values.null_count and column in joint:  # nulls belong only to a missing image's own column
-                problems.append(f"{s['file']}: column {column} has {values.null_count} null rows: every galaxy "
-                                "has an embedding there (null only in a per-modality column, for a missing image); "
-                                "a model with non-finite weights or activations writes these: embed again")
+            elif values.null_count and column in joint:
+                why = _joint_nulls_problem(m, table, values)
+                if why:
+                    problems.append(f"{s['file']}: column {column} has {values.null_count} null rows, {why}")
     return problems
+
+
+def _joint_nulls_problem(m: dict, table, values) -> str | None:
+    """Why null rows in a joint (layer) column are wrong, or None where each is a galaxy lacking the one image
+    the model reads. Nulls belong to a missing image: a per-modality column's, or, for a model of one column
+    embedding a --keep-partial store, the joint column's where the row lacks that column. Anything else is what a
+    model with non-finite weights or activations wrote (an all-null store that used to verify)."""
+    from astropt_tok.store import TokenStore
+
+    again = "a model with non-finite weights or activations writes these: embed again"
+    if len(m.get("modalities") or []) > 1:
+        return f"but every galaxy has at least one image; {again}"
+    store_dir = Path((m.get("tokens") or {}).get("dir") or "")
+    if not (store_dir / "manifest.json").is_file():
+        return f"and the token store {store_dir} that would show which galaxies lack the image is not here"
+    try:
+        store = TokenStore(store_dir)
+    except AstroptError as exc:
+        return f"and the token store that would show which galaxies lack the image is unreadable ({exc})"
+    if not store.partial:
+        return f"but its token store {store_dir} holds every image of every galaxy; {again}"
+    name = (m.get("modalities") or store.modalities[:1])[0]
+    null_rows = table.column("store_row").to_numpy()[values.is_null().to_numpy(zero_copy_only=False)]
+    if null_rows.size and ((null_rows < 0) | (null_rows >= store.num_rows)).any():
+        return f"at rows outside token store {store_dir}"
+    has = store.valid(null_rows)[name]
+    if has.any():
+        return f"{int(has.sum())} of them galaxies that have {name} in {store_dir}; {again}"
+    return None
