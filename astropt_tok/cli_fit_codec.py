@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         with torch_threads(threads):
             result = fit_codec(cfg)
         if result.already_finished:  # nothing was written: the codec and fit_report.json are the finished fit's
-            typer.echo(f"fit already finished at step {result.steps}; nothing changed (raise --steps to continue)")
+            typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue (nothing changed)")
         if len(result.reports) > 1:
             for name, report in result.reports.items():
                 print_reconstruction_table(report, title=f"{name}: held-out reconstruction")

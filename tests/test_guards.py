@@ -250,13 +250,24 @@ def scaled_checkpoint(made, dest: Path, scale: float) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("extra", [[], ["--temperature", "0"], ["--top-k", "5"]], ids=["sample", "greedy", "top-k"])
-def test_decode_generate_with_overflowing_logits_is_one_error(extra, made, capsys, tmp_path):
-    """Finite weights whose activations overflow float32 give infinite/NaN logits: the sampler says so once."""
+OVERFLOWING_DECODES = {
+    "sample": (["--generate", "2"], "of 2 sequences"),
+    "greedy": (["--generate", "2", "--temperature", "0"], "of 2 sequences"),
+    "top-k": (["--generate", "2", "--top-k", "5"], "of 2 sequences"),
+    "complete": (["--rows", "0:2", "--complete-from", "500"], "of 2 sequences"),
+    "predict": (["--rows", "0:2", "--predict"], "rows 0..1"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWING_DECODES))
+def test_decode_with_overflowing_logits_is_one_error(case, made, capsys, tmp_path):
+    """Finite weights whose activations overflow float32 give infinite/NaN logits: the sampler (or the
+    teacher-forced prediction) says so once, instead of a traceback or tokens drawn from NaN."""
     run = scaled_checkpoint(made, tmp_path / "run", 1e38)
-    code, _, err = run_cli(["decode", "--checkpoint", run, "--generate", "2", "--out", tmp_path / "out" / "g.png",
-                            "--device", "cpu", "--no-progress", *extra], capsys)
-    assert_one_error(code, err, "logits are not finite", "of 2 sequences")
+    extra, where = OVERFLOWING_DECODES[case]
+    code, _, err = run_cli(["decode", "--checkpoint", run, "--tokens", made["store"], "--out",
+                            tmp_path / "out" / "g.png", "--device", "cpu", "--no-progress", *extra], capsys)
+    assert_one_error(code, err, "logits are not finite", where)
     assert_nothing_written(tmp_path / "out")
 
 

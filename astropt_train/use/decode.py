@@ -225,6 +225,10 @@ def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit:
             x, y = t[:, :-1], t[:, 1:]
             logits, _ = model(x, targets=y)  # [b, T-1, vocab]
             logits = logits[..., :vocab_limit]
+            if not bool(torch.isfinite(logits).all()):  # an argmax of NaN is a token that means nothing
+                raise AstroptError("the model's logits are not finite (NaN or infinite) for rows "
+                                   f"{i}..{i + len(t) - 1}: its activations overflowed or its weights are damaged; "
+                                   "nothing was predicted from them (try another checkpoint, or fp32)")
             arg = logits.argmax(dim=-1)  # [b, T-1]
             correct += int((arg == y).sum())
             loss_sum += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))

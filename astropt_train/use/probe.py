@@ -371,6 +371,10 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
         keep, y, why = _clean(raw, task)
         usable = found & embedded
         keep &= usable
+        if task == "classification" and len(np.unique(y[keep])) > int(keep.sum()) // 2:  # before rare classes go
+            raise AstroptError(f"target {target!r} has {len(np.unique(y[keep]))} classes among {int(keep.sum())} "
+                               "labelled rows, too few rows per class to learn from: use --task regression for a "
+                               "continuous column")
         rare = _rare_classes(y, keep) if task == "classification" else np.zeros(len(y), dtype=bool)
         keep &= ~rare
         left_out = {"no_label_row": int((~found).sum()), "no_embedding": int((found & ~embedded).sum()),
@@ -388,9 +392,6 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
             raise AstroptError(f"target {target!r} has a single class"
                                + (f" once {left_out['rare_class']} rows of classes seen once are left out"
                                   if left_out["rare_class"] else "") + "; nothing to classify")
-        if task == "classification" and len(np.unique(yk)) > n // 2:
-            raise AstroptError(f"target {target!r} has {len(np.unique(yk))} classes among {n} labelled rows, too "
-                               "few rows per class to learn from: use --task regression for a continuous column")
         if task == "regression" and np.ptp(yk) == 0:
             raise AstroptError(f"target {target!r} has one value ({yk[0]:g}) in all {n} labelled rows; "
                                "nothing to predict: choose a column that varies")
