@@ -55,14 +55,17 @@ def test_staging_pins_host_memory_on_a_gpu_run(survey_dir):
 def test_gpu_pipeline_gives_the_tokens_of_the_codec_on_the_same_gpu(precision, survey_dir, codec_dir, tmp_path):
     """Reader processes, pinned staging, non-blocking copies and one batch in flight give, at every precision,
     the tokens of the Encoder fed plain pageable host tensors one batch at a time on the same GPU; the manifest
-    records the precision."""
+    records the precision; the TF32 flags are back as they were after tokenise()."""
     from astropt_tok.codec import load_image_codec
     from astropt_tok.encoder import NONFINITE_LATENTS, Encoder
 
     out = tmp_path / precision
+    flags_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     summary = tokenise(TokeniseConfig(source=str(survey_dir), codec=str(codec_dir), out=str(out), shards=4,
                                       batch_size=10, device="cuda", workers=2, precision=precision, progress=False))
     assert summary.complete and summary.rows + summary.rejected == 40
+    # TF32 was the precision's inside the codec calls only: the process's flags are as they were
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags_before
     assert st.read_manifest(out)["precision"] == precision and st.verify_store(out) == []
 
     encoder = Encoder(load_image_codec(str(codec_dir), device="cuda"), "cuda", precision, BANDS)

@@ -200,6 +200,7 @@ def test_dist_timeout_is_read_from_a_train_config_file(tmp_path):
 # a stale environment: a real gloo rendezvous that nobody else joins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["tokenise", "train"])
 @pytest.mark.parametrize("rank", ["0", "1"])  # rank 0 hosts the rendezvous; rank 1 looks for a host not there
 def test_stale_environment_is_one_error_within_the_timeout(command, rank, tokenise_argv, train_argv, tmp_path):
@@ -250,6 +251,7 @@ _TWO_RANKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["slow", "dies"])
 def test_waits_for_work_outlast_the_timeout_and_end_when_a_rank_dies(mode, tmp_path):
     port = str(free_port())
