@@ -245,13 +245,17 @@ class RankGroup:
                 self.patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WORK_WAIT_S))
         except (RuntimeError, TimeoutError, ValueError, OSError) as exc:  # DistStoreError, DistNetworkError, ...
             self.close()
-            raise AstroptError(
-                f"rank {launch.rank} of {launch.world_size} could not join the process group at "
-                f"{launch.master_addr}:{launch.master_port} within {seconds:g} s (torch: {_first_line(exc)}). "
-                f"{launch.variables()} came from the environment: if they are left over from another job, unset "
-                f"RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT; otherwise start all "
-                f"{launch.world_size} ranks (torchrun --nproc_per_node ...), or give slow starters more time "
-                f"with --dist-timeout") from None
+            if launch.by_torchrun:  # torchrun set the variables: the other ranks (or nodes) did not come
+                what = (f"torchrun set {launch.variables()}: start every node's torchrun of this job, or give slow "
+                        "starters more time with --dist-timeout")
+            else:
+                what = (f"{launch.variables()} came from the environment: if they are left over from another job, "
+                        f"unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT; otherwise start "
+                        f"all {launch.world_size} ranks (torchrun --nproc_per_node ...), or give slow starters more "
+                        "time with --dist-timeout")
+            raise AstroptError(f"rank {launch.rank} of {launch.world_size} could not join the process group at "
+                               f"{launch.master_addr}:{launch.master_port} within {seconds:g} s (torch: "
+                               f"{_first_line(exc)}). {what}") from None
         return self
 
     def wait_for_all(self, what: str) -> None:
