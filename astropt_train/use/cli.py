@@ -63,9 +63,9 @@ def decode_command(
     result = decode(cfg)
     summary = summarise(result)
     if json_out:
-        import json
+        from astropt_tok.health import dumps_finite
 
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(dumps_finite(summary, indent=2))  # strict JSON for jq & co: a score that is no number is null
         return
     from rich.console import Console
 

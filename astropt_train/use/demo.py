@@ -330,7 +330,10 @@ def write_summary(result: DemoResult) -> Path:
                "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines", "colours",
                                                                    "cross_survey")}}
     path = result.workdir / SUMMARY_FILE
-    atomic_write_text(path, json.dumps(json.loads(json.dumps(summary, default=str)), indent=2))
+    from astropt_tok.health import dumps_finite
+
+    # a score that is no number (a PSNR of a perfect reconstruction is inf) is null: the file stays strict JSON
+    atomic_write_text(path, dumps_finite(json.loads(json.dumps(summary, default=str)), indent=2))
     return path
 
 
