@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from astropt_tok.errors import AstroptError, writing
-from astropt_tok.health import refuse_non_finite_weights
+from astropt_tok.health import first_non_finite, refuse_non_finite_weights
 
 CKPT_DIR = "checkpoints"
 FORMAT = "astropt-train-checkpoint"
@@ -237,6 +237,11 @@ def check_trainer_state(state, path: Path) -> None:
         f.equal("step", step, int(m.group(1)), f"the step of its folder {path.parent.name}")
     opt = f.need(state, "optimizer", dict)
     f.need(opt, "state", dict, "optimizer.")
+    for index, slots in opt["state"].items():  # AdamW's moments: a NaN there makes the first resumed step NaN
+        bad = first_non_finite(slots) if isinstance(slots, dict) else None
+        if bad is not None:
+            raise AstroptError(f"trainer state {path} holds non-finite optimiser state ({bad} of parameter {index}): "
+                               f"{DIVERGED}")
     for i, group in enumerate(f.need_list(opt, "param_groups", dict, "optimizer.")):
         f.need_list(group, "params", int, f"optimizer.param_groups[{i}].", nonempty=False)
     if state.get("scaler") is not None:

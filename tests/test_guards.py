@@ -178,6 +178,26 @@ def test_train_resume_refuses_a_non_finite_newest_checkpoint(tensor, value, pois
     assert tree_digest(run / "checkpoints") == before
 
 
+@pytest.mark.parametrize("slot, value", [("exp_avg", "nan"), ("exp_avg_sq", "inf"), ("exp_avg", "-inf")])
+def test_train_resume_refuses_non_finite_optimiser_state(slot, value, made, capsys, tmp_path):
+    """Finite weights, but AdamW's moments hold a NaN/inf (the step that diverged was saved): --resume would make
+    every weight NaN on its first step; one error naming trainer_state.pt instead, the run unchanged."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(made["run"], run, ignore=shutil.ignore_patterns(".astropt.lock"))
+    path = newest_checkpoint(run) / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    index = sorted(state["optimizer"]["state"])[-1]
+    state["optimizer"]["state"][index][slot].view(-1)[0] = BAD_VALUES[value]
+    torch.save(state, path)
+    before = tree_digest(run / "checkpoints")
+    code, _, err = run_cli(["train", "--tokens", made["store"], "--out", run, "--resume", "--device", "cpu",
+                            "--max-iters", "4", "--batch-size", "4", "--val-images", "0", "--preset", "tiny"], capsys)
+    assert_one_error(code, err, str(path), "non-finite optimiser state", f"{slot} of parameter {index}")
+    assert tree_digest(run / "checkpoints") == before
+
+
 @pytest.mark.parametrize("tensor", BAD_TENSORS[:2])
 def test_probe_refuses_embeddings_whose_checkpoint_now_holds_non_finite_weights(tensor, made, capsys, tmp_path):
     """probe's random-init baseline loads the embeddings' checkpoint: poisoned since, one error, no report."""
