@@ -371,6 +371,10 @@ def test_verify_reports_non_finite_or_null_embeddings(damage, made, capsys, tmp_
     rewrite_shard(emb, 1, change)
     code, _, err = run_cli(["verify", emb], capsys)
     assert code != 0 and err.startswith("BAD shard-00001.arrow") and words in err and "Traceback" not in err
+    if "value" in damage:  # probe refuses a number that is none rather than fitting it (or a sklearn traceback)
+        made["catalogue"].to_csv(tmp_path / "labels.csv", index=False)
+        code, _, err = probe_cli(emb, tmp_path / "labels.csv", ["redshift"], tmp_path / "out", capsys)
+        assert_one_error(code, err, str(emb), "non-finite values in the embeddings of 1 of 40 galaxies", "astropt embed --verify")
 
 
 def test_verify_passes_the_sound_store(made, capsys):

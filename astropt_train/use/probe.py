@@ -327,8 +327,9 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     embedded = ~np.isnan(emb).all(axis=1)  # a NaN row: the galaxy lacks the image this column pools (--keep-partial)
     broken = embedded & ~np.isfinite(emb).all(axis=1)
     if broken.any():  # a number that is none in a galaxy's embedding: a damaged store or a model that overflowed
-        raise AstroptError(f"column {column} of {cfg.embeddings} holds non-finite values in {int(broken.sum())} "
-                           f"galaxies' embeddings; run `astropt embed --verify {cfg.embeddings}`, and embed again")
+        raise AstroptError(f"column {column} of {cfg.embeddings} holds non-finite values in the embeddings of "
+                           f"{int(broken.sum())} of {len(ids)} galaxies; run `astropt embed --verify "
+                           f"{cfg.embeddings}`, and embed again")
     if not embedded.any():
         raise AstroptError(f"column {column} of {cfg.embeddings} has no embedding: every galaxy lacks the image it "
                            "pools; probe another --column (e.g. the joint embedding)")
