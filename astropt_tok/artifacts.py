@@ -25,6 +25,7 @@ Three rules live here and in no command:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -214,36 +215,137 @@ def describe(folder: str | os.PathLike) -> str:
 # ownership
 
 
-def claim_output(folder: str | os.PathLike, kind_name: str, command: str, flag: str = "--out",
-                 lineage: dict | None = None, may_hold: tuple[str, ...] = ()) -> bool:
-    """Make `folder` this command's output folder, before anything is written into it.
+def _folder_words(k: Kind, flag: str) -> str:
+    """'the token store folder (--out)', 'the demo work folder (--workdir)': how an error names the folder."""
+    what = k.noun.split(" ", 1)[1]
+    return f"the {what}{'' if what.endswith('folder') else ' folder'} ({flag})"
 
-    A missing or empty folder is created and gets a record of `kind_name` (returns False: nothing was there).
-    A folder that holds an artifact of `kind_name` is this command's to reuse or, with its replace flag, to
-    clear with `clear_own` (returns True). Anything else, another kind of artifact or files no command made,
-    is one AstroptError naming the folder and what it holds: `--overwrite` never changes that. `may_hold`
-    names files (patterns) the caller knows are there on purpose (e.g. a source under the demo folder)."""
+
+def _foreign(folder: Path, may_hold: tuple[str, ...]) -> list[str]:
+    return [n for n in contents(folder) if not any(fnmatch.fnmatch(n, p) for p in may_hold)]
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_claim(folder: str | os.PathLike, kind_name: str, command: str, flag: str = "--out",
+                may_hold: tuple[str, ...] = ()) -> str | None:
+    """Refuse, without writing anything, a `folder` that `claim_output` would refuse; returns what it holds
+    (`kind_name`, or None for a missing or empty folder, or one holding nothing but another kind's record)."""
     k = KINDS[kind_name]
     folder = Path(folder)
-    ensure_folder(folder, f"the {k.noun.split(' ', 1)[1]} folder ({flag})")
+    if folder.exists() and not folder.is_dir():
+        raise AstroptError(f"{_folder_words(k, flag)} {folder} exists as a file, not a folder")
     found = identify(folder)
     if found == kind_name:
-        if read_record(folder) is None:  # made before records existed: record it now
-            write_record(folder, kind_name, command, lineage)
-        return True
-    if found is not None:
+        return found
+    if found is not None and (contents(folder) or read_record(folder) is None):
         other = KINDS[found]
         raise AstroptError(
             f"{flag} {folder} holds {other.noun} (made by {other.made_by}); {command} writes {k.noun} and never "
             f"replaces another kind of folder, even with --overwrite: choose another {flag}")
-    foreign = [n for n in contents(folder) if not any(fnmatch.fnmatch(n, p) for p in may_hold)]
+    foreign = _foreign(folder, may_hold) if folder.is_dir() else []
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise AstroptError(
-            f"{flag} {folder} is not empty and holds no {k.noun.split(' ', 1)[1]} ({shown}); {command} writes only "
-            f"into a new or empty folder, or one it made: choose another {flag}")
+            f"{flag} {folder} is not empty and holds no {k.noun.split(' ', 1)[1]} ({_shown(foreign)}); {command} "
+            f"writes only into a new or empty folder, or one it made: choose another {flag}")
+    return None
+
+
+def claim_output(folder: str | os.PathLike, kind_name: str, command: str, flag: str = "--out",
+                 lineage: dict | None = None, may_hold: tuple[str, ...] = ()) -> bool:
+    """Make `folder` this command's output folder, before anything is written into it.
+
+    A missing or empty folder is created and gets a record of `kind_name` (returns False: nothing was there);
+    so does a folder holding nothing but another kind's record (a command that claimed it and then failed
+    before writing anything: there is nothing to lose). A folder that holds an artifact of `kind_name` is this
+    command's to reuse or, with its replace flag, to clear with `clear_own` (returns True, or False when its
+    record is all it holds; its record, and the command that first made it, are kept). Anything else, another kind of artifact or files no command made,
+    is one AstroptError naming the folder and what it holds: `--overwrite` never changes that. `may_hold`
+    names files (patterns) the caller knows are there on purpose (e.g. a source under the demo folder)."""
+    k = KINDS[kind_name]
+    folder = Path(folder)
+    found = check_claim(folder, kind_name, command, flag, may_hold)
+    ensure_folder(folder, _folder_words(k, flag))
+    if found == kind_name:
+        if read_record(folder) is None:  # made before records existed: record it now, lineage unknown (the
+            write_record(folder, kind_name, command, {})  # caller records what it checks or makes there)
+        return bool(contents(folder))  # a record alone (a claim whose command then failed) holds nothing yet
+    remove_quietly(folder / RECORD)  # another kind's record alone (see above): this is a new artifact
     write_record(folder, kind_name, command, lineage)
     return False
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike, kind_name: str, command: str, flag: str = "--out",
+                  lineage: dict | None = None, may_hold: tuple[str, ...] = (), shared: bool = False):
+    """Claim `folder` (`claim_output`) and hold its lock (astropt_tok.lock) for the block; yields whether it
+    already held an artifact of `kind_name`. A folder that cannot be claimed is refused before anything is
+    written into it, not even the lock file; the claim itself is made under the lock, so two commands cannot
+    both claim one new folder. `shared`: the processes of one job (torchrun ranks, array tasks) share it."""
+    from astropt_tok.lock import folder_lock
+
+    check_claim(folder, kind_name, command, flag, may_hold)
+    ensure_folder(folder, _folder_words(KINDS[kind_name], flag))
+    with folder_lock(folder, command, shared=shared):
+        yield claim_output(folder, kind_name, command, flag, lineage, may_hold)
+
+
+def claim_part(folder: str | os.PathLike, kind_name: str, command: str, flag: str,
+               legacy: bool = False, lineage: dict | None = None) -> bool:
+    """Claim an artifact that `command` makes inside its own output folder (the demo's tokens, run, embeddings
+    and probe; the probe's random-init embeddings), recording `command` as its maker. Returns True when it
+    holds one this command made (the caller may replace it), False when it was missing or empty. One made by
+    another command (a user's own store at W/tokens), another kind, or files no command made are one error:
+    a command replaces only what it made. `legacy`: a folder of the kind without a record counts as this
+    command's (its parent was made by this command before records existed)."""
+    folder = Path(folder)
+    k = KINDS[kind_name]
+    rec = read_record(folder) if folder.is_dir() else None
+    if rec is not None and rec["kind"] == kind_name and rec.get("command") == command:
+        return True
+    found = identify(folder)
+    if rec is None and found == kind_name and legacy:
+        write_record(folder, kind_name, command, lineage)
+        return True
+    if found is not None or contents(folder):
+        if rec is not None and not contents(folder):  # another command's record alone: nothing to lose
+            remove_quietly(folder / RECORD)
+        else:
+            what = (f"{KINDS[rec['kind']].noun} made by {rec.get('command')}" if rec is not None else describe(folder))
+            raise AstroptError(f"{folder} holds {what}, not {k.noun} made by {command}: {command} replaces only "
+                               f"what it made itself; move it away, or choose another {flag}")
+    ensure_folder(folder, _folder_words(k, flag))
+    write_record(folder, kind_name, command, lineage)
+    return False
+
+
+def check_file_output(path: str | os.PathLike, flag: str, inside: str | os.PathLike | None = None) -> Path:
+    """Refuse a file output (a picture, a flux array) that is an existing folder, or that lies inside an artifact
+    folder (it would write among, or over, that artifact's own files: `--save-flux RUN/config.json`). `inside`:
+    a folder the caller owns and may write into (the demo's pictures under its work folder). Returns the path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise AstroptError(f"{flag} {path} is a folder: give a file name")
+    name, parent = p.name, p.resolve().parent
+    mine = Path(inside).expanduser().resolve() if inside is not None else None
+    if name in (RECORD, LOCK_FILE):
+        raise AstroptError(f"{flag} {path}: that name is the tool's own record of a folder; choose another name")
+    for folder in (parent, *parent.parents):
+        if folder == mine:
+            break
+        rec = read_record(folder)
+        found = rec["kind"] if rec is not None else None
+        if found is None and folder == parent:  # a folder made before records existed: only its own files
+            legacy = _identify_by_files(folder)
+            if legacy is not None and any(fnmatch.fnmatch(name, pat) for pat in KINDS[legacy].owns):
+                found = legacy
+        if found is not None:
+            k = KINDS[found]
+            raise AstroptError(f"{flag} {path} lies inside {folder}, which holds {k.noun} (made by {k.made_by}): "
+                               f"a file written there could replace or hide its own files; write it outside")
+    return p
 
 
 def clear_own(folder: str | os.PathLike, kind_name: str, keep: tuple[str, ...] = ()) -> list[str]:

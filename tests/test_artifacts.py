@@ -259,3 +259,66 @@ def test_a_folder_replaces_a_folder_whole(tmp_path):
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+
+
+# --- claiming under the lock, parts a command makes inside its own folder, file outputs
+
+
+def test_output_folder_refuses_before_writing_even_the_lock(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    with pytest.raises(AstroptError, match="is not empty"):
+        with art.output_folder(mine, "run", "`astropt train`"):
+            pass
+    assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+    with art.output_folder(tmp_path / "new", "run", "`astropt train`") as existed:
+        assert existed is False and (tmp_path / "new" / art.LOCK_FILE).is_file()
+        with pytest.raises(AstroptError, match="in use by another"):  # one writer at a time
+            with art.output_folder(tmp_path / "new", "run", "`astropt train`"):
+                pass
+
+
+def test_a_record_alone_is_reclaimed_by_any_kind(tmp_path):
+    art.claim_output(tmp_path / "f", "embeddings", "`astropt embed`")  # the command then failed before writing
+    assert art.check_claim(tmp_path / "f", "run", "`astropt train`") is None
+    assert art.claim_output(tmp_path / "f", "run", "`astropt train`") is False
+    assert art.read_record(tmp_path / "f")["kind"] == "run"
+
+
+def test_claim_part_replaces_only_what_its_command_made(tmp_path):
+    work = tmp_path / "w"
+    assert art.claim_part(work / "tokens", "token-store", "`astropt demo`", "--workdir") is False
+    assert art.claim_part(work / "tokens", "token-store", "`astropt demo`", "--workdir") is True
+    _store(work / "users")  # a store the user made (a record of another command)
+    with pytest.raises(AstroptError, match=r"made by `write_store_from_arrays`, not .*made by `astropt demo`"):
+        art.claim_part(work / "users", "token-store", "`astropt demo`", "--workdir")
+    legacy = work / "legacy"
+    _store(legacy)
+    (legacy / art.RECORD).unlink()
+    with pytest.raises(AstroptError, match="replaces only what it made"):
+        art.claim_part(legacy, "token-store", "`astropt demo`", "--workdir")
+    assert art.claim_part(legacy, "token-store", "`astropt demo`", "--workdir", legacy=True) is True
+    (work / "files").mkdir()
+    (work / "files" / "a.txt").write_text("x")
+    with pytest.raises(AstroptError, match="files no astropt command wrote"):
+        art.claim_part(work / "files", "run", "`astropt demo`", "--workdir")
+
+
+def test_check_file_output(tmp_path):
+    run = tmp_path / "run"
+    art.claim_output(run, "run", "`astropt train`")
+    for inside in (run / "config.json", run / "new.png", run / "checkpoints" / "step-1" / "x.npy"):
+        with pytest.raises(AstroptError, match="lies inside .*a training run"):
+            art.check_file_output(inside, "--out")
+    assert art.check_file_output(run / "pictures" / "x.png", "--out", inside=run) == run / "pictures" / "x.png"
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(AstroptError, match="is a folder"):
+        art.check_file_output(tmp_path / "grid.png", "--out")
+    # a folder made before records existed: only its own files' names are refused
+    legacy = tmp_path / "legacy"
+    (legacy / "checkpoints").mkdir(parents=True)
+    with pytest.raises(AstroptError, match="lies inside"):
+        art.check_file_output(legacy / "loss_curve.png", "--out")
+    art.check_file_output(legacy / "samples.png", "--out")
+    art.check_file_output(tmp_path / "plain" / "samples.png", "--out")
