@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for the initial weights, held-out rows and batches."),
         device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
         resume: bool = typer.Option(False, "--resume", help="Continue the fit checkpointed in --out (fit-state.pt)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the codec already in --out: clears its own files (codecs/, fit_report.json, fit-state.pt, MODEL.md), never another kind of folder or files it did not write."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's; 1 is often fastest on a busy small CPU)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr (only on a terminal)."),
     ) -> None:
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         cfg = FitCodecConfig(
             source=source, out=out, init=init, bands=tuple(band_list), column=single, modalities=modalities,
             split=split, limit=limit, hidden=hidden, projection=projection, layers=layers, steps=steps,
-            batch_size=batch_size, lr=lr, warmup=warmup, colour_weight=colour_weight, holdout=holdout, seed=seed, device=device, resume=resume,
+            batch_size=batch_size, lr=lr, warmup=warmup, colour_weight=colour_weight, holdout=holdout, seed=seed, device=device, resume=resume, overwrite=overwrite,
             progress=progress,
         )
         if threads is not None and threads < 1:

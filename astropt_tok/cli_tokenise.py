@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(None, "--workers", help="Processes reading and decoding parquet row groups ahead of the codec [default: min(8, cores - 1) on a GPU, 0 (in-process) on a CPU]."),
         id_column: str = typer.Option("object_id", "--id-column", help="Column copied into the store as object_id (skipped when absent)."),
         strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row instead of skipping it into rejects.jsonl."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with a different codec, bands, shard count or source."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with a different codec, bands, shard count or source: clears only a token store's own files (manifest, shards, completion records, rejects), never another kind of folder or files it did not write."),
         precision: str = typer.Option("fp32", "--precision", help="Codec precision: fp32, tf32, bf16 or fp16 (recorded in the manifest)."),
         reader: str = typer.Option("pyarrow", "--reader", help="pyarrow (direct, fastest) or datasets (streaming IterableDataset)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live progress bar."),

@@ -229,14 +229,17 @@ def save_image_codec(codec: Any, out_dir: str | os.PathLike, config: dict) -> Pa
     """Save an `ImageCodec` in the hub layout (`codecs/image/config.json` + `model.safetensors`)."""
     from safetensors.torch import save_file
 
+    from astropt_tok.atomic import atomic_file, atomic_write_text
     from astropt_tok.errors import writing
 
     sub = Path(out_dir) / CODEC_SUBFOLDER
     state = {k: v.detach().cpu().contiguous() for k, v in codec.state_dict().items()}
     with writing(sub):  # a full or read-only disk is one error naming the folder
         sub.mkdir(parents=True, exist_ok=True)
-        (sub / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        save_file(state, str(sub / "model.safetensors"))
+    # each file through a temporary name: a failed write (a refit's, or a resumed fit's) leaves the old one whole
+    with atomic_file(sub / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write_text(sub / "config.json", json.dumps(config, indent=2, sort_keys=True))
     return Path(out_dir)
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from astropt_tok import store as st
-from astropt_tok.errors import AstroptError, ensure_folder, writing
+from astropt_tok.errors import AstroptError, ensure_folder
 from astropt_tok.launch import LaunchEnv, read_launch
 
 
@@ -188,7 +188,8 @@ def check_source_unchanged(out: Path, existing: dict, wanted: dict) -> None:
 
 
 def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
-    """Create the store folder, or check that an existing one was made by the same command."""
+    """Create the store folder, or check that an existing one was made by the same command. The caller has
+    claimed `out` as a token store (astropt_tok.artifacts), so --overwrite clears only a store's own files."""
     ensure_folder(out, "the store folder")
     path = out / st.MANIFEST
     if path.is_file():
@@ -207,8 +208,9 @@ def prepare_store(out: Path, manifest: dict, overwrite: bool) -> None:
                 f"choose another --out or pass --overwrite to replace it"
             )
         if diff:
-            with writing(out):
-                _clear_store(out)
+            from astropt_tok.artifacts import clear_own
+
+            clear_own(out, "token-store")  # the store's files only: never the lock, the record or a stranger's file
         elif existing.get("complete"):
             bad = st.shards_not_matching(out, existing)
             if not bad:
@@ -245,12 +247,6 @@ def await_replaced_store(out: Path, manifest: dict, timeout_s: float) -> None:
             raise AstroptError(f"waited {timeout_s:g} s for array task 0 to replace {out} (with --overwrite only "
                                "task 0 clears a store); run it, or run the --overwrite once alone first")
         time.sleep(min(2.0, max(0.05, timeout_s / 20)))
-
-
-def _clear_store(out: Path) -> None:
-    for p in out.iterdir():
-        if p.name.startswith(("shard-", ".shard-")) or p.name in (st.MANIFEST, st.REJECTS, st.DONE_DIR):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def remove_stale_temporaries(out: Path, index: int) -> None:

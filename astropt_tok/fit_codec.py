@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError
 from astropt_tok.atomic import atomic_write_text
 
 STATE_FILE = "fit-state.pt"
@@ -79,6 +79,7 @@ class FitCodecConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False  # replace the codec already in `out` (its own files only)
     checkpoint_every: int = 250
     progress: bool = True
 
@@ -386,26 +387,34 @@ def _finished_report(out: Path) -> dict | None:
 
 def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     """Fit a real AION ImageCodec to cfg.source and save it in the hub layout in cfg.out (see the module doc);
-    the folder's lock is held for the whole fit, so a second fit-codec into it is one error naming this one."""
-    from astropt_tok.lock import folder_lock
+    the folder's lock is held for the whole fit, so a second fit-codec into it is one error naming this one.
+
+    `out` is claimed as a codec folder before anything is written: another kind of folder, or files no command
+    made, is refused even with --overwrite; an existing codec (another fit's, or a shipped one) is replaced only
+    with --overwrite (its own files: codecs/, fit_report.json, fit-state.pt, MODEL.md), continued with --resume."""
+    from astropt_tok.artifacts import output_folder
 
     _check(cfg)
-    out = ensure_folder(cfg.out, "the codec folder")
-    with folder_lock(out, "`astropt fit-codec`"):
-        return _fit_codec(cfg, out)
+    if cfg.overwrite and cfg.resume:
+        raise AstroptError("--overwrite starts the fit in --out again and --resume continues it: give one of them")
+    lineage = {"source": cfg.source, "split": cfg.split, "columns": dict(fitted_columns(cfg)), "init": cfg.init}
+    with output_folder(cfg.out, "codec", "`astropt fit-codec`", lineage=lineage) as existed:
+        return _fit_codec(cfg, existed, lineage)
 
 
-def _fit_codec(cfg: FitCodecConfig, out: Path) -> FitCodecResult:
+def _fit_codec(cfg: FitCodecConfig, existed: bool, lineage: dict) -> FitCodecResult:
     import torch
     from aion.codecs.image import ImageCodec
 
-    from astropt_tok.codec import CROP_SIZE, _fix_hsc_decode, save_image_codec
+    from astropt_tok.artifacts import clear_own, update_lineage
+    from astropt_tok.codec import CROP_SIZE, _fix_hsc_decode, save_image_codec, sha256_file
     from astropt_tok.executor import resolve_device
     from astropt_tok.health import dumps_finite
     from astropt_tok.progress import ProgressBar
     from astropt_tok.quality import reconstruction_metrics, summary_json
 
     t0 = time.perf_counter()
+    out = Path(cfg.out)
     state_path = out / STATE_FILE
     device = resolve_device(cfg.device)
     start_from = None
@@ -430,9 +439,12 @@ def _fit_codec(cfg: FitCodecConfig, out: Path) -> FitCodecResult:
                                   heldout_rows=done.get("heldout_rows"), final_loss=done.get("final_loss"),
                                   seconds=time.perf_counter() - t0, resumed_from=state["step"], already_finished=True,
                                   history=list(state["history"]), reports=reports)
-    elif state_path.is_file():
+    elif state_path.is_file() and not cfg.overwrite:
         raise AstroptError(f"{out} already holds a fit ({STATE_FILE}); add --resume to continue it (or raise "
-                           "--steps), or choose another --out")
+                           "--steps), --overwrite to replace it, or choose another --out")
+    elif existed and not cfg.overwrite:
+        raise AstroptError(f"{out} already holds a fitted codec; pass --overwrite to replace it (its codecs/, "
+                           f"{REPORT_FILE}, {STATE_FILE} and MODEL.md), or choose another --out")
 
     # One entry per image column: its bands, flux [N, C, 96, 96] and rows. The same seeded split per column, so
     # with no rejected rows the same galaxies are held out of every survey.
@@ -442,6 +454,9 @@ def _fit_codec(cfg: FitCodecConfig, out: Path) -> FitCodecResult:
         train_rows, held_rows = split_holdout(len(flux), cfg.holdout, cfg.seed)
         surveys.append({"column": column, "bands": bands, "flux": flux, "train": train_rows, "held": held_rows})
 
+    if existed and cfg.overwrite:  # the survey is read: now the old codec goes (its own files only)
+        clear_own(out, "codec")
+        update_lineage(out, **lineage, weights_sha256=None)
     torch.manual_seed(cfg.seed)
     codec = ImageCodec(**config)
     _fix_hsc_decode(codec)  # polymathic-aion 0.0.2 cannot decode HSC bands without it (see codec.py)
@@ -511,6 +526,7 @@ def _fit_codec(cfg: FitCodecConfig, out: Path) -> FitCodecResult:
         recon = round_trip(codec, held, survey["bands"], device=device)
         reports[survey["column"]] = summary_json(reconstruction_metrics(held, recon, survey["bands"]))
     save_image_codec(codec, out, config)
+    update_lineage(out, **lineage, weights_sha256=sha256_file(out / "codecs" / "image" / "model.safetensors"))
     first = surveys[0]
     report = reports[first["column"]]
     result = FitCodecResult(out=out, steps=cfg.steps, report=report, train_rows=len(first["train"]),

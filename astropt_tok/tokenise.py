@@ -26,7 +26,8 @@ from pathlib import Path
 from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
 from astropt_tok.encoder import PRECISIONS, EncodedShard, Encoder, ModalityEncoders, encode_shard
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.artifacts import output_folder, store_lineage, update_lineage
+from astropt_tok.errors import AstroptError
 from astropt_tok.lock import folder_lock
 from astropt_tok.executor import (await_replaced_store, check_rerun, check_source_unchanged, default_workers,
                                   launch_of, prepare_store, remove_stale_temporaries, resolve_device,
@@ -134,6 +135,13 @@ class TokeniseSummary:
     def rejected(self) -> int:
         return sum(r.rejected for r in self.results if not r.skipped)
 
+
+
+def store_lineage_of(manifest: dict) -> dict:
+    """A token store's lineage record: codec {id, weights_sha256, vocab_size}, modalities {name: bands},
+    id_column, and the source it was read from."""
+    source = manifest.get("source") or {}
+    return {**store_lineage(manifest), "source": {"id": source.get("id"), "split": source.get("split")}}
 
 
 def _record_fits(shard: dict, lo: int, hi: int) -> bool:
@@ -244,8 +252,11 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                                    plan.describe(),
                                    modalities=[{"name": c, "column": c, "bands": list(b)} for c, b in modalities]
                                    or None, keep_partial=cfg.keep_partial)
-        # Two uncoordinated runs on one store are refused; the processes of one job (world > 1) share it.
-        with folder_lock(ensure_folder(out, "the store folder"), "`astropt tokenise`", shared=world > 1):
+        # The store folder is claimed before anything is written (a folder of another kind, or of files no
+        # command made, is refused even with --overwrite), under its lock: two uncoordinated runs on one store are
+        # refused, the processes of one job (world > 1) share it, and claiming a store of its kind is harmless.
+        with output_folder(out, "token-store", "`astropt tokenise`", lineage=store_lineage_of(manifest),
+                           shared=world > 1):
             return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world,
                              group, t_start)
 
@@ -275,6 +286,7 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
     elif rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
         prepare_store(out, manifest, cfg.overwrite)
+        update_lineage(out, **store_lineage_of(manifest))  # a replaced store: what it is made from now
     group.wait_for_all("the store to be created or checked by rank 0")  # under torchrun, the others look after it
     if rank != 0 and group.active:
         existing = st.read_manifest(out)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from astropt_tok.errors import AstroptError, ensure_folder
-from astropt_tok.lock import folder_lock
+from astropt_tok.artifacts import output_folder, update_lineage
 from astropt_train.config import TrainConfig, to_toml
 
 RUN_CONFIG = "config.json"
@@ -274,9 +274,13 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
         init = _init_from(cfg, store, store_info["manifest_sha256"], (n_layer, n_head, n_embd), modalities, echo)
     # on every rank, though only the master draws: a refusal on the master alone would leave the others waiting
     codec_notes = _check_validation_codec(cfg, store) if cfg.val_images > 0 else []
-    if dist.master:  # one run per run folder: a second `astropt train --out` here is refused until this one ends
-        ensure_folder(run, "the run folder")
-        held.enter_context(folder_lock(run, "`astropt train`"))
+    # the run's lineage record: the store and codec it trains on, and the weights it started from
+    lineage = {"store": {"dir": store_info["dir"], "manifest_sha256": store_info["manifest_sha256"]},
+               "codec": {"id": store.codec_id, "weights_sha256": store_info.get("codec_sha256")},
+               "init_from": cfg.init_from}
+    if dist.master:  # claimed before anything is written (another kind of folder, or files no command made, is
+        # refused), under its lock: one run per run folder, a second `astropt train --out` here is refused
+        held.enter_context(output_folder(run, "run", "`astropt train`", lineage=lineage))
     for note in codec_notes:
         echo(note)
 
@@ -413,6 +417,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
         from astropt_tok.atomic import atomic_write_text
 
         ensure_folder(run, "the run folder")
+        update_lineage(run, **lineage)  # a resumed run may have moved on to another store of the same codec
         atomic_write_text(run / RUN_CONFIG, json.dumps(run_config, indent=2) + "\n")
         atomic_write_text(run / RUN_TOML, to_toml(cfg))
         logger = MetricsLogger(run, cfg.log, start_step=step, config=run_config, echo=echo)

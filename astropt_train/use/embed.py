@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -46,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder, writing
-from astropt_tok.lock import LOCK_FILE, folder_lock
+from astropt_tok.artifacts import clear_own, output_folder, update_lineage
+from astropt_tok.errors import AstroptError
 from astropt_tok.prefetch import Prefetch
 
 FORMAT = "astropt-embeddings"
@@ -464,18 +463,23 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
         **({"columns": columns} if len(modalities) > 1 else {}),
         "dtype": cfg.dtype, "planned_shards": [i for i, _, _ in plan],
     }
-    # one writer per folder: a second `astropt embed --out` here is refused until this one ends
-    held.enter_context(folder_lock(ensure_folder(out, "the embeddings folder"), "`astropt embed`"))
+    lineage = {"checkpoint": {"path": info["path"], "weights_sha256": info["weights_sha256"],
+                              "random_init_seed": cfg.random_init_seed},
+               "store": {"dir": manifest["tokens"]["dir"], "manifest_sha256": manifest["tokens"]["manifest_sha256"]}}
+    # claimed before anything is written (another kind of folder, or files no command made, is refused even with
+    # --overwrite), under its lock: a second `astropt embed --out` here is refused until this one ends
+    held.enter_context(output_folder(out, "embeddings", "`astropt embed`", lineage=lineage))
     old = _read_manifest(out)
     if old is not None and any(old.get(k) != manifest[k] for k in IDENTITY_KEYS):
         if not cfg.overwrite:
             diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest[k]]
             raise AstroptError(f"{out} holds embeddings made with another {', '.join(diff)}; pass --overwrite "
                                "to replace them, or choose another --out")
-        _clear(out)
+        clear_own(out, "embeddings")  # an embeddings store's own files: never the lock, the record or a stranger's
         old = None
     if old is None or not old.get("complete"):
         write_manifest(out, manifest)
+    update_lineage(out, **lineage)  # what the store holds now (a replaced, or older, store recorded)
 
     done = read_done_records(out, len(store.shards))
     todo = [p for p in plan if p[0] not in done]
@@ -553,14 +557,6 @@ def _refuse_non_finite(arrays: dict[str, np.ndarray], pooled: dict[str, int | No
                    "its activations overflowed or its weights are damaged: use another checkpoint")
             raise AstroptError(f"{cfg.checkpoint} gives non-finite embeddings in column {column} for {int(bad.sum())} "
                                f"of {len(emb)} galaxies of token shard {index}, {how}")
-
-
-def _clear(out: Path) -> None:
-    """Empty an embeddings folder for --overwrite, keeping the lock file this run holds."""
-    with writing(out):
-        for p in out.iterdir():
-            if p.name != LOCK_FILE:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _progress(enabled: bool, total: int):

@@ -18,6 +18,7 @@ import os
 import pickle
 import sys
 import types
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,19 +93,39 @@ def upstream_checkpoint(model, step: int | None = None, val_loss: float | None =
             "config": {**(extra or {}), "modality_order": names}}
 
 
-def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> Path:
+def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+                   overwrite: bool = False) -> Path:
     """Write OUT/ckpt.pt, which upstream's `load_astropt(repo_id=None, path="OUT/")` loads; returns its path.
     The file is read back with this tool's own upstream loader before it takes its name: what export writes
-    loads, with the same weights, or nothing is written."""
+    loads, with the same weights, or nothing is written.
+
+    OUT is claimed as an export folder first (another kind of folder, or files no command made, is refused);
+    an export of the same checkpoint weights is rewritten, one of other weights is replaced only with
+    `overwrite`."""
+    with ExitStack() as held:
+        return _export_astropt(run, out, step, overwrite, held)
+
+
+def _export_astropt(run, out, step, overwrite: bool, held: ExitStack) -> Path:
     import torch
 
-    from astropt_tok.errors import ensure_folder
+    from astropt_tok.artifacts import clear_own, output_folder, read_record, update_lineage
+    from astropt_tok.store import sha256_path
     from astropt_train import checkpoint as ck
 
     ckpt = ck.find_checkpoint(run, step)
     model, conf = ck.load_model(ckpt)
     out = Path(out)
-    ensure_folder(out, "the export folder")
+    lineage = {"checkpoint": {"path": str(ckpt.resolve()), "step": conf.get("step"),
+                              "weights_sha256": sha256_path(ckpt / ck.MODEL_FILE)}}
+    if held.enter_context(output_folder(out, "export", "`astropt export`", "--astropt", lineage=lineage)):
+        before = ((read_record(out) or {}).get("lineage") or {}).get("checkpoint") or {}
+        if before.get("weights_sha256") != lineage["checkpoint"]["weights_sha256"]:
+            if not overwrite:
+                raise AstroptError(f"--astropt {out} holds an export of another checkpoint ({before.get('path')}); "
+                                   "pass --overwrite to replace it, or choose another --astropt")
+            clear_own(out, "export")
+    update_lineage(out, **lineage)
     extra = {"exported_from": str(ckpt.resolve()), "codec_id": (conf.get("store") or {}).get("codec_id"),
              "codec_vocab_size": conf.get("vocab_size"), "tokens_per_image": conf.get("tokens_per_image")}
     final = out / UPSTREAM_FILE

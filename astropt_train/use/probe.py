@@ -30,15 +30,17 @@ from __future__ import annotations
 import glob
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError, ensure_folder
+from astropt_tok.errors import AstroptError
 
 TASKS = ("auto", "regression", "classification")
 ALPHAS = np.logspace(-2, 4, 7)  # ridge strengths tried by RidgeCV in each training fold
+RANDOM_INIT = "random-init-embeddings"  # OUT/RANDOM_INIT: the random-init baseline's embeddings store
 MAX_CLASSES = 20  # an integer or string column with at most this many distinct values is a class label (auto)
 # |label| beyond this is left out of a regression (`overflowing_label`): squares and sums of squares of labels
 # (centring, the ridge's closed form, R²) then stay far below float64's 1.8e308; no physical catalogue column
@@ -65,6 +67,7 @@ class ProbeConfig:
     batch_size: int = 32
     pictures: bool = True
     progress: bool = False
+    overwrite: bool = False  # replace a report in `out` of other embeddings, labels or targets
 
 
 @dataclass
@@ -289,7 +292,7 @@ def _random_init_embeddings(cfg: ProbeConfig, manifest: dict, out: Path) -> Path
 
     ck = manifest["checkpoint"]
     start, stop = manifest["store_rows"]
-    dest = out / "random-init-embeddings"
+    dest = out / RANDOM_INIT
     embed(EmbedConfig(checkpoint=ck["path"], out=dest, tokens=manifest["tokens"]["dir"], step=None,
                       pool=manifest["pool"], layers=",".join(lay["name"] for lay in manifest["layers"]),
                       rows=f"{start}:{stop}", batch_size=cfg.batch_size, device=cfg.device, dtype=manifest["dtype"],
@@ -316,7 +319,18 @@ def _check_options(cfg: ProbeConfig) -> None:
 
 def probe(cfg: ProbeConfig) -> ProbeResult:
     """Join embeddings with labels, cross-validate a linear probe per target next to both baselines, write the
-    report and pictures."""
+    report and pictures.
+
+    `out` is claimed as a probe report before anything is written (another kind of folder, or files no command
+    made, is refused even with --overwrite), and locked while the probe runs. A report of the same embeddings,
+    labels and targets is rewritten; one of others is replaced only with `overwrite` (its own files only)."""
+    with ExitStack() as held:
+        return _run_probe(cfg, held)
+
+
+def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
+    from astropt_tok.artifacts import claim_part, clear_own, output_folder, read_record, update_lineage
+    from astropt_tok.store import manifest_sha256
     from astropt_train.use.embed import open_embeddings, read_embeddings
 
     _check_options(cfg)
@@ -352,7 +366,20 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     if not found.any():
         raise AstroptError(f"no object id of {cfg.embeddings} is in column {cfg.id_column!r} of {cfg.labels}")
     out = Path(cfg.out)
-    ensure_folder(out, "the probe output folder")
+    lineage = {"embeddings": {"dir": str(Path(cfg.embeddings).resolve()),
+                              "manifest_sha256": manifest_sha256(cfg.embeddings)},
+               "labels": str(cfg.labels), "id_column": cfg.id_column, "targets": list(cfg.targets), "column": column}
+    legacy = out.is_dir() and read_record(out) is None  # a report made before records existed
+    if held.enter_context(output_folder(out, "probe-report", "`astropt probe`", lineage=lineage)):
+        before = (read_record(out) or {}).get("lineage") or {}
+        if any(before.get(k) != v for k, v in lineage.items()):
+            if not cfg.overwrite:
+                raise AstroptError(f"--out {out} holds a probe report of other embeddings, labels or targets; pass "
+                                   "--overwrite to replace it, or choose another --out")
+            clear_own(out, "probe-report", keep=(RANDOM_INIT,))  # the baseline's own checks decide whether it is redone
+    update_lineage(out, **lineage)
+    # the baseline's embeddings store is the probe's own: one there made by anything else is never replaced
+    claim_part(out / RANDOM_INIT, "embeddings", "`astropt probe`", "--out", legacy=legacy)
     rand_dir = _random_init_embeddings(cfg, manifest, out)
     rand_emb, _, rand_ids = read_embeddings(rand_dir, column)
     if rand_ids != ids:
