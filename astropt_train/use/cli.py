@@ -106,7 +106,7 @@ def demo_command(
     limit: Optional[int] = typer.Option(None, "--limit", help="Tokenise at most this many source rows."),
     seed: int = typer.Option(0, "--seed", help="Seed for the survey, codec, model and sampling."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
-    fresh: bool = typer.Option(False, "--fresh", help="Delete earlier demo outputs in --workdir first."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the demo's own earlier outputs in --workdir first (survey, tokens, run, pictures, embeddings, probe, summary); never a --source or --codec inside it, nor anything the demo did not make."),
     threads: int = typer.Option(0, "--threads", help="Torch threads on CPU for every stage (0: torch's for training, one for sampling on a small CPU). 1 is faster on a busy machine."),
     cross_survey: bool = typer.Option(True, "--cross-survey/--no-cross-survey", help="When the survey has hsc_image too: tokenise and train on both surveys and draw HSC images from Legacy Survey tokens."),
 ) -> None:
@@ -130,7 +130,7 @@ def embed_command(
     batch_size: int = typer.Option(32, "--batch-size", help="Galaxies per forward pass."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available; bf16 autocast there)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the embeddings: float32 or float16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace embeddings in --out made with other settings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace embeddings in --out made with other settings: clears only an embeddings store's own files (manifest, shards, completion records), never another kind of folder or files it did not write."),
     verify: Optional[Path] = typer.Option(None, "--verify", help="Check an embeddings store against its manifest instead."),
 ) -> None:
     """Per-galaxy embeddings from a trained model: one Arrow shard per token shard, a manifest, resumable and verifiable."""
@@ -166,13 +166,15 @@ def probe_command(
     seed: int = typer.Option(0, "--seed", help="Seed for the folds and the shuffled-label baseline."),
     random_init_seed: int = typer.Option(0, "--random-init-seed", help="Seed of the randomly initialised model of the baseline."),
     device: str = typer.Option("auto", "--device", help="Device for the random-init baseline's embeddings."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report in --out of other embeddings, labels or targets: clears its report.json and pictures, never another kind of folder or files it did not write."),
 ) -> None:
     """Linear probes of embeddings on catalogue columns (k-fold CV), next to a random-init model and shuffled labels."""
     from astropt_train.use.probe import ProbeConfig, print_table, probe
 
     result = probe(ProbeConfig(embeddings=embeddings, labels=labels, targets=list(target), out=out, task=task,
                                id_column=id_column, folds=folds, column=column, seed=seed,
-                               random_init_seed=random_init_seed, device=device, progress=True))
+                               random_init_seed=random_init_seed, device=device, progress=True,
+                               overwrite=overwrite))
     print_table(result.report)
     typer.echo(f"wrote {result.out / 'report.json'}")
 
@@ -181,11 +183,12 @@ def export_command(
     run: Path = typer.Argument(..., help="Run or checkpoint folder of `astropt train`."),
     astropt: Path = typer.Option(..., "--astropt", help="Folder to write upstream AstroPT's ckpt.pt into."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an export of another checkpoint in --astropt (its ckpt.pt only; never another kind of folder). An export of the same weights is rewritten without it."),
 ) -> None:
     """Write a checkpoint as upstream AstroPT's ckpt.pt: `load_astropt(repo_id=None, path="OUT/")` loads it."""
     from astropt_train.use.interop import export_astropt
 
-    path = export_astropt(run, astropt, step=step)
+    path = export_astropt(run, astropt, step=step, overwrite=overwrite)
     typer.echo(f"wrote {path}: load it with astropt.model_utils.load_astropt(repo_id=None, path=\"{path.parent}/\")")
 
 

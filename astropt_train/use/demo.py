@@ -31,13 +31,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError, ensure_folder, writing
+from astropt_tok.errors import AstroptError, writing
 from astropt_tok.atomic import atomic_write_text
 
 SUMMARY_FILE = "demo_summary.json"
-# what run_demo writes ("codec" and "demo-summary.json": what older versions wrote, cleaned up by --fresh too)
-DEMO_OUTPUTS = ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", SUMMARY_FILE,
-                "demo-summary.json")
+DEMO = "`astropt demo`"
+# the artifacts the demo makes inside its work folder, each claimed with the demo as its maker: the demo replaces
+# one only when its record says the demo made it (a user's own store at W/tokens is never touched)
+DEMO_PARTS = {"tokens": "token-store", "run": "run", "embeddings": "embeddings", "probe": "probe-report"}
+# what the demo rewrites on every run: an input (--source, --codec) may not lie inside these
+REWRITTEN = ("tokens", "run", "pictures", "embeddings", "probe", SUMMARY_FILE)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class DemoConfig:
     limit: int | None = None  # tokenise at most this many source rows
     seed: int = 0
     device: str = "auto"
-    fresh: bool = False  # delete the demo's earlier outputs (DEMO_OUTPUTS) in workdir first
+    fresh: bool = False  # delete the demo's own earlier outputs in workdir first (clean_workdir), never its inputs
     preset: str = "tiny"  # model shape (astropt_train.config.PRESETS)
     batch_size: int = 8  # galaxies per step with one survey; with two, half as many (the same tokens per step)
     shards: int = 4
@@ -83,14 +86,37 @@ class DemoResult:
     train_summary: dict = field(default_factory=dict)
 
 
-def clean_workdir(workdir: Path) -> None:
-    """Delete the demo's own earlier outputs in `workdir`, never anything else in a folder the user named."""
-    for name in DEMO_OUTPUTS:
-        path = Path(workdir) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+def clean_workdir(workdir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete the demo's own earlier outputs in `workdir` (a demo folder's files, astropt_tok.artifacts KINDS
+    "demo"), minus `keep`, never anything else in a folder the user named. `run_demo` checks first that each
+    of W/tokens, W/run, W/embeddings and W/probe it would delete is one the demo made."""
+    from astropt_tok.artifacts import clear_own
+
+    clear_own(workdir, "demo", keep=keep)
+
+
+def inputs_under(cfg: DemoConfig) -> tuple[str, ...]:
+    """The top-level names under the work folder of --source and --codec when they lie inside it: the demo reads
+    them and never deletes them (--fresh keeps them). The work folder itself as an input, or an input inside
+    something the demo rewrites (W/tokens, W/run, ...; W/survey when the demo writes its own survey), is one
+    error: the demo would clear what it reads."""
+    from astropt_tok.artifacts import check_not_inside
+
+    work = Path(cfg.workdir).expanduser().resolve()
+    names = []
+    for flag, value in (("--source", cfg.source), ("--codec", cfg.codec)):
+        if value is None:
+            continue
+        path = Path(value).expanduser().resolve()  # a glob's pattern resolves as text: its folder still shows
+        if path == work:
+            raise AstroptError(f"{flag} {value} is the --workdir itself, where the demo writes its outputs: choose "
+                               "another --workdir")
+        if work not in path.parents:
+            continue
+        for name in REWRITTEN + (("survey",) if cfg.source is None else ()):
+            check_not_inside(path, work / name, flag, f"--workdir's {name}")
+        names.append(path.relative_to(work).parts[0])
+    return tuple(names)
 
 
 def _cached(stamp: Path, settings: dict) -> bool:
@@ -164,14 +190,35 @@ def _check_flags(cfg: DemoConfig) -> None:
 
 
 def _run_demo(cfg: DemoConfig) -> DemoResult:
+    from astropt_tok.artifacts import output_folder, read_record
+
+    keep = inputs_under(cfg)
+    # W is claimed as a demo folder (a folder of the user's own files, or another kind of artifact, is refused),
+    # and locked for the whole demo; its inner tokenise, train and embed lock their own sub-folders
+    legacy = Path(cfg.workdir).is_dir() and read_record(cfg.workdir) is None  # made before records existed
+    with output_folder(cfg.workdir, "demo", DEMO, "--workdir", may_hold=keep):
+        for name in DEMO_PARTS:  # before --fresh deletes anything: every part there is the demo's own
+            if (Path(cfg.workdir) / name).exists():
+                _claim(cfg, name, legacy)
+        if cfg.fresh:
+            clean_workdir(cfg.workdir, keep=keep)
+        return _run_demo_stages(cfg, legacy)
+
+
+def _claim(cfg: DemoConfig, name: str, legacy: bool) -> bool:
+    """Claim W/name for the demo (astropt_tok.artifacts.claim_part): True when it holds what the demo made."""
+    from astropt_tok.artifacts import claim_part
+
+    return claim_part(Path(cfg.workdir) / name, DEMO_PARTS[name], DEMO, "--workdir", legacy=legacy)
+
+
+def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
+    from astropt_tok.artifacts import clear_own
     from astropt_tok.tokenise import TokeniseConfig, tokenise
     from astropt_train.config import TrainConfig
     from astropt_train.use.decode import DecodeConfig, decode
     from astropt_train.loop import train
 
-    if cfg.fresh:
-        clean_workdir(cfg.workdir)
-    ensure_folder(cfg.workdir, "the demo folder")
     seconds: dict[str, float] = {}
     say = print if cfg.progress else (lambda *a, **k: None)
     stages = 6 if cfg.source is None else 5
@@ -184,6 +231,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     seconds["survey+codec"] = time.perf_counter() - t
 
     store = cfg.workdir / "tokens"
+    _claim(cfg, "tokens", legacy)  # the demo's own store: replaced (overwrite) when its settings changed
     t = time.perf_counter()
     say(f"[3/{stages}] tokenise {survey} -> {store}")
     surveys = _surveys(survey) if cfg.cross_survey else ()
@@ -193,7 +241,8 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     seconds["tokenise"] = time.perf_counter() - t
 
     run = cfg.workdir / "run"
-    shutil.rmtree(run, ignore_errors=True)  # the demo's own run folder: always a fresh run
+    if _claim(cfg, "run", legacy):  # the demo's own run folder: always a fresh run
+        clear_own(run, "run")
     t = time.perf_counter()
     say(f"[4/{stages}] train {cfg.steps} steps -> {run}")
     evals = max(1, cfg.steps // 3)
@@ -210,7 +259,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     t = time.perf_counter()
     say(f"[5/{stages}] decode pictures")
     pics = cfg.workdir / "pictures"
-    common = dict(codec=codec, device=cfg.device, seed=cfg.seed, progress=cfg.progress)
+    common = dict(codec=codec, device=cfg.device, seed=cfg.seed, progress=cfg.progress, inside=cfg.workdir)
     from astropt_tok.store import TokenStore
 
     n_rows = TokenStore(store).num_rows
@@ -235,7 +284,7 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
     if cfg.source is None:  # the synthetic survey's catalogue columns are known functions of each galaxy
         t = time.perf_counter()
         say("[6/6] embed and probe the catalogue")
-        probe_report = _embed_and_probe(cfg, run, survey)
+        probe_report = _embed_and_probe(cfg, run, survey, legacy)
         seconds["probe"] = time.perf_counter() - t
 
     rec = stored.metrics["reconstruction"]
@@ -293,17 +342,19 @@ def _surveys(source: str) -> tuple:
 PROBE_TABLE_KEYS = ("target", "task", "n", "metric", "model", "random_init", "shuffled_labels")
 
 
-def _embed_and_probe(cfg: DemoConfig, run: Path, survey: str) -> dict:
+def _embed_and_probe(cfg: DemoConfig, run: Path, survey: str, legacy: bool = False) -> dict:
     """Embed every stored galaxy with the trained model and probe the synthetic catalogue; the probe report."""
     from astropt_tok.synthetic import CATALOGUE_COLUMNS
     from astropt_train.use.embed import EmbedConfig, embed
     from astropt_train.use.probe import ProbeConfig, probe
 
+    _claim(cfg, "embeddings", legacy)
     embed(EmbedConfig(checkpoint=run, out=cfg.workdir / "embeddings", device=cfg.device, batch_size=32,
                       overwrite=True, progress=cfg.progress))
+    _claim(cfg, "probe", legacy)
     return probe(ProbeConfig(embeddings=cfg.workdir / "embeddings", labels=survey, targets=list(CATALOGUE_COLUMNS),
                              out=cfg.workdir / "probe", folds=5, seed=cfg.seed, random_init_seed=cfg.seed + 1,
-                             device=cfg.device)).report
+                             device=cfg.device, overwrite=True)).report
 
 
 def _probe_table(report: dict) -> list[tuple[str, ...]]:
