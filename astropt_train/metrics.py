@@ -63,11 +63,11 @@ class MetricsLogger:
         self._wandb = self._tb = None
         if backend == "csv":
             csv_path = self.run / CSV_FILE
+            # the kept history through a temporary name (a failed rewrite leaves the old file whole), then appended to
+            atomic_write_text(csv_path, "".join(self._csv_line(r) for r in [dict(zip(CSV_COLUMNS, CSV_COLUMNS))]
+                                                + self.history))
             with writing(csv_path):
-                self._csv = open(csv_path, "w")
-                self._csv.write(",".join(CSV_COLUMNS) + "\n")
-                for rec in self.history:
-                    self._write_csv(rec)
+                self._csv = open(csv_path, "a")
         elif backend == "wandb":
             try:
                 import wandb
@@ -83,8 +83,12 @@ class MetricsLogger:
             except ImportError:
                 echo("tensorboard is not installed: logging to metrics.jsonl only (pip install tensorboard)")
 
+    @staticmethod
+    def _csv_line(rec: dict) -> str:
+        return ",".join("" if rec.get(c) is None else str(rec[c]) for c in CSV_COLUMNS) + "\n"
+
     def _write_csv(self, rec: dict) -> None:
-        self._csv.write(",".join("" if rec.get(c) is None else str(rec[c]) for c in CSV_COLUMNS) + "\n")
+        self._csv.write(self._csv_line(rec))
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one step's record everywhere it goes."""

@@ -108,6 +108,9 @@ def plot_runs(runs: list[RunSummary], out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise AstroptError(f"--out must be a .png file, got {out}")
+    from astropt_tok.artifacts import check_file_output
+
+    check_file_output(out, "--out")  # not a folder, nor among a run's (or any artifact's) own files
     ensure_folder(out.parent, "the output folder")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     labels = _distinct_names(runs)

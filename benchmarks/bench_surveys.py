@@ -121,7 +121,9 @@ def main() -> None:
         result = bench_tokenise(args, Path(tmp)) if args.what == "tokenise" else bench_loader(args, Path(tmp))
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        from astropt_tok.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")  # whole or not at all
 
 
 if __name__ == "__main__":

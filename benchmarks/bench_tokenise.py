@@ -383,7 +383,9 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             results.append(r)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        from astropt_tok.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(results, indent=2))  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(out), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        from astropt_tok.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")  # whole or not at all
     return out
 
 

@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
                "tests": None if tests is None else {"passed": sum(v == "passed" for v in tests.values()),
                                                     "failed": [k for k, v in tests.items() if v == "failed"],
                                                     "skipped": {k: v for k, v in tests.items() if v.startswith("skipped")}}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from astropt_tok.atomic import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # whole or not at all
     if memory:
         for m in memory:
             print(f"largest batch {m['preset']}: {m.get('largest_batch')} (peak {m.get('peak_gb_at_largest')} GB "

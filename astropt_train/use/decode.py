@@ -68,6 +68,7 @@ class DecodeConfig:
     threads: int | None = None  # torch CPU threads while decoding/sampling (None: 1 on a CPU of <= 4 cores, else torch's)
     progress: bool = True  # progress bars on stderr while sampling and decoding (only on a terminal)
     title: str | None = None  # a line above the grid
+    inside: Path | None = None  # an artifact folder the caller owns, where --out/--save-flux may go (the demo's)
 
 
 @dataclass
@@ -608,6 +609,13 @@ def _check_options(cfg: DecodeConfig) -> None:
         raise AstroptError(f"--out must be a .png file, got {cfg.out}")
     if cfg.save_flux is not None and Path(cfg.save_flux).suffix.lower() not in (".npy", ".fits", ".fit"):
         raise AstroptError(f"--save-flux must end in .npy or .fits, got {Path(cfg.save_flux).name}")
+    # a file output never lands on a folder, nor among an artifact's own files (RUN/config.json, a store's shards)
+    from astropt_tok.artifacts import check_file_output
+
+    if picture_path(cfg) is not None:
+        check_file_output(picture_path(cfg), "--out", cfg.inside)
+    if cfg.save_flux is not None:
+        check_file_output(cfg.save_flux, "--save-flux", cfg.inside)
     if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
         raise AstroptError(f"--temperature must be a finite number >= 0 (0: greedy), got {cfg.temperature}")
     for flag, value, least in (("--seed", cfg.seed, 0), ("--generate", cfg.generate, 1), ("--random", cfg.random, 1),
