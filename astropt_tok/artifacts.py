@@ -1,7 +1,7 @@
 """Artifacts: what kind of thing each folder the tool writes is, what made it, and who may clear it.
 
-Every folder a command writes is an *artifact* of one kind (`KINDS`: a token store, a training run, an
-embeddings store, a fitted codec, an export, a demo work folder, a probe report). Its lineage record,
+Every folder a command writes is an *artifact* of one kind (`KINDS`: a token store, a training run and each
+of its checkpoints, an embeddings store, a fitted codec, an export, a demo work folder, a probe report). Its lineage record,
 `DIR/.astropt-artifact.json`, says
 
     {"format": "astropt-artifact", "format_version": 1, "kind", "command", "tool_version", "created",
@@ -51,24 +51,27 @@ class Kind:
     noun: str  # "a token store"
     made_by: str  # "`astropt tokenise`"
     owns: tuple[str, ...]  # glob patterns (top-level names) of what its commands write: what a replace may clear
+    folder: str = "output"  # how messages call its folder: "the store folder"
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("token-store", "a token store", "`astropt tokenise`",
-         ("manifest.json", "shard-*", ".shard-*", "rejects.jsonl", ".done", RECORD)),
+         ("manifest.json", "shard-*", ".shard-*", "rejects.jsonl", ".done", RECORD), "store"),
     Kind("embeddings", "an embeddings store", "`astropt embed`",
-         ("manifest.json", "shard-*", ".shard-*", ".done", RECORD)),
+         ("manifest.json", "shard-*", ".shard-*", ".done", RECORD), "embeddings"),
     Kind("run", "a training run", "`astropt train`",
          ("config.json", "train_config.toml", "metrics.jsonl", "metrics.csv", "loss_curve.png", "val_images",
-          "checkpoints", "rows-rank*.txt", "tensorboard", "wandb", RECORD)),
+          "checkpoints", "rows-rank*.txt", "tensorboard", "wandb", RECORD), "run"),
+    Kind("checkpoint", "a training checkpoint", "`astropt train`",  # RUN/checkpoints/step-N: the run's to prune
+         ("model.safetensors", "config.json", "trainer_state.pt", RECORD), "checkpoint"),
     Kind("codec", "a fitted codec", "`astropt fit-codec`",
-         ("codecs", "fit_report.json", "fit-state.pt", "MODEL.md", RECORD)),
-    Kind("export", "an upstream AstroPT export", "`astropt export`", ("ckpt.pt", RECORD)),
+         ("codecs", "fit_report.json", "fit-state.pt", "MODEL.md", RECORD), "codec"),
+    Kind("export", "an upstream AstroPT export", "`astropt export`", ("ckpt.pt", RECORD), "export"),
     Kind("demo", "a demo work folder", "`astropt demo`",
          ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", "demo_summary.json",
-          "demo-summary.json", RECORD)),
+          "demo-summary.json", RECORD), "demo"),
     Kind("probe-report", "a probe report", "`astropt probe`",
-         ("report.json", "*.png", "random-init-embeddings", RECORD)),
+         ("report.json", "*.png", "random-init-embeddings", RECORD), "probe output"),
 )}
 
 
@@ -181,12 +184,12 @@ def _identify_by_files(folder: Path) -> str | None:
         if fmt == "astropt-embeddings":
             return "embeddings"
     config = _json(folder / "config.json")
+    if (folder / "model.safetensors").is_file() and isinstance(config, dict) and \
+            config.get("format") == "astropt-train-checkpoint":
+        return "checkpoint"  # one checkpoint folder of a run (its config.json holds "train" and "model" too)
     if (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file() or \
             (isinstance(config, dict) and "train" in config and "model" in config):
         return "run"
-    if (folder / "model.safetensors").is_file() and isinstance(config, dict) and \
-            config.get("format") == "astropt-train-checkpoint":
-        return "run"  # one checkpoint folder of a run: the run's to clear
     if (folder / "codecs").is_dir() or (folder / "fit-state.pt").is_file() or (folder / "fit_report.json").is_file():
         return "codec"
     if (folder / "demo_summary.json").is_file() or (folder / "demo-summary.json").is_file() or \
@@ -216,9 +219,8 @@ def describe(folder: str | os.PathLike) -> str:
 
 
 def _folder_words(k: Kind, flag: str) -> str:
-    """'the token store folder (--out)', 'the demo work folder (--workdir)': how an error names the folder."""
-    what = k.noun.split(" ", 1)[1]
-    return f"the {what}{'' if what.endswith('folder') else ' folder'} ({flag})"
+    """'the store folder', 'the demo folder': how an error names the folder (`flag` kept for the callers)."""
+    return f"the {k.folder} folder"
 
 
 def _foreign(folder: Path, may_hold: tuple[str, ...]) -> list[str]:
@@ -289,7 +291,28 @@ def output_folder(folder: str | os.PathLike, kind_name: str, command: str, flag:
     check_claim(folder, kind_name, command, flag, may_hold)
     ensure_folder(folder, _folder_words(KINDS[kind_name], flag))
     with folder_lock(folder, command, shared=shared):
-        yield claim_output(folder, kind_name, command, flag, lineage, may_hold)
+        existed = claim_output(folder, kind_name, command, flag, lineage, may_hold)
+        try:
+            yield existed
+        except BaseException:
+            release_if_unused(folder)  # under the lock: no other command is at work here
+            raise
+
+
+def release_if_unused(folder: str | os.PathLike, remove_folder: bool = False) -> None:
+    """After a failed command: a folder it claimed but wrote nothing into loses its record (and with
+    `remove_folder`, the folder itself, lock and all), so the failure leaves nothing behind. Call it only while
+    holding the folder's lock, or its parent's."""
+    folder = Path(folder)
+    if not folder.is_dir() or contents(folder):
+        return
+    remove_quietly(folder / RECORD)
+    if remove_folder:
+        remove_quietly(folder / LOCK_FILE)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # something else appeared: leave it
 
 
 def claim_part(folder: str | os.PathLike, kind_name: str, command: str, flag: str,

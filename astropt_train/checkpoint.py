@@ -8,6 +8,8 @@ RUN/checkpoints/step-00001000/
                          "val_loss", "format": "astropt-train-checkpoint", "format_version": 1}
     trainer_state.pt    optimiser, grad scaler, RNG and data position; tensors, numbers, strings, lists and
                         dicts only, so `torch.load(path, weights_only=True)` reads it
+    .astropt-artifact.json  its lineage record (astropt_tok.artifacts, kind "checkpoint"): store, codec, step
+                        and the weights' sha256
 RUN/checkpoints/best.json   {"step", "val_loss"} of the best checkpoint by validation loss (never pruned)
 
 A checkpoint is written into a temporary folder beside its final name, fsynced, then renamed into place: a
@@ -268,7 +270,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, co
     import torch
     from safetensors.torch import save_file
 
+    from astropt_tok.artifacts import write_record
     from astropt_tok.atomic import atomic_file
+    from astropt_tok.store import sha256_path
 
     root = Path(run_dir) / CKPT_DIR
     final = root / step_dir_name(step)
@@ -281,7 +285,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, co
         (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
                                                   indent=2))
         torch.save(trainer_state, tmp / STATE_FILE)
+        write_record(tmp, "checkpoint", "`astropt train`", checkpoint_lineage(config, sha256_path(tmp / MODEL_FILE)))
     return final
+
+
+def checkpoint_lineage(config: dict, weights_sha256: str) -> dict:
+    """A checkpoint's lineage record: the store and codec it was trained on, its step and its weights' sha256."""
+    store = config.get("store") or {}
+    return {"store": {"dir": store.get("dir"), "manifest_sha256": store.get("manifest_sha256")},
+            "codec": {"id": store.get("codec_id"), "weights_sha256": store.get("codec_sha256")},
+            "step": config.get("step"), "weights_sha256": weights_sha256}
 
 
 def read_best(run_dir: str | os.PathLike) -> dict | None:

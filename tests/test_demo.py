@@ -131,7 +131,7 @@ def test_demo_refuses_bad_sizes(tmp_path):
     with pytest.raises(AstroptError, match="--threads must be 0"):
         run_demo(DemoConfig(workdir=tmp_path / "w", cpu_threads=-1, progress=False))
     (tmp_path / "taken").write_text("a file")
-    with pytest.raises(AstroptError, match="the demo work folder .* exists as a file, not a folder"):
+    with pytest.raises(AstroptError, match="the demo folder .* exists as a file, not a folder"):
         run_demo(DemoConfig(workdir=tmp_path / "taken", progress=False))
     assert (tmp_path / "taken").read_text() == "a file"
 

@@ -166,7 +166,7 @@ def probe_command(
     seed: int = typer.Option(0, "--seed", help="Seed for the folds and the shuffled-label baseline."),
     random_init_seed: int = typer.Option(0, "--random-init-seed", help="Seed of the randomly initialised model of the baseline."),
     device: str = typer.Option("auto", "--device", help="Device for the random-init baseline's embeddings."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report in --out of other embeddings, labels or targets: clears its report.json and pictures, never another kind of folder or files it did not write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report in --out of other embeddings (one of the same embeddings is rewritten, whatever the labels and targets): clears its report.json and pictures, never another kind of folder or files it did not write."),
 ) -> None:
     """Linear probes of embeddings on catalogue columns (k-fold CV), next to a random-init model and shuffled labels."""
     from astropt_train.use.probe import ProbeConfig, print_table, probe

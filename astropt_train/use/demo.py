@@ -202,7 +202,14 @@ def _run_demo(cfg: DemoConfig) -> DemoResult:
                 _claim(cfg, name, legacy)
         if cfg.fresh:
             clean_workdir(cfg.workdir, keep=keep)
-        return _run_demo_stages(cfg, legacy)
+        try:
+            return _run_demo_stages(cfg, legacy)
+        except BaseException:
+            from astropt_tok.artifacts import release_if_unused
+
+            for name in DEMO_PARTS:  # a part claimed but never written: no trace of it (W's own is released after)
+                release_if_unused(Path(cfg.workdir) / name, remove_folder=True)
+            raise
 
 
 def _claim(cfg: DemoConfig, name: str, legacy: bool) -> bool:

@@ -67,7 +67,7 @@ class ProbeConfig:
     batch_size: int = 32
     pictures: bool = True
     progress: bool = False
-    overwrite: bool = False  # replace a report in `out` of other embeddings, labels or targets
+    overwrite: bool = False  # replace a report in `out` of other embeddings
 
 
 @dataclass
@@ -322,8 +322,9 @@ def probe(cfg: ProbeConfig) -> ProbeResult:
     report and pictures.
 
     `out` is claimed as a probe report before anything is written (another kind of folder, or files no command
-    made, is refused even with --overwrite), and locked while the probe runs. A report of the same embeddings,
-    labels and targets is rewritten; one of others is replaced only with `overwrite` (its own files only)."""
+    made, is refused even with --overwrite), and locked while the probe runs. A report of the same embeddings
+    is rewritten (for any labels and targets: pictures of targets no longer probed are removed with the new
+    report); one of other embeddings is replaced only with `overwrite` (its own files only)."""
     with ExitStack() as held:
         return _run_probe(cfg, held)
 
@@ -372,10 +373,11 @@ def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
     legacy = out.is_dir() and read_record(out) is None  # a report made before records existed
     if held.enter_context(output_folder(out, "probe-report", "`astropt probe`", lineage=lineage)):
         before = (read_record(out) or {}).get("lineage") or {}
-        if any(before.get(k) != v for k, v in lineage.items()):
+        if before.get("embeddings") != lineage["embeddings"]:  # another model's (or store's) report
             if not cfg.overwrite:
-                raise AstroptError(f"--out {out} holds a probe report of other embeddings, labels or targets; pass "
-                                   "--overwrite to replace it, or choose another --out")
+                raise AstroptError(f"--out {out} holds a probe report of other embeddings "
+                                   f"({(before.get('embeddings') or {}).get('dir')}); pass --overwrite to replace it, "
+                                   "or choose another --out")
             clear_own(out, "probe-report", keep=(RANDOM_INIT,))  # the baseline's own checks decide whether it is redone
     update_lineage(out, **lineage)
     # the baseline's embeddings store is the probe's own: one there made by anything else is never replaced
@@ -444,6 +446,10 @@ def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
 
     report = finite_json(report)  # a score that is no number (a fold without variance) is null, never NaN
     atomic_write_text(out / "report.json", dumps_finite(report, indent=2) + "\n")
+    drawn = {entry.get("picture") for entry in report["targets"].values()}
+    for stale in out.glob("*.png"):  # a picture of a target this report no longer holds (other --target)
+        if stale.name not in drawn:
+            stale.unlink(missing_ok=True)
     return ProbeResult(out=out, report=report)
 
 
