@@ -295,7 +295,8 @@ def output_folder(folder: str | os.PathLike, kind_name: str, command: str, flag:
         try:
             yield existed
         except BaseException:
-            release_if_unused(folder)  # under the lock: no other command is at work here
+            if not shared:  # under an exclusive lock no other process is at work here (a job's others may be)
+                release_if_unused(folder)
             raise
 
 

@@ -190,18 +190,20 @@ def _check_flags(cfg: DemoConfig) -> None:
 
 
 def _run_demo(cfg: DemoConfig) -> DemoResult:
-    from astropt_tok.artifacts import output_folder, read_record
+    from astropt_tok.artifacts import output_folder, read_record, update_lineage
 
     keep = inputs_under(cfg)
     # W is claimed as a demo folder (a folder of the user's own files, or another kind of artifact, is refused),
     # and locked for the whole demo; its inner tokenise, train and embed lock their own sub-folders
     legacy = Path(cfg.workdir).is_dir() and read_record(cfg.workdir) is None  # made before records existed
-    with output_folder(cfg.workdir, "demo", DEMO, "--workdir", may_hold=keep):
+    lineage = {"source": cfg.source or "synthetic", "codec": cfg.codec or "the shipped demo codec"}
+    with output_folder(cfg.workdir, "demo", DEMO, "--workdir", lineage=lineage, may_hold=keep):
         for name in DEMO_PARTS:  # before --fresh deletes anything: every part there is the demo's own
             if (Path(cfg.workdir) / name).exists():
                 _claim(cfg, name, legacy)
         if cfg.fresh:
             clean_workdir(cfg.workdir, keep=keep)
+        update_lineage(cfg.workdir, **lineage)  # this run's survey and codec
         try:
             return _run_demo_stages(cfg, legacy)
         except BaseException:
