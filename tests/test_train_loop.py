@@ -107,7 +107,14 @@ def test_checkpoint_folder_format_and_retention(store, tmp_path):
     best = ck.read_best(run)
     assert steps[-2:] == [15, 20] and set(steps) <= {best["step"], 15, 20}
     last = run / "checkpoints" / "step-00000020"
-    assert sorted(p.name for p in last.iterdir()) == ["config.json", "model.safetensors", "trainer_state.pt"]
+    assert sorted(p.name for p in last.iterdir()) == [".astropt-artifact.json", "config.json", "model.safetensors",
+                                                      "trainer_state.pt"]
+    from astropt_tok.artifacts import read_record
+    from astropt_tok.store import sha256_path
+
+    record = read_record(last)  # the checkpoint's lineage: kind, step and its weights' sha256
+    assert record["kind"] == "checkpoint" and record["lineage"]["step"] == 20
+    assert record["lineage"]["weights_sha256"] == sha256_path(last / "model.safetensors")
     state = torch.load(last / "trainer_state.pt", weights_only=True)  # no pickled Python objects needed
     assert state["step"] == 20 and state["data"]["micro_batches_done"] == 20
     conf = json.loads((last / "config.json").read_text())
