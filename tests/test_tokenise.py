@@ -349,25 +349,46 @@ def _reasons(out: Path) -> dict[int, str]:
     return {r["row"]: r["reason"] for r in map(json.loads, (out / st.REJECTS).read_text().splitlines())}
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("fault", ["nan weight", "+inf bias", "-inf bias"])
-def test_codec_with_non_finite_latents_is_caught(fault, device, survey_dir, codec_dir, tmp_path):
-    """Every image's latents are NaN or +/-inf: no such row may reach the store, and the reason says so.
-    A NaN latent casts to -2**31 on a CPU (also out of the vocabulary), but to in-range codes on some GPUs;
-    tanh of an infinite latent is a valid code on every device, so only the latents check sees those."""
-    from astropt_tok.encoder import NONFINITE_LATENTS
-
+def _edit_projection(fault: str):
     def edit(weight, bias):
         if fault == "nan weight":
             weight[0, 0] = float("nan")
         else:
             bias[0] = float(fault.split()[0])
+    return edit
 
-    broken = _edited_codec(codec_dir, tmp_path / "broken-codec", edit)
+
+@pytest.mark.parametrize("fault", ["nan weight", "+inf bias", "-inf bias"])
+def test_codec_with_non_finite_weights_is_refused_at_load(fault, survey_dir, codec_dir, tmp_path):
+    """A codec file holding a NaN or an infinity is refused before any row is read: one error naming the
+    weights file, nothing written."""
+    broken = _edited_codec(codec_dir, tmp_path / "broken-codec", _edit_projection(fault))
     out = tmp_path / "tok"
-    summary = tokenise(config(survey_dir, broken, out, shards=2, limit=6, device=device))
-    assert summary.rejected == 6 and summary.rows == 0
-    assert set(_reasons(out).values()) == {NONFINITE_LATENTS}
+    with pytest.raises(AstroptError, match=r"model\.safetensors.*non-finite"):
+        tokenise(config(survey_dir, broken, out, shards=2, limit=6))
+    assert not (out / st.MANIFEST).exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fault", ["nan weight", "+inf bias", "-inf bias"])
+def test_codec_with_non_finite_latents_is_caught(fault, device, survey_dir, codec_dir):
+    """Every image's latents are NaN or +/-inf (the codec's weights went bad after loading, which the load-time
+    check cannot see): the encoder flags every image. A NaN latent casts to -2**31 on a CPU (also out of the
+    vocabulary), but to in-range codes on some GPUs; tanh of an infinite latent is a valid code on every device,
+    so only the latents check sees those."""
+    import torch
+
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.encoder import Encoder
+
+    loaded = load_image_codec(str(codec_dir), device=device)
+    with torch.no_grad():
+        projection = loaded.codec.pre_quant_proj
+        _edit_projection(fault)(projection.weight, projection.bias)
+    flux, _ = survey_flux(survey_dir)
+    crop = np.ascontiguousarray(flux[:6, :, 32:128, 32:128])  # AION's 96x96 centre of the 160x160 cut-outs
+    tokens, finite, in_vocab = Encoder(loaded, device, "fp32", list(BANDS)).encode(torch.from_numpy(crop))
+    assert tokens.shape[0] == 6 and not finite.any()
 
 
 def test_rows_whose_latents_overflow_are_rejected_and_the_others_kept(survey_dir, codec_dir, tmp_path):
