@@ -291,11 +291,14 @@ def output_folder(folder: str | os.PathLike, kind_name: str, command: str, flag:
     check_claim(folder, kind_name, command, flag, may_hold)
     ensure_folder(folder, _folder_words(KINDS[kind_name], flag))
     with folder_lock(folder, command, shared=shared):
+        had_record = read_record(folder) is not None
         existed = claim_output(folder, kind_name, command, flag, lineage, may_hold)
         try:
             yield existed
         except BaseException:
             if not shared:  # under an exclusive lock no other process is at work here (a job's others may be)
+                if existed and not had_record:  # a folder made before records (or by hand: a hub snapshot)
+                    remove_quietly(Path(folder) / RECORD)  # that the command refused: leave it as it was
                 release_if_unused(folder)
             raise
 

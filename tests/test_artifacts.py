@@ -322,3 +322,22 @@ def test_check_file_output(tmp_path):
         art.check_file_output(legacy / "loss_curve.png", "--out")
     art.check_file_output(legacy / "samples.png", "--out")
     art.check_file_output(tmp_path / "plain" / "samples.png", "--out")
+
+
+def test_a_refused_command_leaves_a_record_less_folder_of_its_kind_as_it_was(codec_dir, tmp_path):
+    """A codec folder made by hand or downloaded (a hub snapshot: no record) that fit-codec refuses to replace
+    keeps its files exactly: no lineage record is left behind by the refused claim."""
+    import shutil
+
+    from astropt_tok.cli import main
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(codec_dir, snapshot)
+    (snapshot / art.RECORD).unlink(missing_ok=True)
+    before = sorted((p.relative_to(snapshot).as_posix(), p.read_bytes()) for p in snapshot.rglob("*") if p.is_file())
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit-codec", "--source", str(tmp_path / "no-such-survey"), "--out", str(snapshot), "--steps", "2"])
+    assert exit_.value.code == 1
+    after = sorted((p.relative_to(snapshot).as_posix(), p.read_bytes()) for p in snapshot.rglob("*")
+                   if p.is_file() and p.name != art.LOCK_FILE)
+    assert after == before
