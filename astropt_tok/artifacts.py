@@ -214,6 +214,30 @@ def describe(folder: str | os.PathLike) -> str:
     return f"files no astropt command wrote ({shown})" if names else "nothing"
 
 
+def lineage_lines(folder: str | os.PathLike) -> list[str]:
+    """What `astropt info` prints for an artifact of any kind: its kind, the command and version that made it,
+    and its lineage record, one `key: value` line each (a folder made before records: its kind alone)."""
+    found = identify(folder)
+    if found is None:
+        raise AstroptError(f"{folder} holds {describe(folder)}: not an artifact of astropt (a token store, run, "
+                           f"checkpoint, embeddings store, codec, export, demo folder or probe report)")
+    lines = [f"{folder}: {describe(folder)}"]
+    rec = read_record(folder)
+    if rec is None:
+        return lines + ["lineage: not recorded (made before lineage records, or not by astropt: a hub snapshot, say)"]
+    lines += [f"made by: {rec.get('command')} (astropt-tokens {rec.get('tool_version')}, {rec.get('created')})"]
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            lines.append(f"{prefix}: {json.dumps(value) if not isinstance(value, str) else value}")
+
+    walk("", rec.get("lineage") or {})
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ownership
 

@@ -51,8 +51,10 @@ def verify(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="Token store folder (holds manifest.json).")) -> None:
-    """Summarise a token store: rows, shards, codec, vocabulary, rejects and codebook usage."""
+def info(store: Path = typer.Argument(..., help="Token store folder (holds manifest.json), or any folder an "
+                                      "astropt command made (run, checkpoint, codec, export, demo, probe report).")) -> None:
+    """Summarise a token store: rows, shards, codec, vocabulary, rejects and codebook usage; of any other artifact,
+    its kind and lineage (what made it)."""
     from astropt_tok.report import print_store_info
     from astropt_tok.store import manifest_format
     from astropt_train.use.embed import FORMAT as EMBEDDINGS
@@ -60,6 +62,11 @@ def info(store: Path = typer.Argument(..., help="Token store folder (holds manif
     if manifest_format(store) == EMBEDDINGS:
         raise AstroptError(f"{store} is an embeddings store (from `astropt embed`): `astropt info` summarises token "
                            f"stores; check it with `astropt verify {store}`")
+    if store.is_dir() and not (store / "manifest.json").exists():  # another kind of artifact: what made it
+        from astropt_tok.artifacts import lineage_lines
+
+        typer.echo("\n".join(lineage_lines(store)))
+        return
     print_store_info(store)
 
 

@@ -341,3 +341,20 @@ def test_a_refused_command_leaves_a_record_less_folder_of_its_kind_as_it_was(cod
     after = sorted((p.relative_to(snapshot).as_posix(), p.read_bytes()) for p in snapshot.rglob("*")
                    if p.is_file() and p.name != art.LOCK_FILE)
     assert after == before
+
+
+def test_info_prints_any_artifacts_kind_and_lineage(tmp_path, capsys):
+    from astropt_tok.cli import main
+
+    run = tmp_path / "run"
+    art.claim_output(run, "run", "`astropt train`", lineage={"store": {"manifest_sha256": "a" * 64}, "init_from": None})
+    main(["info", str(run)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("a training run (made by `astropt train`)")
+    assert f"store.manifest_sha256: {'a' * 64}" in out and "init_from: null" in out
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", str(tmp_path / "mine")])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.count("error:") == 1
