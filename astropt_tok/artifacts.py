@@ -75,11 +75,6 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 )}
 
 
-def kind(name: str) -> Kind:
-    """The Kind called `name`."""
-    return KINDS[name]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the record
 
@@ -210,8 +205,7 @@ def describe(folder: str | os.PathLike) -> str:
         k = KINDS[found]
         return f"{k.noun} (made by {k.made_by})"
     names = contents(folder)
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return f"files no astropt command wrote ({shown})" if names else "nothing"
+    return f"files no astropt command wrote ({_shown(names)})" if names else "nothing"
 
 
 def lineage_lines(folder: str | os.PathLike) -> list[str]:
@@ -242,8 +236,8 @@ def lineage_lines(folder: str | os.PathLike) -> list[str]:
 # ownership
 
 
-def _folder_words(k: Kind, flag: str) -> str:
-    """'the store folder', 'the demo folder': how an error names the folder (`flag` kept for the callers)."""
+def _folder_words(k: Kind) -> str:
+    """'the store folder', 'the demo folder': how an error names the folder."""
     return f"the {k.folder} folder"
 
 
@@ -262,7 +256,7 @@ def check_claim(folder: str | os.PathLike, kind_name: str, command: str, flag: s
     k = KINDS[kind_name]
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise AstroptError(f"{_folder_words(k, flag)} {folder} exists as a file, not a folder")
+        raise AstroptError(f"{_folder_words(k)} {folder} exists as a file, not a folder")
     found = identify(folder)
     if found == kind_name:
         return found
@@ -293,7 +287,7 @@ def claim_output(folder: str | os.PathLike, kind_name: str, command: str, flag: 
     k = KINDS[kind_name]
     folder = Path(folder)
     found = check_claim(folder, kind_name, command, flag, may_hold)
-    ensure_folder(folder, _folder_words(k, flag))
+    ensure_folder(folder, _folder_words(k))
     if found == kind_name:
         if read_record(folder) is None:  # made before records existed: record it now, lineage unknown (the
             write_record(folder, kind_name, command, {})  # caller records what it checks or makes there)
@@ -313,7 +307,7 @@ def output_folder(folder: str | os.PathLike, kind_name: str, command: str, flag:
     from astropt_tok.lock import folder_lock
 
     check_claim(folder, kind_name, command, flag, may_hold)
-    ensure_folder(folder, _folder_words(KINDS[kind_name], flag))
+    ensure_folder(folder, _folder_words(KINDS[kind_name]))
     with folder_lock(folder, command, shared=shared):
         had_record = read_record(folder) is not None
         existed = claim_output(folder, kind_name, command, flag, lineage, may_hold)
@@ -367,7 +361,7 @@ def claim_part(folder: str | os.PathLike, kind_name: str, command: str, flag: st
             what = (f"{KINDS[rec['kind']].noun} made by {rec.get('command')}" if rec is not None else describe(folder))
             raise AstroptError(f"{folder} holds {what}, not {k.noun} made by {command}: {command} replaces only "
                                f"what it made itself; move it away, or choose another {flag}")
-    ensure_folder(folder, _folder_words(k, flag))
+    ensure_folder(folder, _folder_words(k))
     write_record(folder, kind_name, command, lineage)
     return False
 
@@ -428,11 +422,6 @@ def check_not_inside(path: str | os.PathLike, folder: str | os.PathLike, what: s
     if p == f or f in p.parents:
         raise AstroptError(f"{what} {path} lies inside {flag} {folder}, which this command may clear: move it out, "
                            f"or choose another {flag}")
-
-
-def remove_owned(path: str | os.PathLike) -> None:
-    """Delete one file or folder an artifact's own command wrote (thin wrapper: the caller checked ownership)."""
-    remove_quietly(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -165,12 +165,10 @@ def check_model_fields(model: dict, f, vocab: int | None = None, per_image: int 
 
 
 def model_config(ckpt: str | os.PathLike, cfg: dict):
-    """The GPTConfig a checkpoint's config.json describes (`read_config` checked its fields)."""
-    from astropt_tok.schema import Fields
+    """The GPTConfig a checkpoint's config.json describes: `cfg` as `read_config` returned it, which checked its
+    model fields (`check_model_fields`) as part of the whole file."""
     from astropt_train.model import GPTConfig
 
-    check_model_fields(cfg.get("model") if isinstance(cfg.get("model"), dict) else {}, Fields(Path(ckpt) / CONFIG_FILE,
-                                                                                              _REPAIR))
     return GPTConfig(**cfg["model"])
 
 
@@ -224,8 +222,6 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
 def check_trainer_state(state, path: Path) -> None:
     """The structure `train --resume` restores: step (that of the checkpoint folder), an optimiser state dict,
     every rank's random state, the data position, the best validation loss so far."""
-    import math
-
     import torch
 
     from astropt_tok.schema import Fields

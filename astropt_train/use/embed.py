@@ -35,7 +35,6 @@ EMB/.done/shard-00000.json
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time

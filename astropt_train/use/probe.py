@@ -28,7 +28,6 @@ Guards with numbers: nothing is silently dropped or kept, and report.json holds 
 from __future__ import annotations
 
 import glob
-import json
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
