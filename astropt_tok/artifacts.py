@@ -1,8 +1,8 @@
 """Artifacts: what kind of thing each folder the tool writes is, what made it, and who may clear it.
 
 Every folder a command writes is an *artifact* of one kind (`KINDS`: a token store, a training run and each
-of its checkpoints, an embeddings store, a fitted codec, an export, a demo work folder, a probe report). Its lineage record,
-`DIR/.astropt-artifact.json`, says
+of its checkpoints, an embeddings store, a fitted codec, an export, a demo work folder, a probe report, an
+evaluation report). Its lineage record, `DIR/.astropt-artifact.json`, says
 
     {"format": "astropt-artifact", "format_version": 1, "kind", "command", "tool_version", "created",
      "lineage": {...}}
@@ -72,6 +72,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
           "demo-summary.json", RECORD), "demo"),
     Kind("probe-report", "a probe report", "`astropt probe`",
          ("report.json", "*.png", "random-init-embeddings", RECORD), "probe output"),
+    Kind("eval-report", "an evaluation report", "`astropt eval`", ("eval.json", "eval.png", RECORD), "eval output"),
 )}
 
 

@@ -234,6 +234,27 @@ def _check_validation_codec(cfg: TrainConfig, store) -> list[str]:
     return check_store_codec(f"store {store.dir}", store.manifest.get("codec") or {}, codec, cfg.accept_codec_change)
 
 
+TRAINER_BASELINE_ROWS = 2048  # training rows the validation accuracy's baselines are counted on
+
+
+def accuracy_record(summary: dict, several: bool) -> dict:
+    """metrics.jsonl keys of a `TokenScores.summary()`: val_accuracy, val_top5_accuracy and the per-position
+    baseline's val_accuracy_position (over all modalities' targets), and with several modalities the same per
+    modality (suffix _NAME)."""
+    def keys(entries: list[dict], suffix: str) -> dict:
+        n = sum(e["targets"] for e in entries) or 1
+        mean = lambda get: sum(get(e) * e["targets"] for e in entries) / n  # noqa: E731 (a pooled mean)
+        return {f"val_accuracy{suffix}": mean(lambda e: e["accuracy"]["model"]),
+                f"val_top5_accuracy{suffix}": mean(lambda e: e["top5_accuracy"]["model"]),
+                f"val_accuracy_position{suffix}": mean(lambda e: e["accuracy"]["baselines"]["position"])}
+
+    record = keys(list(summary.values()), "")
+    if several:
+        for m, e in summary.items():
+            record.update(keys([e], f"_{m}"))
+    return record
+
+
 def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStack, group) -> dict:
     """The run itself. Under DDP the collectives on the default group (the all-reduces of every step, the
     stop flags at log steps, validation) have --dist-timeout; work that rank 0 does alone while the others
@@ -248,7 +269,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     from astropt_train import checkpoint as ck
     from astropt_train.data import EpochBatchSampler, TokenRows, batch_to_device, make_loader, split_rows
     from astropt_train.metrics import LiveDisplay, MetricsLogger
-    from astropt_train.model import GPT, GPTConfig
+    from astropt_train.model import GPT, MODALITY, GPTConfig
     from astropt_train.validate import ImageGrid, evaluate, predict_tokens, split_blocks
 
     echo = print if dist.master else (lambda *a, **k: None)
@@ -402,6 +423,12 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     sampler.start_epoch, sampler.start_batch = sampler.position(batches_done)
     workers = cfg.workers if cfg.workers is not None else (2 if cuda else 0)
     dataset = TokenRows(store, cfg.store_reads, modalities, cfg.shuffle_modalities, cfg.seed)
+    # model-free baselines for the validation accuracy (astropt_train.token_scores), counted once on a sample of
+    # the training rows: each eval's accuracy is logged beside the per-position most-frequent-token map's
+    from astropt_train.token_scores import TokenScores, baseline_rows, fit_baselines
+
+    baselines = fit_baselines(store, baseline_rows(split.train, TRAINER_BASELINE_ROWS, cfg.seed),
+                              {m: m for m in modalities} if modalities else {MODALITY: None})
     loader = make_loader(store, sampler, workers, pin_memory=cuda, reads=cfg.store_reads, dataset=dataset)
     seq_len = gconf.block_size - 1
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dist.world * seq_len
@@ -546,9 +573,11 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                     record[f"loss_{m}"] = float(value.item())
                 if is_eval:
                     val_parts = {} if modalities else None
+                    scores = TokenScores(baselines)
                     last_val = evaluate(model.module if dist.ddp else model, dataset, split.val, cfg.batch_size, cfg.eval_iters, device, ctx,
-                                        dist.rank, dist.world, by_modality=val_parts)
+                                        dist.rank, dist.world, by_modality=val_parts, scores=scores)
                     record["val_loss"] = last_val
+                    record.update(accuracy_record(scores.summary(), several=bool(modalities)))
                     if not math.isfinite(last_val):
                         echo(f"note: validation loss is {last_val} at step {step} (the training loss is finite): "
                              "not a candidate for the best checkpoint; try --dtype fp32 if it persists")

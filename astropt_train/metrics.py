@@ -16,7 +16,8 @@ from astropt_tok.atomic import atomic_write_text
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
 CURVE_FILE = "loss_curve.png"
-CSV_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss", "mfu")
+CSV_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "grad_norm", "val_loss", "mfu", "val_accuracy",
+               "val_accuracy_position")
 
 
 def write_png(fig, path: str | Path, **savefig_kwargs) -> Path:
@@ -176,6 +177,8 @@ class LiveDisplay:
             line += f" mfu {100 * record['mfu']:.1f}%"
         if record.get("val_loss") is not None:
             line += f" val_loss {record['val_loss']:.4f}"
+        if record.get("val_accuracy") is not None:  # beside what the per-position most-frequent-token map scores
+            line += f" val_acc {record['val_accuracy']:.3f} (position baseline {record['val_accuracy_position']:.3f})"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=f"{record['loss']:.4f}",
                                   tps=f"{record['tokens_per_s']:,.0f}")

@@ -16,9 +16,10 @@ HSC_RGB_BANDS = ("HSC-I", "HSC-R", "HSC-G")  # the same for an HSC modality
 
 
 def evaluate(model, dataset: TokenRows, val_rows: np.ndarray, batch_size: int, eval_iters: int, device,
-             ctx=None, rank: int = 0, world: int = 1, by_modality: dict | None = None) -> float:
+             ctx=None, rank: int = 0, world: int = 1, by_modality: dict | None = None, scores=None) -> float:
     """Mean validation loss over eval_iters batches per rank (the same batches at every eval), averaged over ranks.
-    Several modalities: pass a dict as `by_modality` to get each modality's mean loss in it."""
+    Several modalities: pass a dict as `by_modality` to get each modality's mean loss in it. `scores`, a
+    `token_scores.TokenScores`, gets the same batches' accuracies and its baselines' (summed over ranks)."""
     import torch
     import torch.distributed as dist
 
@@ -34,6 +35,8 @@ def evaluate(model, dataset: TokenRows, val_rows: np.ndarray, batch_size: int, e
             with ctx:
                 logits, loss = model(x, y, **kw)
             losses[i] = loss.float()
+            if scores is not None:
+                scores.add_batch(model, logits, y, x, kw.get("order"), kw.get("loss_mask"), row_offset=i * batch_size)
             if names:
                 parts = model.loss_by_modality(logits, y, kw.get("order"), kw.get("loss_mask"))
                 per_modality[i] = torch.stack([parts[m].float() for m in names])
@@ -41,6 +44,10 @@ def evaluate(model, dataset: TokenRows, val_rows: np.ndarray, batch_size: int, e
     if world > 1:
         dist.all_reduce(means)
         means /= world
+        if scores is not None:  # sums, not means: every rank's targets count once
+            summed = torch.as_tensor(scores.vector(), dtype=torch.float64, device=device)
+            dist.all_reduce(summed)
+            scores.load(summed.cpu().numpy())
     model.train(was_training)
     values = means.tolist()
     if names:

@@ -192,10 +192,50 @@ def export_command(
     typer.echo(f"wrote {path}: load it with astropt.model_utils.load_astropt(repo_id=None, path=\"{path.parent}/\")")
 
 
+def eval_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run or checkpoint folder of `astropt train` (or an upstream AstroPT ckpt.pt)."),
+    out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for eval.json and eval.png."),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store (default: the one the checkpoint was trained on; another store is scored on all its rows)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
+    rows: Optional[str] = typer.Option(None, "--rows", help="Store rows to score, e.g. 0:500 (default: the run's held-out rows)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many of the scored rows (a quick look)."),
+    seeds: int = typer.Option(3, "--seeds", help="Draws of every sampled score (mean and standard deviation over them)."),
+    sample_rows: int = typer.Option(64, "--sample-rows", help="Rows completed and drawn per seed (0: token scores only)."),
+    complete_from: Optional[int] = typer.Option(None, "--complete-from", help="Tokens kept of each image before the model completes it (default: half)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
+    baseline_rows: int = typer.Option(100_000, "--baseline-rows", help="Training rows the token baselines are counted on (a seeded sample when there are more)."),
+    codec: Optional[str] = typer.Option(None, "--codec", help="Codec hub id or folder (default: the one that made the store)."),
+    accept_codec_change: bool = typer.Option(False, "--accept-codec-change", help="Decode with a codec whose weights differ from those that made the tokens; refused without it."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Folder where the store's source files are now (if they moved)."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Decoded and sampled scores (need the codec); --no-images: token scores only."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows per forward pass, sampling batch and decode."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: 1 on a CPU of up to 4 cores, else torch's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report in --out of another checkpoint or store (its own files only)."),
+    json_out: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
+) -> None:
+    """Score a trained model beside model-free baselines on its held-out rows: token accuracy and loss, completions and cross-survey drawings over several seeds."""
+    from astropt_train.use.evaluate import EvalConfig, print_table, run_eval
+
+    cfg = EvalConfig(checkpoint=checkpoint, out=out, tokens=tokens, step=step, rows=rows, limit=limit, seeds=seeds,
+                     sample_rows=sample_rows, complete_from=complete_from, temperature=temperature, top_k=top_k,
+                     baseline_rows=baseline_rows, codec=codec, accept_codec_change=accept_codec_change, source=source,
+                     images=images, device=device, batch_size=batch_size, threads=threads, overwrite=overwrite)
+    result = run_eval(cfg)
+    if json_out:
+        from astropt_tok.health import dumps_finite
+
+        print(dumps_finite(result.report, indent=2))
+    else:
+        print_table(result)
+
+
 def register(app: typer.Typer) -> None:
-    """Add the `decode`, `demo`, `embed`, `probe` and `export` commands to the `astropt` app."""
+    """Add the `decode`, `demo`, `embed`, `probe`, `export` and `eval` commands to the `astropt` app."""
     app.command("decode")(decode_command)
     app.command("demo")(demo_command)
     app.command("embed")(embed_command)
     app.command("probe")(probe_command)
     app.command("export")(export_command)
+    app.command("eval")(eval_command)
