@@ -74,7 +74,6 @@ def test_eval_scores_beside_baselines_on_the_held_out_rows(one_survey, tmp_path)
     assert rep == json.loads(json.dumps(result.report))
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
     store = TokenStore(store_dir)
-    split = split_rows(store.num_rows, 0.25, 1337)
     config = json.loads((run / "config.json").read_text())
     split = split_rows(store.num_rows, config["split"]["val_fraction"], config["split"]["seed"])
     assert rep["rows"]["count"] == len(split.val)
@@ -106,9 +105,8 @@ def test_eval_scores_beside_baselines_on_the_held_out_rows(one_survey, tmp_path)
 
 def test_model_token_scores_equal_a_direct_forward_pass(one_survey, tmp_path):
     import torch
-    import torch.nn.functional as F
 
-    from astropt_train.checkpoint import load_model, find_checkpoint
+    from astropt_train.checkpoint import find_checkpoint, load_model
 
     store_dir, run = one_survey
     result = run_eval(EvalConfig(checkpoint=run, out=tmp_path / "e", images=False, device="cpu"))
@@ -145,8 +143,7 @@ def test_baselines_follow_their_documented_rules():
     c_u = sum(c for (u, _), c in pairs.items() if u == 0)
     assert np.exp(s["bigram"][0][1]) == pytest.approx((pairs.get((0, 4), 0) + 5 * p_uni) / (c_u + 5))
     assert s["bigram"][0][2] == s["unigram"][0][2]  # position 0: no previous token in the block, the unigram
-    for scorer in s.values():  # probabilities sum to one over the vocabulary
-        pass
+    # the bigram's probabilities after a context sum to one over the vocabulary
     total = sum(np.exp(b.score(np.array([v]), np.array([5]), np.array([2]))["bigram"][0][0]) for v in range(6))
     assert total == pytest.approx(1.0)
 
