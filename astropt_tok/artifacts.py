@@ -68,7 +68,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          ("codecs", "fit_report.json", "fit-state.pt", "MODEL.md", RECORD), "codec"),
     Kind("export", "an upstream AstroPT export", "`astropt export`", ("ckpt.pt", RECORD), "export"),
     Kind("demo", "a demo work folder", "`astropt demo`",
-         ("survey", "codec", "tokens", "run", "pictures", "embeddings", "probe", "demo_summary.json",
+         ("survey", "codec", "tokens", "run", "pictures", "eval", "embeddings", "probe", "demo_summary.json",
           "demo-summary.json", RECORD), "demo"),
     Kind("probe-report", "a probe report", "`astropt probe`",
          ("report.json", "*.png", "random-init-embeddings", RECORD), "probe output"),

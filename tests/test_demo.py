@@ -28,11 +28,17 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
     assert store.num_rows == 24 and store.vocab_size == 4375 and store.tokens_per_image == 576
     assert store.modalities == ["legacysurvey_image", "hsc_image"]  # the synthetic survey has both
     assert "hsc_image drawn from legacysurvey_image tokens" in res.pictures
-    assert 0 <= res.metrics["cross_survey"]["token_agreement"] <= 1
-    hsc = {"HSC-G", "HSC-R", "HSC-I", "HSC-Z", "HSC-Y"}  # the drawn HSC images and the codec's ceiling, vs the real ones
-    for key in ("vs_original", "reconstruction_vs_original"):
-        assert set(res.metrics["cross_survey"][key]["explained_variance"]) == hsc
-        assert set(res.metrics["cross_survey"][key]["colours"]) == {"g-r", "r-i", "i-z", "z-y"}
+    # the model's numbers are eval's: every held-out row, sampled ones over seeds, each beside its baselines
+    evaluation = json.loads((cfg.workdir / "eval" / "eval.json").read_text())
+    assert res.metrics["eval"]["rows"] == evaluation["rows"]["count"] >= 1
+    assert evaluation["sampling"]["seeds"] == [0, 1, 2] and evaluation["sampling"]["top_k"] == cfg.top_k
+    cross = evaluation["cross_survey"]["legacysurvey_image->hsc_image"]
+    assert len(cross["explained_variance"]["per_seed"]) == 3
+    hsc = {"HSC-G", "HSC-R", "HSC-I", "HSC-Z", "HSC-Y"}  # the drawn HSC images, vs the real ones, beside the ceiling
+    assert set(cross["per_band_explained_variance"]) == hsc and cross["against"] == "original"
+    table = res.metrics["eval"]["table"]
+    assert any(r["score"] == "next-token accuracy" and "position map" in r["baselines"] for r in table)
+    assert any(r["what"] == "legacysurvey_image -> hsc_image" and "±" in r["model"] and r["ceiling"] for r in table)
     assert verify_store(res.store) == []
     assert [s for s, _ in list_checkpoints(res.run)] == [6]
     for name, path in res.pictures.items():
@@ -41,7 +47,7 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
             with Image.open(path) as im:
                 assert im.format == "PNG" and im.size[0] > 96 and im.size[1] > 96
     assert np.load(res.pictures["generated flux (.npy)"]).shape == (2, 4, 96, 96)
-    assert res.metrics["completion"]["kept"] == cfg.complete_from
+    assert evaluation["modalities"]["legacysurvey_image"]["completion"]["kept"] == cfg.complete_from
     summary = json.loads((cfg.workdir / "demo_summary.json").read_text())
     bands = {"DES-G", "DES-R", "DES-I", "DES-Z"}
     keys = {"mse", "explained_variance", "psnr"}
@@ -50,7 +56,7 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
         assert set(summary["baselines"][name]) == bands
         assert all(set(v) == keys and np.isfinite(v["psnr"]) for v in summary["baselines"][name].values())
     assert "probes" in summary and summary["demo_codec"] is True
-    assert set(summary["colours"]) == {"g-r", "r-i", "i-z"} and summary["cross_survey"]["generated"] == "hsc_image"
+    assert set(summary["colours"]) == {"g-r", "r-i", "i-z"} and summary["eval"]["table"] == res.metrics["eval"]["table"]
     for b in bands:  # the shipped codec beats both baselines on the demo's own galaxies
         rec, zero, mean = (summary["reconstruction"][b], summary["baselines"]["zero"][b],
                            summary["baselines"]["image_mean"][b])
@@ -79,6 +85,7 @@ def test_demo_summary_prints_scores_beside_baselines_in_80_columns(demo):
     for path in res.pictures.values():
         assert str(path) in text
     assert "linear probes of the catalogue" in text and "morphology" in text
+    assert "held-out rows" in text and "position map" in text and "seeds" in text  # eval's scores, with baselines
 
 
 def test_shipped_demo_codec_reconstructs_held_out_galaxies():

@@ -8,7 +8,10 @@
   4. train     a tiny GPT on the store for a few hundred steps (`astropt train`)
   5. decode    stored rows against their originals, teacher-forced predictions, completions and generated
                galaxies, each a PNG grid (`astropt decode`)
-  6. probe     embeds every galaxy with the trained model (`astropt embed`) and fits linear probes of the
+  6. eval      `astropt eval` on every held-out row: token accuracy and loss beside the per-position map, bigram
+               and unigram baselines; completions and cross-survey drawings over several seeds beside the
+               average training image, the position map and the codec's own reconstruction
+  7. probe     embeds every galaxy with the trained model (`astropt embed`) and fits linear probes of the
                synthetic survey's catalogue columns, next to a random-init model and shuffled labels
                (`astropt probe`; synthetic survey only)
 
@@ -38,9 +41,10 @@ SUMMARY_FILE = "demo_summary.json"
 DEMO = "`astropt demo`"
 # the artifacts the demo makes inside its work folder, each claimed with the demo as its maker: the demo replaces
 # one only when its record says the demo made it (a user's own store at W/tokens is never touched)
-DEMO_PARTS = {"tokens": "token-store", "run": "run", "embeddings": "embeddings", "probe": "probe-report"}
+DEMO_PARTS = {"tokens": "token-store", "run": "run", "embeddings": "embeddings", "probe": "probe-report",
+              "eval": "eval-report"}
 # what the demo rewrites on every run: an input (--source, --codec) may not lie inside these
-REWRITTEN = ("tokens", "run", "pictures", "embeddings", "probe", SUMMARY_FILE)
+REWRITTEN = ("tokens", "run", "pictures", "eval", "embeddings", "probe", SUMMARY_FILE)
 
 
 @dataclass
@@ -64,6 +68,8 @@ class DemoConfig:
     complete_from: int = 288  # completion keeps the top half of each image's 24x24 token grid
     temperature: float = 1.0
     top_k: int | None = 100
+    eval_seeds: int = 3  # draws of every sampled score the summary reports (mean and spread over them)
+    eval_sample_rows: int = 64  # held-out rows completed and drawn per seed (the demo's 30: all of them)
     progress: bool = True  # progress bars and training log lines
     cpu_threads: int | None = None  # torch threads on CPU for every stage (None: torch's for training, decode's own
     # default, 1 on a small CPU, for sampling); see run_demo
@@ -230,7 +236,7 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
 
     seconds: dict[str, float] = {}
     say = print if cfg.progress else (lambda *a, **k: None)
-    stages = 6 if cfg.source is None else 5
+    stages = 7 if cfg.source is None else 6
 
     t = time.perf_counter()
     say(f"[1/{stages}] survey")
@@ -289,21 +295,31 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
                                     out=pics / "cross_survey.png", **common))
     seconds["decode"] = time.perf_counter() - t
 
+    # the numbers the demo reports: every held-out row, each score beside its baselines, sampled ones over seeds
+    t = time.perf_counter()
+    say(f"[6/{stages}] evaluate on every held-out row beside model-free baselines ({cfg.eval_seeds} seeds)")
+    evaluation = _evaluate(cfg, run, codec, legacy)
+    seconds["eval"] = time.perf_counter() - t
+
     probe_report = None
     if cfg.source is None:  # the synthetic survey's catalogue columns are known functions of each galaxy
         t = time.perf_counter()
-        say("[6/6] embed and probe the catalogue")
+        say("[7/7] embed and probe the catalogue")
         probe_report = _embed_and_probe(cfg, run, survey, legacy)
         seconds["probe"] = time.perf_counter() - t
 
     rec = stored.metrics["reconstruction"]
+    from astropt_train.use.evaluate import HEADLINE_KEYS, headline_rows
+
     metrics = {
         "reconstruction": rec["per_band"],  # per band: mse, explained_variance, psnr
         "baselines": rec["baselines"],  # the same for "zero" and "image_mean" on the same galaxies
         "colours": rec["colours"],  # per neighbouring-band pair: RMS colour error (mag) beside one colour for all
         "reconstruction_galaxies": len(stored.labels),
-        "prediction": predicted.metrics["prediction"],
-        "completion": completed.metrics["completion"],
+        # the model's scores: `astropt eval` over every held-out row, beside its baselines and spread
+        "eval": {"report": str(cfg.workdir / "eval" / "eval.json"), "rows": evaluation["rows"]["count"],
+                 "sampling": evaluation.get("sampling"),
+                 "table": [dict(zip(HEADLINE_KEYS, r)) for r in headline_rows(evaluation)]},
         "train_loss": summary.get("loss"),
         "val_loss": summary.get("val_loss"),
     }
@@ -316,17 +332,10 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
         f"completion from {cfg.complete_from} tokens": completed.out,
         "generated galaxies": generated.out,
         "generated flux (.npy)": generated.flux_path,
+        "evaluation (accuracy by position, sampled scores)": cfg.workdir / "eval" / "eval.png",
     }
     if cross is not None:
         pictures[f"{surveys[1][0]} drawn from {surveys[0][0]} tokens"] = cross.out
-        c = cross.metrics["cross"]
-        metrics["cross_survey"] = {"given": c["given"], "generated": c["generated"], "galaxies": len(cross.labels),
-                                   "token_agreement": c["token_agreement"]}
-        for key in ("vs_original", "reconstruction_vs_original"):  # drawn, and the codec's ceiling, vs the real image
-            if key in c:
-                metrics["cross_survey"][key] = {
-                    "explained_variance": {b: v["explained_variance"] for b, v in c[key]["per_band"].items()},
-                    "colours": c[key]["colours"]}
     val_images = sorted((run / "val_images").glob("*.png"))
     if val_images:
         pictures["validation images during training"] = val_images[-1]
@@ -334,6 +343,18 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
                         metrics=metrics, seconds=seconds, demo_codec=cfg.codec is None, train_summary=summary)
     write_summary(result)
     return result
+
+
+def _evaluate(cfg: DemoConfig, run: Path, codec: str, legacy: bool) -> dict:
+    """`astropt eval` of the demo's run into W/eval: every held-out row, sampled scores over `eval_seeds` draws
+    with the demo's temperature and top-k; the report."""
+    from astropt_train.use.evaluate import EvalConfig, run_eval
+
+    _claim(cfg, "eval", legacy)
+    return run_eval(EvalConfig(checkpoint=run, out=cfg.workdir / "eval", seeds=cfg.eval_seeds,
+                               sample_rows=cfg.eval_sample_rows, complete_from=cfg.complete_from,
+                               temperature=cfg.temperature, top_k=cfg.top_k, codec=codec, device=cfg.device,
+                               overwrite=True)).report
 
 
 def _surveys(source: str) -> tuple:
@@ -374,21 +395,22 @@ def _probe_table(report: dict) -> list[tuple[str, ...]]:
 
 
 def write_summary(result: DemoResult) -> Path:
-    """WORKDIR/demo_summary.json: reconstruction scores and baselines at the top, then the rest of the run.
+    """WORKDIR/demo_summary.json: reconstruction scores and baselines at the top, then the model's scores, then
+    the rest of the run.
 
     Layout: {"reconstruction": {band: {mse, explained_variance, psnr}}, "baselines": {"zero": {band: ...},
-    "image_mean": {band: ...}}, "colours": {pair: rms colour error beside one colour for all}, "probes": the linear
-    probes' table and report path (None without the probe step), "cross_survey": the drawn survey's explained
-    variance and colours against the real image, beside the codec's own reconstruction (None with one survey),
-    "prediction", "completion", "train_loss", "val_loss", "seconds", "pictures", ...}.
+    "image_mean": {band: ...}}, "colours": {pair: rms colour error beside one colour for all}, "eval": the
+    model's headline scores from `astropt eval` over every held-out row (each "model" as mean ± spread beside
+    its "baselines" and the codec's "ceiling"; sampled ones over seeds, with temperature and top-k) and the
+    path of the full eval.json, "probes": the linear probes' table and report path (None without the probe
+    step), "train_loss", "val_loss", "seconds", "pictures", ...}.
     """
     m = result.metrics
     summary = {"reconstruction": m["reconstruction"], "baselines": m["baselines"], "colours": m.get("colours"),
-               "reconstruction_galaxies": m["reconstruction_galaxies"], "probes": m.get("probe"),
-               "cross_survey": m.get("cross_survey"),
+               "reconstruction_galaxies": m["reconstruction_galaxies"], "eval": m.get("eval"),
+               "probes": m.get("probe"),
                **{k: v for k, v in _jsonable(result).items() if k != "metrics"},
-               "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines", "colours",
-                                                                   "cross_survey")}}
+               "metrics": {k: v for k, v in m.items() if k not in ("reconstruction", "baselines", "colours", "eval")}}
     path = result.workdir / SUMMARY_FILE
     from astropt_tok.health import dumps_finite
 
@@ -432,14 +454,17 @@ def print_demo_summary(result: DemoResult, console=None) -> None:
     print_reconstruction_table({"per_band": m["reconstruction"], "baselines": m["baselines"],
                                 "colours": m.get("colours")}, console=console,
                                title=f"codec reconstruction vs original ({m['reconstruction_galaxies']} galaxies)")
-    cross = m.get("cross_survey", {})
-    if "vs_original" in cross:
-        console.print(f"{cross['generated']} drawn from {cross['given']} tokens ({cross['galaxies']} galaxies), "
-                      "explained variance per band, drawn / codec reconstruction (the ceiling): " + ", ".join(
-                          f"{b} {ev:.2f} / {cross['reconstruction_vs_original']['explained_variance'][b]:.2f}"
-                          for b, ev in cross["vs_original"]["explained_variance"].items()))
-    console.print(f"train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}; teacher-forced next-token accuracy "
-                  f"{m['prediction']['accuracy']:.3f}")
+    ev = m.get("eval")
+    if ev:
+        table = folding_table("", "score", "model", "baselines (no model)", "codec",
+                              title=f"the model on all {ev['rows']} held-out rows (`astropt eval`; {ev['report']})")
+        for r in ev["table"]:
+            table.add_row(r["what"], r["score"], r["model"], r["baselines"], r["ceiling"])
+        console.print(table)
+        from astropt_train.use.evaluate import sampling_line
+
+        console.print(sampling_line({"sampling": ev.get("sampling")}), highlight=False)
+    console.print(f"train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f" (total {sum(result.seconds.values()):.0f} s)")
     if "probe" in m:

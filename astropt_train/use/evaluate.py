@@ -494,6 +494,54 @@ def _sampled_rows(who: str, what: str, entry: dict) -> list[tuple[str, ...]]:
 
 
 TABLE_HEADER = ("modality", "score", "model", "spread", "position", "bigram", "unigram", "mean image", "codec")
+HEADLINE_KEYS = ("what", "score", "model", "baselines", "ceiling")
+BASELINE_NAMES = {"position": "position map", "bigram": "bigram", "unigram": "unigram", "mean_image": "mean image",
+                  "one_colour": "one colour"}
+
+
+def _pm(e: dict, digits: int = 3) -> str:
+    """"0.606 ± 0.004" (model and spread) or the model alone."""
+    if e["model"] is None:
+        return "-"
+    return f"{e['model']:.{digits}f}" + (f" ± {e['spread']:.{digits}f}" if e.get("spread") is not None else "")
+
+
+def _baseline_text(e: dict, names=("position", "bigram", "unigram", "mean_image", "one_colour")) -> str:
+    return ", ".join(f"{BASELINE_NAMES[n]} {e['baselines'][n]:.3f}" for n in names
+                     if e["baselines"].get(n) is not None)
+
+
+def headline_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
+    """The few scores a newcomer reads first, each beside its baselines: (what, score, model ± spread,
+    baselines, the codec's ceiling)."""
+    out = []
+    for m, entry in report["modalities"].items():
+        t = entry["tokens"]
+        out.append((m, "next-token accuracy", _pm(t["accuracy"]), _baseline_text(t["accuracy"]), ""))
+        out.append((m, "validation loss (nats)", _pm(t["loss"]), _baseline_text(t["loss"]), ""))
+        if "completion" in entry:
+            c = entry["completion"]
+            out.append((m, f"completion from {c['kept']}: token agreement", _pm(c["token_agreement"]),
+                        _baseline_text(c["token_agreement"]), ""))
+            out.append((m, f"completion from {c['kept']}: explained variance", _pm(c["explained_variance"]),
+                        _baseline_text(c["explained_variance"]), _fmt(c["explained_variance"]["baselines"].get("codec"))))
+    for direction, c in (report.get("cross_survey") or {}).items():
+        who = direction.replace("->", " -> ")
+        out.append((who, "drawn: explained variance", _pm(c["explained_variance"]),
+                    _baseline_text(c["explained_variance"]), _fmt(c["explained_variance"]["baselines"].get("codec"))))
+        out.append((who, "drawn: colour RMS error (mag)", _pm(c["colour_rms_mag"]),
+                    _baseline_text(c["colour_rms_mag"]), _fmt(c["colour_rms_mag"]["baselines"].get("codec"))))
+    return out
+
+
+def sampling_line(report: dict) -> str:
+    """How the sampled scores were drawn, for a caption."""
+    s = report.get("sampling") or {}
+    if not s.get("rows"):
+        return "no sampled scores"
+    return (f"sampled scores: {s['rows']} held-out rows x {len(s['seeds'])} seeds ({s['seeds'][0]}..{s['seeds'][-1]}), "
+            f"temperature {s['temperature']}, top-k {s['top_k']}; ± is the standard deviation over seeds "
+            "(teacher-forced scores: the standard error over rows)")
 
 
 def print_table(result: EvalResult, console=None) -> None:
@@ -538,7 +586,7 @@ def write_figure(report: dict, by_position: dict, path: Path) -> Path:
     from astropt_train.metrics import write_png
 
     names = list(report["modalities"])
-    sampled = [(m, e["completion"]) for m, e in report["modalities"].items() if "completion" in e]
+    sampled = [(f"{m}\ncompletion", e["completion"]) for m, e in report["modalities"].items() if "completion" in e]
     sampled += [(d, e) for d, e in (report.get("cross_survey") or {}).items()]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100)
     ax = axes[0]
@@ -559,7 +607,7 @@ def write_figure(report: dict, by_position: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax = axes[1]
     if sampled:
-        labels, width = [], 0.2
+        labels, width, lowest = [], 0.2, 0.0
         for i, (who, e) in enumerate(sampled):
             ev = e["explained_variance"]
             bars = [("model", ev["model"], ev["spread"]), ("position map", ev["baselines"].get("position"), None),
@@ -567,16 +615,17 @@ def write_figure(report: dict, by_position: dict, path: Path) -> Path:
             for j, (name, v, err) in enumerate(bars):
                 if v is None:
                     continue
+                lowest = min(lowest, v - (err or 0.0))
                 x = i + (j - 1.5) * width
                 ax.bar(x, max(v, FLOOR), width, yerr=err if v > FLOOR else None, color=f"C{j}", capsize=3,
                        label=name if i == 0 else None)
                 if v < FLOOR:  # far below zero (worse than each image's own mean): drawn cut, its value written
                     ax.text(x, FLOOR, f"{v:.3g}", rotation=90, ha="center", va="bottom", fontsize=6)
-            labels.append(who.replace("->", "\n-> "))
+            labels.append(who.replace("->", "\n-> ") if "\n" not in who else who)
         ax.set_xticks(range(len(sampled)))
         ax.set_xticklabels(labels, fontsize=7)
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_ylim(FLOOR - 0.05, 1.05)
+        ax.set_ylim(max(FLOOR, lowest) - 0.05, 1.05)
         s = report["sampling"]
         ax.set_title(f"explained variance vs {sampled[0][1]['against']} ({s['rows']} rows, seeds "
                      f"{s['seeds'][0]}..{s['seeds'][-1]}, T={s['temperature']}, top-k={s['top_k']})", fontsize=9)
