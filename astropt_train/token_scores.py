@@ -247,9 +247,10 @@ class TokenScores:
             sel = (modality == k) & keep  # (B, L-1)
             if not bool(sel.any()):
                 continue
-            lg = logits[sel].float()  # (n, vocab_model)
-            y = targets[sel]
-            logp = -F.cross_entropy(lg, y, reduction="none")
+            every = bool(sel.all())  # one modality, nothing masked: a view, not a copy of the logits
+            lg = logits.reshape(-1, logits.size(-1)) if every else logits[sel]  # (n, vocab_model)
+            y = targets.reshape(-1) if every else targets[sel]
+            logp = -F.cross_entropy(lg.float(), y, reduction="none")
             top = lg[:, :vocab].topk(min(TOP, vocab), dim=-1).indices  # (n, TOP)
             hit5 = (top == y[:, None]).any(1)
             hit1 = top[:, 0] == y
