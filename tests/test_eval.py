@@ -212,3 +212,49 @@ def test_a_held_out_store_is_scored_whole_against_the_runs_training_baselines(on
     expected = float((tok[:, 1:] == mode[None, 1:]).mean())
     (entry,) = rep["modalities"].values()
     assert entry["tokens"]["accuracy"]["baselines"]["position"] == pytest.approx(expected, abs=1e-12)
+
+
+def _plant_missing_hsc(row, cols, j):
+    if row in (2, 5, 9, 14):
+        cols["hsc_image"][j]["flux"][3][50, 50] = np.nan  # a bad HSC image: the row keeps only its Legacy Survey one
+
+
+def test_rows_lacking_a_modality_are_left_out_of_its_scores(codec_dir, tmp_path):
+    """A --keep-partial store: a row without its HSC image is no target of the HSC scores (model or baselines)
+    and is never completed or drawn."""
+    from astropt_tok.synthetic import write_synthetic_survey
+
+    survey = tmp_path / "survey"
+    write_synthetic_survey(survey, n_rows=24, n_files=1, seed=4, edit_rows=_plant_missing_hsc)
+    store_dir = tmp_path / "tokens"
+    tokenise(TokeniseConfig(source=str(survey), out=str(store_dir), shards=2, codec=str(codec_dir), batch_size=8,
+                            device="cpu", progress=False, modalities=(LS, HSC), keep_partial=True))
+    run = _run(store_dir, tmp_path / "run", max_iters=3, val_fraction=0.4)
+    rep = run_eval(EvalConfig(checkpoint=run, out=tmp_path / "e", seeds=1, sample_rows=20, device="cpu")).report
+    store = TokenStore(store_dir)
+    config = json.loads((run / "config.json").read_text())
+    val = split_rows(store.num_rows, config["split"]["val_fraction"], config["split"]["seed"]).val
+    has_hsc = store.valid(val)["hsc_image"]
+    assert not has_hsc.all(), "the split should hold out a row without HSC for this test to mean anything"
+    T = store.tokens_per_image
+    hsc = rep["modalities"]["hsc_image"]["tokens"]
+    assert hsc["rows"] == int(has_hsc.sum())
+    # HSC is the second block (no shuffle): each row that has it contributes all T of its tokens as targets
+    assert hsc["targets"] == int(has_hsc.sum()) * T
+    assert rep["modalities"]["legacysurvey_image"]["tokens"]["targets"] == len(val) * (T - 1)
+    assert rep["sampling"]["rows"] == int(has_hsc.sum())  # only rows with both images are completed or drawn
+
+
+def test_an_upstream_checkpoint_needs_rows_it_did_not_train_on(one_survey, tmp_path):
+    from astropt_train.use.interop import export_astropt
+
+    store_dir, run = one_survey
+    exported = export_astropt(run, tmp_path / "export")
+    with pytest.raises(AstroptError, match="records no train/validation split"):
+        run_eval(EvalConfig(checkpoint=exported, tokens=store_dir, out=tmp_path / "e", images=False, device="cpu"))
+    rep = run_eval(EvalConfig(checkpoint=exported, tokens=store_dir, rows="0:5", out=tmp_path / "e", images=False,
+                              device="cpu")).report
+    assert rep["rows"]["count"] == 5 and rep["baselines"]["of"] == TokenStore(store_dir).num_rows - 5
+    ours = run_eval(EvalConfig(checkpoint=run, rows="0:5", out=tmp_path / "ours", images=False, device="cpu")).report
+    (a,), (b,) = rep["modalities"].values(), ours["modalities"].values()
+    assert a["tokens"]["loss"]["model"] == pytest.approx(b["tokens"]["loss"]["model"], rel=1e-5)  # the same weights
