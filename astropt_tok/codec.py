@@ -61,6 +61,23 @@ class LoadedCodec:
         }
 
 
+def aion_bands() -> list[str]:
+    """The bands AION's image codec knows (aion.codecs.preprocessing.band_to_index), read from that one file so
+    that checking a flag does not import aion's package (torch and the codecs: seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("aion")  # finds the package without running its __init__
+    table = Path(next(iter(spec.submodule_search_locations or []), "")) / "codecs/preprocessing/band_to_index.py" \
+        if spec is not None else None
+    if table is None or not table.is_file():
+        from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX  # another layout: import it
+
+        return list(BAND_TO_INDEX)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_aion_band_to_index", table))
+    module.__spec__.loader.exec_module(module)  # a module of plain dict literals, imports nothing
+    return list(module.BAND_TO_INDEX)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()

@@ -32,13 +32,14 @@ def decode_command(
     generate: Optional[int] = typer.Option(None, "--generate", help="Sample this many galaxies from the model."),
     complete_from: Optional[int] = typer.Option(None, "--complete-from", help="Keep the first K tokens of each row; the model writes the rest."),
     predict: bool = typer.Option(False, "--predict", help="Teacher-forced argmax prediction beside each stored row."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Which image column of the store (modality of the model) to decode, e.g. hsc_image (default: the model's first, else the store's first); --bands and --rgb must be its bands."),
     given: Optional[str] = typer.Option(None, "--given", help="Cross-survey (a model trained on several image columns): the modality whose stored tokens the model is given, e.g. legacysurvey_image."),
     generate_modality: Optional[str] = typer.Option(None, "--generate-modality", help="Cross-survey: the modality the model draws from them, e.g. hsc_image; shown beside its real image and codec reconstruction."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Re-run the whole sequence per token (slow; for checking)."),
-    bands: Optional[str] = typer.Option(None, "--bands", help="Bands of --save-flux, comma-separated (default: those of the modality decoded)."),
-    rgb: str = typer.Option("DES-Z,DES-R,DES-G", "--rgb", help="Bands shown as red, green, blue."),
+    bands: Optional[str] = typer.Option(None, "--bands", help="Bands of --save-flux, comma-separated, among those of the modality decoded (default: all of them)."),
+    rgb: Optional[str] = typer.Option(None, "--rgb", help="Bands of the modality decoded shown as red, green, blue (default: z,r,g; HSC: i,r,g)."),
     save_flux: Optional[Path] = typer.Option(None, "--save-flux", help="Write decoded float32 flux [N, bands, 96, 96] as .npy or .fits."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (cuda when available)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per decode / model batch."),
@@ -50,14 +51,13 @@ def decode_command(
     """Decode tokens back to galaxies: stored rows (--compare: what the codec loses), or a model's predictions, completions and samples."""
     from astropt_train.use.decode import DecodeConfig, decode, summarise
 
-    rgb_bands = _split(rgb) or []
     cfg = DecodeConfig(
         out=out, tokens=tokens, rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec,
         accept_codec_change=accept_codec_change, compare=compare,
         source=source, checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
-        given=given, generate_modality=generate_modality,
+        modality=modality, given=given, generate_modality=generate_modality,
         temperature=temperature, top_k=top_k, kv_cache=not no_kv_cache, bands=_split(bands),
-        rgb_bands=tuple(rgb_bands), save_flux=save_flux, device=device, batch_size=batch_size,
+        rgb_bands=None if rgb is None else tuple(_split(rgb)), save_flux=save_flux, device=device, batch_size=batch_size,
         tf32=tf32, threads=threads, progress=progress,
     )
     result = decode(cfg)

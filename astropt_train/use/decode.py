@@ -29,7 +29,7 @@ import numpy as np
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import torch_threads  # noqa: F401  (re-exported: demo and tests use it from here)
 from astropt_tok.quality import center_crop, reconstruction_metrics, summary_json  # noqa: F401  (re-exported)
-from astropt_train.use.images import DEFAULT_RGB_BANDS, rgb_indices, save_figure, save_flux
+from astropt_train.use.images import rgb_indices, save_figure, save_flux
 
 MODES = ("stored", "predict", "complete", "generate", "cross")
 
@@ -52,14 +52,15 @@ class DecodeConfig:
     generate: int | None = None  # sample this many galaxies from the model
     complete_from: int | None = None  # keep the first K tokens of each row, let the model write the rest
     predict: bool = False  # teacher-forced argmax prediction of each row
+    modality: str | None = None  # the image column (model modality) decoded; None: the model's first, else the store's
     given: str | None = None  # cross-survey: the modality whose stored tokens the model is given
     generate_modality: str | None = None  # cross-survey: the modality the model draws from them
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None
     kv_cache: bool = True  # sample with the model's key/value cache (same tokens, much faster)
     accept_codec_change: bool = False  # decode with a codec whose weights differ from those that made the tokens
-    bands: list[str] | None = None  # bands of --save-flux (default: those of the modality decoded)
-    rgb_bands: tuple[str, str, str] = DEFAULT_RGB_BANDS  # displayed as (red, green, blue)
+    bands: list[str] | None = None  # bands of --save-flux, among the decoded modality's (default: all of them)
+    rgb_bands: tuple[str, str, str] | None = None  # displayed as (red, green, blue); None: z,r,g (HSC: i,r,g) of them
     save_flux: Path | None = None  # .npy or .fits
     device: str = "auto"  # "cpu", "cuda", "auto" (cuda when available)
     batch_size: int = 32  # images per codec decode / model batch
@@ -208,10 +209,11 @@ def decode_tokens(codec, tokens: np.ndarray, bands: Sequence[str], batch_size: i
 # model-side token work
 
 
-def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit: int | None = None
-                   ) -> tuple[np.ndarray, dict]:
+def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit: int | None = None,
+                   context: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Teacher-forced argmax prediction, as validation scores it: X = row[:-1], Y = row[1:]; only ids below
-    `vocab_limit` are predicted when given.
+    `vocab_limit` are predicted when given. `context` [N, C*T]: the stored blocks a several-modality model reads
+    before this one (its trained order); the sequence is then context + row, and only the row's tokens are scored.
 
     Returns (row[0] followed by argmax(logits) at positions 1..T-1, [N, T] int64; {"accuracy", "loss"}).
     """
@@ -223,9 +225,11 @@ def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit:
     with torch.inference_mode():
         for i in range(0, len(tokens), batch_size):
             t = torch.as_tensor(np.asarray(tokens[i : i + batch_size], dtype=np.int64), device=device)  # [b, T]
-            x, y = t[:, :-1], t[:, 1:]
-            logits, _ = model(x, targets=y)  # [b, T-1, vocab]
-            logits = logits[..., :vocab_limit]
+            seq = t if context is None else torch.cat(
+                [torch.as_tensor(np.asarray(context[i : i + batch_size], dtype=np.int64), device=device), t], dim=1)
+            logits, _ = model(seq[:, :-1], targets=seq[:, 1:])  # [b, C*T + T-1, vocab]
+            y = t[:, 1:]
+            logits = logits[:, -y.size(1):, :vocab_limit]  # [b, T-1, vocab]: those that predict row[1:]
             if not bool(torch.isfinite(logits).all()):  # an argmax of NaN is a token that means nothing
                 raise AstroptError("the model's logits are not finite (NaN or infinite) for rows "
                                    f"{i}..{i + len(t) - 1}: its activations overflowed or its weights are damaged; "
@@ -241,9 +245,11 @@ def predict_tokens(model, tokens: np.ndarray, batch_size: int = 32, vocab_limit:
 def complete_tokens(
     model, tokens: np.ndarray, keep: int, temperature: float = 1.0, top_k: int | None = None,
     seed: int = 0, batch_size: int = 32, kv_cache: bool = True, vocab_limit: int | None = None,
-    progress: bool = False,
+    progress: bool = False, context: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Keep tokens[:, :keep] and sample the remaining T - keep with the model (ids below vocab_limit) -> [N, T] int64."""
+    """Keep tokens[:, :keep] and sample the remaining T - keep with the model (ids below vocab_limit) -> [N, T] int64.
+
+    `context` [N, C*T]: stored blocks the model reads first (as `predict_tokens`); they are not returned."""
     import torch
 
     from astropt_tok.progress import ProgressBar
@@ -258,9 +264,12 @@ def complete_tokens(
     with ProgressBar("complete", batches * (t - keep), progress, "tokens") as bar:
         for i in range(0, n, batch_size):
             prefix = torch.as_tensor(np.asarray(tokens[i : i + batch_size, :keep], dtype=np.int64), device=device)  # [b, K]
+            if context is not None:  # [b, C*T + K]
+                prefix = torch.cat([torch.as_tensor(np.asarray(context[i : i + batch_size], dtype=np.int64),
+                                                    device=device), prefix], dim=1)
             seq = model.generate(prefix, t - keep, temperature=temperature, top_k=top_k, generator=gen,
                                  use_kv_cache=kv_cache, vocab_limit=vocab_limit, on_token=bar.advance)
-            out.append(seq.cpu().numpy())
+            out.append(seq[:, -t:].cpu().numpy())
     return np.concatenate(out).astype(np.int64)
 
 
@@ -311,8 +320,8 @@ def generate_tokens(
     top_k: int | None = None, seed: int = 0, batch_size: int = 32, kv_cache: bool = True, vocab_limit: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Sample n galaxies: first token from `first_token_probs` [vocab], the other T-1 from the model (ids below
-    vocab_limit) -> [n, T]."""
+    """Sample n sequences of `tokens_per_image` tokens (T; a several-modality model: its blocks in order, T each):
+    first token from `first_token_probs` [vocab], the other T-1 from the model (ids below vocab_limit) -> [n, T]."""
     import torch
 
     from astropt_tok.progress import ProgressBar
@@ -369,6 +378,9 @@ def _mode(cfg: DecodeConfig) -> str:
         raise AstroptError(f"choose one of --generate, --complete-from, --predict, --given (got {', '.join(chosen)})")
     if chosen == ["cross"] and cfg.given == cfg.generate_modality:
         raise AstroptError(f"--given and --generate-modality are both {cfg.given}: name two modalities")
+    if chosen == ["cross"] and cfg.modality is not None and cfg.modality != cfg.generate_modality:
+        raise AstroptError(f"--modality {cfg.modality} with --given: cross-survey decoding decodes the modality "
+                           f"drawn, --generate-modality {cfg.generate_modality}; drop --modality")
     if chosen == ["cross"] and cfg.checkpoint is None:
         raise AstroptError("--given/--generate-modality need a model trained on several surveys: pass --checkpoint RUN")
     if chosen and cfg.checkpoint is None:
@@ -394,24 +406,26 @@ def decode(cfg: DecodeConfig) -> DecodeResult:
         return _decode(cfg)
 
 
-def _decode(cfg: DecodeConfig) -> DecodeResult:
-    from astropt_tok.artifacts import check_model_store, check_store_codec
-    from astropt_tok.codec import load_image_codec
-    from astropt_tok.executor import resolve_device
-    from astropt_tok.store import TokenStore, manifest_sha256
+def _checkpoint_config(cfg: DecodeConfig) -> dict:
+    """What a checkpoint of this project records (config.json: "store", "model"), read without loading its weights,
+    so flag values are checked against the store before any model loads; {} for an upstream ckpt.pt."""
+    from astropt_train import checkpoint as ck
+    from astropt_train.use.interop import find_upstream_checkpoint
 
-    mode = _mode(cfg)
-    device = resolve_device(cfg.device)
-    model, ckpt = None, {}
-    if cfg.checkpoint is not None:
-        from astropt_train.use.interop import load_any_model
+    path = Path(cfg.checkpoint)
+    if find_upstream_checkpoint(path) is not None and not (path / ck.MODEL_FILE).is_file() \
+            and not ck.list_checkpoints(path):
+        return {}
+    return ck.read_config(ck.find_checkpoint(path, cfg.step))
 
-        model, ckpt = load_any_model(cfg.checkpoint, step=cfg.step, device=device)  # ours, or upstream's ckpt.pt
-    ck_store = ckpt.get("store") or {}
+
+def _open_store(cfg: DecodeConfig, mode: str, recorded: dict):
+    """The token store: --tokens, else (a model's modes) the one the checkpoint was trained on."""
+    from astropt_tok.store import TokenStore
 
     store_dir = cfg.tokens
-    if store_dir is None and mode != "stored" and ck_store.get("dir"):
-        store_dir = Path(ck_store["dir"])  # the store the model was trained on
+    if store_dir is None and mode != "stored" and recorded.get("dir"):
+        store_dir = Path(recorded["dir"])  # the store the model was trained on
     if store_dir is None and mode != "generate":
         raise AstroptError("pass the token store with --tokens DIR")
     if store_dir is None:
@@ -419,11 +433,111 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
                            "(the checkpoint names no store that exists here)")
     if not Path(store_dir).exists() and cfg.tokens is None:
         raise AstroptError(f"the checkpoint's token store {store_dir} is not here: pass --tokens DIR")
-    store = TokenStore(store_dir)
+    return TokenStore(store_dir)
+
+
+def _store_columns(store) -> str:
+    """'legacysurvey_image, hsc_image', or a one-column store's source column."""
+    return ", ".join(store.modalities) or (store.manifest.get("source", {}).get("column") or "tokens")
+
+
+def _choose_modality(cfg: DecodeConfig, mode: str, store, model_modalities: list[str] | None) -> str | None:
+    """The store column whose tokens are decoded (None: a store of one column): --generate-modality (cross),
+    --modality, else the model's first block (its positions 0..T-1), else the store's first column."""
+    if mode == "cross":
+        for flag, name in (("--given", cfg.given), ("--generate-modality", cfg.generate_modality)):
+            if name not in store.modalities:
+                raise AstroptError(f"{flag} {name}: token store {store.dir} holds {_store_columns(store)}")
+        return cfg.generate_modality
+    if cfg.modality is not None:
+        if not store.modalities:
+            if cfg.modality == _store_columns(store):
+                return None  # the one column, named
+            raise AstroptError(f"--modality {cfg.modality}: token store {store.dir} holds one image column, "
+                               f"{_store_columns(store)}")
+        if cfg.modality not in store.modalities:
+            raise AstroptError(f"--modality {cfg.modality}: token store {store.dir} holds {_store_columns(store)}; "
+                               "choose one of them")
+        return cfg.modality
+    modality = (model_modalities or store.modalities or [None])[0]
+    if len(store.modalities) > 1:
+        print(f"note: token store {store.dir} holds {_store_columns(store)}: decoding {modality} "
+              "(--modality chooses)", file=sys.stderr)
+    return modality
+
+
+def _check_bands(flag: str, bands, modality: str | None, own: list[str], store, choose: str) -> None:
+    """Bands decoded must be the decoded modality's own: another survey's bands would draw its tokens as an image
+    they never were (the codec decodes any token ids in any bands, silently)."""
+    other = [b for b in bands if b not in own]
+    if not other:
+        return
+    what = f"{modality} of token store {store.dir}" if modality else f"token store {store.dir}"
+    fits = [m for m in store.modalities if m != modality and set(other) <= set(store.modality_bands[m])]
+    hint = (f"; to decode {fits[0]}'s tokens pass {choose} {fits[0]}" if fits else
+            f"; choose the image column with {choose} ({_store_columns(store)})" if len(store.modalities) > 1 else "")
+    raise AstroptError(f"{flag} {','.join(other)}: the tokens decoded are {what}, in bands {','.join(own)}; "
+                       f"bands of another survey would draw them as an image they never were{hint}")
+
+
+def _model_context(model, modality: str | None) -> list[str]:
+    """The model's modalities before `modality` in its block order: the blocks a model reads before that one."""
+    if model is None or not model.config.modalities or modality is None:
+        return []
+    return list(model.names[: model.names.index(modality)])
+
+
+def _decode(cfg: DecodeConfig) -> DecodeResult:
+    from astropt_tok.artifacts import check_model_store, check_store_codec
+    from astropt_tok.store import manifest_sha256
+
+    # --- flag values checked against the store, before any model or codec loads (a mistake fails in a moment)
+    mode = _mode(cfg)
+    recorded = _checkpoint_config(cfg) if cfg.checkpoint is not None else {}
+    store = _open_store(cfg, mode, recorded.get("store") or {})
+    modality = _choose_modality(cfg, mode, store, (recorded.get("model") or {}).get("modalities"))
+    # `store.bands` are the first column's only: each column's own are in store.modality_bands
+    own_bands = store.modality_bands[modality] if modality in store.modality_bands else store.bands
+    choose = "--generate-modality" if mode == "cross" else "--modality"
+    _check_bands("--bands", cfg.bands or [], modality, own_bands, store, choose)
+    flux_bands = list(cfg.bands or own_bands)
+    if cfg.rgb_bands is not None:
+        _check_bands("--rgb", cfg.rgb_bands, modality, own_bands, store, choose)
+        rgb_wanted = tuple(cfg.rgb_bands)
+    else:
+        from astropt_train.validate import rgb_bands as rgb_of
+
+        rgb = rgb_of(own_bands)  # the decoded survey's own colours: z, r, g (HSC i, r, g), else its first three
+        rgb_wanted = tuple(rgb + rgb[-1:] * (3 - len(rgb)))  # fewer than three bands: the last repeated (grey)
+    if not flux_bands:
+        raise AstroptError("no bands to decode: pass --bands")
+    decode_bands = flux_bands + [b for b in rgb_wanted if b not in flux_bands]  # one decode serves both
+    rgb_indices(decode_bands, rgb_wanted)  # three display bands
+    rows = None if mode == "generate" else select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
+    if mode == "complete" and not cfg.complete_from < store.tokens_per_image:
+        raise AstroptError(f"--complete-from must be between 1 and {store.tokens_per_image - 1} (tokens kept of the "
+                           f"{store.tokens_per_image} of each image), got {cfg.complete_from}")
+
+    # --- the model, then the codec
+    from astropt_tok.codec import load_image_codec
+    from astropt_tok.executor import resolve_device
+
+    device = resolve_device(cfg.device)
+    model, ckpt = None, {}
+    if cfg.checkpoint is not None:
+        from astropt_train.use.interop import load_any_model
+
+        model, ckpt = load_any_model(cfg.checkpoint, step=cfg.step, device=device)  # ours, or upstream's ckpt.pt
+    ck_store = ckpt.get("store") or {}
     if model is not None:  # before any work: the store holds tokens of the codec, modalities and bands it learned
         for note in check_model_store(f"checkpoint {ckpt['path']}", ck_store or None, model.config.modalities, store,
                                       manifest_sha256(store.dir)):
             print(note, file=sys.stderr)
+        if mode == "cross":
+            _check_cross(cfg, model, store, ck_store)
+        else:
+            _check_model_modality(cfg, model, store, modality, ck_store)
+    context = [] if mode == "cross" else _model_context(model, modality)  # blocks the model reads first
 
     # The model's own codec first (its tokens are what it learned), then the store's.
     codec_id = cfg.codec or ck_store.get("codec_id") or store.codec_id
@@ -454,55 +568,34 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
             raise AstroptError(f"checkpoint {cfg.checkpoint} has {model.config.block_size} positions, "
                                f"fewer than the codec's {codec.tokens_per_image} tokens per image")
 
-    # The modality whose tokens are decoded, and so whose bands are drawn: the drawn one (cross-survey), the
-    # model's first block (its positions 0..T-1: a model of hsc_image alone reads and writes hsc_image), else the
-    # store's first column. `store.bands` are the first column's bands only.
-    if mode == "cross":
-        _check_cross(cfg, model, store, ck_store)
-        modality = cfg.generate_modality
-    elif model is not None and model.config.modalities:
-        modality = model.names[0]
-    else:
-        modality = store.modalities[0] if store.modalities else None
-    own_bands = store.modality_bands[modality] if modality in store.modality_bands else store.bands
-    flux_bands = list(cfg.bands or own_bands)
-    rgb_wanted = cfg.rgb_bands
-    if tuple(cfg.rgb_bands) == tuple(DEFAULT_RGB_BANDS) and not set(cfg.rgb_bands) <= set(own_bands):
-        from astropt_train.validate import rgb_bands as rgb_of
-
-        rgb_wanted = tuple(rgb_of(own_bands))  # the decoded survey's own colours (e.g. HSC i, r, g)
-    if not flux_bands:
-        raise AstroptError("no bands to decode: pass --bands")
-    decode_bands = flux_bands + [b for b in rgb_wanted if b not in flux_bands]  # one decode serves both
-    for b in decode_bands:
-        from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
-
-        if b not in BAND_TO_INDEX:
-            raise AstroptError(f"unknown band {b!r}; the AION image codec knows {', '.join(BAND_TO_INDEX)}")
-    rgb_indices(decode_bands, rgb_wanted)  # a display band that is not decoded: an error before any work
-
-    rows = None
     metrics: dict | None = None
     stacks: list[np.ndarray] = []  # each [N, decode_bands, 96, 96], one per panel column
     columns: list[str] = []
+    per = codec.tokens_per_image
     if mode == "generate":
-        probs = first_token_distribution(store, codec.vocab_size, modality=modality)
-        final = generate_tokens(model, cfg.generate, probs, codec.tokens_per_image, cfg.temperature, cfg.top_k,
+        # a modality after others in the model's order is sampled in its block: the blocks before it first
+        begins = (context or [modality])[0]
+        probs = first_token_distribution(store, codec.vocab_size, modality=begins)
+        drawn = generate_tokens(model, cfg.generate, probs, (len(context) + 1) * per, cfg.temperature, cfg.top_k,
                                 cfg.seed, cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size,
-                                progress=cfg.progress)
+                                progress=cfg.progress)  # [n, (C+1)T]
+        final = drawn[:, len(context) * per:]  # [n, T]: the decoded modality's block
         labels = [f"generated #{i}" for i in range(len(final))]
         columns = ["generated"]
         stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
     elif mode == "cross":
-        rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
         rows = rows_with_images(store, rows, [cfg.given, cfg.generate_modality])
         labels = _labels_for(store, rows)
         final, metrics, columns, stacks = _cross(cfg, model, store, codec, rows, decode_bands)
     else:
-        rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
-        rows = rows_with_images(store, rows, [modality] if modality else [])  # the rows that have the image decoded
+        # the rows that have the image decoded (and those the model reads before it)
+        rows = rows_with_images(store, rows, [*context, modality] if modality else [])
         stored = store.take(rows, modality).astype(np.int64)  # [N, T]
         check_token_range(stored, codec.vocab_size, what=f"store {store.dir}")
+        given = None  # [N, C*T]: the stored blocks the model reads before the decoded one
+        if context:
+            given = np.concatenate([store.take(rows, m).astype(np.int64) for m in context], axis=1)
+            check_token_range(given, codec.vocab_size, what=f"store {store.dir} ({', '.join(context)})")
         labels = _labels_for(store, rows)
         original = None
         if cfg.compare:
@@ -522,14 +615,14 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
         if cfg.compare:
             metrics = {"reconstruction": reconstruction_metrics(original, recon, decode_bands)}
         if mode == "predict":
-            final, stats = predict_tokens(model, stored, cfg.batch_size, vocab_limit=codec.vocab_size)
+            final, stats = predict_tokens(model, stored, cfg.batch_size, vocab_limit=codec.vocab_size, context=given)
             metrics = {**(metrics or {}), "prediction": stats}
             columns.append("prediction")
             stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
         elif mode == "complete":
             final = complete_tokens(model, stored, cfg.complete_from, cfg.temperature, cfg.top_k, cfg.seed,
                                     cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size,
-                                    progress=cfg.progress)
+                                    progress=cfg.progress, context=given)
             k = cfg.complete_from
             agree = float((final[:, k:] == stored[:, k:]).mean())
             metrics = {**(metrics or {}), "completion": {"kept": k, "token_agreement": agree}}
@@ -550,17 +643,40 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
 
 
 def _check_cross(cfg: DecodeConfig, model, store, trained_on: dict) -> None:
-    """Both modalities are the model's and the store's; a note when the model never saw them in this order."""
+    """Both modalities are the model's (the store's were checked before it loaded); a note when the model never saw
+    them in this order."""
     for flag, name in (("--given", cfg.given), ("--generate-modality", cfg.generate_modality)):
         if name not in model.names or model.config.modalities is None:
             raise AstroptError(f"{flag} {name}: checkpoint {cfg.checkpoint} was trained on "
                                f"{', '.join(model.config.modalities or ['one image column'])}")
-        if name not in store.modalities:
-            raise AstroptError(f"{flag} {name}: token store {store.dir} holds "
-                               f"{', '.join(store.modalities) or 'one image column'}")
     if not trained_on.get("shuffle_modalities") and model.names.index(cfg.given) > model.names.index(cfg.generate_modality):
         print(f"note: this model was trained with {cfg.generate_modality} before {cfg.given} and without "
               "--shuffle-modalities: it has not learned to draw it from what follows", file=sys.stderr)
+
+
+def _check_model_modality(cfg: DecodeConfig, model, store, modality: str | None, trained_on: dict) -> None:
+    """The decoded modality is one the model reads; a note when the model reads other blocks before it.
+
+    A several-modality model learned each block in its place in the sequence (`model.names` order): a block
+    after others is predicted, completed and sampled there, after the row's stored tokens of those others (or,
+    for --generate, after sampling them), never alone at positions 0..T-1, which it learned for its first block
+    only (without --shuffle-modalities it saw no other order)."""
+    if model.config.modalities:
+        if modality not in model.names:
+            raise AstroptError(f"--modality {modality}: checkpoint {cfg.checkpoint} was trained on "
+                               f"{', '.join(model.names)}; choose one of them")
+    else:  # one modality (images_aion): what it read is the store's first (or only) column
+        first = (store.modalities or [None])[0]
+        if modality != first:
+            raise AstroptError(f"--modality {modality}: checkpoint {cfg.checkpoint} models one image column, the "
+                               f"store's first ({first}); decode {modality}'s stored tokens without --checkpoint")
+    context = _model_context(model, modality)
+    if context:
+        order = "" if trained_on.get("shuffle_modalities") else \
+            " (trained without --shuffle-modalities, it has seen no other order)"
+        how = "samples them first" if cfg.generate is not None else "is given each row's stored tokens of them first"
+        print(f"note: this model reads {', '.join(context)} before {modality}{order}: it {how}, and writes "
+              f"{modality} in its own block", file=sys.stderr)
 
 
 def _cross(cfg: DecodeConfig, model, store, codec, rows: np.ndarray, decode_bands: list[str]):
@@ -628,6 +744,21 @@ def _check_options(cfg: DecodeConfig) -> None:
         raise AstroptError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise AstroptError(f"--threads must be at least 1, got {cfg.threads}")
+    from astropt_tok.codec import aion_bands
+
+    known = aion_bands()
+    for flag, bands in (("--bands", cfg.bands or []), ("--rgb", cfg.rgb_bands or [])):
+        for b in bands:
+            if b not in known:
+                raise AstroptError(f"{flag}: unknown band {b!r}; the AION image codec knows {', '.join(known)}")
+    if cfg.rgb_bands is not None and len(cfg.rgb_bands) != 3:
+        raise AstroptError(f"--rgb needs 3 bands (red, green, blue), got {','.join(cfg.rgb_bands) or 'none'}")
+    if cfg.save_flux is not None and Path(cfg.save_flux).suffix.lower() in (".fits", ".fit"):
+        import importlib.util
+
+        if importlib.util.find_spec("astropy") is None:
+            raise AstroptError(f"--save-flux {Path(cfg.save_flux).name} needs astropy to write FITS: pip install "
+                               "astropy (or pip install 'astropt-tokens[fits]'), or write a .npy file")
 
 
 def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
