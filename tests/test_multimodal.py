@@ -553,6 +553,149 @@ def test_cross_survey_warns_about_an_order_never_trained(two_modality_run, two_c
     assert "has not learned to draw it" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------------------------------------
+# decode chooses its survey (--modality) and refuses another survey's bands
+
+
+def test_decode_modality_decodes_that_columns_tokens_in_its_bands(two_column_store, codec_dir, tmp_path, capsys):
+    from astropt_tok.codec import load_image_codec
+    from astropt_train.use.decode import DecodeConfig, decode, decode_tokens
+
+    store = st.TokenStore(two_column_store)
+    rows = np.array([0, 2])
+    hsc = decode(DecodeConfig(tokens=two_column_store, rows="0,2", modality=HSC[0], out=tmp_path / "h.png",
+                              device="cpu", threads=1))
+    assert "note:" not in capsys.readouterr().err  # chosen: nothing to say
+    assert hsc.modality == HSC[0] and hsc.bands == list(HSC_BANDS) and hsc.rgb_bands == ["HSC-I", "HSC-R", "HSC-G"]
+    np.testing.assert_array_equal(hsc.tokens, store.take(rows, HSC[0]))
+    assert not np.array_equal(hsc.tokens, store.take(rows, LS[0]))
+    codec = load_image_codec(str(codec_dir))
+    np.testing.assert_allclose(hsc.flux, decode_tokens(codec, store.take(rows, HSC[0]), list(HSC_BANDS)),
+                               rtol=1e-5, atol=1e-5)  # threads may differ: float sums in another order
+    # none chosen: the first column, as before, with a note that says so and how to choose
+    first = decode(DecodeConfig(tokens=two_column_store, rows="0,2", save_flux=tmp_path / "f.npy", device="cpu",
+                                threads=1, bands=["DES-R"]))
+    assert f"decoding {LS[0]} (--modality chooses)" in capsys.readouterr().err
+    assert first.modality == LS[0] and first.bands == ["DES-R"]
+    np.testing.assert_array_equal(first.tokens, store.take(rows, LS[0]))
+
+
+def _run_decode_cli(argv, capsys) -> str:
+    from astropt_tok.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["decode", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.fixture(scope="module")
+def unloadable_checkpoint(two_modality_run, tmp_path_factory):
+    """A copy of the two-survey run's checkpoint whose weights cannot be loaded: any error that is not about
+    them was found before the model loaded."""
+    import shutil
+
+    from astropt_train.checkpoint import MODEL_FILE, find_checkpoint
+
+    copy = tmp_path_factory.mktemp("unloadable") / "ckpt"
+    shutil.copytree(find_checkpoint(two_modality_run), copy)
+    (copy / MODEL_FILE).write_bytes(b"not safetensors")
+    return copy
+
+
+def test_bands_of_another_survey_and_flag_mistakes_fail_before_any_codec_or_model_loads(
+        two_column_store, unloadable_checkpoint, tmp_path, capsys):
+    base = ["--tokens", str(two_column_store), "--codec", str(tmp_path / "no-such-codec"), "--out",
+            str(tmp_path / "g.png")]
+    hsc = ",".join(HSC_BANDS)
+    model = ["--checkpoint", str(unloadable_checkpoint)]
+    cases = [
+        (["--rows", "0", "--bands", hsc], f"--bands {hsc}: the tokens decoded are {LS[0]} of token store"),
+        (["--rows", "0", "--bands", "HSC-G"], f"in bands DES-G,DES-R,DES-I,DES-Z; bands of another survey"),
+        (["--rows", "0", "--bands", "HSC-G"], f"pass --modality {HSC[0]}"),
+        (["--rows", "0", "--rgb", "HSC-I,HSC-R,HSC-G"], f"--rgb HSC-I,HSC-R,HSC-G: the tokens decoded are {LS[0]}"),
+        (["--rows", "0", "--modality", HSC[0], "--rgb", "DES-Z,DES-R,DES-G"], f"pass --modality {LS[0]}"),
+        (["--rows", "0", "--modality", "nope"], f"--modality nope: token store {two_column_store} holds {LS[0]}, {HSC[0]}"),
+        (["--rows", "0", "--bands", "DES-Q"], "--bands: unknown band 'DES-Q'"),
+        (["--rows", "0:13"], "rows '0:13' are out of range: the store has 12 rows"),
+        (["--random", "13"], "--random 13: the store has 12 rows"),
+        ([*model, "--rows", "0", "--complete-from", "576"], "--complete-from must be between 1 and 575"),
+        ([*model, "--rows", "0:99", "--predict"], "out of range"),
+        ([*model, "--rows", "0", "--predict", "--modality", HSC[0], "--bands", "DES-G"], "the tokens decoded are hsc"),
+        ([*model, "--rows", "0", "--given", LS[0], "--generate-modality", HSC[0], "--modality", LS[0]],
+         "--modality legacysurvey_image with --given"),
+        ([*model, "--rows", "0", "--given", LS[0], "--generate-modality", HSC[0], "--rgb", "DES-Z,DES-R,DES-G"],
+         f"pass --generate-modality {LS[0]}"),
+    ]
+    import importlib.util
+
+    if importlib.util.find_spec("astropy") is None:
+        cases.append((["--rows", "0", "--save-flux", str(tmp_path / "f.fits")], "needs astropy to write FITS: pip install astropy"))
+    for extra, message in cases:
+        assert message in _run_decode_cli([*base, *extra], capsys), extra
+    # the same flags, right: now the codec (stored rows) and the weights (a model's mode) are what fail
+    assert "no-such-codec" in _run_decode_cli([*base, "--rows", "0", "--modality", HSC[0], "--rgb", "HSC-I,HSC-R,HSC-G"],
+                                              capsys)
+    assert "unreadable" in _run_decode_cli([*base, *model, "--rows", "0", "--predict", "--modality", HSC[0]], capsys)
+
+
+def test_flag_mistakes_are_found_before_torch_is_imported(two_column_store, two_modality_run):
+    """A fresh process: the flag errors come before torch (or aion) is imported at all, so they take a moment."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from astropt_tok.cli import main\n"
+            "for extra in (['--rows', '0:13'], ['--checkpoint', sys.argv[2], '--rows', '0', '--predict', "
+            "'--modality', 'hsc_image', '--bands', 'DES-G'], ['--checkpoint', sys.argv[2], '--rows', '0', "
+            "'--complete-from', '576']):\n"
+            "    try: main(['decode', '--tokens', sys.argv[1], *extra])\n"
+            "    except SystemExit: pass\n"
+            "print([m for m in ('torch', 'aion') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(two_column_store), str(two_modality_run)],
+                         capture_output=True, text=True, check=True)
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors), out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_later_modality_is_predicted_completed_and_sampled_in_its_trained_block(two_modality_run, two_column_store,
+                                                                                  tmp_path, capsys):
+    """Greedy: each token the model writes for hsc_image (its second block) is its argmax after the row's stored
+    legacysurvey_image block and the hsc_image tokens before it, as it was trained."""
+    from astropt_train.checkpoint import load_model
+    from astropt_train.use.decode import DecodeConfig, decode
+
+    model, _ = load_model(two_modality_run)
+    store = st.TokenStore(two_column_store)
+    rows = np.array([1, 3])
+    ls, hsc = (torch.as_tensor(store.take(rows, m).astype(np.int64)) for m in PAIR)
+    base = dict(tokens=two_column_store, checkpoint=two_modality_run, rows="1,3", modality=HSC[0], device="cpu",
+                threads=1, temperature=0, save_flux=tmp_path / "f.npy")
+
+    predicted = decode(DecodeConfig(predict=True, **base))
+    assert f"reads {LS[0]} before {HSC[0]}" in capsys.readouterr().err
+    logits, _ = model(torch.cat([ls, hsc], 1)[:, :-1], torch.cat([ls, hsc], 1)[:, 1:])  # [2, 2T-1, vocab]
+    want = logits[:, 576:].argmax(-1)  # [2, T-1]: the predictions of hsc_image tokens 1..T-1
+    np.testing.assert_array_equal(predicted.tokens[:, 1:], want.numpy())
+    np.testing.assert_array_equal(predicted.tokens[:, 0], hsc[:, 0].numpy())
+    accuracy = float((want == hsc[:, 1:]).float().mean())
+    assert predicted.metrics["prediction"]["accuracy"] == pytest.approx(accuracy)
+    assert predicted.bands == list(HSC_BANDS) and predicted.flux.shape == (2, 5, 96, 96)
+
+    k = 570
+    completed = decode(DecodeConfig(complete_from=k, **base))
+    np.testing.assert_array_equal(completed.tokens[:, :k], hsc[:, :k].numpy())
+    sequence = torch.cat([ls, torch.as_tensor(completed.tokens)], 1)
+    logits, _ = model(sequence[:, :-1], sequence[:, 1:])
+    np.testing.assert_array_equal(logits[:, 576 + k - 1:].argmax(-1).numpy(), completed.tokens[:, k:])
+
+    generated = decode(DecodeConfig(**{**base, "rows": None, "generate": 2}))
+    assert "it samples them first" in capsys.readouterr().err
+    assert generated.tokens.shape == (2, 576) and generated.modality == HSC[0]
+    assert generated.tokens.min() >= 0 and generated.tokens.max() < store.vocab_size
+
+
 def test_embed_gives_joint_and_per_modality_embeddings(two_modality_run, two_column_store, tmp_path):
     from astropt_train.use.embed import EmbedConfig, embed, read_embeddings, verify_embeddings
 

@@ -399,16 +399,21 @@ def _mode(cfg: DecodeConfig) -> str:
 def decode(cfg: DecodeConfig) -> DecodeResult:
     """Run one `astropt decode`: choose tokens (stored, predicted, completed or generated), decode, write files."""
     _check_options(cfg)
+    plan = _plan(cfg)  # every flag value checked against the store: before torch, any model or codec loads
     from astropt_tok.executor import default_cpu_threads, resolve_device
 
     threads = cfg.threads if cfg.threads is not None else default_cpu_threads(resolve_device(cfg.device))
     with torch_threads(threads):
-        return _decode(cfg)
+        return _decode(cfg, plan)
 
 
 def _checkpoint_config(cfg: DecodeConfig) -> dict:
-    """What a checkpoint of this project records (config.json: "store", "model"), read without loading its weights,
-    so flag values are checked against the store before any model loads; {} for an upstream ckpt.pt."""
+    """The store and model modalities a checkpoint of this project records, {"store": {...}, "modalities": [...]},
+    read from its config.json without torch or its weights so flag values are checked against the store before
+    any model loads; {} for an upstream ckpt.pt. Only plain values are taken: `load_any_model` checks the file
+    whole afterwards, so a damaged config is still reported by it."""
+    import json
+
     from astropt_train import checkpoint as ck
     from astropt_train.use.interop import find_upstream_checkpoint
 
@@ -416,7 +421,14 @@ def _checkpoint_config(cfg: DecodeConfig) -> dict:
     if find_upstream_checkpoint(path) is not None and not (path / ck.MODEL_FILE).is_file() \
             and not ck.list_checkpoints(path):
         return {}
-    return ck.read_config(ck.find_checkpoint(path, cfg.step))
+    try:
+        conf = json.loads((ck.find_checkpoint(path, cfg.step) / ck.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable: load_any_model says what is wrong with it
+    store = conf.get("store") if isinstance(conf, dict) else None
+    mods = (conf.get("model") or {}).get("modalities") if isinstance(conf.get("model"), dict) else None
+    return {"store": store if isinstance(store, dict) and isinstance(store.get("dir", ""), str) else {},
+            "modalities": mods if isinstance(mods, list) and all(isinstance(m, str) for m in mods) else None}
 
 
 def _open_store(cfg: DecodeConfig, mode: str, recorded: dict):
@@ -459,11 +471,7 @@ def _choose_modality(cfg: DecodeConfig, mode: str, store, model_modalities: list
             raise AstroptError(f"--modality {cfg.modality}: token store {store.dir} holds {_store_columns(store)}; "
                                "choose one of them")
         return cfg.modality
-    modality = (model_modalities or store.modalities or [None])[0]
-    if len(store.modalities) > 1:
-        print(f"note: token store {store.dir} holds {_store_columns(store)}: decoding {modality} "
-              "(--modality chooses)", file=sys.stderr)
-    return modality
+    return (model_modalities or store.modalities or [None])[0]
 
 
 def _check_bands(flag: str, bands, modality: str | None, own: list[str], store, choose: str) -> None:
@@ -487,15 +495,26 @@ def _model_context(model, modality: str | None) -> list[str]:
     return list(model.names[: model.names.index(modality)])
 
 
-def _decode(cfg: DecodeConfig) -> DecodeResult:
-    from astropt_tok.artifacts import check_model_store, check_store_codec
-    from astropt_tok.store import manifest_sha256
+@dataclass
+class _Plan:
+    """What `decode` will do, settled from the flags and the store alone (no torch, model or codec yet)."""
 
-    # --- flag values checked against the store, before any model or codec loads (a mistake fails in a moment)
+    mode: str
+    store: Any  # TokenStore
+    modality: str | None  # the store column decoded (None: a store of one column)
+    flux_bands: list[str]  # bands of --save-flux and DecodeResult.flux
+    rgb_wanted: tuple[str, str, str]
+    decode_bands: list[str]  # flux_bands, then any display band not among them
+    rows: np.ndarray | None  # store rows (None: --generate)
+
+
+def _plan(cfg: DecodeConfig) -> _Plan:
+    """Check every flag value that the store can check (mode, --modality, bands, rows, --complete-from) and settle
+    what to decode: a mistake fails in a moment, before torch, the model or the codec loads."""
     mode = _mode(cfg)
     recorded = _checkpoint_config(cfg) if cfg.checkpoint is not None else {}
     store = _open_store(cfg, mode, recorded.get("store") or {})
-    modality = _choose_modality(cfg, mode, store, (recorded.get("model") or {}).get("modalities"))
+    modality = _choose_modality(cfg, mode, store, recorded.get("modalities"))
     # `store.bands` are the first column's only: each column's own are in store.modality_bands
     own_bands = store.modality_bands[modality] if modality in store.modality_bands else store.bands
     choose = "--generate-modality" if mode == "cross" else "--modality"
@@ -517,11 +536,20 @@ def _decode(cfg: DecodeConfig) -> DecodeResult:
     if mode == "complete" and not cfg.complete_from < store.tokens_per_image:
         raise AstroptError(f"--complete-from must be between 1 and {store.tokens_per_image - 1} (tokens kept of the "
                            f"{store.tokens_per_image} of each image), got {cfg.complete_from}")
+    if cfg.modality is None and mode != "cross" and len(store.modalities) > 1:
+        print(f"note: token store {store.dir} holds {_store_columns(store)}: decoding {modality} "
+              "(--modality chooses)", file=sys.stderr)
+    return _Plan(mode, store, modality, flux_bands, rgb_wanted, decode_bands, rows)
 
-    # --- the model, then the codec
+
+def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
+    from astropt_tok.artifacts import check_model_store, check_store_codec
     from astropt_tok.codec import load_image_codec
     from astropt_tok.executor import resolve_device
+    from astropt_tok.store import manifest_sha256
 
+    mode, store, modality, rows = plan.mode, plan.store, plan.modality, plan.rows
+    flux_bands, rgb_wanted, decode_bands = plan.flux_bands, plan.rgb_wanted, plan.decode_bands
     device = resolve_device(cfg.device)
     model, ckpt = None, {}
     if cfg.checkpoint is not None:
