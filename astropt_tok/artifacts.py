@@ -230,7 +230,25 @@ def lineage_lines(folder: str | os.PathLike) -> list[str]:
             lines.append(f"{prefix}: {json.dumps(value) if not isinstance(value, str) else value}")
 
     walk("", rec.get("lineage") or {})
-    return lines
+    return lines + (model_modality_lines(folder) if rec.get("kind") in ("run", "checkpoint") else [])
+
+
+def model_modality_lines(folder: str | os.PathLike) -> list[str]:
+    """A run's or checkpoint's modalities in the model's block order, each with the bands it learned, from its
+    config.json ("model.modalities", "store.modalities"); no lines when it has none (yet) or is unreadable."""
+    config = _json(Path(folder) / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("store"), dict):
+        return []
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    learned = _learned_bands(config["store"].get("modalities"))
+    names = model.get("modalities")
+    if isinstance(names, list) and names:
+        return [f"modality {m}: bands {','.join(learned.get(m) or ['not recorded'])}" for m in names]
+    bands = config["store"].get("bands") or next(iter(learned.values()), None)  # one modality: the first column
+    bands = bands if isinstance(bands, list) and all(isinstance(b, str) for b in bands) else None
+    first = next(iter(learned), None)
+    return [f"modality images_aion: bands {','.join(bands) if bands else 'not recorded'}"
+            + (f" (the store's column {first})" if first else "")]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
     store = TokenStore(store_dir)
     used, _ = codebook_usage(store)
     src = manifest["source"]
+    # a store of several image columns: each with its own bands and source column (`store.bands` are the first's;
+    # one codec made every column's tokens)
+    columns = {f"column {m['name']}": f"bands {','.join(m['bands'])}; source column {m.get('column', m['name'])}"
+               for m in manifest.get("modalities") or []}
     figures = {
         "rows": store.num_rows,
         "shards": len(store.shards),
@@ -35,11 +39,12 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
         "vocab_size": store.vocab_size,
         "tokens_per_image": store.tokens_per_image,
         "dtype": str(store.dtype),
-        "bands": ",".join(store.bands),
-        **({"modalities": "; ".join(f"{m} ({','.join(store.modality_bands[m])})" for m in store.modalities)
-            + (" (rows may lack some: <name>_valid)" if store.partial else "")} if store.modalities else {}),
+        **({"modalities": ", ".join(store.modalities) + (" (rows may lack some: <name>_valid)" if store.partial
+                                                          else ""), **columns} if columns
+           else {"bands": ",".join(store.bands)}),
         "precision": manifest.get("precision"),
-        "source": f"{src.get('id')} ({src.get('split', '-')}, {src.get('column', '-')})",
+        "source": f"{src.get('id')} ({src.get('split', '-')}, {src.get('column', '-')})" if not columns
+        else f"{src.get('id')} ({src.get('split', '-')})",
         "rejected": manifest["totals"]["rejected"],
         "codebook_used": f"{used} of {store.vocab_size} ({100 * used / store.vocab_size:.1f}%)",
         "bytes": sum(s["bytes"] for s in store.shards),

@@ -239,8 +239,14 @@ def test_cli_tokenises_two_columns_and_info_lists_them(survey_dir, codec_dir, tm
     from astropt_tok.report import print_store_info
 
     figures = print_store_info(out, Console(width=200))
-    assert figures["modalities"] == "legacysurvey_image (DES-G,DES-R,DES-I,DES-Z); hsc_image (HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y)"
+    assert figures["modalities"] == "legacysurvey_image, hsc_image"
+    for name, bands in (LS, HSC):  # every column: its bands and its source column
+        assert figures[f"column {name}"] == f"bands {','.join(bands)}; source column {name}"
+    assert "bands" not in figures and figures["codec"] == str(codec_dir)  # the first column's alone would mislead
     capsys.readouterr()
+    main(["info", str(out)])
+    printed = capsys.readouterr().out
+    assert "column hsc_image" in printed and "HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y" in printed
     with pytest.raises(SystemExit):
         main(["tokenise", "--source", str(survey_dir), "--out", str(tmp_path / "x"), "--shards", "1",
               "--column", "legacysurvey_image", "--column", "hsc_image"])
@@ -694,6 +700,17 @@ def test_a_later_modality_is_predicted_completed_and_sampled_in_its_trained_bloc
     assert "it samples them first" in capsys.readouterr().err
     assert generated.tokens.shape == (2, 576) and generated.modality == HSC[0]
     assert generated.tokens.min() >= 0 and generated.tokens.max() < store.vocab_size
+
+
+def test_info_of_a_run_and_checkpoint_lists_each_modality_with_its_bands(two_modality_run, capsys):
+    from astropt_tok.cli import main
+    from astropt_train.checkpoint import find_checkpoint
+
+    for folder in (two_modality_run, find_checkpoint(two_modality_run)):
+        main(["info", str(folder)])
+        lines = capsys.readouterr().out.splitlines()
+        shown = [line for line in lines if line.startswith("modality ")]
+        assert shown == [f"modality {name}: bands {','.join(bands)}" for name, bands in (LS, HSC)], lines
 
 
 def test_embed_gives_joint_and_per_modality_embeddings(two_modality_run, two_column_store, tmp_path):
