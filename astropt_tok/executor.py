@@ -72,6 +72,12 @@ def free_shared_memory() -> int | None:
         return None
 
 
+def check_device_name(device: str) -> None:
+    """A --device value that names no device kind is one error (without importing torch)."""
+    if device != "auto" and device not in ("cpu", "mps") and device.partition(":")[0] != "cuda":
+        raise AstroptError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(device: str, launch: LaunchEnv | None = None) -> str:
     """'auto' -> the local GPU when there is one (cuda:LOCAL_RANK under torchrun: `launch`, None for a single
     process), else cpu. A GPU that is not there, or more torchrun processes on this node than it has GPUs, is
@@ -80,10 +86,9 @@ def resolve_device(device: str, launch: LaunchEnv | None = None) -> str:
 
     launch = launch or LaunchEnv()
 
+    check_device_name(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "mps") and device.partition(":")[0] != "cuda":
-        raise AstroptError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AstroptError("--device cuda asked for, but torch sees no GPU")

@@ -215,6 +215,8 @@ def test_probe_refuses_embeddings_whose_checkpoint_now_holds_non_finite_weights(
 
 
 UPSTREAM_COMMANDS = {k: COMMANDS[k] for k in ("decode --generate", "embed", "train --init-from")}
+# an upstream ckpt.pt records no store, so decode needs --tokens (without it that flag error comes first)
+UPSTREAM_COMMANDS["decode --generate"] = [*COMMANDS["decode --generate"], "--tokens", "{store}"]
 
 
 @pytest.mark.parametrize("command", list(UPSTREAM_COMMANDS))

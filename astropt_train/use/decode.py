@@ -425,8 +425,10 @@ def _checkpoint_config(cfg: DecodeConfig) -> dict:
         conf = json.loads((ck.find_checkpoint(path, cfg.step) / ck.CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return {}  # unreadable: load_any_model says what is wrong with it
-    store = conf.get("store") if isinstance(conf, dict) else None
-    mods = (conf.get("model") or {}).get("modalities") if isinstance(conf.get("model"), dict) else None
+    if not isinstance(conf, dict):
+        return {}
+    store = conf.get("store")
+    mods = conf["model"].get("modalities") if isinstance(conf.get("model"), dict) else None
     return {"store": store if isinstance(store, dict) and isinstance(store.get("dir", ""), str) else {},
             "modalities": mods if isinstance(mods, list) and all(isinstance(m, str) for m in mods) else None}
 
@@ -453,13 +455,20 @@ def _store_columns(store) -> str:
     return ", ".join(store.modalities) or (store.manifest.get("source", {}).get("column") or "tokens")
 
 
-def _choose_modality(cfg: DecodeConfig, mode: str, store, model_modalities: list[str] | None) -> str | None:
+def _choose_modality(cfg: DecodeConfig, mode: str, store, recorded: dict) -> str | None:
     """The store column whose tokens are decoded (None: a store of one column): --generate-modality (cross),
-    --modality, else the model's first block (its positions 0..T-1), else the store's first column."""
+    --modality, else the model's first block (its positions 0..T-1), else the store's first column.
+    `recorded`: what the checkpoint's config.json says (`_checkpoint_config`; {} without one)."""
+    model_modalities = recorded.get("modalities")
     if mode == "cross":
+        held = store.modalities or [_store_columns(store)]  # a one-column store holds its source column
         for flag, name in (("--given", cfg.given), ("--generate-modality", cfg.generate_modality)):
-            if name not in store.modalities:
-                raise AstroptError(f"{flag} {name}: token store {store.dir} holds {_store_columns(store)}")
+            if recorded:  # the model first: one that never learned the modality cannot draw it from any store
+                _check_model_has(cfg, flag, name, model_modalities)
+            if name not in held:
+                raise AstroptError(f"{flag} {name}: token store {store.dir} holds {', '.join(held)}, not {name}; "
+                                   f"drawing one survey from another with checkpoint {cfg.checkpoint} needs a store "
+                                   "of both")
         return cfg.generate_modality
     if cfg.modality is not None:
         if not store.modalities:
@@ -514,7 +523,7 @@ def _plan(cfg: DecodeConfig) -> _Plan:
     mode = _mode(cfg)
     recorded = _checkpoint_config(cfg) if cfg.checkpoint is not None else {}
     store = _open_store(cfg, mode, recorded.get("store") or {})
-    modality = _choose_modality(cfg, mode, store, recorded.get("modalities"))
+    modality = _choose_modality(cfg, mode, store, recorded)
     # `store.bands` are the first column's only: each column's own are in store.modality_bands
     own_bands = store.modality_bands[modality] if modality in store.modality_bands else store.bands
     choose = "--generate-modality" if mode == "cross" else "--modality"
@@ -536,9 +545,6 @@ def _plan(cfg: DecodeConfig) -> _Plan:
     if mode == "complete" and not cfg.complete_from < store.tokens_per_image:
         raise AstroptError(f"--complete-from must be between 1 and {store.tokens_per_image - 1} (tokens kept of the "
                            f"{store.tokens_per_image} of each image), got {cfg.complete_from}")
-    if cfg.modality is None and mode != "cross" and len(store.modalities) > 1:
-        print(f"note: token store {store.dir} holds {_store_columns(store)}: decoding {modality} "
-              "(--modality chooses)", file=sys.stderr)
     return _Plan(mode, store, modality, flux_bands, rgb_wanted, decode_bands, rows)
 
 
@@ -596,6 +602,9 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
             raise AstroptError(f"checkpoint {cfg.checkpoint} has {model.config.block_size} positions, "
                                f"fewer than the codec's {codec.tokens_per_image} tokens per image")
 
+    if cfg.modality is None and mode != "cross" and len(store.modalities) > 1:  # once all is loaded and agrees
+        print(f"note: token store {store.dir} holds {_store_columns(store)}: decoding {modality} "
+              "(--modality chooses)", file=sys.stderr)
     metrics: dict | None = None
     stacks: list[np.ndarray] = []  # each [N, decode_bands, 96, 96], one per panel column
     columns: list[str] = []
@@ -670,13 +679,18 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
                         flux_path=flux_path, columns=columns, rgb_bands=list(rgb_wanted), modality=modality)
 
 
+def _check_model_has(cfg: DecodeConfig, flag: str, name: str, modalities: list[str] | None) -> None:
+    """Cross-survey: `name` is one of the several modalities the checkpoint was trained on."""
+    if not modalities or name not in modalities:
+        raise AstroptError(f"{flag} {name}: checkpoint {cfg.checkpoint} was trained on "
+                           f"{', '.join(modalities or ['one image column'])}")
+
+
 def _check_cross(cfg: DecodeConfig, model, store, trained_on: dict) -> None:
     """Both modalities are the model's (the store's were checked before it loaded); a note when the model never saw
     them in this order."""
     for flag, name in (("--given", cfg.given), ("--generate-modality", cfg.generate_modality)):
-        if name not in model.names or model.config.modalities is None:
-            raise AstroptError(f"{flag} {name}: checkpoint {cfg.checkpoint} was trained on "
-                               f"{', '.join(model.config.modalities or ['one image column'])}")
+        _check_model_has(cfg, flag, name, model.config.modalities)
     if not trained_on.get("shuffle_modalities") and model.names.index(cfg.given) > model.names.index(cfg.generate_modality):
         print(f"note: this model was trained with {cfg.generate_modality} before {cfg.given} and without "
               "--shuffle-modalities: it has not learned to draw it from what follows", file=sys.stderr)
@@ -773,6 +787,9 @@ def _check_options(cfg: DecodeConfig) -> None:
     if cfg.threads is not None and cfg.threads < 1:
         raise AstroptError(f"--threads must be at least 1, got {cfg.threads}")
     from astropt_tok.codec import aion_bands
+    from astropt_tok.executor import check_device_name
+
+    check_device_name(cfg.device)
 
     known = aion_bands()
     for flag, bands in (("--bands", cfg.bands or []), ("--rgb", cfg.rgb_bands or [])):
