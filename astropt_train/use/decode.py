@@ -489,7 +489,7 @@ def _check_bands(flag: str, bands, modality: str | None, own: list[str], store, 
     other = [b for b in bands if b not in own]
     if not other:
         return
-    what = f"{modality} of token store {store.dir}" if modality else f"token store {store.dir}"
+    what = f"{modality} of token store {store.dir}" if modality else f"those of token store {store.dir}"
     fits = [m for m in store.modalities if m != modality and set(other) <= set(store.modality_bands[m])]
     hint = (f"; to decode {fits[0]}'s tokens pass {choose} {fits[0]}" if fits else
             f"; choose the image column with {choose} ({_store_columns(store)})" if len(store.modalities) > 1 else "")
