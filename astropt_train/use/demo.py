@@ -280,14 +280,17 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
     n_rows = TokenStore(store).num_rows
     rows = f"0:{min(max(cfg.show, cfg.score_rows), n_rows)}"  # enough galaxies for steady scores
     val_rows = _validation_rows(run, cfg.show)  # the model never trained on these
-    stored = decode(DecodeConfig(tokens=store, rows=rows, compare=True, out=pics / "stored_vs_original.png", **common))
+    one = dict(modality=surveys[0][0]) if surveys else {}  # two surveys: these pictures are of the first, named
+    stored = decode(DecodeConfig(tokens=store, rows=rows, compare=True, out=pics / "stored_vs_original.png", **one,
+                                 **common))
     predicted = decode(DecodeConfig(tokens=store, rows=val_rows, checkpoint=run, predict=True,
-                                    out=pics / "predicted.png", **common))
+                                    out=pics / "predicted.png", **one, **common))
     completed = decode(DecodeConfig(tokens=store, rows=val_rows, checkpoint=run, complete_from=cfg.complete_from,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, out=pics / "completed.png", **common))
+                                    temperature=cfg.temperature, top_k=cfg.top_k, out=pics / "completed.png", **one,
+                                    **common))
     generated = decode(DecodeConfig(tokens=store, checkpoint=run, generate=cfg.show, temperature=cfg.temperature,
                                     top_k=cfg.top_k, out=pics / "generated.png",
-                                    save_flux=pics / "generated_flux.npy", **common))
+                                    save_flux=pics / "generated_flux.npy", **one, **common))
     cross = None
     if surveys:  # the model draws each galaxy's HSC image from its Legacy Survey tokens
         cross = decode(DecodeConfig(tokens=store, rows=val_rows, checkpoint=run, given=surveys[0][0],
