@@ -95,7 +95,7 @@ class TrainConfig:
     log: str = "csv"
     log_interval: int = 10
     live: bool | None = None  # rich live display; None: when stdout is a terminal
-    log_rows: bool = False  # debug: each rank appends the store rows it trains on to RUN/rows-rank{r}.txt
+    log_rows: bool = False  # debug: each rank appends the rows its DataLoader delivered (found from their tokens) to RUN/rows-rank{r}.txt
 
     def model_dims(self) -> tuple[int, int, int]:
         """(n_layer, n_head, n_embd): the preset's, overridden by explicit sizes."""

@@ -13,9 +13,12 @@ import os
 import signal
 import statistics
 import time
+import zlib
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from astropt_tok.errors import AstroptError, ensure_folder
 from astropt_tok.artifacts import output_folder, update_lineage
@@ -232,6 +235,29 @@ def _check_validation_codec(cfg: TrainConfig, store) -> list[str]:
         return []
     codec = SimpleNamespace(codec_id=files.codec_id, weights_sha256=sha256_file(files.weights_path))
     return check_store_codec(f"store {store.dir}", store.manifest.get("codec") or {}, codec, cfg.accept_codec_change)
+
+
+class DeliveredRows:
+    """Debug (--log-rows): which training rows a delivered batch holds, found from its tokens (a fingerprint of
+    each row's first-modality block), so the log shows what the DataLoader gave, not what the sampler meant to
+    ask for. A row whose tokens equal an earlier row's is logged as that row; tokens of no training row: -1."""
+
+    def __init__(self, store, train_rows: np.ndarray, modalities: list[str] | None):
+        self.modalities = modalities
+        first = modalities[0] if modalities else None
+        tokens = store.take(train_rows, first)  # [n, T]: a debug store is small
+        self.index: dict[int, int] = {}
+        for row, seq in zip(train_rows.tolist(), tokens):
+            self.index.setdefault(zlib.crc32(np.ascontiguousarray(seq).tobytes()), row)
+        self.dtype = tokens.dtype
+
+    def rows(self, batch) -> list[int]:
+        from astropt_train.validate import split_blocks
+
+        tokens = batch if not isinstance(batch, dict) else \
+            split_blocks(batch["tokens"], batch.get("order"), self.modalities)[self.modalities[0]]
+        return [self.index.get(zlib.crc32(np.ascontiguousarray(seq.numpy(), dtype=self.dtype).tobytes()), -1)
+                for seq in tokens]
 
 
 TRAINER_BASELINE_ROWS = 2048  # training rows the validation accuracy's baselines are counted on
@@ -464,6 +490,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     if cfg.log_rows:
         ensure_folder(run, "the run folder")
         rows_log = open(run / f"rows-rank{dist.rank}.txt", "a")
+        delivered = DeliveredRows(store, split.train, modalities)
 
     last_ckpt = str(ckpt_dir) if ckpt_dir is not None else None
     last_loss, last_val = float("nan"), None
@@ -519,10 +546,8 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
             train_parts = None
             for micro in range(cfg.grad_accum):
                 batch = next(it)
-                if rows_log is not None:
-                    e, b = sampler.position(batches_done + micro)
-                    rows = sampler.rank_rows(e)[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    rows_log.write(" ".join(map(str, rows.tolist())) + "\n")
+                if rows_log is not None:  # the rows this batch's tokens are, found by content, not recomputed
+                    rows_log.write(" ".join(map(str, delivered.rows(batch))) + "\n")
                 x, y, kw = batch_to_device(batch, device)
                 sync = micro == cfg.grad_accum - 1
                 parts = {} if modalities else None  # each modality's loss (detached), plain or --loss-chunks

@@ -414,10 +414,12 @@ def test_export_round_trip(which, names, made, more, capsys, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("names", [["images_aion"], ["hsc_image"], ["hsc_image", "legacysurvey_image"]])
+@pytest.mark.parametrize("names", [["images_aion"], ["hsc_image"], ["hsc_image", "legacysurvey_image"],
+                                   ["legacysurvey_image", "hsc_image"]])
 def test_export_loads_in_upstreams_own_gpt(names, made, tmp_path):
     """Upstream's load_astropt builds its GPT from the exported registry and takes every weight; its outputs
-    are ours (upstream orders modalities by name, so the several-modality model is built in that order)."""
+    are ours (upstream orders modalities by name: the demo's Legacy Survey-first model is compared with ours
+    given its blocks in that sorted order)."""
     from dataclasses import asdict
 
     from astropt_tok.store import TokenStore, manifest_sha256
@@ -443,10 +445,13 @@ def test_export_loads_in_upstreams_own_gpt(names, made, tmp_path):
     blocks = {m: torch.as_tensor(store.take(np.arange(2), None if mods is None else m).astype(np.int64))
               for m in names}
     inputs = {**blocks, **{f"{m}_positions": torch.arange(576).expand(2, 576) for m in names}}
+    upstream_order = sorted(names)
+    order = None if upstream_order == names else torch.tensor([[names.index(m) for m in upstream_order]] * 2)
     with torch.no_grad():
         out, _ = theirs(inputs)
-        x = torch.cat([blocks[m] for m in names], dim=1)
-        logits = model(x, x)[0]  # (2, 576 * M, vocab): position p from the head of token p + 1's modality
+        x = torch.cat([blocks[m] for m in upstream_order], dim=1)
+        logits = model(x, x, order=order)[0]  # (2, 576 * M, vocab): position p from the head of token p + 1's modality
+    names = upstream_order
     if len(names) == 1:
         torch.testing.assert_close(out[names[0]], logits, atol=1e-5, rtol=1e-5)
     else:  # upstream: the first modality's head on positions 0..574, the second's on 575..1150

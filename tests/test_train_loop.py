@@ -254,7 +254,14 @@ def torchrun(*args, env: dict) -> None:
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu_read_disjoint_rows(tmp_path):
-    store = make_store(tmp_path / "store", rows=64)
+    """The rows each rank's DataLoader delivered (found by the trainer from the batches' tokens, so every row of
+    this store must be distinct) never overlap within an epoch, and together cover the training rows."""
+    from astropt_train.data import split_rows
+
+    tokens = np.random.default_rng(3).integers(0, VOCAB, size=(64, T))  # 64 distinct rows
+    store = tmp_path / "store"
+    write_store_from_arrays(store, tokens, num_shards=2, codec={"id": "random", "vocab_size": VOCAB,
+                                                               "tokens_per_image": T}, bands=["DES-G"])
     run = tmp_path / "run"
     # log_rows is a debug setting without a flag: pass it through a TOML config
     (tmp_path / "dbg.toml").write_text("log_rows = true\n")
@@ -265,12 +272,17 @@ def test_ddp_two_processes_on_cpu_read_disjoint_rows(tmp_path):
     rows = [[list(map(int, line.split())) for line in (run / f"rows-rank{r}.txt").read_text().splitlines()]
             for r in range(2)]
     assert len(rows[0]) == len(rows[1]) == 12
+    conf = json.loads((run / "config.json").read_text())
+    train_rows = set(split_rows(64, conf["split"]["val_fraction"], conf["split"]["seed"]).train.tolist())
     # per epoch (60 train rows / 2 ranks / 4 = 7 batches per rank), the two ranks' rows never overlap
     for e in range(2):
-        a = {x for b in rows[0][7 * e:7 * e + 7] for x in b}
-        c = {x for b in rows[1][7 * e:7 * e + 7] for x in b}
-        assert a.isdisjoint(c) and len(a) == len(c) == min(28, 4 * len(rows[0][7 * e:7 * e + 7]))
-    conf = json.loads((run / "config.json").read_text())
+        a = [x for b in rows[0][7 * e:7 * e + 7] for x in b]
+        c = [x for b in rows[1][7 * e:7 * e + 7] for x in b]
+        assert set(a) <= train_rows and set(c) <= train_rows  # real training rows (-1: tokens of no such row)
+        assert len(set(a)) == len(a) and len(set(c)) == len(c)  # no row twice in a rank's epoch
+        assert set(a).isdisjoint(c) and len(a) == len(c) == min(28, 4 * len(rows[0][7 * e:7 * e + 7]))
+    epoch0 = {x for r in range(2) for b in rows[r][:7] for x in b}
+    assert len(epoch0) == 56  # 7 batches x 4 rows x 2 ranks of the 60 training rows (the last 4 are dropped)
     assert conf["world_size"] == 2
     assert [s for s, _ in ck.list_checkpoints(run)][-1] == 12
 
