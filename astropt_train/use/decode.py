@@ -811,15 +811,26 @@ def _default_title(mode: str, codec_id: str, cfg: DecodeConfig) -> str:
     name = "/".join(p.parts[-2:]) if p.exists() else codec_id  # a folder: its last two parts are enough
     what = {"stored": "stored rows" + (" beside their originals" if cfg.compare else ""),
             "predict": "teacher-forced argmax prediction of each token from the stored ones before it",
-            "complete": f"completion: the first {cfg.complete_from} stored tokens kept, the model samples the rest",
-            "generate": f"generated (T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed})",
-            "cross": f"{cfg.generate_modality} drawn from the {cfg.given} tokens (T={cfg.temperature}, seed={cfg.seed})",
+            "complete": f"completion: the first {cfg.complete_from} stored tokens kept, the model samples the rest "
+                        f"({sampling_words(cfg)})",
+            "generate": f"generated ({sampling_words(cfg)})",
+            "cross": f"{cfg.generate_modality} drawn from the {cfg.given} tokens ({sampling_words(cfg)})",
             }[mode]
     return f"{what} | codec {name}"
 
 
+def sampling_words(cfg: DecodeConfig) -> str:
+    """How a sampled picture was drawn: "T=1.0, top-k=100, seed=0"."""
+    return f"T={cfg.temperature}, top-k={cfg.top_k}, seed={cfg.seed}"
+
+
+ONE_DRAW = ("one draw of these rows; `astropt eval` scores the model over all held-out rows and several seeds, "
+            "beside model-free baselines")
+
+
 def figure_notes(metrics: dict | None) -> list[str]:
-    """The scores drawn under a figure: per band, the codec against the all-zero and image-mean baselines."""
+    """The scores drawn under a figure: per band, the codec against the all-zero and image-mean baselines; a
+    sampled panel's scores are marked as one draw (`astropt eval` gives the spread and the baselines)."""
     from astropt_tok.report import colour_line
 
     metrics = metrics or {}
@@ -836,6 +847,8 @@ def figure_notes(metrics: dict | None) -> list[str]:
         if rec.get("colours"):
             notes.append(colour_line("colour RMS error, mag (codec / one colour for all)", rec["colours"]))
     cross = metrics.get("cross")
+    if cross or "completion" in metrics:
+        notes.append(ONE_DRAW)
     for key, what in (("vs_original", "drawn vs the real image"),
                       ("reconstruction_vs_original", "codec reconstruction vs the real image (the ceiling)"),
                       ("vs_reconstruction", "drawn vs the codec reconstruction")):
@@ -846,7 +859,8 @@ def figure_notes(metrics: dict | None) -> list[str]:
             if key != "vs_reconstruction" and cross[key].get("colours"):
                 notes.append(colour_line("  colour RMS error, mag (this / one colour for all)", cross[key]["colours"]))
     if "prediction" in metrics:
-        notes.append(f"teacher-forced next-token accuracy {metrics['prediction']['accuracy']:.3f}")
+        notes.append(f"teacher-forced next-token accuracy {metrics['prediction']['accuracy']:.3f} on these rows "
+                     "(`astropt eval`: beside the per-position most-frequent-token baseline)")
     if "completion" in metrics:
         c = metrics["completion"]
         notes.append(f"completion kept {c['kept']} tokens; {100 * c['token_agreement']:.1f}% of written tokens "
