@@ -65,9 +65,11 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
     from astropt_tok.synthetic import CATALOGUE_COLUMNS
 
     table = summary["probes"]["table"]
-    assert [r["target"] for r in table] == list(CATALOGUE_COLUMNS)
-    assert all(r["random_init"] and r["shuffled_labels"] for r in table)
-    assert set(json.loads((cfg.workdir / "probe" / "report.json").read_text())["targets"]) == set(CATALOGUE_COLUMNS)
+    probed = [c for c in CATALOGUE_COLUMNS if c not in ("mag_r", "half_light_radius")]  # those two: the baseline's
+    assert [r["target"] for r in table] == probed
+    assert all(r["random_init"] and r["shuffled_labels"] and r["catalogue"] and r["model_and_catalogue"] for r in table)
+    report = json.loads((cfg.workdir / "probe" / "report.json").read_text())
+    assert set(report["targets"]) == set(probed) and report["baseline_features"] == ["mag_r", "half_light_radius"]
 
 
 def test_demo_summary_prints_scores_beside_baselines_in_80_columns(demo):

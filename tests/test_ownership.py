@@ -81,6 +81,10 @@ def made(tmp_path_factory, survey_dir, codec_dir):
     f["probe-report"] = base / "probe"
     probe(ProbeConfig(embeddings=f["embeddings"], labels=str(survey_dir), targets=["redshift"], folds=2,
                       out=f["probe-report"], device="cpu"))
+    from astropt_train.use.evaluate import EvalConfig, run_eval
+
+    f["eval-report"] = base / "eval"
+    run_eval(EvalConfig(checkpoint=f["run"], out=f["eval-report"], images=False, device="cpu"))
     f["demo"] = base / "demo"  # a demo folder as the demo leaves it (the demo itself runs in the tests below)
     art.claim_output(f["demo"], "demo", "`astropt demo`")
     (f["demo"] / "pictures").mkdir()
@@ -114,6 +118,8 @@ COMMANDS = {
     "probe": ("probe-report", lambda m, out: ["probe", "--embeddings", str(m["folders"]["embeddings"]), "--labels",
                                               str(m["survey"]), "--target", "redshift", "--folds", "2", "--out",
                                               str(out), "--device", "cpu"], "--overwrite"),
+    "eval": ("eval-report", lambda m, out: ["eval", "--checkpoint", str(m["folders"]["run"]), "--out", str(out),
+                                            "--no-images", "--device", "cpu"], "--overwrite"),
 }
 FOLDERS = sorted(art.KINDS) + ["user"]
 CASES = [(cmd, folder) for cmd in COMMANDS for folder in FOLDERS if folder != COMMANDS[cmd][0]]

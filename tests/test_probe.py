@@ -82,3 +82,58 @@ def test_nmad_and_bad_options(emb, tmp_path):
         with pytest.raises(AstroptError, match=message):
             probe(ProbeConfig(**{"embeddings": emb_dir, "labels": str(survey), "targets": ["redshift"],
                                  "out": tmp_path / "o", **kwargs}))
+
+
+def test_baseline_features_probe_the_catalogue_alone_on_the_same_rows(emb, tmp_path):
+    """--baseline-features: the same probe on catalogue columns alone (and with the embeddings), the same folds and
+    rows as the model's; its R² equals an independent scikit-learn fit on those rows and folds."""
+    import pyarrow.parquet as pq
+    from sklearn.linear_model import RidgeCV
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from astropt_train.use.probe import ALPHAS
+
+    emb_dir, survey = emb
+    _, _, ids = read_embeddings(emb_dir)
+    table = pq.read_table(sorted(Path(survey).glob("*.parquet")),
+                          columns=["object_id", "redshift", "mag_r", "half_light_radius"]).to_pydict()
+    at = {i: k for k, i in enumerate(table["object_id"])}
+    rows = [at[i] for i in ids]
+    # one galaxy lacks its size: left out of every score of the table, model's included
+    table["half_light_radius"][rows[4]] = None
+    import pyarrow as pa
+
+    pq.write_table(pa.table(table), tmp_path / "cat.parquet")
+    r = probe(ProbeConfig(embeddings=emb_dir, labels=str(tmp_path / "cat.parquet"), targets=["redshift"],
+                          out=tmp_path / "out", folds=4, baseline_features=["mag_r", "half_light_radius"]))
+    e = r.report["targets"]["redshift"]
+    assert e["n"] == 39 and e["left_out"]["missing_feature"] == 1
+    assert e["baselines"]["catalogue"]["features"] == ["mag_r", "half_light_radius"]
+    keep = [k for k in range(len(ids)) if k != 4]
+    x = np.array([[table["mag_r"][rows[k]], table["half_light_radius"][rows[k]]] for k in keep], dtype=float)
+    y = np.array([table["redshift"][rows[k]] for k in keep], dtype=float)
+    scores = []
+    for train, test in KFold(4, shuffle=True, random_state=0).split(x):
+        fit = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS)).fit(x[train], y[train])
+        scores.append(r2_score(y[test], fit.predict(x[test])))
+    assert e["baselines"]["catalogue"]["scores"]["r2"] == pytest.approx(np.mean(scores), abs=1e-10)
+    assert set(e["model_and_catalogue"]["scores"]) == {"r2", "mae", "nmad"}
+    assert "same rows" in e["same_rows"] and r.report["baseline_features"] == ["mag_r", "half_light_radius"]
+
+
+def test_baseline_feature_mistakes_are_one_error_before_any_work(emb, tmp_path):
+    emb_dir, survey = emb
+    base = dict(embeddings=emb_dir, labels=str(survey), out=tmp_path / "out", folds=3)
+    for kwargs, message in (
+            ({"targets": ["redshift"], "baseline_features": ["redshift", "mag_r"]}, "also among --baseline-features"),
+            ({"targets": ["redshift"], "baseline_features": ["mag_r", "mag_r"]}, "more than once"),
+            ({"targets": ["redshift"], "baseline_features": ["no_such_column"]}, "no column 'no_such_column'"),
+            ({"targets": ["redshift"], "baseline_features": ["morphology"]}, "not numbers"),
+            ({"targets": ["redshift"], "folds": 30}, "too few for 30 folds")):
+        with pytest.raises(AstroptError, match=message):
+            probe(ProbeConfig(**{**base, **kwargs}))
+        # refused before anything was written: no report folder, no random-init embeddings
+        assert not (tmp_path / "out" / "random-init-embeddings").exists()

@@ -167,14 +167,15 @@ def probe_command(
     random_init_seed: int = typer.Option(0, "--random-init-seed", help="Seed of the randomly initialised model of the baseline."),
     device: str = typer.Option("auto", "--device", help="Device for the random-init baseline's embeddings."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report in --out of other embeddings (one of the same embeddings is rewritten, whatever the labels and targets): clears its report.json and pictures, never another kind of folder or files it did not write."),
+    baseline_features: Optional[str] = typer.Option(None, "--baseline-features", help="Catalogue columns (comma-separated, e.g. mag_r,half_light_radius) probed alone, and beside the embeddings, on the same rows: does the model know more than the catalogue?"),
 ) -> None:
-    """Linear probes of embeddings on catalogue columns (k-fold CV), next to a random-init model and shuffled labels."""
+    """Linear probes of embeddings on catalogue columns (k-fold CV), next to a random-init model, shuffled labels and (--baseline-features) the catalogue alone."""
     from astropt_train.use.probe import ProbeConfig, print_table, probe
 
     result = probe(ProbeConfig(embeddings=embeddings, labels=labels, targets=list(target), out=out, task=task,
                                id_column=id_column, folds=folds, column=column, seed=seed,
                                random_init_seed=random_init_seed, device=device, progress=True,
-                               overwrite=overwrite))
+                               overwrite=overwrite, baseline_features=_split(baseline_features) or []))
     print_table(result.report)
     typer.echo(f"wrote {result.out / 'report.json'}")
 

@@ -372,7 +372,8 @@ def _surveys(source: str) -> tuple:
     return (("legacysurvey_image", DEFAULT_BANDS), ("hsc_image", HSC_BANDS))
 
 
-PROBE_TABLE_KEYS = ("target", "task", "n", "metric", "model", "random_init", "shuffled_labels")
+PROBE_TABLE_KEYS = ("target", "task", "n", "metric", "model", "random_init", "shuffled_labels", "catalogue",
+                    "model_and_catalogue")
 
 
 def _embed_and_probe(cfg: DemoConfig, run: Path, survey: str, legacy: bool = False) -> dict:
@@ -385,7 +386,11 @@ def _embed_and_probe(cfg: DemoConfig, run: Path, survey: str, legacy: bool = Fal
     embed(EmbedConfig(checkpoint=run, out=cfg.workdir / "embeddings", device=cfg.device, batch_size=32,
                       overwrite=True, progress=cfg.progress))
     _claim(cfg, "probe", legacy)
-    return probe(ProbeConfig(embeddings=cfg.workdir / "embeddings", labels=survey, targets=list(CATALOGUE_COLUMNS),
+    # beside the model: the same probe on the catalogue's magnitude and size alone, on the same galaxies (does the
+    # model know more than those two columns?), each target but those two
+    features = ["mag_r", "half_light_radius"]
+    return probe(ProbeConfig(embeddings=cfg.workdir / "embeddings", labels=survey,
+                             targets=[c for c in CATALOGUE_COLUMNS if c not in features], baseline_features=features,
                              out=cfg.workdir / "probe", folds=5, seed=cfg.seed, random_init_seed=cfg.seed + 1,
                              device=cfg.device, overwrite=True)).report
 
@@ -471,12 +476,16 @@ def print_demo_summary(result: DemoResult, console=None) -> None:
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f" (total {sum(result.seconds.values()):.0f} s)")
     if "probe" in m:
-        table = folding_table("target", "metric", "model", "random init", "shuffled labels",
-                              title=f"linear probes of the catalogue (5-fold CV; {m['probe']['report']})")
+        report = json.loads(Path(m["probe"]["report"]).read_text()) if Path(m["probe"]["report"]).is_file() else {}
+        features = ", ".join(report.get("baseline_features") or []) or "-"
+        table = folding_table("target", "metric", "model", "random init", "catalogue", "model + cat.",
+                              title=f"linear probes of the catalogue (5-fold CV, same galaxies; catalogue: {features} "
+                                    f"alone; shuffled labels in {m['probe']['report']})")
         for col in table.columns[2:]:
             col.justify = "right"
         for r in m["probe"]["table"]:
-            table.add_row(r["target"], r["metric"], r["model"], r["random_init"], r["shuffled_labels"])
+            table.add_row(r["target"], r["metric"], r["model"], r["random_init"], r.get("catalogue", "-"),
+                          r.get("model_and_catalogue", "-"))
         console.print(table)
     console.print(f"next: `astropt decode --tokens {result.store} --rows 0:16 --compare --out grid.png`, "
                   f"`astropt decode --checkpoint {result.run} --generate 16 --out samples.png`")

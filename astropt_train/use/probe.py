@@ -67,6 +67,7 @@ class ProbeConfig:
     pictures: bool = True
     progress: bool = False
     overwrite: bool = False  # replace a report in `out` of other embeddings
+    baseline_features: list[str] = field(default_factory=list)  # catalogue columns probed alone ("beyond them?")
 
 
 @dataclass
@@ -299,6 +300,74 @@ def _random_init_embeddings(cfg: ProbeConfig, manifest: dict, out: Path) -> Path
     return dest
 
 
+def _catalogue_features(cfg: ProbeConfig, labels: dict, at: np.ndarray, found: np.ndarray
+                        ) -> tuple[np.ndarray | None, np.ndarray]:
+    """(features [rows, k] float64 of --baseline-features, per embedded row (NaN where absent), and the mask of
+    rows that have every one as a finite number of at most OVERFLOW_LABEL); (None, all True) without them."""
+    if not cfg.baseline_features:
+        return None, np.ones(len(at), dtype=bool)
+    cols = []
+    for name in cfg.baseline_features:
+        raw = np.where(found, labels[name][np.where(found, at, 0)], None)
+        values = np.full(len(raw), np.nan)
+        for i, v in enumerate(raw):
+            if v is None:
+                continue
+            if isinstance(v, (str, bytes)) or not isinstance(v, (int, float, np.integer, np.floating, bool)):
+                raise AstroptError(f"--baseline-features {name}: column {name!r} of {cfg.labels} holds "
+                                   f"{type(v).__name__} values such as {v!r}, not numbers: name numeric catalogue "
+                                   "columns (a magnitude, a size)")
+            try:
+                values[i] = float(v)
+            except OverflowError:
+                values[i] = np.inf
+        cols.append(values)
+    features = np.stack(cols, axis=1)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(features).all(axis=1) & (np.abs(features) <= OVERFLOW_LABEL).all(axis=1)
+    return features, ok
+
+
+def _prepare_target(cfg: ProbeConfig, target: str, labels: dict, at: np.ndarray, found: np.ndarray,
+                    embedded: np.ndarray, has_features: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, dict]:
+    """(task, kept rows mask, their labels, left-out counts by reason) of one target; too few rows for the folds,
+    too many classes, one class or one value is one error."""
+    raw = np.where(found, labels[target][np.where(found, at, 0)], None)
+    task = _task_of(raw[found], cfg.task)
+    keep, y, why = _clean(raw, task)
+    usable = found & embedded
+    keep &= usable
+    no_feature = keep & ~has_features  # a row without a catalogue feature is no row of any score
+    keep &= has_features
+    if task == "classification" and len(np.unique(y[keep])) > int(keep.sum()) // 2:  # before rare classes go
+        raise AstroptError(f"target {target!r} has {len(np.unique(y[keep]))} classes among {int(keep.sum())} "
+                           "labelled rows, too few rows per class to learn from: use --task regression for a "
+                           "continuous column")
+    rare = _rare_classes(y, keep) if task == "classification" else np.zeros(len(y), dtype=bool)
+    keep &= ~rare
+    left_out = {"no_label_row": int((~found).sum()), "no_embedding": int((found & ~embedded).sum()),
+                **{reason: int((mask & usable).sum()) for reason, mask in why.items()},
+                "rare_class": int(rare.sum())}
+    if cfg.baseline_features:
+        left_out["missing_feature"] = int(no_feature.sum())
+    n = int(keep.sum())
+    if n < 2 * cfg.folds:
+        counted = ", ".join(f"{k} {v}" for k, v in left_out.items() if v)
+        raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds "
+                           f"(--folds; at least {2 * cfg.folds} rows: two per fold)"
+                           + (f" (left out: {counted}; |label| above {OVERFLOW_LABEL:g} overflows)"
+                              if left_out["overflowing_label"] else f" (left out: {counted})" if counted else ""))
+    yk = y[keep]
+    if task == "classification" and len(np.unique(yk)) < 2:
+        raise AstroptError(f"target {target!r} has a single class"
+                           + (f" once {left_out['rare_class']} rows of classes seen once are left out"
+                              if left_out["rare_class"] else "") + "; nothing to classify")
+    if task == "regression" and np.ptp(yk.astype(float)) == 0:
+        raise AstroptError(f"target {target!r} has one value ({yk[0]:g}) in all {n} labelled rows; "
+                           "nothing to predict: choose a column that varies")
+    return task, keep, yk, left_out
+
+
 def _check_options(cfg: ProbeConfig) -> None:
     if not cfg.targets:
         raise AstroptError("pass at least one --target COLUMN")
@@ -314,6 +383,17 @@ def _check_options(cfg: ProbeConfig) -> None:
         raise AstroptError(f"--target {repeated[0]} is given more than once: name each column once")
     if cfg.id_column in cfg.targets:
         raise AstroptError(f"--target {cfg.id_column} is the id column (--id-column): probe a catalogue column instead")
+    features = list(cfg.baseline_features)
+    repeated = sorted({f for f in features if features.count(f) > 1})
+    if repeated:
+        raise AstroptError(f"--baseline-features names {repeated[0]} more than once: name each column once")
+    both = [t for t in cfg.targets if t in features]
+    if both:
+        raise AstroptError(f"--target {both[0]} is also among --baseline-features: a probe given the target itself "
+                           "scores perfectly; leave it out of the features")
+    if cfg.id_column in features:
+        raise AstroptError(f"--baseline-features {cfg.id_column} is the id column (--id-column), not a catalogue "
+                           "value: name catalogue columns such as a magnitude and a size")
 
 
 def probe(cfg: ProbeConfig) -> ProbeResult:
@@ -355,7 +435,7 @@ def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
                            "the probe joins labels by object id")
     _repeated(ids, "among its galaxies: a galaxy embedded twice would sit in training and test folds at once; "
               "embed a store that holds each galaxy once", f"{cfg.embeddings}")
-    labels = read_labels(cfg.labels, cfg.id_column, cfg.targets)
+    labels = read_labels(cfg.labels, cfg.id_column, cfg.targets + list(cfg.baseline_features))
     embedded_ids = set(ids)
     _repeated([i for i in labels[cfg.id_column] if i in embedded_ids],
               "among the embedded galaxies: which row is the galaxy's label is not ours to guess; keep one row per "
@@ -365,6 +445,10 @@ def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
     found = at >= 0
     if not found.any():
         raise AstroptError(f"no object id of {cfg.embeddings} is in column {cfg.id_column!r} of {cfg.labels}")
+    features, has_features = _catalogue_features(cfg, labels, at, found)
+    # every target's rows and labels settled before anything is written or embedded: too few rows for the folds,
+    # one class, a constant column are errors now, not after the random-init model has embedded every galaxy
+    prepared = {t: _prepare_target(cfg, t, labels, at, found, embedded, has_features) for t in cfg.targets}
     out = Path(cfg.out)
     lineage = {"embeddings": {"dir": str(Path(cfg.embeddings).resolve()),
                               "manifest_sha256": manifest_sha256(cfg.embeddings)},
@@ -394,36 +478,13 @@ def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
               "checkpoint": manifest["checkpoint"]["path"], "step": manifest["checkpoint"]["step"],
               "random_init_seed": cfg.random_init_seed, "rows": len(ids), "rows_without_labels": int((~found).sum()),
               "targets": {}}
+    if cfg.baseline_features:
+        report["baseline_features"] = list(cfg.baseline_features)
     for target in cfg.targets:
-        raw = np.where(found, labels[target][np.where(found, at, 0)], None)
-        task = _task_of(raw[found], cfg.task)
-        keep, y, why = _clean(raw, task)
-        usable = found & embedded
-        keep &= usable
-        if task == "classification" and len(np.unique(y[keep])) > int(keep.sum()) // 2:  # before rare classes go
-            raise AstroptError(f"target {target!r} has {len(np.unique(y[keep]))} classes among {int(keep.sum())} "
-                               "labelled rows, too few rows per class to learn from: use --task regression for a "
-                               "continuous column")
-        rare = _rare_classes(y, keep) if task == "classification" else np.zeros(len(y), dtype=bool)
-        keep &= ~rare
-        left_out = {"no_label_row": int((~found).sum()), "no_embedding": int((found & ~embedded).sum()),
-                    **{reason: int((mask & usable).sum()) for reason, mask in why.items()},
-                    "rare_class": int(rare.sum())}
-        n = int(keep.sum())
-        if n < 2 * cfg.folds:
-            counted = ", ".join(f"{k} {v}" for k, v in left_out.items() if v)
-            raise AstroptError(f"target {target!r}: only {n} rows have a label, too few for {cfg.folds} folds"
-                               + (f" (left out: {counted}; |label| above {OVERFLOW_LABEL:g} overflows)"
-                                  if left_out["overflowing_label"] else f" (left out: {counted})" if counted else ""))
+        task, keep, yk, left_out = prepared[target]
+        n = len(yk)
         # float64 features: scikit-learn casts the labels to the features' dtype, and float32 overflows at 3.4e38
-        x, xr, yk = emb[keep].astype(np.float64), rand_emb[keep].astype(np.float64), y[keep]
-        if task == "classification" and len(np.unique(yk)) < 2:
-            raise AstroptError(f"target {target!r} has a single class"
-                               + (f" once {left_out['rare_class']} rows of classes seen once are left out"
-                                  if left_out["rare_class"] else "") + "; nothing to classify")
-        if task == "regression" and np.ptp(yk) == 0:
-            raise AstroptError(f"target {target!r} has one value ({yk[0]:g}) in all {n} labelled rows; "
-                               "nothing to predict: choose a column that varies")
+        x, xr = emb[keep].astype(np.float64), rand_emb[keep].astype(np.float64)
         folds = _folds(yk, task, cfg.folds, cfg.seed)
         redshift = task == "regression" and is_redshift_like(target)
         model = cross_validate(x, yk, task, folds, redshift)
@@ -433,6 +494,14 @@ def _run_probe(cfg: ProbeConfig, held: ExitStack) -> ProbeResult:
                  "scores": model["scores"], "spread": model["spread"], "per_fold": model["per_fold"],
                  "baselines": {name: {"scores": r["scores"], "spread": r["spread"]}
                                for name, r in (("random_init", rand), ("shuffled_labels", shuffled))}}
+        if cfg.baseline_features:  # the same probe, folds and rows on the catalogue columns, alone and with the model
+            alone = cross_validate(features[keep], yk, task, folds, redshift)
+            joint = cross_validate(np.hstack([x, features[keep]]), yk, task, folds, redshift)
+            entry["baselines"]["catalogue"] = {"features": list(cfg.baseline_features), "scores": alone["scores"],
+                                               "spread": alone["spread"]}
+            entry["model_and_catalogue"] = {"scores": joint["scores"], "spread": joint["spread"]}
+            entry["same_rows"] = ("the model, both baselines, the catalogue and model + catalogue are scored on the "
+                                  "same rows and folds: rows lacking a catalogue feature are left out of all")
         if task == "regression":
             entry["nmad_dz"] = "(pred - true) / (1 + true)" if redshift else "pred - true"
         else:
@@ -507,26 +576,42 @@ def _pm(scores: dict, spread: dict, metric: str) -> str:
     return f"{f(scores.get(metric))} ± {f(spread.get(metric))}"
 
 
+TABLE_COLUMNS = ("target", "task", "n", "metric", "model", "random init", "shuffled labels")
+CATALOGUE_COLUMNS = ("catalogue", "model + catalogue")  # with --baseline-features
+
+
 def table_rows(report: dict) -> list[tuple[str, ...]]:
-    """(target, task, n, metric, model ± spread, random init, shuffled labels) per target and metric."""
+    """(target, task, n, metric, model ± spread, random init, shuffled labels[, catalogue, model + catalogue])
+    per target and metric; the last two with --baseline-features."""
     rows = []
     for target, e in report["targets"].items():
         for metric in e["scores"]:
             b = e["baselines"]
-            rows.append((target, e["task"], str(e["n"]), metric, _pm(e["scores"], e["spread"], metric),
-                         _pm(b["random_init"]["scores"], b["random_init"]["spread"], metric),
-                         _pm(b["shuffled_labels"]["scores"], b["shuffled_labels"]["spread"], metric)))
+            row = (target, e["task"], str(e["n"]), metric, _pm(e["scores"], e["spread"], metric),
+                   _pm(b["random_init"]["scores"], b["random_init"]["spread"], metric),
+                   _pm(b["shuffled_labels"]["scores"], b["shuffled_labels"]["spread"], metric))
+            if "catalogue" in b:
+                joint = e["model_and_catalogue"]
+                row += (_pm(b["catalogue"]["scores"], b["catalogue"]["spread"], metric),
+                        _pm(joint["scores"], joint["spread"], metric))
+            rows.append(row)
     return rows
 
 
 def print_table(report: dict, console=None) -> None:
-    """The probe table: each target's scores next to both baselines."""
+    """The probe table: each target's scores next to both baselines (and the catalogue's, when probed)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
-    table = Table(title=f"linear probes ({report['folds']}-fold CV, mean ± std over folds)")
-    for col in ("target", "task", "n", "metric", "model", "random init", "shuffled labels"):
+    import sys as _sys
+
+    console = console or Console(width=None if _sys.stdout.isatty() else 200)
+    features = report.get("baseline_features")
+    title = f"linear probes ({report['folds']}-fold CV, mean ± std over folds)"
+    if features:
+        title += f"; catalogue: the same probe on {', '.join(features)} alone, on the same rows"
+    table = Table(title=title)
+    for col in TABLE_COLUMNS + (CATALOGUE_COLUMNS if features else ()):
         table.add_column(col, justify="left" if col in ("target", "task", "metric") else "right", overflow="fold")
     for r in table_rows(report):
         table.add_row(*r)
