@@ -47,6 +47,25 @@ def fsync_tree(path: str | os.PathLike) -> None:
     fsync_dir(path)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(path: Path) -> None:
+    """Give `path` (and, for a folder, everything under it) the permissions a plain open() or mkdir() would: 0o666
+    (files) or 0o777 (folders) less the umask. Writers that go through a private temporary file (safetensors:
+    0600) would otherwise leave an artifact other users of a shared group folder cannot read."""
+    mask = _umask()
+    items = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
+    for p in items:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _replace(tmp: Path, final: Path) -> None:
     """Move `tmp` to `final`: a file replaces a file in one rename; a folder replacing a folder moves the old one
     aside first and deletes it only after the new one is in place."""
@@ -73,6 +92,7 @@ def atomic_file(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
             yield tmp
             if not tmp.exists():
                 raise FileNotFoundError(f"nothing was written to {tmp}")
+            plain_modes(tmp)
             fsync_tree(tmp)
             _replace(tmp, final)
             fsync_dir(final.parent)

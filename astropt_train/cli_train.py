@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
                                                            "made the store (refitted since); refused without it."),
         log: Optional[str] = typer.Option(None, "--log", help="csv, wandb or tensorboard (csv)."),
         workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers (0 on CPU, 2 on CUDA)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's, all "
+                                              "cores: fastest for training on an idle machine; 1 can be faster on a busy one)."),
         store_reads: Optional[str] = typer.Option(None, "--store-reads", help="pread: one read per row, memory "
                                                   "flat however large the store; mmap: through the memory maps, "
                                                   "RSS grows toward the store's size (pread)."),

@@ -83,6 +83,7 @@ class TrainConfig:
     loss_chunks: int = 1  # > 1: the loss's logits are made (and remade in backward) this many chunks at a time
     seed: int = 1337
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
+    threads: int | None = None  # torch CPU threads; None: torch's own (training uses every core well, BENCHMARKS.md)
     store_reads: str = "pread"  # "pread": RSS flat however large the store; "mmap": gather through the maps
     # under torchrun: seconds to wait for the other ranks to join, and the limit of every collective (DDP's
     # all-reduces); waits for rank 0's checkpoints and validation pictures are not limited by it
@@ -152,6 +153,8 @@ class TrainConfig:
             raise AstroptError(f"head must be affine or aim, got {self.head!r}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 0:
             raise AstroptError(f"lr-decay-iters must be >= 0, got {self.lr_decay_iters}")
+        if self.threads is not None and self.threads < 1:
+            raise AstroptError(f"threads must be 1 or more (or left out: torch's own), got {self.threads}")
         if self.workers is not None and self.workers < 0:
             raise AstroptError(f"workers must be 0 (read in this process) or more, got {self.workers}")
         if self.dist_timeout <= 0:

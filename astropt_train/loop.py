@@ -170,6 +170,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = absolute_paths(cfg)
     import torch
 
+    from astropt_tok.executor import torch_threads
     from astropt_tok.launch import RankGroup, dist_timeout, read_launch
 
     launch = read_launch(arrays=False)  # SLURM array variables: an array of runs is a sweep, not ranks of one
@@ -180,8 +181,8 @@ def train(cfg: TrainConfig) -> dict:
         with RankGroup(launch).join("nccl" if device.type == "cuda" else "gloo", dist_timeout(cfg.dist_timeout)) \
                 as group:
             try:
-                with _StopFlag() as stop, ExitStack() as held:  # held: the run folder's lock, released on return
-                    return _train(cfg, dist, device, stop, held, group)
+                with _StopFlag() as stop, ExitStack() as held, torch_threads(cfg.threads):
+                    return _train(cfg, dist, device, stop, held, group)  # held: the run folder's lock
             except torch.cuda.OutOfMemoryError:
                 raise AstroptError(
                     f"{device} ran out of memory at --batch-size {cfg.batch_size}: use a smaller --batch-size (with "
@@ -300,6 +301,9 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
 
     echo = print if dist.master else (lambda *a, **k: None)
     run = Path(cfg.out)
+    if cfg.warmup_iters > cfg.max_iters:
+        echo(f"note: --warmup-iters {cfg.warmup_iters} exceeds --max-iters {cfg.max_iters}: the learning rate "
+             f"never reaches --lr {cfg.lr:g} (it ends at {lr_at(cfg.max_iters - 1, cfg):.3g}); lower --warmup-iters")
 
     # --- store: manifest, dtype, vocab and every shard's size are checked before the first step
     store = TokenStore(cfg.tokens)
@@ -537,6 +541,10 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     model.train()
     t_last, steps_since = time.perf_counter(), 0
     bad = torch.zeros((), dtype=torch.bool, device=device)
+    # the logged train loss is the mean over the steps since the last log line (summed on the device: no sync per
+    # step), not one batch's: with a few galaxies per batch one batch's loss is mostly noise
+    loss_sum = torch.zeros((), device=device)
+    interval_loss = float("nan")
     try:
         while step < cfg.max_iters:
             lr = lr_at(step, cfg)
@@ -565,6 +573,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             bad |= ~torch.isfinite(loss_acc)
+            loss_sum += loss_acc
             step += 1
             batches_done += cfg.grad_accum
             steps_since += 1
@@ -590,7 +599,12 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                 dt = time.perf_counter() - t_last
                 tps = steps_since * tokens_per_step / dt
                 rates.append(tps)
-                record = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tps,
+                mean = loss_sum / steps_since
+                if dist.ddp:  # every rank logs at the same steps: the mean over all ranks' batches
+                    tdist.all_reduce(mean)
+                    mean /= dist.world
+                interval_loss = float(mean.item())
+                record = {"step": step, "loss": interval_loss, "lr": lr, "tokens_per_s": tps,
                           "grad_norm": float(grad_norm.item())}
                 if cuda:
                     record["mfu"] = raw_model.estimate_mfu(tps / dist.world, seq_len=seq_len)
@@ -633,6 +647,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
                 if is_eval:  # the first pictures load the codec on rank 0, which may take minutes
                     group.wait_for_all(f"rank 0 to draw the validation pictures of step {step}")
                 t_last, steps_since = time.perf_counter(), 0
+                loss_sum.zero_()
             if is_eval and last_val < best_val:
                 best_val = last_val
             if is_ckpt:
@@ -653,7 +668,7 @@ def _train(cfg: TrainConfig, dist: Dist, device, stop: _StopFlag, held: ExitStac
     steady = rates[1:] if len(rates) > 1 else rates
     tps = statistics.median(steady) if steady else 0.0
     summary = {
-        "step": step, "loss": last_loss, "val_loss": last_val,
+        "step": step, "loss": interval_loss, "val_loss": last_val,
         "best_val_loss": best_val if math.isfinite(best_val) else None, "run_dir": str(run),
         "checkpoint": last_ckpt, "tokens_per_s": tps, "stopped": stopped, "params": raw_model.num_params(),
         "device": str(device), "rank": dist.rank, "world_size": dist.world,

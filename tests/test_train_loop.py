@@ -307,3 +307,42 @@ def test_ddp_resume_with_dropout_gives_the_same_losses_as_a_straight_run(tmp_pat
     assert sorted(lb) == list(range(1, 13))
     for s in range(1, 13):
         assert la[s] == pytest.approx(lb[s], abs=1e-6, rel=0), s
+
+
+def test_every_checkpoint_file_gets_the_permissions_of_a_plain_file(store, tmp_path):
+    """safetensors writes through a private temporary (0600); the checkpoint's weights get what every other file
+    gets: 0666 less the umask, so a group's shared run folder is readable by the group."""
+    from astropt_train.loop import train
+
+    old = os.umask(0o027)
+    try:
+        train(cfg(store, tmp_path / "run", max_iters=1, eval_interval=1))
+    finally:
+        os.umask(old)
+    (_, ckpt), = ck.list_checkpoints(tmp_path / "run")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir()}
+    assert modes["model.safetensors"] == 0o640 and set(modes.values()) == {0o640}, modes
+    assert ckpt.stat().st_mode & 0o777 == 0o750
+
+
+def test_logged_train_loss_is_the_mean_since_the_last_log_line(store, tmp_path, capsys):
+    """With --log-interval 3 the loss at step 3k is the mean of steps 3k-2..3k's losses (a run logging every step
+    gives them: CPU runs are bit-identical); the summary's loss is the last interval's mean. --warmup-iters past
+    --max-iters is noted; --threads sets torch's threads for the run and puts them back."""
+    import torch
+
+    from astropt_train.loop import train
+
+    every = train(cfg(store, tmp_path / "a", max_iters=6, log_interval=1, eval_interval=6, warmup_iters=8))
+    assert "--warmup-iters 8 exceeds --max-iters 6" in capsys.readouterr().out
+    before = torch.get_num_threads()
+    third = train(cfg(store, tmp_path / "b", max_iters=6, log_interval=3, eval_interval=6, warmup_iters=8, threads=1))
+    assert torch.get_num_threads() == before
+    step_loss = losses(tmp_path / "a")
+    logged = losses(tmp_path / "b")
+    assert sorted(logged) == [3, 6]
+    for s in (3, 6):
+        assert logged[s] == pytest.approx(sum(step_loss[t] for t in range(s - 2, s + 1)) / 3, rel=1e-6)
+    assert third["loss"] == pytest.approx(logged[6]) and every["loss"] == pytest.approx(step_loss[6])
+    with pytest.raises(AstroptError, match="threads must be 1 or more"):
+        train(cfg(store, tmp_path / "c", threads=0))
