@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, Interrupted
 
 app = typer.Typer(
     name="astropt",
@@ -123,6 +123,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         # click returns an Exit's code instead of exiting
         code = build_command().main(args=argv, prog_name="astropt", standalone_mode=False)
+    except Interrupted as exc:  # Ctrl-C in a command that says what it kept and how to go on
+        typer.echo(f"interrupted: {exc}", err=True)
+        sys.exit(130)
     except AstroptError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -143,6 +146,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if type(exc).__name__ == "Abort":
             sys.exit(1)
         raise
+    if code == 130:  # typer turns a KeyboardInterrupt inside a command into this exit code, silently
+        typer.echo("interrupted", err=True)
     if isinstance(code, int) and code:
         sys.exit(code)
 

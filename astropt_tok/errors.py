@@ -16,6 +16,12 @@ class AstroptError(Exception):
     """A failure caused by the user's input or environment, with a message that says what to do."""
 
 
+class Interrupted(AstroptError):
+    """Ctrl-C (SIGINT) during a command that can say what was kept and how to go on: the CLI prints
+    `interrupted: MESSAGE` and exits 130 (an AstroptError, not a KeyboardInterrupt, which typer itself turns
+    into a silent exit code)."""
+
+
 def temporary_name(path: str | os.PathLike, tag: str = "tmp") -> Path:
     """A hidden temporary name beside `path`, unique to this process and call: `.NAME.tag-PID-RANDOM`."""
     path = Path(path)

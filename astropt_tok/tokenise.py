@@ -27,7 +27,7 @@ from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
 from astropt_tok.encoder import PRECISIONS, EncodedShard, Encoder, ModalityEncoders, encode_shard
 from astropt_tok.artifacts import output_folder, store_lineage, update_lineage
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, Interrupted
 from astropt_tok.lock import folder_lock
 from astropt_tok.executor import (await_replaced_store, check_rerun, check_source_unchanged, default_workers,
                                   launch_of, prepare_store, remove_stale_temporaries, resolve_device,
@@ -257,8 +257,21 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         # refused, the processes of one job (world > 1) share it, and claiming a store of its kind is harmless.
         with output_folder(out, "token-store", "`astropt tokenise`", lineage=store_lineage_of(manifest),
                            shared=world > 1):
-            return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world,
-                             group, t_start)
+            try:
+                return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world,
+                                 group, t_start)
+            except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on (one line, no traceback)
+                raise Interrupted(_resume_line(out, cfg)) from None
+
+
+def _resume_line(out: Path, cfg: TokeniseConfig) -> str:
+    """What an interrupted tokenise kept, and how to finish the store."""
+    try:
+        complete = len(st.read_done_records(out, cfg.shards, cfg.storage))
+    except Exception:  # the interrupt may have come before the store was prepared: say nothing about shards
+        return f"run the same command again to resume {out} (every finished shard is kept)"
+    return (f"{complete} of {cfg.shards} shards of {out} are complete and kept; run the same command again to "
+            "resume (the shard being written is redone)")
 
 
 def finalize(out_dir) -> None:

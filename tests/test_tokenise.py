@@ -620,6 +620,30 @@ def test_sigkill_then_rerun_gives_identical_bytes(survey_dir, codec_dir, store_a
     assert not list(out.glob(".shard-*"))  # no temporaries left
 
 
+def test_ctrl_c_prints_one_line_saying_how_to_resume(survey_dir, codec_dir, tmp_path):
+    """SIGINT part-way: exit 130, one `interrupted:` line naming the complete shards and how to resume, no
+    traceback; running the same command again finishes the store."""
+    out = tmp_path / "interrupted"
+    args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--device", "cpu",
+            "--shards", "20", "--batch-size", "1", "--workers", "0"]
+    proc = _run_tokenise_subprocess(args)
+    done_dir = out / st.DONE_DIR
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("interrupted: "), err
+    complete = len(list(done_dir.glob("*.json")))
+    assert f"{complete} of 20 shards" in lines[0] and "run the same command again to resume" in lines[0]
+    assert not st.read_manifest(out)["complete"]
+    rerun = _run_tokenise_subprocess(args)
+    assert rerun.wait(timeout=300) == 0 and st.read_manifest(out)["complete"]
+
+
 def test_mismatched_rerun_is_refused_unless_overwrite(store_arrow, survey_dir, codec_dir, tmp_path, capsys):
     out = tmp_path / "tok"
     shutil.copytree(store_arrow, out)
