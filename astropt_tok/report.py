@@ -1,21 +1,34 @@
 """Human-readable summaries: a token store (`astropt info`), a tokenise run, reconstruction quality.
 
-Tables fold long cells onto more lines instead of cutting them, so they read whole in an 80-column pipe
-or a log file."""
+Every command prints through `output_console()`: on a terminal, its width; in a pipe or a log file (where rich
+would assume 80 columns, or $COLUMNS), PIPE_WIDTH, so a path, object id or modality name prints whole on one
+line (grep-able) instead of folded across lines. Tables fold long cells rather than cut them, on a narrow
+terminal too."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+PIPE_WIDTH = 400  # columns of output that is not a terminal (a table takes only the width its cells need)
+
+
+def output_console(stderr: bool = False) -> Console:
+    """The console a command prints to: the terminal's width, or PIPE_WIDTH in a pipe or a log file."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=PIPE_WIDTH)  # $COLUMNS too is ignored: exported by many shells and CI
 
 
 def print_store_info(store_dir: str | Path, console: Console | None = None) -> dict:
     """Print a summary table of a store and return the figures shown."""
     from astropt_tok.store import REJECTS, TokenStore, codebook_usage, read_manifest
 
-    console = console or Console()
+    console = console or output_console()
     manifest = read_manifest(store_dir)
     if not manifest.get("complete"):
         from astropt_tok.store import read_done_records
@@ -61,7 +74,7 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
 
 def print_tokenise_summary(summary, console: Console | None = None) -> None:
     """The closing table of a tokenise run."""
-    console = console or Console()
+    console = console or output_console()
     table = folding_table("what", "value", title=f"tokenise -> {summary.out}", show_header=False)
     skipped = sum(r.skipped for r in summary.results)
     table.add_row("shards (this process)", f"{len(summary.my_shards)} of {summary.num_shards} ({skipped} already done)")
@@ -81,7 +94,10 @@ def print_tokenise_summary(summary, console: Console | None = None) -> None:
 
 
 def folding_table(*columns: str, **kwargs) -> Table:
-    """A rich Table whose cells wrap (fold) rather than end in an ellipsis when the console is narrow."""
+    """A rich Table whose cells wrap (fold) rather than end in an ellipsis when the console is narrow; as wide
+    as its title at least (a title holding a path wraps only where the console itself is narrower)."""
+    if kwargs.get("title") and "min_width" not in kwargs:
+        kwargs["min_width"] = len(str(kwargs["title"]))
     table = Table(**kwargs)
     for name in columns:
         table.add_column(name, overflow="fold")
@@ -96,7 +112,7 @@ def print_reconstruction_table(report: dict, title: str, console: Console | None
 
     `report` is astropt_tok.quality.summary_json's {"per_band", "baselines"}.
     """
-    console = console or Console()
+    console = console or output_console()
     table = folding_table("band", "reconstruction", "MSE", "explained var.", "PSNR dB", title=title,
                           caption="explained var. pooled over galaxies (1 = perfect, 0 = each image's mean); "
                                   "MSE and PSNR: mean over images, PSNR range = max - min of each original")

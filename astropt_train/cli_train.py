@@ -112,11 +112,11 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="Draw every run's loss curves in this one PNG."),
     ) -> None:
         """Compare training runs: steps, best validation loss, tokens/s and last checkpoint, and their loss curves."""
-        from rich.console import Console
+        from astropt_tok.report import output_console
 
         from astropt_train.runs import plot_runs, runs_table, summarise_run
 
         summaries = [summarise_run(r) for r in run_dirs]
-        Console().print(runs_table(summaries))
+        output_console().print(runs_table(summaries))
         if out is not None:
             typer.echo(f"wrote {plot_runs(summaries, out)}")

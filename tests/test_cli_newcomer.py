@@ -101,3 +101,21 @@ def test_runs_table_and_curves_of_two_runs(random_store, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: run {tmp_path} is not a training run (no metrics.jsonl); pass run folders written by "
         "`astropt train --out RUN`"]
+
+
+def test_tables_in_a_pipe_keep_paths_and_names_whole(random_store, tmp_path):
+    """Piped (not a terminal), `astropt info`'s table prints a long store path on one line, as grep needs it,
+    whatever $COLUMNS an exporting shell left behind."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    deep = tmp_path / ("a-rather-long-folder-name-for-a-survey-of-many-galaxies" * 2) / "tokens-of-the-survey"
+    shutil.copytree(random_store, deep)
+    for columns in (None, "80"):
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | ({"COLUMNS": columns} if columns else {})
+        done = subprocess.run([sys.executable, "-m", "astropt_tok.cli", "info", str(deep)], capture_output=True,
+                              text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert len(str(deep)) > 160 and any(str(deep) in line for line in done.stdout.splitlines())

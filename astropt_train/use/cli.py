@@ -67,11 +67,11 @@ def decode_command(
 
         typer.echo(dumps_finite(summary, indent=2))  # strict JSON for jq & co: a score that is no number is null
         return
-    from rich.console import Console
+    from astropt_tok.report import output_console
 
     from astropt_tok.report import print_reconstruction_table
 
-    console = Console()
+    console = output_console()
     if result.out is not None:
         console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({' | '.join(result.columns)}), "
                       f"codec {result.codec_id}")

@@ -444,11 +444,11 @@ def _jsonable(result: DemoResult) -> dict:
 
 def print_demo_summary(result: DemoResult, console=None) -> None:
     """Print where every output is, the reconstruction scores beside their baselines, and the headline figures."""
-    from rich.console import Console
+    from astropt_tok.report import output_console
 
     from astropt_tok.report import folding_table, print_reconstruction_table
 
-    console = console or Console()
+    console = console or output_console()
     where = folding_table("what", "where", title="astropt demo: where everything is", show_header=False)
     where.add_row("survey", str(result.survey))
     where.add_row("codec", str(result.codec) + ("  (the demo codec shipped with the package)" if result.demo_codec else ""))

@@ -546,16 +546,13 @@ def sampling_line(report: dict) -> str:
 
 def print_table(result: EvalResult, console=None) -> None:
     """The report as a table: every model score beside its baselines and spread."""
-    from rich.console import Console
-    from rich.table import Table
+    from astropt_tok.report import folding_table, output_console
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)  # a pipe: lines whole, not folded at 80
+    console = console or output_console()
     rep = result.report
     s = rep.get("sampling") or {}
     title = f"eval of {rep['checkpoint']['path']} (step {rep['checkpoint']['step']}) on {rep['rows']['count']} rows"
-    table = Table(title=title, show_lines=False)
-    for h in TABLE_HEADER:
-        table.add_column(h, overflow="fold")
+    table = folding_table(*TABLE_HEADER, title=title)
     for row in table_rows(rep):
         table.add_row(*row)
     console.print(table)

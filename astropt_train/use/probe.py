@@ -600,17 +600,16 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
 
 def print_table(report: dict, console=None) -> None:
     """The probe table: each target's scores next to both baselines (and the catalogue's, when probed)."""
-    from rich.console import Console
+    from astropt_tok.report import output_console
     from rich.table import Table
 
-    import sys as _sys
 
-    console = console or Console(width=None if _sys.stdout.isatty() else 200)
+    console = console or output_console()
     features = report.get("baseline_features")
     title = f"linear probes ({report['folds']}-fold CV, mean ± std over folds)"
     if features:
         title += f"; catalogue: the same probe on {', '.join(features)} alone, on the same rows"
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # a title holding a path wraps only on a narrow terminal
     for col in TABLE_COLUMNS + (CATALOGUE_COLUMNS if features else ()):
         table.add_column(col, justify="left" if col in ("target", "task", "metric") else "right", overflow="fold")
     for r in table_rows(report):
