@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the fit checkpointed in --out (fit-state.pt)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the codec already in --out: clears its own files (codecs/, fit_report.json, fit-state.pt, MODEL.md), never another kind of folder or files it did not write."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's; 1 is often fastest on a busy small CPU)."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr (only on a terminal)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress on stderr: a bar on a terminal, else a line (step, loss) every tenth of the steps."),
     ) -> None:
         """Fit a small real AION ImageCodec to a survey and save it in the hub layout, usable as --codec DIR.
 

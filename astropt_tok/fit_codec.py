@@ -484,7 +484,7 @@ def _fit_codec(cfg: FitCodecConfig, existed: bool, lineage: dict) -> FitCodecRes
     codec.train()
     # the last recorded loss when no step is left to run (a finished fit whose report is being completed)
     loss_value = float(history[-1][1]) if history and not start < cfg.steps else float("nan")
-    with ProgressBar("fit-codec", cfg.steps, cfg.progress, unit="steps") as bar:
+    with ProgressBar("fit-codec", cfg.steps, cfg.progress, unit="steps", lines=True) as bar:  # lines in a pipe
         bar.advance(completed=start)
         for step in range(start, cfg.steps):
             for group in opt.param_groups:

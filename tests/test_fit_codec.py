@@ -102,6 +102,21 @@ def test_fit_codec_command(survey_dir, tmp_path, capsys):
     assert "fit already finished at step 1; raise --steps to continue" in capsys.readouterr().out
 
 
+def test_fit_codec_prints_a_progress_line_every_tenth_of_the_steps_when_not_on_a_terminal(survey_dir, tmp_path,
+                                                                                         capsys):
+    """stderr is no terminal here (as in a pipe or log file): no bar, but a plain line with step and loss at every
+    tenth of the steps; a resumed fit goes on from its step; --no-progress prints none."""
+    fit_codec(_cfg(survey_dir, tmp_path / "c", steps=20, progress=True, checkpoint_every=10))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fit-codec: ")]
+    assert [ln.split()[1] for ln in lines] == [f"{s}/20" for s in range(2, 21, 2)], lines
+    assert all(" steps (" in ln and ", loss " in ln and " lr " in ln for ln in lines)
+    fit_codec(_cfg(survey_dir, tmp_path / "c", steps=30, progress=True, checkpoint_every=10, resume=True))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fit-codec: ")]
+    assert [ln.split()[1] for ln in lines] == ["21/30", "24/30", "27/30", "30/30"], lines
+    fit_codec(_cfg(survey_dir, tmp_path / "quiet", steps=4))  # progress=False
+    assert "fit-codec: " not in capsys.readouterr().err
+
+
 def test_fit_on_two_surveys_learns_both_and_decodes_hsc(survey_dir, tmp_path):
     """--column NAME:BANDS twice: one codec, a batch of each survey per step, a report per column; the saved
     codec encodes and decodes HSC bands (polymathic-aion 0.0.2 alone cannot decode them)."""
