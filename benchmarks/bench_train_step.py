@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--log-interval", type=int, default=None, help="default: steps // 6")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="train --threads (default: torch's own)")
     ap.add_argument("--rows", type=int, default=None, help="store rows (default: enough for one epoch of steps)")
     ap.add_argument("--json", type=Path, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             warmup_iters=min(10, args.steps), log_interval=log_interval, eval_interval=args.steps, eval_iters=1,
             val_images=0, save=False, device=args.device, workers=args.workers, live=False, val_fraction=0.01,
             deterministic=args.deterministic, loss_chunks=args.loss_chunks,
-            shuffle_modalities=args.shuffle_modalities,
+            shuffle_modalities=args.shuffle_modalities, threads=args.threads,
         ))
         t1 = time.perf_counter()
         summary = train(cfg)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": args.preset, "dtype": args.dtype, "compile": args.compile, "deterministic": args.deterministic,
         "loss_chunks": args.loss_chunks, "modalities": args.modalities, "shuffle_modalities": args.shuffle_modalities,
         "batch_size": args.batch_size, "tokens_per_step": args.batch_size * args.grad_accum * (576 * args.modalities - 1),
-        "grad_accum": args.grad_accum, "steps": args.steps, "params": summary["params"],
+        "grad_accum": args.grad_accum, "threads": args.threads, "steps": args.steps, "params": summary["params"],
         "device": summary.get("gpu", summary["device"]), "tokens_per_s": round(summary["tokens_per_s"]),
         "mfu": None if summary.get("mfu") is None else round(summary["mfu"], 4),
         "final_loss": summary["loss"], "store_build_s": round(t1 - t0, 1), "train_s": round(t2 - t1, 1),
