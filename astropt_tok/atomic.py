@@ -48,7 +48,12 @@ def fsync_tree(path: str | os.PathLike) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and putting it back: os has no getter)."""
+    """The process's umask: Linux's /proc/self/status line, else by setting it and putting it back (os has no
+    getter; meanwhile a file another thread creates, a tokenise writer's shard say, would get the wrong mode)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -4,6 +4,7 @@ command may write or clear it, and the lineage checks before two artifacts are c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,6 +260,33 @@ def test_a_folder_replaces_a_folder_whole(tmp_path):
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_every_written_file_and_folder_gets_a_plain_files_mode_under_the_umask(tmp_path, umask):
+    """A writer that makes a private temporary (safetensors, tempfile: 0600/0700) leaves what open() and mkdir()
+    would: 0666 / 0777 less the umask, for a file, a folder and everything in it."""
+    import os
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    old = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "model.safetensors") as tmp:
+            save_file({"w": np.zeros(3, dtype=np.float32)}, str(tmp))
+        atomic_write_text(tmp_path / "config.json", "{}")
+        with atomic_file(tmp_path / "step-1", folder=True) as tmp:
+            inner = Path(tempfile.mkdtemp(dir=tmp))  # 0700
+            fd, name = tempfile.mkstemp(dir=inner)  # 0600
+            os.close(fd)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "model.safetensors", tmp_path / "config.json", tmp_path / "step-1",
+               *sorted((tmp_path / "step-1").rglob("*"))]
+    assert len(written) == 5
+    assert {p.name: p.stat().st_mode & 0o777 for p in written} == \
+        {p.name: (0o777 if p.is_dir() else 0o666) & ~umask for p in written}
 
 
 # --- claiming under the lock, parts a command makes inside its own folder, file outputs
