@@ -268,10 +268,10 @@ def _resume_line(out: Path, cfg: TokeniseConfig) -> str:
     """What an interrupted tokenise kept, and how to finish the store."""
     try:
         complete = len(st.read_done_records(out, cfg.shards, cfg.storage))
-    except Exception:  # the interrupt may have come before the store was prepared: say nothing about shards
+    except (AstroptError, OSError, ValueError):  # interrupted before the store was prepared: no shard count
         return f"run the same command again to resume {out} (every finished shard is kept)"
     return (f"{complete} of {cfg.shards} shards of {out} are complete and kept; run the same command again to "
-            "resume (the shard being written is redone)")
+            "resume (it redoes only the shards not yet complete)")
 
 
 def finalize(out_dir) -> None:
