@@ -28,6 +28,55 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+UPSTREAM_MODULES = ("model.py", "model_utils.py")  # upstream's GPT and its `load_astropt`
+
+
+@pytest.fixture(scope="session")
+def upstream_astropt(tmp_path_factory):
+    """Upstream AstroPT's own package `astropt` (its `model` and `model_utils` imported, unchanged), from
+    $ASTROPT_UPSTREAM_SRC (a folder holding astropt/, as upstream's src) or $ASTROPT_UPSTREAM_GIT (a git
+    checkout, read at HEAD), written into tmp as a package `astropt`; skips without either or without
+    `loralib` (which upstream's model imports). A variable set to a folder without the files fails."""
+    import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src_dir, git_dir = os.environ.get("ASTROPT_UPSTREAM_SRC"), os.environ.get("ASTROPT_UPSTREAM_GIT")
+    if not src_dir and not git_dir:
+        pytest.skip("upstream AstroPT checks need ASTROPT_UPSTREAM_SRC (a folder holding upstream's astropt/, "
+                    "e.g. its src) or ASTROPT_UPSTREAM_GIT (a git checkout of github.com/Smith42/astroPT)")
+    try:
+        importlib.import_module("loralib")
+    except ImportError:
+        pytest.skip("upstream AstroPT's model imports loralib: pip install loralib")
+    if all(f"astropt.{name[:-3]}" in sys.modules for name in UPSTREAM_MODULES):  # already imported in this process
+        return sys.modules["astropt"]
+    pkg = tmp_path_factory.mktemp("upstream") / "astropt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")  # only the model's two modules: the rest imports upstream's data stack
+    for name in UPSTREAM_MODULES:
+        if src_dir:
+            path = Path(src_dir) / "astropt" / name
+            if not path.is_file():
+                pytest.fail(f"ASTROPT_UPSTREAM_SRC={src_dir}: no astropt/{name} there (name upstream's src folder)")
+            (pkg / name).write_text(path.read_text())
+            continue
+        shown = subprocess.run(["git", "-C", git_dir, "show", f"HEAD:src/astropt/{name}"],
+                               capture_output=True, text=True)
+        if shown.returncode:
+            pytest.fail(f"ASTROPT_UPSTREAM_GIT={git_dir}: cannot read src/astropt/{name}: {shown.stderr.strip()}")
+        (pkg / name).write_text(shown.stdout)
+    sys.path.insert(0, str(pkg.parent))
+    try:
+        package = importlib.import_module("astropt")
+        for name in UPSTREAM_MODULES:
+            importlib.import_module(f"astropt.{name[:-3]}")
+    finally:
+        sys.path.remove(str(pkg.parent))
+    return package
+
+
 @pytest.fixture(scope="session")
 def codec_dir(tmp_path_factory):
     """A small, randomly initialised real `aion.codecs.image.ImageCodec`, saved in the hub layout."""

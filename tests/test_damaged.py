@@ -416,7 +416,7 @@ def test_export_round_trip(which, names, made, more, capsys, tmp_path):
 
 @pytest.mark.parametrize("names", [["images_aion"], ["hsc_image"], ["hsc_image", "legacysurvey_image"],
                                    ["legacysurvey_image", "hsc_image"]])
-def test_export_loads_in_upstreams_own_gpt(names, made, tmp_path):
+def test_export_loads_in_upstreams_own_gpt(names, upstream_astropt, made, tmp_path):
     """Upstream's load_astropt builds its GPT from the exported registry and takes every weight; its outputs
     are ours (upstream orders modalities by name: the demo's Legacy Survey-first model is compared with ours
     given its blocks in that sorted order)."""
@@ -426,9 +426,8 @@ def test_export_loads_in_upstreams_own_gpt(names, made, tmp_path):
     from astropt_train import checkpoint as ck
     from astropt_train.model import GPT, GPTConfig
     from astropt_train.use.interop import export_astropt
-    from test_train_model import import_upstream_model
 
-    U = import_upstream_model(tmp_path)
+    U = upstream_astropt.model
     store = TokenStore(made["store" if names == ["images_aion"] else "mstore"])
     mods = None if names == ["images_aion"] else names
     torch.manual_seed(0)
@@ -439,7 +438,7 @@ def test_export_loads_in_upstreams_own_gpt(names, made, tmp_path):
                         "codec_id": store.codec_id}}
     ck.save_checkpoint(tmp_path / "run", 1, model.state_dict(), config, {"step": 1})
     path = export_astropt(tmp_path / "run", tmp_path / "export")
-    theirs = __import__("sys").modules["astropt.model_utils"].load_astropt(repo_id=None, path=f"{path.parent}/")
+    theirs = upstream_astropt.model_utils.load_astropt(repo_id=None, path=f"{path.parent}/")
     assert isinstance(theirs, U.GPT) and theirs.modality_registry.names() == sorted(names)
     theirs.eval()
     blocks = {m: torch.as_tensor(store.take(np.arange(2), None if mods is None else m).astype(np.int64))

@@ -1,11 +1,11 @@
 """Interop with upstream AstroPT both ways: export for its `load_astropt`, and its checkpoints here for embed,
-generate and --init-from; refusals of what cannot fit. Cross-checks against upstream's own code need
-$ASTROPT_UPSTREAM_GIT (skipped without it); the rest reads what `export` writes."""
+generate and --init-from; refusals of what cannot fit. Cross-checks against upstream's own code take it from
+the `upstream_astropt` fixture ($ASTROPT_UPSTREAM_SRC or $ASTROPT_UPSTREAM_GIT; skipped without); the rest reads
+what `export` writes."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -16,27 +16,27 @@ from astropt_tok.store import TokenStore
 from astropt_train.use.embed import EmbedConfig, embed, read_embeddings
 from astropt_train.use.interop import export_astropt, load_any_model
 from test_embed import save_tiny_checkpoint
-from test_train_model import import_upstream_model, upstream_gpt
+from test_train_model import upstream_gpt
 
 
 @pytest.mark.parametrize("head", ["affine", "aim"])
-def test_export_loads_with_upstreams_load_astropt(random_store, tmp_path, head):
-    U = import_upstream_model(tmp_path)
+def test_export_loads_with_upstreams_load_astropt(upstream_astropt, random_store, tmp_path, head):
+    U = upstream_astropt.model
     ours = save_tiny_checkpoint(tmp_path / "run", random_store, head=head, n_layer=2)
     path = export_astropt(tmp_path / "run", tmp_path / "export")
-    theirs = sys.modules["astropt.model_utils"].load_astropt(repo_id=None, path=f"{path.parent}/").eval()
+    theirs = upstream_astropt.model_utils.load_astropt(repo_id=None, path=f"{path.parent}/").eval()
     assert isinstance(theirs, U.GPT) and theirs.config.tokeniser == head
     x = torch.as_tensor(TokenStore(random_store).take(np.arange(2)).astype(np.int64))
     out, _ = theirs({"images_aion": x, "images_aion_positions": torch.arange(576).expand(2, 576)})
     torch.testing.assert_close(out["images_aion"], ours(x, x)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_upstream_checkpoint_embeds_and_generates_here(moved_source_store, codec_dir, tmp_path):
+def test_upstream_checkpoint_embeds_and_generates_here(upstream_astropt, moved_source_store, codec_dir, tmp_path):
     """An upstream-built AION GPT (aim head, vocabulary above the codec's, longer block) saved as its train
     script saves it: embed equals upstream's generate_embeddings; decode --generate draws only codec ids."""
     from astropt_train.use.decode import DecodeConfig, decode
 
-    U = import_upstream_model(tmp_path)
+    U = upstream_astropt.model
     store_dir, _ = moved_source_store
     store = TokenStore(store_dir)
     vocab, block = store.vocab_size + 100, store.tokens_per_image + 24

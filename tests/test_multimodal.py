@@ -477,18 +477,14 @@ def test_model_several_modalities_kv_cache_and_order():
         assert torch.equal(outs[0], outs[1])
 
 
-def test_two_modality_checkpoint_loads_into_upstream_astropt(tmp_path):
+def test_two_modality_checkpoint_loads_into_upstream_astropt(upstream_astropt):
     """Upstream's GPT built with the same two ModalityConfigs takes our weights strictly, and with the blocks in
     its order (sorted names) gives our logits."""
-    from test_train_model import import_upstream_model
+    from test_train_model import upstream_gpt
 
-    U = import_upstream_model(tmp_path)
     names = sorted(PAIR)  # upstream concatenates modalities in sorted-name order
     vocab, per = 60, 8
-    mods = [U.ModalityConfig(name=m, input_size=vocab, pos_input_size=1, patch_size=0, embed_pos=True,
-                             vocab_size=vocab) for m in names]
-    theirs = U.GPT(U.GPTConfig(block_size=2 * per, n_layer=2, n_head=2, n_embd=32, tokeniser="affine",
-                               modalities=mods), U.ModalityRegistry(mods), master_process=False).eval()
+    theirs = upstream_gpt(upstream_astropt.model, vocab, 2 * per, 2, 2, 32, "affine", names=tuple(names))
     ours = GPT(GPTConfig(vocab_size=vocab, block_size=2 * per, n_layer=2, n_head=2, n_embd=32, modalities=names)).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     blocks = {m: torch.randint(0, vocab, (2, per)) for m in names}
@@ -498,6 +494,42 @@ def test_two_modality_checkpoint_loads_into_upstream_astropt(tmp_path):
     logits, _ = ours(sequence[:, :-1], sequence[:, 1:])
     torch.testing.assert_close(out[names[0]], logits[:, : per - 1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[names[1]], logits[:, per - 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_two_survey_export_loads_into_upstreams_gpt_and_agrees(upstream_astropt, two_modality_run, two_column_store,
+                                                              tmp_path):
+    """`export` of the two-survey run (blocks legacysurvey_image, hsc_image): upstream's own `load_astropt` builds
+    its GPT from the exported registry and takes every weight, and so does a strict load_state_dict; on the same
+    galaxies, in upstream's block order (sorted names), its logits and its centre-layer embeddings per modality
+    (`generate_embeddings`, mean and exp_decay) are our model's."""
+    from astropt_train.checkpoint import load_model
+    from astropt_train.use.embed import pool_hidden
+    from astropt_train.use.interop import export_astropt
+
+    path = export_astropt(two_modality_run, tmp_path / "export")
+    theirs = upstream_astropt.model_utils.load_astropt(repo_id=None, path=f"{path.parent}/").eval()
+    exported = torch.load(path, weights_only=False, map_location="cpu")["model"]  # upstream's classes: trusted here
+    assert theirs.load_state_dict(exported, strict=True)  # every key, no key left over (no _orig_mod. prefix)
+    names = theirs.modality_registry.names()
+    assert names == sorted(PAIR) != PAIR  # upstream reads hsc_image first, our run legacysurvey_image first
+    ours, _ = load_model(two_modality_run)
+    store, n = st.TokenStore(two_column_store), 3
+    per = store.tokens_per_image
+    blocks = {m: torch.as_tensor(store.take(np.arange(n), m).astype(np.int64)) for m in names}
+    inputs = {**blocks, **{f"{m}_positions": torch.arange(per).expand(n, per) for m in names}}
+    sequence = torch.cat([blocks[m] for m in names], dim=1)  # (n, 2 * per): upstream's order
+    order = torch.tensor([[PAIR.index(m) for m in names]] * n)  # block k holds our modality order[:, k]
+    with torch.no_grad():
+        out, _ = theirs(inputs)
+        logits, _ = ours(sequence, sequence, order=order)  # position p: the head of token p + 1's modality
+        centre = ours.hidden_states(sequence, [ours.config.n_layer // 2], order=order)[0]  # (n, 2 * per, C)
+    torch.testing.assert_close(out[names[0]], logits[:, : per - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[names[1]], logits[:, per - 1: 2 * per - 1], atol=1e-5, rtol=1e-5)
+    for pool in ("mean", "exp_decay"):
+        want = theirs.generate_embeddings(inputs, reduction=pool)
+        for k, m in enumerate(names):
+            torch.testing.assert_close(want[m], pool_hidden(centre[:, k * per:(k + 1) * per], pool), atol=1e-5,
+                                       rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------

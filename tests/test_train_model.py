@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -111,65 +109,21 @@ def test_kv_cache_generation_matches_no_cache():
         assert torch.equal(outs[0][:, :3], prefix)
 
 
-def import_upstream_model(tmp_path):
-    """Upstream AstroPT's `astropt.model` (and `model_utils`, for `load_astropt`) from its source folder
-    $ASTROPT_UPSTREAM_SRC (holding astropt/model.py; `.ci/run` points it at the workspace's copy when there is
-    one) or the git checkout $ASTROPT_UPSTREAM_GIT, written as a package `astropt` into tmp_path and imported;
-    skip without either. Its `loralib` import (unused without LoRA) is stubbed only where loralib is not
-    installed."""
-    import importlib
-    import os
-    import subprocess
-    import sys
-    import types
-
-    git_dir = os.environ.get("ASTROPT_UPSTREAM_GIT")
-    src_dir = os.environ.get("ASTROPT_UPSTREAM_SRC")  # or a folder holding astropt/model.py (no git needed)
-    if not git_dir and not src_dir:
-        pytest.skip("neither ASTROPT_UPSTREAM_GIT (a checkout of github.com/Smith42/astroPT) nor "
-                    "ASTROPT_UPSTREAM_SRC (its src folder) is set")
-    if "astropt.model" not in sys.modules:
-        pkg = tmp_path / "upstream" / "astropt"
-        pkg.mkdir(parents=True)
-        (pkg / "__init__.py").write_text("")
-        for name in ("model.py", "model_utils.py"):
-            if src_dir:
-                path = Path(src_dir) / "astropt" / name
-                if not path.is_file():
-                    pytest.skip(f"no astropt/{name} in {src_dir}")
-                (pkg / name).write_text(path.read_text())
-                continue
-            src = subprocess.run(["git", "-C", git_dir, "show", f"HEAD:src/astropt/{name}"], capture_output=True,
-                                 text=True)
-            if src.returncode:
-                pytest.skip(f"cannot read src/astropt/{name} from {git_dir}")
-            (pkg / name).write_text(src.stdout)
-        try:
-            import loralib  # noqa: F401  (upstream's model imports it)
-        except ImportError:
-            sys.modules.setdefault("loralib", types.ModuleType("loralib"))
-        sys.path.insert(0, str(pkg.parent))
-        try:
-            importlib.import_module("astropt.model")
-            importlib.import_module("astropt.model_utils")
-        finally:
-            sys.path.remove(str(pkg.parent))
-    return sys.modules["astropt.model"]
-
-
-def upstream_gpt(U, vocab: int, block: int, n_layer: int, n_head: int, n_embd: int, head: str, bias: bool = False):
-    """Upstream's GPT with one AION modality, built as its train_aion.py does, with tokeniser=head."""
-    mods = [U.ModalityConfig(name="images_aion", input_size=vocab, pos_input_size=1, patch_size=0, embed_pos=True,
-                             vocab_size=vocab)]
+def upstream_gpt(U, vocab: int, block: int, n_layer: int, n_head: int, n_embd: int, head: str, bias: bool = False,
+                 names: tuple[str, ...] = ("images_aion",)):
+    """Upstream's GPT (U: its `astropt.model`) with one token modality per name, built as its train_aion.py
+    does, with tokeniser=head."""
+    mods = [U.ModalityConfig(name=m, input_size=vocab, pos_input_size=1, patch_size=0, embed_pos=True,
+                             vocab_size=vocab) for m in names]
     conf = U.GPTConfig(block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, tokeniser=head, bias=bias,
                        modalities=mods)
     return U.GPT(conf, U.ModalityRegistry(mods), master_process=False).eval()
 
 
 @pytest.mark.parametrize("head", ["affine", "aim"])
-def test_state_dict_loads_into_upstream_astropt(tmp_path, head):
-    """With a checkout of upstream AstroPT, our weights (either head) load strictly into its GPT and agree."""
-    U = import_upstream_model(tmp_path)
+def test_state_dict_loads_into_upstream_astropt(upstream_astropt, head):
+    """With upstream AstroPT's source, our weights (either head) load strictly into its GPT and agree."""
+    U = upstream_astropt.model
     theirs = upstream_gpt(U, 300, 40, 2, 2, 32, head)
     ours = GPT(GPTConfig(vocab_size=300, block_size=40, n_layer=2, n_head=2, n_embd=32, head=head)).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
