@@ -72,13 +72,27 @@ def test_loader_with_workers_matches_in_process(small_store):
         assert torch.equal(x, y)
 
 
-def test_ddp_ranks_read_disjoint_rows_every_epoch():
-    rows = np.arange(1000, 1101)  # 101 train rows
+def test_ddp_ranks_read_disjoint_rows_every_epoch(small_store):
+    """Each of 3 ranks' own DataLoader (its rank's sampler) delivers, per epoch, rows no other rank gets, all of
+    them training rows, each epoch in a new order: read from the delivered tokens (row i's first token is i),
+    which must be that row's tokens, not from what the sampler would be expected to give."""
+    path, tokens = small_store
+    store = TokenStore(path)
+    train = np.arange(4, 97)  # 93 training rows: 31 per rank, 7 batches of 4 per rank per epoch
+    delivered = []  # [rank] -> [epoch, 28]: the rows its loader delivered, in order
+    for r in range(3):
+        sampler = EpochBatchSampler(train, 4, seed=9, rank=r, world=3)
+        batches = [b.numpy() for _, b in zip(range(3 * sampler.batches_per_epoch), make_loader(store, sampler, 0,
+                                                                                                False))]
+        for b in batches:
+            np.testing.assert_array_equal(b, tokens[b[:, 0]])
+        delivered.append(np.concatenate([b[:, 0] for b in batches]).reshape(3, -1))
     for epoch in range(3):
-        parts = [EpochBatchSampler(rows, 4, seed=9, rank=r, world=3).rank_rows(epoch) for r in range(3)]
-        assert all(len(p) == 33 for p in parts)
+        parts = [delivered[r][epoch] for r in range(3)]
         flat = np.concatenate(parts)
-        assert len(set(flat)) == len(flat) and set(flat) <= set(rows)
+        assert all(len(p) == 28 for p in parts)
+        assert len(set(flat)) == len(flat) and set(flat) <= set(train)
+    assert not np.array_equal(delivered[0][0], delivered[0][1])
 
 
 def test_targets_shift_by_one_and_widen_on_device():
