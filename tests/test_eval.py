@@ -173,6 +173,9 @@ def test_eval_refuses_other_reports_and_bad_flags(one_survey, tmp_path):
         run_eval(EvalConfig(checkpoint=run, out=tmp_path / "e", seeds=0))
     with pytest.raises(AstroptError, match="--complete-from must be between"):
         run_eval(EvalConfig(checkpoint=run, out=tmp_path / "e", complete_from=576, device="cpu"))
+    with pytest.raises(AstroptError, match="codec"):  # before any scoring, and nothing is left in --out
+        run_eval(EvalConfig(checkpoint=run, out=tmp_path / "no-codec", codec=str(tmp_path / "missing"), device="cpu"))
+    assert not (tmp_path / "no-codec").exists()
     other = tmp_path / "not-ours"
     other.mkdir()
     (other / "notes.txt").write_text("mine")

@@ -204,6 +204,10 @@ def _run_eval(cfg: EvalConfig, device: str, held: ExitStack) -> EvalResult:
         raise AstroptError(f"--complete-from must be between 1 and {T - 1} (tokens kept of each image's {T}), "
                            f"got {cfg.complete_from}")
     rows = _choose_rows(cfg, store, ckpt, run_config)
+    if cfg.images and cfg.sample_rows > 0:  # a codec that is not there is one error now, not after the token scores
+        from astropt_tok.codec import resolve_codec_files
+
+        resolve_codec_files(str(_codec_id(cfg, trained, store)))
 
     out = Path(cfg.out)
     lineage = {"checkpoint": {"path": ckpt["path"], "weights_sha256": ckpt.get("weights_sha256")},
@@ -369,6 +373,11 @@ def _sampled_entry(token_agreement: list[float], images: list[dict], baseline_ag
     return entry
 
 
+def _codec_id(cfg: EvalConfig, trained: dict, store) -> str:
+    """--codec, else the codec the model's tokens came from, else the store's."""
+    return cfg.codec or trained.get("codec_id") or store.codec_id
+
+
 def _image_scores(cfg: EvalConfig, model, store, rows: Rows, columns: dict, baselines: dict, trained: dict,
                   report: dict, device: str) -> None:
     """Completion per modality and, for several image columns, each cross-survey direction, over the seeds."""
@@ -376,7 +385,7 @@ def _image_scores(cfg: EvalConfig, model, store, rows: Rows, columns: dict, base
     from astropt_tok.codec import load_image_codec
     from astropt_train.use.decode import cross_survey_tokens
 
-    codec = load_image_codec(str(cfg.codec or trained.get("codec_id") or store.codec_id), device=device)
+    codec = load_image_codec(str(_codec_id(cfg, trained, store)), device=device)
     # its weights made the scored store's tokens and those the model learned (a refitted codec folder draws
     # other images from the same ids)
     notes = check_store_codec(f"token store {store.dir}", store.manifest.get("codec") or {}, codec,
