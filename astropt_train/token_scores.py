@@ -301,12 +301,17 @@ class TokenScores:
 BASELINE_STREAM = 0xBA5E  # the second word of the seed that samples training rows for the baselines
 
 
+def seeded_subset(rows: np.ndarray, n: int, key: list[int]) -> np.ndarray:
+    """All of `rows`, or n of them drawn without replacement by np.random.default_rng(key), sorted."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) <= n:
+        return rows
+    return np.sort(np.random.default_rng(key).choice(rows, size=n, replace=False))
+
+
 def baseline_rows(rows: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
     """The training rows the baselines count: all of `rows`, or a seeded sample of `max_rows` of them (sorted)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) <= max_rows:
-        return rows
-    return np.sort(np.random.default_rng([seed, BASELINE_STREAM]).choice(rows, size=max_rows, replace=False))
+    return seeded_subset(rows, max_rows, [seed, BASELINE_STREAM])
 
 
 def fit_baselines(store, rows: np.ndarray, columns: dict[str, str | None], chunk: int = 4096

@@ -590,6 +590,15 @@ def _run_tokenise_subprocess(args, env=None):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
+def _await_done_shards(out, n: int, limit_s: float = 120):
+    """Wait (up to limit_s) until a running tokenise into `out` has completed n shards; its completion folder."""
+    done_dir = out / st.DONE_DIR
+    deadline = time.time() + limit_s
+    while time.time() < deadline and not (done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= n):
+        time.sleep(0.01)
+    return done_dir
+
+
 def test_sigkill_then_rerun_gives_identical_bytes(survey_dir, codec_dir, store_arrow, tmp_path):
     out = tmp_path / "killed"
     args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--device", "cpu",
@@ -597,10 +606,7 @@ def test_sigkill_then_rerun_gives_identical_bytes(survey_dir, codec_dir, store_a
     # 20 shards of 2 rows, one row per codec call: slow enough to be caught between shards
     slow = args[:-4] + ["--shards", "20", "--batch-size", "1"]
     proc = _run_tokenise_subprocess(slow)
-    done_dir = out / st.DONE_DIR
-    deadline = time.time() + 120
-    while time.time() < deadline and not (done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 3):
-        time.sleep(0.01)
+    done_dir = _await_done_shards(out, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done = len(list(done_dir.glob("*.json")))
@@ -627,10 +633,7 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(survey_dir, codec_dir, tmp_
     args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--device", "cpu",
             "--shards", "20", "--batch-size", "1", "--workers", "0"]
     proc = _run_tokenise_subprocess(args)
-    done_dir = out / st.DONE_DIR
-    deadline = time.time() + 120
-    while time.time() < deadline and not (done_dir.is_dir() and len(list(done_dir.glob("*.json"))) >= 2):
-        time.sleep(0.01)
+    done_dir = _await_done_shards(out, 2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     err = err.decode()

@@ -170,9 +170,9 @@ def _limited(cfg: EvalConfig, rows: Rows) -> Rows:
 
 def sample_rows(rows: np.ndarray, n: int) -> np.ndarray:
     """The rows whose sampled scores are drawn: all of `rows`, or a fixed seeded choice of n (sorted)."""
-    if len(rows) <= n:
-        return np.asarray(rows, dtype=np.int64)
-    return np.sort(np.random.default_rng([0, SAMPLE_STREAM]).choice(rows, size=n, replace=False))
+    from astropt_train.token_scores import seeded_subset
+
+    return seeded_subset(rows, n, [0, SAMPLE_STREAM])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def sample_rows(rows: np.ndarray, n: int) -> np.ndarray:
 
 
 def _run_eval(cfg: EvalConfig, device: str, held: ExitStack) -> EvalResult:
-    from astropt_tok.artifacts import check_model_store, clear_own, output_folder, read_record
+    from astropt_tok.artifacts import check_model_store, clear_own, output_folder, read_record, update_lineage
     from astropt_tok.store import TokenStore, manifest_sha256
     from astropt_train import checkpoint as ck
     from astropt_train.token_scores import baseline_rows, fit_baselines
@@ -221,8 +221,6 @@ def _run_eval(cfg: EvalConfig, device: str, held: ExitStack) -> EvalResult:
                                f"({(before.get('checkpoint') or {}).get('path')}); pass --overwrite to replace it, "
                                "or choose another --out")
         clear_own(out, "eval-report")
-    from astropt_tok.artifacts import update_lineage
-
     update_lineage(out, **lineage)
 
     counted = baseline_rows(rows.training, cfg.baseline_rows)
@@ -234,14 +232,14 @@ def _run_eval(cfg: EvalConfig, device: str, held: ExitStack) -> EvalResult:
         "format": EVAL_FORMAT, "format_version": 1,
         "checkpoint": {"path": ckpt["path"], "step": ckpt.get("step"), "weights_sha256": ckpt.get("weights_sha256")},
         "store": lineage["store"],
-        "rows": {**rows.note, "scored": rows.note["scored"], "count": int(len(rows.scored))},
+        "rows": {**rows.note, "count": int(len(rows.scored))},
         "baselines": {"training_rows_counted": int(len(counted)), "of": int(len(rows.training)),
                       "position": "per block position, the token most frequent there in the training rows",
                       "bigram": "the token that most often followed the previous one in the training rows",
                       "unigram": "the token most frequent in the training rows",
                       "mean_image": f"the average of up to {MEAN_IMAGE_ROWS} training images of that survey",
                       "codec": "the codec's own reconstruction of the stored tokens (the ceiling)"},
-        "modalities": {m: {"tokens": tokens.summary()[m]} for m in columns},
+        "modalities": {m: {"tokens": entry} for m, entry in tokens.summary().items()},
     }
     by_position = {m: tokens.accuracy_by_position(m) for m in columns}
     if cfg.images and cfg.sample_rows > 0:
@@ -331,8 +329,9 @@ class _Survey:
             except AstroptError as exc:
                 print(f"note: image scores are against the codec reconstruction: {exc}", file=sys.stderr)
         self.reference = self.original if self.original is not None else self.recon
-        mean_rows = training[: MEAN_IMAGE_ROWS] if len(training) <= MEAN_IMAGE_ROWS else np.sort(
-            np.random.default_rng([1, SAMPLE_STREAM]).choice(training, MEAN_IMAGE_ROWS, replace=False))
+        from astropt_train.token_scores import seeded_subset
+
+        mean_rows = seeded_subset(training, MEAN_IMAGE_ROWS, [1, SAMPLE_STREAM])
         valid = training_store.valid(mean_rows).get(column or (training_store.modalities or [None])[0])
         if valid is not None:
             mean_rows = mean_rows[valid]
@@ -547,7 +546,7 @@ def sampling_line(report: dict) -> str:
     """How the sampled scores were drawn, for a caption."""
     s = report.get("sampling") or {}
     if not s.get("rows"):
-        return "no sampled scores"
+        return "no sampled scores; ± is the standard error over rows (teacher-forced scores)"
     return (f"sampled scores: {s['rows']} held-out rows x {len(s['seeds'])} seeds ({s['seeds'][0]}..{s['seeds'][-1]}), "
             f"temperature {s['temperature']}, top-k {s['top_k']}; ± is the standard deviation over seeds "
             "(teacher-forced scores: the standard error over rows)")
@@ -565,12 +564,11 @@ def print_table(result: EvalResult, console=None) -> None:
     for row in table_rows(rep):
         table.add_row(*row)
     console.print(table)
-    console.print("spread: standard error over rows (teacher-forced scores), standard deviation over seeds (sampled "
-                  "scores); '-': no value (e.g. no galaxy with positive flux in every band for colours)", highlight=False)
+    console.print(sampling_line(rep) + "; '-': no value (e.g. no galaxy with positive flux in every band for "
+                  "colours)", highlight=False)
     if s.get("rows"):
         against = {e.get("against") for e in _sampled(rep)}
-        console.print(f"sampled scores: {s['rows']} rows x {len(s['seeds'])} seeds, temperature {s['temperature']}, "
-                      f"top-k {s['top_k']}, completion keeps {s['complete_from']} tokens; image scores against the "
+        console.print(f"completion keeps {s['complete_from']} tokens; image scores against the "
                       f"{' / '.join(sorted(against))}; codec: its own reconstruction (the ceiling)", highlight=False)
     console.print(f"wrote {result.out}" + (f" and {result.figure}" if result.figure else ""), highlight=False)
 

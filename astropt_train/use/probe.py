@@ -600,8 +600,7 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
 
 def print_table(report: dict, console=None) -> None:
     """The probe table: each target's scores next to both baselines (and the catalogue's, when probed)."""
-    from astropt_tok.report import output_console
-    from rich.table import Table
+    from astropt_tok.report import folding_table, output_console
 
 
     console = console or output_console()
@@ -609,9 +608,9 @@ def print_table(report: dict, console=None) -> None:
     title = f"linear probes ({report['folds']}-fold CV, mean ± std over folds)"
     if features:
         title += f"; catalogue: the same probe on {', '.join(features)} alone, on the same rows"
-    table = Table(title=title, min_width=len(title))  # a title holding a path wraps only on a narrow terminal
-    for col in TABLE_COLUMNS + (CATALOGUE_COLUMNS if features else ()):
-        table.add_column(col, justify="left" if col in ("target", "task", "metric") else "right", overflow="fold")
+    table = folding_table(*TABLE_COLUMNS, *(CATALOGUE_COLUMNS if features else ()), title=title)
+    for col in table.columns:
+        col.justify = "left" if col.header in ("target", "task", "metric") else "right"
     for r in table_rows(report):
         table.add_row(*r)
     console.print(table)
