@@ -171,6 +171,12 @@ def test_eval_refuses_other_reports_and_bad_flags(one_survey, tmp_path):
     _, run = one_survey
     with pytest.raises(AstroptError, match="--seeds must be at least 1"):
         run_eval(EvalConfig(checkpoint=run, out=tmp_path / "e", seeds=0))
+    for kwargs, message in (({"temperature": float("nan")}, "--temperature must be a finite number"),
+                            ({"rows": "0:99999"}, "out of range"), ({"limit": 0}, "--limit must be at least 1"),
+                            ({"top_k": 0}, "--top-k must be at least 1"), ({"sample_rows": -1}, "--sample-rows")):
+        with pytest.raises(AstroptError, match=message):
+            run_eval(EvalConfig(checkpoint=run, out=tmp_path / "bad", device="cpu", **kwargs))
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("eval.*"))
     with pytest.raises(AstroptError, match="--complete-from must be between"):
         run_eval(EvalConfig(checkpoint=run, out=tmp_path / "e", complete_from=576, device="cpu"))
     with pytest.raises(AstroptError, match="codec"):  # before any scoring, and nothing is left in --out
