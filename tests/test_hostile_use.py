@@ -148,6 +148,8 @@ CASES = {
     "probe classes of a continuous column": ([*SLOW_PROBE, "--target", "redshift", "--task", "classification"],
                                              ["redshift", "40 classes", "--task regression"]),
     "probe more folds than rows": ([*SLOW_PROBE, "--target", "redshift", "--folds", "100"], ["100 folds"]),
+    "probe more folds than the largest class": ([*SLOW_PROBE, "--target", "morphology", "--folds", "20"],
+                                                ["morphology", "largest class has 15", "20 folds", "--folds 15"]),
     # export
     "export missing run": (["export", "{tmp}/nope", "--astropt", "{tmp}/out"], ["{tmp}/nope"]),
     "export out is a file": (["export", "{run}", "--astropt", "{afile}"], ["{afile}", "file"]),

@@ -132,7 +132,9 @@ def test_baseline_feature_mistakes_are_one_error_before_any_work(emb, tmp_path):
             ({"targets": ["redshift"], "baseline_features": ["mag_r", "mag_r"]}, "more than once"),
             ({"targets": ["redshift"], "baseline_features": ["no_such_column"]}, "no column 'no_such_column'"),
             ({"targets": ["redshift"], "baseline_features": ["morphology"]}, "not numbers"),
-            ({"targets": ["redshift"], "folds": 30}, "too few for 30 folds")):
+            ({"targets": ["redshift"], "folds": 30}, "only 40 rows have a label, too few for 30 folds"),
+            # 40 rows fill 16 folds, but morphology's largest class (15 galaxies) cannot be stratified into them
+            ({"targets": ["morphology"], "folds": 16}, "largest class has 15 labelled rows, fewer than 16 folds")):
         with pytest.raises(AstroptError, match=message):
             probe(ProbeConfig(**{**base, **kwargs}))
         # refused before anything was written: no report folder, no random-init embeddings

@@ -212,13 +212,11 @@ def _folds(y: np.ndarray, task: str, k: int, seed: int) -> list[tuple[np.ndarray
     from sklearn.model_selection import KFold, StratifiedKFold
 
     if task == "classification":
-        _, counts = np.unique(y, return_counts=True)
-        # stratified whenever one class fills the k folds: a class of m >= 2 members (rare ones are left out)
-        # then lies in m different folds, so every training fold holds every class
-        if counts.max() >= k:
-            with warnings.catch_warnings():  # "the least populated class has only m members": known, intended
-                warnings.simplefilter("ignore", UserWarning)
-                return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+        # stratified (_prepare_target checked that the largest class fills the k folds): a class of m >= 2
+        # members (rare ones are left out) then lies in m different folds, so every training fold holds every class
+        with warnings.catch_warnings():  # "the least populated class has only m members": known, intended
+            warnings.simplefilter("ignore", UserWarning)
+            return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     return list(KFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y))))
 
 
@@ -330,8 +328,9 @@ def _catalogue_features(cfg: ProbeConfig, labels: dict, at: np.ndarray, found: n
 
 def _prepare_target(cfg: ProbeConfig, target: str, labels: dict, at: np.ndarray, found: np.ndarray,
                     embedded: np.ndarray, has_features: np.ndarray) -> tuple[str, np.ndarray, np.ndarray, dict]:
-    """(task, kept rows mask, their labels, left-out counts by reason) of one target; too few rows for the folds,
-    too many classes, one class or one value is one error."""
+    """(task, kept rows mask, their labels, left-out counts by reason) of one target; too few rows for the folds
+    (two per fold; for classes, a largest class smaller than the folds), too many classes, one class or one value
+    is one error."""
     raw = np.where(found, labels[target][np.where(found, at, 0)], None)
     task = _task_of(raw[found], cfg.task)
     keep, y, why = _clean(raw, task)
@@ -362,6 +361,12 @@ def _prepare_target(cfg: ProbeConfig, target: str, labels: dict, at: np.ndarray,
         raise AstroptError(f"target {target!r} has a single class"
                            + (f" once {left_out['rare_class']} rows of classes seen once are left out"
                               if left_out["rare_class"] else "") + "; nothing to classify")
+    if task == "classification":
+        largest = int(np.unique(yk, return_counts=True)[1].max())
+        if largest < cfg.folds:  # stratified folds need one class with a member in each of the k test folds
+            raise AstroptError(f"target {target!r}: its largest class has {largest} labelled rows, fewer than "
+                               f"{cfg.folds} folds (--folds): the folds cannot be stratified, so a training fold "
+                               f"could lack a class; use --folds {largest} or fewer")
     if task == "regression" and np.ptp(yk.astype(float)) == 0:
         raise AstroptError(f"target {target!r} has one value ({yk[0]:g}) in all {n} labelled rows; "
                            "nothing to predict: choose a column that varies")
