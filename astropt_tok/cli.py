@@ -78,7 +78,7 @@ def _register_subcommands() -> None:
 
     register_tokenise(app)
     register_fit_codec(app)
-    for module in ("astropt_train.cli_train", "astropt_train.use.cli"):
+    for module in ("astropt_train.cli_train", "astropt_train.cli_plan", "astropt_train.use.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:

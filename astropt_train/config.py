@@ -31,6 +31,9 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "300M": (24, 16, 1024),
     "700M": (16, 8, 2048),
     "2100M": (26, 32, 2560),
+    # upstream's 2.1B at its full 32 layers: its config cut them to 26 "due to memory limitations" (DDP only);
+    # sharded with FSDP it fits (`astropt plan --preset 2100M-32L`)
+    "2100M-32L": (32, 32, 2560),
 }
 DEFAULT_PRESET = "tiny"
 DEVICES = ("auto", "cuda", "cpu")
