@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/astropt)."),
         config: Optional[Path] = typer.Option(None, "--config", help="TOML file of settings; flags override it."),
         preset: Optional[str] = typer.Option(None, "--preset", help="Model size: tiny, small, 001M, 005M, 010M, "
-                                             "020M, 95M, 300M, 700M, 2100M (default tiny)."),
+                                             "020M, 95M, 300M, 700M, 2100M, 2100M-32L (default tiny)."),
         n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Transformer blocks (overrides the preset)."),
         n_head: Optional[int] = typer.Option(None, "--n-head", help="Attention heads (overrides the preset)."),
         n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Embedding width (overrides the preset)."),

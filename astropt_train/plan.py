@@ -24,15 +24,15 @@ for bf16/fp16, 4 for fp32; B the micro-batch, T = positions - 1 fed per galaxy, 
   memory-efficient kernel (no T x T matrix; a log-sum-exp per head and position). Per block, in bytes per
   position, with r the residual stream's bytes: LayerNorm inputs 2r, the c_attn input c, q/k/v 3c, attention
   output c (laid out as c_proj's input: no copy), the c_fc input c, the GELU input 4c, the c_proj input 4c
-  (= (2r + 14c) E), plus 4H (log-sum-exp) and 16 (two LayerNorms' mean and rstd). Outside the blocks: ln_f's input, the head's
-  input (aim: plus its 4E hidden twice), the fp32 log-softmax (4 V), the int64 tokens and targets. At the peak
-  besides: the logits' transients (8 V: the bf16 logits and their fp32 copy in forward, the log-softmax's
-  gradient and the logits' in backward; --loss-chunks N: one chunk's head and logits, remade in backward, and
-  the hidden states kept instead), and the backward pass's working gradients (the residual's, r E, and the
-  MLP's two 4E ones, 8c E). tests/test_plan.py checks the saved part against the tensors autograd saves for
-  a real model (fp32 on CPU, where SDPA's flash kernel saves what CUDA's does). torch.compile (on by default
-  on CUDA) recomputes cheap pointwise ops instead of saving them, so compiled runs keep less: the figures are
-  eager's.
+  (= (2r + 14c) E), plus 4H (log-sum-exp) and 16 (two LayerNorms' mean and rstd). Outside the blocks: ln_f's
+  input, the head's input (aim: plus its 4E hidden twice), the fp32 log-softmax (4 V), the int64 tokens and
+  targets. At the peak besides: the logits' transients (8 V: the bf16 logits and their fp32 copy in forward,
+  the log-softmax's gradient and the logits' in backward; --loss-chunks N: one chunk's head and logits, remade
+  in backward, and the hidden states kept instead), and the backward pass's working gradients (the residual's,
+  r E, and the MLP's two 4E ones, 8c E). tests/test_plan.py checks the saved part against the tensors autograd
+  saves for a real model (fp32 on CPU, where SDPA's flash kernel saves what CUDA's does). torch.compile (on by
+  default on CUDA) recomputes cheap pointwise ops instead of saving them, so compiled runs keep less: the
+  figures are eager's.
 - Activation checkpointing (`--activation-checkpointing`, per block) keeps each block's input (r E per
   position) and recomputes one block at a time in backward.
 - Overhead: a fixed OVERHEAD_BYTES per GPU for what the tensors above leave out: the CUDA context (~0.5 GiB),
@@ -365,7 +365,8 @@ def presets_table(plans: list[Plan]):
     title = (f"{p.gpus} x {p.gpu_memory:g} GiB, batch {p.batch_size} per GPU, {p.dtype}, "
              f"{p.model.block_size} positions, vocab {p.model.vocab}")
     table = folding_table("preset", "shape", "params", *MODES, title=title,
-                          caption="per GPU at the batch: total, fits or over; the largest batch that fits (README: Memory plan)")
+                          caption="per GPU at the batch: total, fits or over; the largest batch that fits "
+                                  "(README: Memory plan)")
     for q in plans:
         m = q.model
         cells = [f"{gib(x.total)} GiB {'fits' if x.fits else 'over'}; max {x.largest_batch}" for x in q.modes]

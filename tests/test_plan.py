@@ -157,12 +157,13 @@ def test_cli_table_json_and_store(tmp_path, capsys):
     assert code == 0 and all(name in out for name in PRESETS), err
     # a store of two image columns: its vocabulary, and positions for both
     tokens = {m: np.random.default_rng(0).integers(0, 64, size=(4, 16)) for m in ("a_image", "b_image")}
-    write_store_from_arrays(tmp_path / "store", tokens, num_shards=1, bands={"a_image": ["DES-G"], "b_image": ["DES-G"]},
-                            codec={"id": "random", "vocab_size": 64, "tokens_per_image": 16})
+    write_store_from_arrays(tmp_path / "store", tokens, num_shards=1,
+                            bands={"a_image": ["DES-G"], "b_image": ["DES-G"]}, codec={"id": "random", "vocab_size": 64, "tokens_per_image": 16})
     code, out, err = run_cli(["plan", "--preset", "tiny", "--tokens", tmp_path / "store", "--json"], capsys)
     assert code == 0, err
     (got,) = json.loads(out)
-    real = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, modalities=["a_image", "b_image"]))
+    real = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64,
+                         modalities=["a_image", "b_image"]))
     assert (got["model"]["vocab"], got["model"]["block_size"], got["model"]["modalities"]) == (64, 32, 2)
     assert got["model"]["params"] == real.num_params()
     assert [m["mode"] for m in got["modes"]] == list(MODES)
@@ -186,3 +187,15 @@ def test_bad_flags_are_one_error_line(argv, names, tmp_path, monkeypatch, capsys
     code, out, err = run_cli(["plan", *argv], capsys)
     assert_one_error(code, err, *names)
     assert out == ""
+
+
+def test_readme_table_is_the_commands_output(capsys):
+    from pathlib import Path
+
+    command = "astropt plan --gpus 8 --gpu-memory 80 --batch-size 8"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split(f"$ {command}\n", 1)[1].split("```", 1)[0]
+    code, out, err = run_cli(command.split()[1:], capsys)
+    assert code == 0, err
+    assert [line.rstrip() for line in block.splitlines()] == [line.rstrip() for line in out.splitlines()], \
+        f"README's table is stale: paste the output of `{command}`"
