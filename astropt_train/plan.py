@@ -2,7 +2,7 @@
 checkpointing, and the largest micro-batch that fits (`astropt plan`).
 
 Arithmetic only: nothing is allocated on a device. Parameter counts are exact: the real `GPT` is built on the
-meta device (no memory), and every count, each block's and each tensor's shard, is read from it.
+meta device (no memory), and every count, each block's and each tensor's shard, is read from its tensors.
 
 Assumptions, the trainer's (`astropt train`; P parameters, N = --gpus ranks, c = bytes of the compute dtype: 2
 for bf16/fp16, 4 for fp32; B the micro-batch, T = positions - 1 fed per galaxy, E width, H heads, V vocabulary):
@@ -159,23 +159,25 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def model_shape(name: str, dims: tuple[int, int, int], vocab: int, block_size: int, head: str = "affine",
                 modalities: list[str] | None = None) -> ModelShape:
-    """Build the real GPT on the meta device (no memory) and read its parameter counts and shapes."""
+    """Build the real GPT on the meta device (no memory) and read its parameter shapes: the root's and one
+    block's (every block has the same; one is built, so a hostile --n-layer costs nothing)."""
     import torch
 
     from astropt_train.model import GPT, GPTConfig
 
     L, H, E = dims
-    cfg = GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=L, n_head=H, n_embd=E, head=head,
+    cfg = GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=1, n_head=H, n_embd=E, head=head,
                     modalities=modalities)
     with torch.device("meta"):
         model = GPT(cfg)
-    block = model.transformer.h[0]
     blocks = {id(p) for p in model.transformer.h.parameters()}
     root = tuple(tuple(p.shape) for p in model.parameters() if id(p) not in blocks)
+    block = tuple(tuple(p.shape) for p in model.transformer.h[0].parameters())
     return ModelShape(name=name, n_layer=L, n_head=H, n_embd=E, vocab=vocab, block_size=block_size,
-                      modalities=len(model.names), head=head, params=model.num_params(),
+                      modalities=len(model.names), head=head,
+                      params=sum(map(_numel, root)) + L * sum(map(_numel, block)),
                       embedding_params=model.num_params() - model.num_params(non_embedding=True),
-                      block_shapes=tuple(tuple(p.shape) for p in block.parameters()), root_shapes=root)
+                      block_shapes=block, root_shapes=root)
 
 
 @dataclass

@@ -32,11 +32,14 @@ def test_param_counts_equal_the_real_model(name, head):
     assert shape.embedding_params == model.num_params() - model.num_params(non_embedding=True)
 
 
-def test_every_preset_counts_by_the_closed_form():
+def test_every_preset_counts_as_the_model_on_meta_and_by_the_closed_form():
     # bias-free GPT, affine head: blocks 12E^2 + 2E each; token table and head V E each, positions T E, ln_f E
     assert PRESETS["2100M-32L"] == (32, 32, 2560) and PRESETS["2100M"] == (26, 32, 2560)
-    for name, (L, _, E) in PRESETS.items():
+    for name, (L, H, E) in PRESETS.items():
         shape = shape_of(name)
+        with torch.device("meta"):
+            assert shape.params == GPT(GPTConfig(vocab_size=AION_VOCAB, block_size=AION_TOKENS, n_layer=L, n_head=H,
+                                                 n_embd=E)).num_params(), name
         assert shape.block_params == 12 * E * E + 2 * E, name
         assert shape.params == L * (12 * E * E + 2 * E) + 2 * AION_VOCAB * E + AION_TOKENS * E + E, name
     assert 2.5e9 < shape_of("2100M-32L").params < 2.6e9
