@@ -2,6 +2,12 @@
 one task of a SLURM array (SLURM_ARRAY_TASK_ID/COUNT/MIN), read and checked in one place, and the process group
 its ranks join.
 
+A task of an `srun` step of several tasks (SLURM_STEP_NUM_TASKS > 1) must be a torchrun agent's rank: srun
+starting the tool itself on N tasks gives N processes that do not know of each other, each doing the whole job
+into the same output, so that is one error pointing to one torchrun per node (README, "Many nodes"). The ranks
+are not taken from SLURM_PROCID/SLURM_LOCALID instead: torchrun's c10d rendezvous already does that job on
+every cluster, SLURM or not, and one way to launch is one way to test.
+
 `read_launch()` parses the variables into a `LaunchEnv`; every value that is not a whole number, is negative,
 or disagrees with another (RANK >= WORLD_SIZE, WORLD_SIZE without MASTER_ADDR, a SLURM array count without a
 task id, ...) is one `AstroptError` naming the variables, their values and what to do. Nothing else in the
@@ -29,6 +35,11 @@ from astropt_tok.errors import AstroptError
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+# set by srun on every task of a step (SLURM_NODEID and SLURM_LOCALID too, which add nothing here); an sbatch
+# script's own shell has no SLURM_STEP_NUM_TASKS, so running the tool there is a plain single process
+SRUN_VARIABLES = ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID")
+_SRUN_ADVICE = ("start one torchrun per node instead: srun --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
+                "--rdzv-backend c10d ... (scripts/slurm/train_multinode.sbatch; README, \"Many nodes\")")
 DEFAULT_DIST_TIMEOUT_S = 600.0  # the rendezvous and every collective; minutes, not torch's half hour
 # Waits for other ranks' work (tokenise's store preparation and end of shards, training's checkpoint writes)
 # use a separate gloo group with this timeout: ranks may legitimately finish hours apart. A rank that dies
@@ -128,6 +139,7 @@ def read_launch(environ: Mapping[str, str] | None = None, arrays: bool = True) -
                 f"each process takes shards by its place in the array, so the array must be contiguous "
                 f"(sbatch --array=0-{count - 1}, without a step or a list)")
     by_torchrun = bool(env.get("TORCHELASTIC_RUN_ID"))
+    _check_srun_step(env, world)
     if world is None:
         if task is None:
             return LaunchEnv()
@@ -154,6 +166,25 @@ def read_launch(environ: Mapping[str, str] | None = None, arrays: bool = True) -
                            "are set: the shards are split over one of them; run one process per array task, or "
                            "one torchrun job")
     return LaunchEnv("torchrun", rank, world, local_rank or 0, local_world, addr, port, by_torchrun=by_torchrun)
+
+
+def _check_srun_step(env: Mapping[str, str], world: int | None) -> None:
+    """One error when this process is one of several tasks of an srun step that are not all ranks of one job:
+    srun started the tool itself (no WORLD_SIZE), or a torchrun per task whose job is smaller than the step
+    (`srun -n 4 torchrun --standalone ...`: four separate jobs)."""
+    tasks = _whole(env, "SLURM_STEP_NUM_TASKS", 1, "srun sets it to the number of tasks of its step; unset it if "
+                   "it was set by hand")
+    if tasks is None or tasks == 1 or (world is not None and world >= tasks):
+        return
+    task = env.get("SLURM_PROCID", "").strip()
+    this = f", this one SLURM_PROCID={task}" if task.isdigit() else ""
+    if world is None:
+        raise AstroptError(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS={tasks}{this}) without torchrun: they "
+                           f"would be {tasks} separate runs of the whole job into one output, not ranks of one; "
+                           + _SRUN_ADVICE)
+    raise AstroptError(f"srun started {tasks} tasks (SLURM_STEP_NUM_TASKS={tasks}{this}) but this torchrun job has "
+                       f"only WORLD_SIZE={world}: the tasks are separate jobs (torchrun --standalone, or --nnodes 1, "
+                       f"in each), not one; " + _SRUN_ADVICE)
 
 
 def dist_timeout(seconds) -> datetime.timedelta:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from astropt_tok.errors import AstroptError
-from astropt_tok.launch import ARRAY_VARIABLES, RANK_VARIABLES, LaunchEnv, read_launch
+from astropt_tok.launch import ARRAY_VARIABLES, RANK_VARIABLES, SRUN_VARIABLES, LaunchEnv, read_launch
 from test_hostile import assert_one_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_VARIABLES = (*RANK_VARIABLES, *ARRAY_VARIABLES, "TORCHELASTIC_RUN_ID")
+ALL_VARIABLES = (*RANK_VARIABLES, *ARRAY_VARIABLES, *SRUN_VARIABLES, "TORCHELASTIC_RUN_ID")
 HANG_GUARD_S = 180  # a child that runs past this is a hang: the test fails with its output
 MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
 
@@ -63,6 +63,27 @@ def test_good_environments_parse():
     # a torchrun of one process per array task is fine; several of each is refused (below)
     assert read_launch({"RANK": "0", "WORLD_SIZE": "1", "SLURM_ARRAY_TASK_ID": "1",
                         "SLURM_ARRAY_TASK_COUNT": "2"}).how == "torchrun"
+
+
+def test_srun_tasks_are_one_error_unless_they_are_torchrun_agents():
+    """srun sets SLURM_STEP_NUM_TASKS, SLURM_PROCID, SLURM_NODEID and SLURM_LOCALID on every task of a step: the
+    tool started by srun on several tasks is refused (they would be separate runs into one output), for training
+    (arrays=False) as for tokenise; under one torchrun agent per node the ranks are torchrun's."""
+    task = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1", "SLURM_NODEID": "0", "SLURM_LOCALID": "1"}
+    for arrays in (True, False):
+        with pytest.raises(AstroptError, match=r"^srun started 4 tasks \(SLURM_STEP_NUM_TASKS=4, this one "
+                                               r"SLURM_PROCID=1\) without torchrun"):
+            read_launch(task, arrays=arrays)
+    agent_task = {**task, "SLURM_STEP_NUM_TASKS": "2", "TORCHELASTIC_RUN_ID": "job", **MASTER,
+                  "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    env = read_launch(agent_task, arrays=False)
+    assert (env.how, env.rank, env.world_size, env.local_rank, env.by_torchrun) == ("torchrun", 3, 4, 1, True)
+    # a torchrun (--standalone) in each of 4 tasks: 4 jobs of one process each
+    with pytest.raises(AstroptError, match="only WORLD_SIZE=1: the tasks are separate jobs"):
+        read_launch({**task, "RANK": "0", "WORLD_SIZE": "1"}, arrays=False)
+    # one task (`srun astropt train`), and an sbatch script's own shell (SLURM_NTASKS, no step): one process
+    assert read_launch({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) == LaunchEnv()
+    assert read_launch({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_NODEID": "0"}, arrays=False) == LaunchEnv()
 
 
 def test_tokenise_process_rank_from_environment(clean_env):
@@ -111,6 +132,11 @@ BAD_RANK_ENVIRONMENTS = [  # (environment, words the error must hold)
     ({**GOOD, "LOCAL_WORLD_SIZE": "4"}, ["LOCAL_WORLD_SIZE=4", "WORLD_SIZE=2"]),
     ({"LOCAL_RANK": "1"}, ["LOCAL_RANK=1", "without RANK/WORLD_SIZE"]),
     ({"LOCAL_WORLD_SIZE": "8"}, ["LOCAL_WORLD_SIZE=8", "without RANK/WORLD_SIZE"]),
+    # srun started the tool itself on several tasks, or a torchrun per task of separate jobs
+    ({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1"},
+     ["srun started 4 tasks", "SLURM_PROCID=1", "without torchrun", "one torchrun per node", "Many nodes"]),
+    ({"SLURM_STEP_NUM_TASKS": "4", "RANK": "0", "WORLD_SIZE": "1"}, ["srun started 4 tasks", "WORLD_SIZE=1"]),
+    ({"SLURM_STEP_NUM_TASKS": "two"}, ["SLURM_STEP_NUM_TASKS=two", "not a whole number"]),
 ]
 ARRAY = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
 BAD_ARRAY_ENVIRONMENTS = [
