@@ -152,7 +152,7 @@ def test_a_node_that_never_arrives_ends_the_other_within_the_join_timeout(store_
 
 
 @pytest.mark.parametrize("env, words", [
-    ({"SLURM_NNODES": "2"}, ["HEAD_ADDR is not set", "export HEAD_ADDR"]),  # no head to meet, none to find
+    ({"SLURM_NNODES": "2"}, ["HEAD_ADDR is not set", "head node cannot be found", "export HEAD_ADDR"]),  # no head to meet, none to find
     ({"SLURM_NNODES": "2", "HEAD_ADDR": "127.0.0.1", "SLURM_STEP_NUM_TASKS": "4"},
      ["srun started 4 tasks on 2 nodes", "--ntasks-per-node 1"]),  # two agents per node
 ])

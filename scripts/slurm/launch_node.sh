@@ -33,14 +33,14 @@ if [[ -z $head && -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/nul
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 fi
 if [[ -z $head ]]; then
-  [[ $nnodes == 1 ]] || fail "HEAD_ADDR is not set and there is no SLURM_JOB_NODELIST to find the head node in: " \
-    "export HEAD_ADDR=<the first node's address> on every node"
+  [[ $nnodes == 1 ]] || fail "HEAD_ADDR is not set and the head node cannot be found (no SLURM_JOB_NODELIST," \
+    "or no scontrol to read it): export HEAD_ADDR=<the first node's address> on every node"
   head=127.0.0.1
 fi
 # one agent per node: more tasks than nodes would be agents the rendezvous does not expect
 tasks=${SLURM_STEP_NUM_TASKS:-$nnodes}
 [[ $tasks == "$nnodes" ]] || fail "srun started $tasks tasks on $nnodes nodes: run one per node" \
-  "(srun --ntasks-per-node 1); torchrun starts the $gpus processes of each node"
+  "(srun --ntasks-per-node 1); torchrun starts the $gpus process(es) of each node"
 
 echo "node $node of $nnodes: torchrun agent for $gpus process(es), rendezvous $job at $head:$port" \
   "(waiting up to $join_timeout s for the other nodes)" >&2
