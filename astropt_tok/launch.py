@@ -5,8 +5,8 @@ its ranks join.
 A task of an `srun` step of several tasks (SLURM_STEP_NUM_TASKS > 1) must be a torchrun agent's rank: srun
 starting the tool itself on N tasks gives N processes that do not know of each other, each doing the whole job
 into the same output, so that is one error pointing to one torchrun per node (README, "Many nodes"). The ranks
-are not taken from SLURM_PROCID/SLURM_LOCALID instead: torchrun's c10d rendezvous already does that job on
-every cluster, SLURM or not, and one way to launch is one way to test.
+are not taken from SLURM_PROCID/SLURM_LOCALID instead: torchrun's c10d rendezvous already numbers the ranks of
+many nodes on any cluster, SLURM or not, so there is one launch path to document and test.
 
 `read_launch()` parses the variables into a `LaunchEnv`; every value that is not a whole number, is negative,
 or disagrees with another (RANK >= WORLD_SIZE, WORLD_SIZE without MASTER_ADDR, a SLURM array count without a
