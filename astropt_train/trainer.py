@@ -219,6 +219,7 @@ class Trainer:
         n_layer, n_head, n_embd = self.dims
         self.ckpt_dir, self.state, self.init_state = None, None, None
         existing = ck.list_checkpoints(run)
+        self.agree_on_checkpoints(existing[-1][0] if existing else None)
         if cfg.resume and existing:
             self.ckpt_dir = existing[-1][1]
         elif cfg.resume:
@@ -266,6 +267,21 @@ class Trainer:
                                             self.echo)
             self.gconf, self.init_state = self.init
         return None
+
+    def agree_on_checkpoints(self, newest: int | None) -> None:
+        """Under DDP every rank must see the run folder's newest checkpoint as rank 0 does: a node that cannot
+        see --out (no shared file system) would otherwise start from scratch while the others resume."""
+        if not self.dist.ddp:
+            return
+        import torch.distributed as tdist
+
+        seen = [None] * self.dist.world
+        tdist.all_gather_object(seen, newest)
+        if len(set(seen)) > 1:
+            show = lambda s: "none" if s is None else f"step {s}"  # noqa: E731
+            views = ", ".join(f"rank {r}: {show(s)}" for r, s in enumerate(seen))
+            raise AstroptError(f"the ranks see different checkpoints in {self.run_dir} ({views}): every node must see "
+                               "the same --out (a shared file system); rank 0 writes it, every rank resumes from it")
 
     # --- precision: autocast and the grad scaler
     def set_precision(self) -> None:
