@@ -56,7 +56,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("token-store", "a token store", "`astropt tokenise`",
-         ("manifest.json", "shard-*", ".shard-*", "rejects.jsonl", ".done", RECORD), "store"),
+         ("manifest.json", "shard-*", ".shard-*", "rejects.jsonl", ".done", "README.md", RECORD), "store"),
     Kind("embeddings", "an embeddings store", "`astropt embed`",
          ("manifest.json", "shard-*", ".shard-*", ".done", RECORD), "embeddings"),
     Kind("run", "a training run", "`astropt train`",

@@ -284,6 +284,9 @@ def finalize_store(out_dir: str | os.PathLike, manifest: dict) -> dict | None:
     final["totals"] = {"rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejected"] for s in shards)}
     final["complete"] = True
     write_manifest(out, final)
+    from astropt_tok.store_card import write_store_card
+
+    write_store_card(out, final)  # DIR/README.md: the store folder is a Hugging Face dataset repo
     return final
 
 
