@@ -27,8 +27,8 @@ app = typer.Typer(
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="Token store folder (holds manifest.json), or an embeddings store "
-                                 "written by `astropt embed`."),
+    store: Path = typer.Argument(..., help="Token store folder (holds manifest.json) or hf://datasets/ORG/NAME"
+                                 "[@revision], or an embeddings store written by `astropt embed`."),
     finalize: bool = typer.Option(
         False, "--finalize", help="Complete the manifest of a token store whose shards were all written by "
         "separate processes (under the store's lock), then verify it."),
@@ -37,8 +37,10 @@ def verify(
     from astropt_tok.report import report_verify
     from astropt_tok.store import manifest_format, verify_store
     from astropt_tok.tokenise import finalize as finalize_store
+    from astropt_tok.store_hub import resolve_store
     from astropt_train.use.embed import FORMAT as EMBEDDINGS, verify_embeddings
 
+    store = resolve_store(store, verify=False)  # hf://: its snapshot in the HF cache, verified just below
     if manifest_format(store) == EMBEDDINGS:
         if finalize:
             raise AstroptError(f"{store} is an embeddings store: --finalize is for token stores (re-run the same "
@@ -51,14 +53,17 @@ def verify(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="Token store folder (holds manifest.json), or any folder an "
-                                      "astropt command made (run, checkpoint, codec, export, demo, probe report).")) -> None:
+def info(store: Path = typer.Argument(..., help="Token store folder (holds manifest.json) or hf://datasets/ORG/"
+                                      "NAME[@revision], or any folder an astropt command made (run, checkpoint, "
+                                      "codec, export, demo, probe report).")) -> None:
     """Summarise a token store: rows, shards, codec, vocabulary, rejects and codebook usage; of any other artifact,
     its kind and lineage (what made it)."""
     from astropt_tok.report import print_store_info
     from astropt_tok.store import manifest_format
+    from astropt_tok.store_hub import resolve_store
     from astropt_train.use.embed import FORMAT as EMBEDDINGS
 
+    store = resolve_store(store)
     if manifest_format(store) == EMBEDDINGS:
         raise AstroptError(f"{store} is an embeddings store (from `astropt embed`): `astropt info` summarises token "
                            f"stores; check it with `astropt verify {store}`")
@@ -75,9 +80,11 @@ def _register_subcommands() -> None:
     from astropt_tok.cli_tokenise import register as register_tokenise
 
     from astropt_tok.cli_fit_codec import register as register_fit_codec
+    from astropt_tok.cli_push import register as register_push
 
     register_tokenise(app)
     register_fit_codec(app)
+    register_push(app)
     for module in ("astropt_train.cli_train", "astropt_train.cli_plan", "astropt_train.use.cli"):
         try:
             mod = __import__(module, fromlist=["register"])

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def train(
-        tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder (from `astropt tokenise`)."),
+        tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder (from `astropt tokenise`), or "
+                                              "hf://datasets/ORG/NAME[@revision] (from `astropt push`)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/astropt)."),
         config: Optional[Path] = typer.Option(None, "--config", help="TOML file of settings; flags override it."),
         preset: Optional[str] = typer.Option(None, "--preset", help="Model size: tiny, small, 001M, 005M, 010M, "

@@ -253,6 +253,10 @@ def build_config(overrides: dict[str, Any] | None = None, config_file: str | Pat
         if config_file is not None:
             raise AstroptError(f"{exc} (settings from {config_file} and the flags)") from None
         raise
+    if cfg.tokens.startswith("hf:"):  # hf://datasets/ORG/NAME: downloaded once per node, verified
+        from astropt_tok.store_hub import resolve_store
+
+        cfg.tokens = str(resolve_store(cfg.tokens))
     return cfg
 
 

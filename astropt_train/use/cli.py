@@ -16,9 +16,16 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _store(tokens: Optional[Path]) -> Optional[Path]:
+    """--tokens as a local folder: hf://datasets/ORG/NAME[@revision] is downloaded (once per node) and verified."""
+    from astropt_tok.store_hub import resolve_store
+
+    return None if tokens is None else resolve_store(tokens)
+
+
 def decode_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG grid to write (default decoded.png; with --save-flux and no --out, no picture)."),
-    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder (default with --checkpoint: the store it was trained on)."),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder or hf://datasets/ORG/NAME[@revision] (default with --checkpoint: the store it was trained on)."),
     rows: Optional[str] = typer.Option(None, "--rows", help="Store rows: 0:16, 7, 1,5,9 or 0:4,10."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Object ids, comma-separated."),
     random: Optional[int] = typer.Option(None, "--random", help="This many random stored rows (see --seed)."),
@@ -52,7 +59,7 @@ def decode_command(
     from astropt_train.use.decode import DecodeConfig, decode, summarise
 
     cfg = DecodeConfig(
-        out=out, tokens=tokens, rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec,
+        out=out, tokens=_store(tokens), rows=rows, ids=_split(ids), random=random, seed=seed, codec=codec,
         accept_codec_change=accept_codec_change, compare=compare,
         source=source, checkpoint=checkpoint, step=step, generate=generate, complete_from=complete_from, predict=predict,
         modality=modality, given=given, generate_modality=generate_modality,
@@ -121,7 +128,7 @@ def demo_command(
 def embed_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Run or checkpoint folder of `astropt train`, or an upstream AstroPT ckpt.pt (or its folder)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Embeddings store folder to write."),
-    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store (default: the one the checkpoint was trained on)."),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder or hf://datasets/ORG/NAME[@revision] (default: the one the checkpoint was trained on)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     pool: str = typer.Option("mean", "--pool", help="Reduction over positions: mean, last or exp_decay (upstream AstroPT's)."),
     layer: str = typer.Option("final", "--layer", help="final (after the last LayerNorm), centre (block n_layer//2, upstream's draw_from_centre), a block index, or a comma list."),
@@ -146,7 +153,7 @@ def embed_command(
         raise AstroptError("pass --checkpoint RUN and --out DIR (or --verify DIR)")
     from astropt_train.use.embed import EmbedConfig, embed
 
-    r = embed(EmbedConfig(checkpoint=checkpoint, out=out, tokens=tokens, step=step, pool=pool, layers=layer, rows=rows,
+    r = embed(EmbedConfig(checkpoint=checkpoint, out=out, tokens=_store(tokens), step=step, pool=pool, layers=layer, rows=rows,
                           limit=limit, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite))
     m = r.manifest
     typer.echo(f"wrote {r.out}: {r.rows} embeddings of {m['n_embd']} ({', '.join(x['name'] for x in m['layers'])}; "
@@ -196,7 +203,7 @@ def export_command(
 def eval_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Run or checkpoint folder of `astropt train` (or an upstream AstroPT ckpt.pt)."),
     out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for eval.json and eval.png."),
-    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store (default: the one the checkpoint was trained on; another store is scored on all its rows)."),
+    tokens: Optional[Path] = typer.Option(None, "--tokens", help="Token store folder or hf://datasets/ORG/NAME[@revision] (default: the one the checkpoint was trained on; another store is scored on all its rows)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: latest)."),
     rows: Optional[str] = typer.Option(None, "--rows", help="Store rows to score, e.g. 0:500 (default: the run's held-out rows)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many of the scored rows (a quick look)."),
@@ -219,7 +226,7 @@ def eval_command(
     """Score a trained model beside model-free baselines on its held-out rows: token accuracy and loss, completions and cross-survey drawings over several seeds."""
     from astropt_train.use.evaluate import EvalConfig, print_table, run_eval
 
-    cfg = EvalConfig(checkpoint=checkpoint, out=out, tokens=tokens, step=step, rows=rows, limit=limit, seeds=seeds,
+    cfg = EvalConfig(checkpoint=checkpoint, out=out, tokens=_store(tokens), step=step, rows=rows, limit=limit, seeds=seeds,
                      sample_rows=sample_rows, complete_from=complete_from, temperature=temperature, top_k=top_k,
                      baseline_rows=baseline_rows, codec=codec, accept_codec_change=accept_codec_change, source=source,
                      images=images, device=device, batch_size=batch_size, threads=threads, overwrite=overwrite)
