@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from astropt_tok.errors import AstroptError, ensure_folder, writing
+from astropt_tok.errors import AstroptError
 
 HF_SCHEME = "hf://"
 FORM = "hf://datasets/ORG/NAME[@revision]"
@@ -101,12 +101,11 @@ def resolve_store(spec: str | os.PathLike, verify: bool = True, cache_dir: str |
     from huggingface_hub.file_download import repo_folder_name
 
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    work = ensure_folder(cache / repo_folder_name(repo_id=hub.repo_id, repo_type="dataset") / ".astropt",
-                         f"the Hugging Face cache folder of {hub}")
+    work = cache / repo_folder_name(repo_id=hub.repo_id, repo_type="dataset") / ".astropt"  # lock and records
     key = re.sub(r"[^A-Za-z0-9._-]", "_", hub.revision or "main") + "-" + \
         hashlib.sha256((hub.revision or "").encode()).hexdigest()[:8]
     record_path = work / f"resolved-{key}.json"
-    with _exclusive_lock(work / "resolve.lock", f"another process is fetching {hub}; waiting for it"):
+    with _exclusive_lock(work, f"another process is fetching {hub}; waiting for it"):
         record = _read_json(record_path)
         started = _process_start_time()
         fresh = not (isinstance(record, dict) and isinstance(record.get("process_started"), (int, float))
@@ -117,9 +116,7 @@ def resolve_store(spec: str | os.PathLike, verify: bool = True, cache_dir: str |
         if verify:
             _ensure_verified(hub, snapshot, work)
         if fresh:
-            from astropt_tok.atomic import atomic_write_json
-
-            atomic_write_json(record_path, {"store": str(hub), "snapshot": str(snapshot), "process_started": started})
+            _write_quietly(record_path, {"store": str(hub), "snapshot": str(snapshot), "process_started": started})
     return snapshot
 
 
@@ -176,9 +173,15 @@ def _ensure_verified(hub: HubStore, snapshot: Path, work: Path) -> None:
                            f"delete {snapshot.parent.parent} to download it anew")
     print(f"{hub}: verified {len(manifest['shards'])} shards of snapshot {snapshot.name[:12]} against its manifest",
           file=sys.stderr, flush=True)
+    _write_quietly(marker, stats)
+
+
+def _write_quietly(path: Path, obj) -> None:
+    """Write a record in the cache; a read-only cache (a shared mirror) keeps none: each process checks anew."""
     from astropt_tok.atomic import atomic_write_json
 
-    atomic_write_json(marker, stats)
+    with contextlib.suppress(AstroptError):
+        atomic_write_json(path, obj)
 
 
 def _file_stats(folder: Path, names: list[str]) -> dict | None:
@@ -196,12 +199,18 @@ def _file_stats(folder: Path, names: list[str]) -> dict | None:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path, waiting: str):
-    """Hold an exclusive flock on `path` for the block, saying once on stderr when another process holds it."""
+def _exclusive_lock(folder: Path, waiting: str):
+    """Hold an exclusive flock on FOLDER/resolve.lock for the block, saying once on stderr when another process
+    holds it. A cache where it cannot be made (a read-only mirror) or a file system without locks: no lock, each
+    process resolves on its own (the HF cache's own locks still keep its files whole)."""
     import fcntl
 
-    with writing(path):
-        fh = open(path, "a+b", buffering=0)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / "resolve.lock", "a+b", buffering=0)
+    except OSError:
+        yield
+        return
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,7 +218,7 @@ def _exclusive_lock(path: Path, waiting: str):
             print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(fh, fcntl.LOCK_EX)
         except OSError:
-            pass  # a file system without locks: every process resolves on its own (the HF cache still dedups)
+            pass
         yield
     finally:
         fh.close()

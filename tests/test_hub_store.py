@@ -45,14 +45,21 @@ def arrow_store(tmp_path_factory):
 
 
 def hub_cache(cache: Path, store: Path, repo: str = REPO, commit: str = COMMIT) -> Path:
-    """Lay `store`'s pushed files out in an HF cache as snapshot_download leaves a dataset repo; the snapshot."""
+    """Lay `store`'s pushed files out in an HF cache as snapshot_download leaves a dataset repo (each file a blob
+    named by its hash, linked from snapshots/<commit>/); the snapshot."""
+    import hashlib
+
     from astropt_tok.store_hub import _push_files
 
     repo_dir = cache / ("datasets--" + repo.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
     for name in _push_files(store):
+        data = (store / name).read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
         (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(store / name, snapshot / name)
+        (snapshot / name).symlink_to(os.path.relpath(blob, (snapshot / name).parent))
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return snapshot
@@ -193,8 +200,29 @@ def test_hf_address_resolves_to_the_verified_cached_snapshot(arrow_store, tmp_pa
     snapshot = hub_cache(tmp_path / "cache", arrow_store)
     assert resolve_store(URL, cache_dir=tmp_path / "cache") == snapshot
     assert resolve_store(f"{URL}@{COMMIT}", cache_dir=tmp_path / "cache") == snapshot
-    assert "verified 3 shards" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("verified 3 shards") == 1  # the second finds it verified already
     np.testing.assert_array_equal(TokenStore(snapshot).take(np.arange(30)), TokenStore(arrow_store).take(np.arange(30)))
+
+
+def test_a_zarr_store_resolves_from_the_cache_too(tmp_path):
+    folder = make_store(tmp_path / "z", storage="zarr")
+    snapshot = hub_cache(tmp_path / "cache", folder)
+    assert (snapshot / "shard-00000.zarr" / "zarr.json").is_symlink()
+    assert resolve_store(URL, cache_dir=tmp_path / "cache") == snapshot
+    np.testing.assert_array_equal(TokenStore(snapshot).take(np.arange(30)), TokenStore(folder).take(np.arange(30)))
+
+
+def test_a_tokenised_store_card_names_its_codec_and_source(moved_source_store, tmp_path):
+    import datasets
+
+    store_dir, _ = moved_source_store
+    store = TokenStore(store_dir)
+    body = (store_dir / CARD).read_text()
+    assert f"`{store.codec_id}`" in body and store.manifest["codec"]["weights_sha256"] in body
+    assert f"| rows | {store.num_rows}" in body and ", ".join(store.bands) in body
+    ds = datasets.load_dataset(str(store_dir), split="train", cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(np.array(ds["tokens"], dtype=store.dtype), store.take(np.arange(store.num_rows)))
+    assert list(ds["object_id"]) == store.object_ids(np.arange(store.num_rows))
 
 
 def test_commands_take_hf_addresses(arrow_store, tmp_path, monkeypatch, capsys):
@@ -209,6 +237,17 @@ def test_commands_take_hf_addresses(arrow_store, tmp_path, monkeypatch, capsys):
     code, out, _ = run_cli(["info", URL], capsys)
     assert code == 0 and "rows" in out and "30" in out
     assert build_config({"tokens": URL}).tokens == str(snapshot)
+
+
+def test_decode_reads_a_store_from_the_hub_cache(random_store, codec_dir, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    hub_cache(tmp_path / "cache", random_store)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_cli(["decode", "--tokens", URL, "--rows", "0:2", "--codec", str(codec_dir), "--save-flux",
+                            str(tmp_path / "flux.npy"), "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.load(tmp_path / "flux.npy").shape == (2, 4, 96, 96)
 
 
 def test_a_damaged_cached_shard_is_refused(arrow_store, tmp_path, capsys):
