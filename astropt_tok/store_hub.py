@@ -164,8 +164,8 @@ def _ensure_verified(hub: HubStore, snapshot: Path, work: Path) -> None:
         raise AstroptError(f"{hub} (snapshot {snapshot}): {exc}") from None
     files = [MANIFEST] + [s["file"] for s in manifest.get("shards") or []]
     stats = _file_stats(snapshot, files)
-    if _read_json(marker) == stats:
-        return
+    if stats is not None and _read_json(marker) == stats:
+        return  # verified before, and not one of its files changed since
     problems = verify_store(snapshot)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

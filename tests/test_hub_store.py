@@ -257,6 +257,13 @@ def test_a_damaged_cached_shard_is_refused(arrow_store, tmp_path, capsys):
         resolve_store(URL, cache_dir=tmp_path / "cache")
 
 
+def test_a_snapshot_missing_a_shard_is_refused(arrow_store, tmp_path):
+    snapshot = hub_cache(tmp_path / "cache", arrow_store)
+    (snapshot / "shard-00000.arrow").unlink()  # an interrupted download, say
+    with pytest.raises(AstroptError, match=rf"{URL}: .*shard-00000.arrow: missing"):
+        resolve_store(URL, cache_dir=tmp_path / "cache")
+
+
 def test_a_shard_damaged_after_it_was_verified_is_refused_too(arrow_store, tmp_path):
     snapshot = hub_cache(tmp_path / "cache", arrow_store)
     resolve_store(URL, cache_dir=tmp_path / "cache")
