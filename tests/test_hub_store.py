@@ -239,6 +239,23 @@ def test_commands_take_hf_addresses(arrow_store, tmp_path, monkeypatch, capsys):
     assert build_config({"tokens": URL}).tokens == str(snapshot)
 
 
+def test_train_reads_a_store_from_the_hub_cache(tmp_path, monkeypatch, capsys):
+    import json
+
+    from huggingface_hub import constants
+
+    store = tmp_path / "store"
+    write_store_from_arrays(store, np.random.default_rng(0).integers(0, 64, size=(24, 16)), 2,
+                            {"id": "random", "vocab_size": 64, "tokens_per_image": 16}, ["DES-G"])
+    snapshot = hub_cache(tmp_path / "cache", store)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(["train", "--tokens", URL, "--out", str(tmp_path / "run"), "--n-layer", "1",
+                              "--n-embd", "16", "--batch-size", "4", "--max-iters", "2", "--eval-iters", "1",
+                              "--val-images", "0", "--device", "cpu", "--no-compile"], capsys)
+    assert code == 0 and "done: step 2" in out, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["store"]["dir"] == str(snapshot)
+
+
 def test_decode_reads_a_store_from_the_hub_cache(random_store, codec_dir, tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
@@ -317,6 +334,13 @@ def test_two_ranks_of_a_node_resolving_at_once_fetch_and_verify_once(arrow_store
 
 # ---------------------------------------------------------------------------------------------------------
 # astropt push: its refusals (the upload needs the hub)
+
+
+def test_push_help_reads_in_an_80_column_pipe(capsys):
+    code, out, _ = run_cli(["push", "--help"], capsys)
+    assert code == 0 and "--repo" in out and "--private" in out and "--revision" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
 
 
 def test_push_refuses_what_is_not_a_complete_store(arrow_store, tmp_path, capsys):
