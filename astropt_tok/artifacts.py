@@ -51,11 +51,11 @@ class Kind:
     noun: str  # "a token store"
     made_by: str  # "`astropt tokenise`"
     owns: tuple[str, ...]  # glob patterns (top-level names) of what its commands write: what a replace may clear
-    # (a token store's README.md is its dataset card; .cache is huggingface_hub's upload_large_folder records)
     folder: str = "output"  # how messages call its folder: "the store folder"
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
+    # a token store's README.md is its dataset card; .cache holds `astropt push`'s upload_large_folder records
     Kind("token-store", "a token store", "`astropt tokenise`",
          ("manifest.json", "shard-*", ".shard-*", "rejects.jsonl", ".done", "README.md", ".cache", RECORD), "store"),
     Kind("embeddings", "an embeddings store", "`astropt embed`",
