@@ -1,0 +1,275 @@
+"""Writing a token store: one shard at a time (atomically), its completion record, the manifest, and
+finalising the store once every shard is done."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from astropt_tok.atomic import atomic_file, atomic_write_text
+from astropt_tok.errors import AstroptError, writing
+from astropt_tok.store.format import (
+    DONE_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MODALITIES_VERSION,
+    REJECTS,
+    SHARDING_RULE,
+    STORAGES,
+    path_bytes,
+    sha256_path,
+    shard_bounds,
+    shard_name,
+    token_dtype,
+)
+
+
+@dataclass
+class ShardRecord:
+    """One shard's manifest entry."""
+
+    index: int
+    file: str
+    rows: int
+    rejected: int
+    sha256: str
+    bytes: int
+    first_row: int | None = None  # global source row of the shard's first row (None: an empty shard)
+    last_row: int | None = None
+    token_min: int | None = None  # smallest and largest token id in the shard
+    token_max: int | None = None
+
+
+def write_shard(
+    out_dir: str | os.PathLike,
+    index: int,
+    storage: str,
+    tokens,
+    rows: np.ndarray,
+    object_ids: list[str] | None,
+    rejected: int = 0,
+    valid: dict | None = None,
+) -> ShardRecord:
+    """Write one complete shard atomically (temporary name, fsync, rename) and return its record.
+
+    tokens: [n, tokens_per_image] in the store dtype, or {modality: [n, tokens_per_image]} for a store of several
+    image columns (with `valid` {modality: [n] bool} when rows may lack some); rows: [n] int64 global source rows.
+    """
+    out = Path(out_dir)
+    final = out / shard_name(index, storage)
+    columns = {name: np.ascontiguousarray(t) for name, t in (tokens.items() if isinstance(tokens, dict)
+                                                             else [("tokens", tokens)])}
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    for name, t in columns.items():
+        if t.ndim != 2 or t.shape[0] != rows.shape[0]:
+            raise ValueError(f"{name} {t.shape} and rows {rows.shape} disagree")
+    for name, v in (valid or {}).items():
+        columns[f"{name}_valid"] = np.ascontiguousarray(v, dtype=bool)
+    if storage not in STORAGES:
+        raise AstroptError(f"unknown store format {storage!r}; choose one of {', '.join(STORAGES)}")
+    # a full or read-only disk: one error, no temporary left; an earlier, unrecorded attempt at this shard is
+    # replaced only once the new one is whole
+    with atomic_file(final) as tmp:
+        (_write_arrow if storage == "arrow" else _write_zarr)(tmp, columns, rows, object_ids)
+    n = int(rows.shape[0])
+    token_arrays = [t for name, t in columns.items() if t.ndim == 2]  # every token column, not the validity flags
+    return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
+                       int(rows[0]) if n else None, int(rows[-1]) if n else None,
+                       min(int(t.min()) for t in token_arrays) if n else None,
+                       max(int(t.max()) for t in token_arrays) if n else None)
+
+
+def _arrow_table(columns: dict, rows: np.ndarray, object_ids: list[str] | None):
+    import pyarrow as pa
+
+    cols = {}
+    for name, values in columns.items():  # token columns [n, T] as fixed-size lists; validity flags [n] bool
+        if values.ndim == 1:
+            cols[name] = pa.array(values, type=pa.bool_())
+            continue
+        flat = pa.array(values.reshape(-1), type=pa.from_numpy_dtype(values.dtype))
+        cols[name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    cols["row"] = pa.array(rows, type=pa.int64())
+    if object_ids is not None:
+        cols["object_id"] = pa.array(object_ids, type=pa.string())
+    return pa.table(cols)
+
+
+def _write_arrow(path: Path, columns: dict, rows: np.ndarray, object_ids: list[str] | None) -> None:
+    import pyarrow as pa
+
+    table = _arrow_table(columns, rows, object_ids)
+    with open(path, "wb") as f:
+        # One record batch per shard: the reader gets the whole shard as one zero-copy [rows, T] view.
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+
+
+def _write_zarr(path: Path, columns: dict, rows: np.ndarray, object_ids: list[str] | None) -> None:
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    n = rows.shape[0]
+    for name, values in columns.items():
+        chunks = (max(1, min(n, 4096)), *values.shape[1:])
+        arr = group.create_array(name, shape=values.shape, chunks=chunks, dtype=values.dtype)
+        if n:
+            arr[:] = values
+    rarr = group.create_array("row", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype="int64")
+    if n:
+        rarr[:] = rows
+    if object_ids is not None:
+        oarr = group.create_array("object_id", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str)
+        if n:
+            oarr[:] = np.array(object_ids, dtype=object)
+
+
+def done_record_path(out_dir: str | os.PathLike, index: int) -> Path:
+    """Where shard `index`'s completion record lives."""
+    return Path(out_dir) / DONE_DIR / f"shard-{index:05d}.json"
+
+
+def mark_shard_done(out_dir: str | os.PathLike, record: ShardRecord, rejects: list[dict]) -> None:
+    """Record a written shard as complete (after the shard itself is in place)."""
+    path = done_record_path(out_dir, record.index)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"shard": asdict(record), "rejects": rejects}))
+
+
+def read_done_records(out_dir: str | os.PathLike, num_shards: int, storage: str | None = None) -> dict[int, dict]:
+    """Completion records of the shards that are done: a readable record whose shard file is present with the
+    recorded size (a truncated, grown or replaced shard is not done, and is redone)."""
+    out = Path(out_dir)
+    done = {}
+    for i in range(num_shards):
+        p = done_record_path(out, i)
+        if not p.is_file():
+            continue
+        try:
+            rec = json.loads(p.read_text())
+            shard = rec["shard"]
+            name, size, rejects = shard["file"], shard["bytes"], rec["rejects"]
+            if shard["index"] != i or not isinstance(size, int) or not isinstance(rejects, list):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable or damaged record means the shard is redone
+        expected = {shard_name(i, s) for s in ([storage] if storage else STORAGES)}
+        if name in expected and (out / name).exists() and path_bytes(out / name) == size:
+            done[i] = rec
+    return done
+
+
+def shards_not_matching(store_dir: str | os.PathLike, manifest: dict) -> list[str]:
+    """Files of a complete manifest's shards that are missing or not of their recorded size (a cheap check)."""
+    out = Path(store_dir)
+    return [s["file"] for s in manifest.get("shards", [])
+            if not (out / s["file"]).exists() or path_bytes(out / s["file"]) != s["bytes"]]
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+    """Rewrite DIR/manifest.json atomically."""
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def finalize_store(out_dir: str | os.PathLike, manifest: dict) -> dict | None:
+    """If every shard is done, write rejects.jsonl and the complete manifest; return it, else None."""
+    out = Path(out_dir)
+    n = int(manifest["sharding"]["num_shards"])
+    done = read_done_records(out, n, manifest.get("storage"))
+    if len(done) < n:
+        return None
+    shards = [done[i]["shard"] for i in range(n)]
+    rejects = [r for i in range(n) for r in done[i]["rejects"]]
+    atomic_write_text(out / REJECTS, "".join(json.dumps(r) + "\n" for r in rejects))
+    final = dict(manifest)
+    final["shards"] = shards
+    final["totals"] = {"rows": sum(s["rows"] for s in shards), "rejected": sum(s["rejected"] for s in shards)}
+    final["complete"] = True
+    write_manifest(out, final)
+    from astropt_tok.store_card import write_store_card
+
+    write_store_card(out, final)  # DIR/README.md: the store folder is a Hugging Face dataset repo
+    return final
+
+
+def write_store_from_arrays(
+    out_dir: str | os.PathLike,
+    tokens,
+    num_shards: int,
+    codec: dict,
+    bands,
+    storage: str = "arrow",
+    object_ids: list[str] | None = None,
+    source: dict | None = None,
+    precision: str = "fp32",
+    valid: dict | None = None,
+) -> dict:
+    """Write a complete store from tokens already in memory ([rows, T]); rows split into contiguous shards.
+
+    For synthetic stores (tests, benchmarks) and re-packing. `codec` is a manifest codec section
+    (`LoadedCodec.describe()`, or at least {"id", "vocab_size", "tokens_per_image"}). Several modalities:
+    `tokens` {name: [rows, T]}, `bands` {name: [...]}, and optionally `valid` {name: [rows] bool}.
+    """
+    from astropt_tok.artifacts import claim_output
+
+    out = Path(out_dir)
+    claim_output(out, "token-store", "`write_store_from_arrays`")
+    vocab = int(codec["vocab_size"])
+    dtype = token_dtype(vocab)
+    several = isinstance(tokens, dict)
+    for t in (tokens.values() if several else [tokens]):
+        if t.size and (t.min() < 0 or t.max() >= vocab):
+            raise AstroptError(f"tokens outside 0..{vocab - 1}")
+    n = next(iter(tokens.values())).shape[0] if several else tokens.shape[0]
+    bounds = shard_bounds(n, num_shards)
+    modalities = [{"name": name, "column": name, "bands": list(bands[name])} for name in tokens] if several else None
+    manifest = new_manifest(
+        codec=codec, bands=modalities[0]["bands"] if several else bands, storage=storage, num_shards=num_shards,
+        precision=precision, source=source or {"id": "in-memory", "kind": "arrays", "num_rows": n},
+        modalities=modalities, keep_partial=valid is not None,
+    )
+    write_manifest(out, manifest)
+    for i in range(num_shards):
+        lo, hi = bounds[i], bounds[i + 1]
+        part = ({name: t[lo:hi].astype(dtype) for name, t in tokens.items()} if several
+                else tokens[lo:hi].astype(dtype))
+        rec = write_shard(out, i, storage, part, np.arange(lo, hi, dtype=np.int64),
+                          None if object_ids is None else object_ids[lo:hi],
+                          valid=None if valid is None else {name: v[lo:hi] for name, v in valid.items()})
+        mark_shard_done(out, rec, [])
+    return finalize_store(out, manifest)
+
+
+def new_manifest(codec: dict, bands: list[str], storage: str, num_shards: int, precision: str, source: dict,
+                 modalities: list[dict] | None = None, keep_partial: bool = False) -> dict:
+    """A manifest for a store in progress (`complete` false, no shard list yet). `modalities`: several image
+    columns, [{"name", "column", "bands"}] (format version 2)."""
+    from astropt_tok import __version__
+
+    vocab = int(codec["vocab_size"])
+    several = {"modalities": modalities, "keep_partial": bool(keep_partial)} if modalities else {}
+    return {
+        "format": FORMAT,
+        "format_version": MODALITIES_VERSION if modalities else FORMAT_VERSION,
+        "tool_version": __version__,
+        "complete": False,
+        "codec": codec,
+        "vocab_size": vocab,
+        "tokens_per_image": int(codec["tokens_per_image"]),
+        "dtype": token_dtype(vocab).name,
+        "bands": list(bands),
+        "precision": precision,
+        "storage": storage,
+        "source": source,
+        "sharding": {"rule": SHARDING_RULE, "num_shards": int(num_shards)},
+        **several,
+    }
