@@ -11,6 +11,7 @@ import numpy as np
 from astropt_tok.errors import AstroptError
 from astropt_tok.schema import Fields
 from astropt_tok.store.format import MANIFEST, path_bytes, read_manifest, token_dtype
+from astropt_tok.store.ids import IdIndex, hash_strings
 
 
 class TokenStore:
@@ -61,15 +62,18 @@ class TokenStore:
                     )
             for i, s in enumerate(self.shards):  # a manifest edited to name other columns: refused before any work
                 self._check_columns(i, self.dir / s["file"], _shard_columns(self.dir / s["file"], self.storage))
-        self._open: dict[int, dict] = {}  # shard index -> {"tokens": array-like, "row": ..., "object_id": ...}
+        # shard index -> {"tokens": array-like, "row": ..., "object_id": an Arrow string array (memory-mapped) or a
+        # zarr array; never a Python object per row}
+        self._open: dict[int, dict] = {}
         self._fds: dict[int, int] = {}  # shard index -> file descriptor, for `read_rows`
+        self._ids: IdIndex | None = None  # built by the first `find_object_ids`
 
     def __len__(self) -> int:
         return self.num_rows
 
     def __getstate__(self):  # DataLoader workers reopen their own memory maps and files
         state = dict(self.__dict__)
-        state["_open"], state["_fds"] = {}, {}
+        state["_open"], state["_fds"], state["_ids"] = {}, {}, None
         return state
 
     def __del__(self):
@@ -192,17 +196,42 @@ class TokenStore:
         for i in np.unique(shard):
             sel = shard == i
             for m in self.modalities:
-                out[m][sel] = np.asarray(self._shard(int(i))[f"{m}_valid"][:])[local[sel]]
+                out[m][sel] = self._column_rows(int(i), f"{m}_valid", local[sel])
         return out
+
+    def _column_rows(self, i: int, column: str, local: np.ndarray) -> np.ndarray:
+        """Shard i's 1-d `column` (row, <name>_valid) at rows `local`: one fancy index into the memory map
+        (arrow), or a read of only the chunks that hold those rows, each row once (zarr)."""
+        values = self._shard(i)[column]
+        if self.storage == "arrow":
+            return values[local]
+        want, back = np.unique(local, return_inverse=True)  # ascending, each row once
+        return np.asarray(values.oindex[want])[back]
 
     def shard_source_rows(self, i: int) -> np.ndarray:
         """Shard i's global source row indices, [rows] int64."""
         return np.asarray(self._shard(i)["row"][:])
 
     def shard_object_ids(self, i: int) -> list[str] | None:
-        """Shard i's object ids, or None when the source had no id column."""
+        """Shard i's object ids, or None when the source had no id column: a list made for this call, not kept."""
         ids = self._shard(i).get("object_id")
-        return None if ids is None else [str(x) for x in ids[:]]
+        if ids is None:
+            return None
+        return [str(x) for x in (ids.to_pylist() if self.storage == "arrow" else ids[:])]
+
+    def _shard_ids(self, i: int, local: np.ndarray) -> list[str] | None:
+        """Shard i's object ids at rows `local` as Python strings (a null id reads "None", as it always has), or
+        None when the source had no id column: only those rows are read (zarr: the chunks that hold them)."""
+        ids = self._shard(i).get("object_id")
+        if ids is None:
+            return None
+        if self.storage == "arrow":
+            import pyarrow as pa
+
+            return [str(x) for x in ids.take(pa.array(local, type=pa.int64())).to_pylist()]
+        want, back = np.unique(local, return_inverse=True)
+        got = np.asarray(ids.oindex[want])
+        return [str(got[k]) for k in back.tolist()]
 
     def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row within shard) for store row indices."""
@@ -259,33 +288,60 @@ class TokenStore:
         """Global source row index of each store row in `indices`."""
         shard, local = self.locate(indices)
         out = np.empty(shard.size, dtype=np.int64)
-        for i in np.unique(shard):  # each shard's row column read once, not once per asked row
+        for i in np.unique(shard):  # each shard read once, for only the rows asked of it
             sel = shard == i
-            out[sel] = self.shard_source_rows(int(i))[local[sel]]
+            out[sel] = self._column_rows(int(i), "row", local[sel])
         return out
 
     def object_ids(self, indices) -> list[str | None]:
         """Object id of each store row in `indices` (None where the source had no id column)."""
         shard, local = self.locate(indices)
-        ids = {int(i): self.shard_object_ids(int(i)) for i in np.unique(shard)}  # each shard's ids read once
-        return [None if ids[int(s)] is None else ids[int(s)][j] for s, j in zip(shard, local)]
+        out: list[str | None] = [None] * shard.size
+        for i in np.unique(shard):  # each shard read once, for only the rows asked of it
+            sel = np.nonzero(shard == i)[0]
+            ids = self._shard_ids(int(i), local[sel])
+            if ids is not None:
+                for j, oid in zip(sel.tolist(), ids):
+                    out[j] = oid
+        return out
 
     def find_object_ids(self, wanted: Iterable[str]) -> np.ndarray:
-        """Store row index of each object id in `wanted`; an unknown id is an AstroptError."""
+        """Store row index of each object id in `wanted` (an id the store repeats: its first row); an unknown id is
+        an AstroptError naming it. A binary search of the store's id hashes (`id_index`), each match confirmed
+        against the id itself."""
+        import pyarrow as pa
+
         wanted = list(wanted)
+        index = self.id_index()
+        unique = list(dict.fromkeys(w for w in wanted if isinstance(w, str)))  # a non-string id is never found
+        keys = hash_strings(pa.array(unique, type=pa.string()))
         where: dict[str, int] = {}
-        for i in range(len(self.shards)):
-            ids = self.shard_object_ids(i)
-            if ids is None:
-                raise AstroptError(f"token store {self.dir} has no object_id column")
-            for j, oid in enumerate(ids):
-                if oid in wanted and oid not in where:
-                    where[oid] = int(self.offsets[i] + j)
-        missing = [w for w in wanted if w not in where]
+        for w, key in zip(unique, keys):
+            for row in index.candidates(key).tolist():  # one id's rows, ascending; another id only on a collision
+                if self.object_ids([row])[0] == w:
+                    where[w] = int(row)
+                    break
+        missing = [str(w) for w in wanted if w not in where]
         if missing:
             raise AstroptError(f"object id(s) not in {self.dir}: {', '.join(missing[:5])}")
         return np.array([where[w] for w in wanted], dtype=np.int64)
 
+    def id_index(self) -> IdIndex:
+        """The store's id index (built on first use, shard by shard, then kept): every row's id hash, sorted."""
+        if self._ids is None:
+            if any(self._shard(i).get("object_id") is None for i in range(len(self.shards))):
+                raise AstroptError(f"token store {self.dir} has no object_id column")
+            self._ids = IdIndex([self._shard_id_hashes(i) for i in range(len(self.shards))])
+        return self._ids
+
+    def _shard_id_hashes(self, i: int) -> np.ndarray:
+        """Shard i's id hashes, [rows] uint64 (zarr: the column read once, as strings, then let go)."""
+        ids = self._shard(i)["object_id"]
+        if self.storage == "arrow":
+            return hash_strings(ids)
+        import pyarrow as pa
+
+        return hash_strings(pa.array([str(x) for x in ids[:]], type=pa.string()))
 
 def _open_arrow(path: Path) -> dict:
     """A shard's columns: each token column [rows, T] as a zero-copy numpy view (with its offset in the file, for
@@ -307,8 +363,9 @@ def _open_arrow(path: Path) -> dict:
                 cols[name] = np.zeros((0, t), dtype=column.type.value_type.to_pandas_dtype())
             else:  # not written by this tool, but still readable
                 cols[name] = np.concatenate([c.flatten().to_numpy() for c in column.chunks]).reshape(-1, t)
-        elif name == "object_id":
-            cols[name] = column.to_pylist()
+        elif name == "object_id":  # an Arrow string array over the map: Python strings only for rows asked
+            cols[name] = (column.chunk(0) if column.num_chunks == 1 else
+                          column.combine_chunks() if column.num_chunks else pa.array([], type=pa.string()))
         else:  # row, <modality>_valid
             cols[name] = column.to_numpy(zero_copy_only=False)
     return cols
