@@ -44,14 +44,15 @@ print(json.dumps({{"peak_rss_mb": st["VmHWM"] / 1024, "peak_anon_mb": max(peak["
 """
 
 
-def write_store(path: Path, rows: int, shards: int) -> None:
-    """A complete arrow store of random rows, written a shard at a time (never the whole store in memory)."""
+def write_store(path: Path, rows: int, shards: int, tokens_per_image: int = 576, ids: bool = False) -> None:
+    """A complete arrow store of random rows, written a shard at a time (never the whole store in memory); with
+    `ids`, an object_id column ("obj0000000042", 13 characters) as a survey's id column gives."""
     import numpy as np
 
     from astropt_tok.store import finalize_store, mark_shard_done, new_manifest, shard_bounds, write_manifest, write_shard
 
     path.mkdir(parents=True)
-    codec = {"id": "synthetic", "vocab_size": 4375, "tokens_per_image": 576}
+    codec = {"id": "synthetic", "vocab_size": 4375, "tokens_per_image": tokens_per_image}
     manifest = new_manifest(codec=codec, bands=["DES-G", "DES-R", "DES-I", "DES-Z"], storage="arrow",
                             num_shards=shards, precision="fp32", source={"id": "random", "kind": "arrays", "num_rows": rows})
     write_manifest(path, manifest)
@@ -59,8 +60,9 @@ def write_store(path: Path, rows: int, shards: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(shards):
         lo, hi = bounds[i], bounds[i + 1]
-        tokens = rng.integers(0, 4375, size=(hi - lo, 576), dtype=np.int16)
-        mark_shard_done(path, write_shard(path, i, "arrow", tokens, np.arange(lo, hi, dtype=np.int64), None), [])
+        tokens = rng.integers(0, 4375, size=(hi - lo, tokens_per_image), dtype=np.int16)
+        object_ids = [f"obj{r:010d}" for r in range(lo, hi)] if ids else None
+        mark_shard_done(path, write_shard(path, i, "arrow", tokens, np.arange(lo, hi, dtype=np.int64), object_ids), [])
     finalize_store(path, manifest)
 
 
