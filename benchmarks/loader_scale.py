@@ -13,6 +13,7 @@ RssFile = memory-mapped store and library pages, reclaimable) at each step:
            over every row, make_loader, pread) with each --workers count: tokens/s, and each worker's RssAnon
            and Pss (its proportional share, so pages shared with the rank count once)
   find     find_object_ids of 10 ids (the new reader builds its id index here): seconds, memory after
+  find_again  find_object_ids of 10 other ids (the index built)
 
 The old reader is astropt_tok/store.py as it was before the split into astropt_tok/store/ (`--old-ref`,
 default: the parent of the commit that removed that file), loaded from `git show` into a temporary file.
@@ -92,6 +93,11 @@ wanted = [f"obj{{r:010d}}" for r in rng.integers(0, store.num_rows, 10)]
 t = time.perf_counter()
 found = store.find_object_ids(wanted)
 res["find"] = {{**status(), "seconds": round(time.perf_counter() - t, 3)}}
+assert [f"obj{{r:010d}}" for r in found] == wanted
+wanted = [f"obj{{r:010d}}" for r in rng.integers(0, store.num_rows, 10)]
+t = time.perf_counter()
+found = store.find_object_ids(wanted)
+res["find_again"] = {{**status(), "seconds": round(time.perf_counter() - t, 4)}}
 assert [f"obj{{r:010d}}" for r in found] == wanted
 print(json.dumps(res))
 """
