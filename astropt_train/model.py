@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -187,10 +188,20 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.activation_checkpointing = False  # set by parallel.build_model: recompute this block in backward
 
     def forward(self, x: torch.Tensor, pos_offset: int = 0, kv_cache: KVCache | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C)."""
+        """(B, T, C) -> (B, T, C). With activation checkpointing, a training forward (grad enabled, no KV cache)
+        keeps only x and recomputes the block in backward; the module and its parameter names are unchanged."""
+        if self.activation_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, pos_offset, None, mask, use_reentrant=False)
+        return self._forward(x, pos_offset, kv_cache, mask)
+
+    def _forward(self, x: torch.Tensor, pos_offset: int, kv_cache: KVCache | None,
+                 mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), pos_offset=pos_offset, kv_cache=kv_cache, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -260,6 +271,28 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if getattr(module, "bias", None) is not None:
                 torch.nn.init.zeros_(module.bias)
+
+    def initial_value(self, name: str, seed: int) -> torch.Tensor:
+        """The initial full value (CPU, fp32) of parameter `name` for `seed`, drawn from a generator seeded by
+        (seed, name) alone: the same tensor whatever the device, world size or sharding. The constructor's
+        distributions: LayerNorm weight 1, biases 0, other weights N(0, 0.02), c_proj weights
+        N(0, 0.02 / sqrt(2 n_layer))."""
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        shape = getattr(owner, leaf).shape  # the global shape, also for a sharded (DTensor) or meta parameter
+        if leaf == "bias":
+            return torch.zeros(shape)
+        if isinstance(owner, LayerNorm):
+            return torch.ones(shape)
+        std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """(Re)initialise every parameter of an unsharded model from `initial_value` (one parameter at a time)."""
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, seed))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; non_embedding drops the token and position lookup tables (not matmuls)."""
