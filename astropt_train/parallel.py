@@ -85,6 +85,8 @@ def _build_fsdp(gconf, seed, device, activation_checkpointing, param_dtype, redu
 
     if not dist.is_initialized():
         raise RuntimeError("mode 'fsdp' needs the default process group (run under torchrun)")
+    if param_dtype == torch.float16:  # GradScaler's inf check would see only this rank's gradient shards
+        raise ValueError("mode 'fsdp' trains in bf16 or fp32, not fp16")
     with torch.device("meta"):
         raw = GPT(gconf)
     if any(True for _ in raw.buffers()):

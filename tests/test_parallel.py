@@ -4,6 +4,7 @@ DDP under real torchrun + gloo on CPU (one launch of two processes runs every di
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from astropt_train import parallel
-from astropt_train.model import GPT, GPTConfig, LayerNorm
+from astropt_train.model import GPTConfig, LayerNorm
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_TIMEOUT_S = 600  # a limit for a loaded 2-core machine, not a timing assertion
@@ -21,7 +22,7 @@ TORCHRUN_TIMEOUT_S = 600  # a limit for a loaded 2-core machine, not a timing as
 
 def tiny(**kw) -> GPTConfig:
     """2 layers, 64 wide: small enough for CPU, large enough that every parameter is sharded over 2 ranks."""
-    return GPTConfig(**{**dict(vocab_size=61, block_size=24, n_layer=2, n_head=2, n_embd=64), **kw})
+    return GPTConfig(**{"vocab_size": 61, "block_size": 24, "n_layer": 2, "n_head": 2, "n_embd": 64, **kw})
 
 
 def test_init_weights_depend_on_seed_and_name_only():
@@ -146,14 +147,34 @@ out["final_fsdp_vs_ddp"] = max_diff(weights["fsdp"], weights["ddp"])
 out["final_fsdp_ac_vs_fsdp"] = max_diff(weights["fsdp_ac"], weights["fsdp"])
 # (e) a full state dict (another seed's weights, as --init-from gives) loads into FSDP: the logits of the
 # single-process model holding it, and the same full state back
+# (with activation checkpointing on: generate, no grad and a KV cache, is untouched by it)
 other = parallel.build_model(gconf, seed=SEED + 1, device="cpu")
-loaded = parallel.build_model(gconf, seed=SEED, device="cpu", mode="fsdp", init_state=other.raw.state_dict())
+loaded = parallel.build_model(gconf, seed=SEED, device="cpu", mode="fsdp", activation_checkpointing=True,
+                              init_state=other.raw.state_dict())
 tokens = torch.randint(0, gconf.vocab_size, (3, 10), generator=torch.Generator().manual_seed(9))
 with torch.no_grad():
     want, _ = other.raw(tokens)
     got, _ = loaded.model(tokens)
 out["init_state_logits"] = (got - want).abs().max().item()
 out["init_state_roundtrip"] = max_diff(gathered(loaded), other.raw.state_dict())
+other.raw.eval(), loaded.raw.eval()
+samples = [m.generate(tokens[:, :2], 8, generator=torch.Generator().manual_seed(4)) for m in (other.raw, loaded.raw)]
+out["init_state_generate_equal"] = torch.equal(*samples)
+# bf16 mixed precision (MixedPrecisionPolicy): blocks compute in bf16 from fp32 shards, gradients reduced in fp32
+bf16 = parallel.build_model(gconf, seed=SEED, device="cpu", mode="fsdp", param_dtype=torch.bfloat16)
+seen = []
+bf16.raw.transformer.h[0].attn.c_attn.register_forward_hook(lambda mod, inp, o: seen.append(str(o.dtype)))
+_, loss = bf16.model(batches[0][:, :-1], batches[0][:, 1:])
+loss.backward()
+out["bf16"] = {"compute": seen[0], "master": str(next(bf16.raw.parameters()).dtype), "loss": loss.item(),
+               "grad": str(next(bf16.raw.parameters()).grad.dtype), "norm": parallel.clip_grad_norm(bf16, 1.0).item()}
+with torch.no_grad():
+    out["fp32_loss"] = parallel.build_model(gconf, SEED, "cpu").model(batches[0][:, :-1], batches[0][:, 1:])[1].item()
+try:
+    parallel.build_model(gconf, SEED, "cpu", "fsdp", param_dtype=torch.float16)
+    out["fp16"] = "built"
+except ValueError as exc:
+    out["fp16"] = str(exc)
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
@@ -172,7 +193,8 @@ def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
            str(result)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=TORCHRUN_TIMEOUT_S)
     assert proc.returncode == 0, f"{proc.stdout[-1500:]}\n{proc.stderr[-4000:]}"
     r = json.loads(result.read_text())
     assert r["init_ddp_vs_single"] == 0.0
@@ -190,3 +212,9 @@ def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
     assert ddp["keys"] == fsdp["keys"] == fsdp_ac["keys"] == r["single_keys"]  # upstream key names throughout
     assert r["init_state_logits"] < 1e-5
     assert r["init_state_roundtrip"] == 0.0
+    assert r["init_state_generate_equal"]
+    bf16 = r["bf16"]
+    assert (bf16["compute"], bf16["master"], bf16["grad"]) == ("torch.bfloat16", "torch.float32", "torch.float32")
+    assert bf16["loss"] == pytest.approx(r["fp32_loss"], rel=2e-2) and bf16["loss"] != r["fp32_loss"]
+    assert math.isfinite(bf16["norm"]) and bf16["norm"] > 0
+    assert r["fp16"] == "mode 'fsdp' trains in bf16 or fp32, not fp16"
