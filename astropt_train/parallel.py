@@ -45,6 +45,16 @@ class BuiltModel:
     raw: GPT
     mode: str
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluation forwards run on: `model` without the DDP wrapper (compiled when compiled)."""
+        return self.model.module if self.mode == "ddp" else self.model
+
+    @property
+    def forward_is_collective(self) -> bool:
+        """Whether every forward (evaluation, pictures, generate) must run on all ranks together (FSDP)."""
+        return self.mode == "fsdp"
+
 
 def build_model(gconf: GPTConfig, seed: int, device: torch.device | str, mode: str = "single",
                 activation_checkpointing: bool = False, param_dtype: torch.dtype | None = None,

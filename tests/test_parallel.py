@@ -67,6 +67,7 @@ def test_activation_checkpointing_changes_no_loss_grad_key_or_sample():
     assert losses[0] == losses[1]
     for (name, p), (_, q) in zip(plain.raw.named_parameters(), ac.raw.named_parameters()):
         assert torch.equal(p.grad, q.grad), name
+    assert plain.eval_model is plain.raw and not plain.forward_is_collective
     samples = []
     for built in (plain, ac):
         built.raw.eval()
@@ -110,7 +111,7 @@ def max_diff(a, b):
     assert list(a) == list(b), (list(a), list(b))
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
-def train(mode, ac=False):
+def train(mode, ac=False, chunks=1):
     """STEPS AdamW steps with grad accumulation and clipping -> (this rank's losses, grad norms, full weights)."""
     built = parallel.build_model(gconf, seed=SEED, device="cpu", mode=mode, activation_checkpointing=ac)
     opt = built.raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
@@ -119,7 +120,7 @@ def train(mode, ac=False):
         total = 0.0
         for micro, b in enumerate(batches):
             with parallel.grad_sync(built, sync=micro == ACCUM - 1):
-                _, loss = built.model(b[:, :-1], b[:, 1:])
+                _, loss = built.model(b[:, :-1], b[:, 1:], loss_chunks=chunks)
                 loss = loss / ACCUM
             loss.backward()
             total += loss.item()
@@ -132,19 +133,26 @@ def train(mode, ac=False):
     return losses, norms, gathered(built)
 
 # (a) the same initial weights in every mode
-out["init_ddp_vs_single"] = max_diff(parallel.build_model(gconf, SEED, "cpu", "ddp").raw.state_dict(), single)
-fsdp_init = gathered(parallel.build_model(gconf, SEED, "cpu", "fsdp"))
+ddp = parallel.build_model(gconf, SEED, "cpu", "ddp")
+out["init_ddp_vs_single"] = max_diff(ddp.raw.state_dict(), single)
+fsdp = parallel.build_model(gconf, SEED, "cpu", "fsdp")
+fsdp_init = gathered(fsdp)
+out["eval_models"] = [ddp.eval_model is ddp.raw, fsdp.eval_model is fsdp.raw, fsdp.forward_is_collective]
 out["init_fsdp_vs_single"] = max_diff(fsdp_init, single)
 # (b) FSDP trains as DDP; (c, d) activation checkpointing under FSDP changes no loss and no key
 weights = {}
-for name, mode, ac in (("ddp", "ddp", False), ("fsdp", "fsdp", False), ("fsdp_ac", "fsdp", True)):
-    losses, norms, weights[name] = train(mode, ac)
+# (the head's checkpointed loss pieces, --loss-chunks, recompute with the root's parameters under FSDP)
+runs = (("ddp", "ddp", False, 1), ("fsdp", "fsdp", False, 1), ("fsdp_ac", "fsdp", True, 1),
+        ("fsdp_chunks", "fsdp", False, 3), ("ddp_chunks", "ddp", False, 3))
+for name, mode, ac, chunks in runs:
+    losses, norms, weights[name] = train(mode, ac, chunks)
     everyone = [None] * world
     dist.all_gather_object(everyone, losses)
     out[name] = {"losses": everyone, "norms": norms, "keys": list(weights[name])}
 out["single_keys"] = list(single)
 out["final_fsdp_vs_ddp"] = max_diff(weights["fsdp"], weights["ddp"])
 out["final_fsdp_ac_vs_fsdp"] = max_diff(weights["fsdp_ac"], weights["fsdp"])
+out["final_fsdp_chunks_vs_ddp_chunks"] = max_diff(weights["fsdp_chunks"], weights["ddp_chunks"])
 # (e) a full state dict (another seed's weights, as --init-from gives) loads into FSDP: the logits of the
 # single-process model holding it, and the same full state back
 # (with activation checkpointing on: generate, no grad and a KV cache, is untouched by it)
@@ -186,8 +194,9 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
     """Two gloo ranks: FSDP2's initial weights equal the single process's exactly; 3 AdamW steps (grad
-    accumulation 2, clipping) give DDP's losses, grad norms and weights to rounding; activation checkpointing
-    under FSDP changes no loss and no key; a full state dict loads into FSDP and gives its logits."""
+    accumulation 2, clipping; with --loss-chunks too) give DDP's losses, grad norms and weights to rounding;
+    activation checkpointing under FSDP changes no loss and no key; a full state dict loads into FSDP and gives
+    its logits and samples; bf16 mixed precision computes in bf16 from fp32 shards; fp16 is refused."""
     script, result = tmp_path / "fsdp_vs_ddp.py", tmp_path / "result.json"
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -199,6 +208,7 @@ def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
     r = json.loads(result.read_text())
     assert r["init_ddp_vs_single"] == 0.0
     assert r["init_fsdp_vs_single"] == 0.0  # sharding-independent init: exactly the same weights
+    assert r["eval_models"] == [True, True, True]
     ddp, fsdp, fsdp_ac = r["ddp"], r["fsdp"], r["fsdp_ac"]
     for rank in range(2):
         assert fsdp["losses"][rank] == pytest.approx(ddp["losses"][rank], rel=1e-5)
@@ -209,6 +219,10 @@ def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
     assert fsdp["norms"] == pytest.approx(ddp["norms"], rel=1e-5)
     assert r["final_fsdp_vs_ddp"] < 1e-5
     assert r["final_fsdp_ac_vs_fsdp"] < 1e-6
+    for rank in range(2):
+        assert r["fsdp_chunks"]["losses"][rank] == pytest.approx(r["ddp_chunks"]["losses"][rank], rel=1e-5)
+        assert r["fsdp_chunks"]["losses"][rank] == pytest.approx(fsdp["losses"][rank], rel=1e-5)
+    assert r["final_fsdp_chunks_vs_ddp_chunks"] < 1e-5
     assert ddp["keys"] == fsdp["keys"] == fsdp_ac["keys"] == r["single_keys"]  # upstream key names throughout
     assert r["init_state_logits"] < 1e-5
     assert r["init_state_roundtrip"] == 0.0
