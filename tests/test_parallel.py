@@ -58,13 +58,18 @@ def test_activation_checkpointing_changes_no_loss_grad_key_or_sample():
     ac = parallel.build_model(gconf, seed=1, device="cpu", activation_checkpointing=True)
     assert list(plain.raw.state_dict()) == list(ac.raw.state_dict())
     x = torch.randint(0, gconf.vocab_size, (3, gconf.block_size), generator=torch.Generator().manual_seed(0))
-    losses = []
+    losses, mlp_calls = [], []
     for built in (plain, ac):
+        calls = []
+        # a pre-hook: the recompute stops early, once it has rebuilt what backward needs, inside the MLP
+        built.raw.transformer.h[1].mlp.register_forward_pre_hook(lambda mod, inp, calls=calls: calls.append(1))
         torch.manual_seed(42)
         _, loss = built.model(x[:, :-1], x[:, 1:])
         loss.backward()
         losses.append(loss.item())
+        mlp_calls.append(len(calls))
     assert losses[0] == losses[1]
+    assert mlp_calls == [1, 2]  # checkpointed: the block ran again in backward
     for (name, p), (_, q) in zip(plain.raw.named_parameters(), ac.raw.named_parameters()):
         assert torch.equal(p.grad, q.grad), name
     assert plain.eval_model is plain.raw and not plain.forward_is_collective
@@ -115,6 +120,8 @@ def train(mode, ac=False, chunks=1):
     """STEPS AdamW steps with grad accumulation and clipping -> (this rank's losses, grad norms, full weights)."""
     built = parallel.build_model(gconf, seed=SEED, device="cpu", mode=mode, activation_checkpointing=ac)
     opt = built.raw.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    calls = []  # forwards of one block's MLP: twice per micro-batch when checkpointed (the recompute)
+    built.raw.transformer.h[1].mlp.register_forward_pre_hook(lambda mod, inp: calls.append(1))
     losses, norms = [], []
     for _ in range(STEPS):
         total = 0.0
@@ -130,7 +137,7 @@ def train(mode, ac=False, chunks=1):
         opt.zero_grad(set_to_none=True)
         losses.append(total)
         norms.append(norm.item())
-    return losses, norms, gathered(built)
+    return losses, norms, len(calls), gathered(built)
 
 # (a) the same initial weights in every mode
 ddp = parallel.build_model(gconf, SEED, "cpu", "ddp")
@@ -138,17 +145,18 @@ out["init_ddp_vs_single"] = max_diff(ddp.raw.state_dict(), single)
 fsdp = parallel.build_model(gconf, SEED, "cpu", "fsdp")
 fsdp_init = gathered(fsdp)
 out["eval_models"] = [ddp.eval_model is ddp.raw, fsdp.eval_model is fsdp.raw, fsdp.forward_is_collective]
+out["num_params"] = [fsdp.raw.num_params(), ddp.raw.num_params()]  # global counts (MFU) from the shards
 out["init_fsdp_vs_single"] = max_diff(fsdp_init, single)
 # (b) FSDP trains as DDP; (c, d) activation checkpointing under FSDP changes no loss and no key
 weights = {}
 # (the head's checkpointed loss pieces, --loss-chunks, recompute with the root's parameters under FSDP)
-runs = (("ddp", "ddp", False, 1), ("fsdp", "fsdp", False, 1), ("fsdp_ac", "fsdp", True, 1),
-        ("fsdp_chunks", "fsdp", False, 3), ("ddp_chunks", "ddp", False, 3))
+runs = (("ddp", "ddp", False, 1), ("ddp_ac", "ddp", True, 1), ("fsdp", "fsdp", False, 1),
+        ("fsdp_ac", "fsdp", True, 1), ("fsdp_chunks", "fsdp", False, 3), ("ddp_chunks", "ddp", False, 3))
 for name, mode, ac, chunks in runs:
-    losses, norms, weights[name] = train(mode, ac, chunks)
+    losses, norms, calls, weights[name] = train(mode, ac, chunks)
     everyone = [None] * world
     dist.all_gather_object(everyone, losses)
-    out[name] = {"losses": everyone, "norms": norms, "keys": list(weights[name])}
+    out[name] = {"losses": everyone, "norms": norms, "keys": list(weights[name]), "mlp_calls": calls}
 out["single_keys"] = list(single)
 out["final_fsdp_vs_ddp"] = max_diff(weights["fsdp"], weights["ddp"])
 out["final_fsdp_ac_vs_fsdp"] = max_diff(weights["fsdp_ac"], weights["fsdp"])
@@ -209,10 +217,15 @@ def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
     assert r["init_ddp_vs_single"] == 0.0
     assert r["init_fsdp_vs_single"] == 0.0  # sharding-independent init: exactly the same weights
     assert r["eval_models"] == [True, True, True]
+    assert r["num_params"][0] == r["num_params"][1]
+    steps_x_accum = 3 * 2
+    assert [r[name]["mlp_calls"] for name in ("ddp", "ddp_ac", "fsdp", "fsdp_ac")] == [steps_x_accum, 2 * steps_x_accum,
+                                                                                     steps_x_accum, 2 * steps_x_accum]
     ddp, fsdp, fsdp_ac = r["ddp"], r["fsdp"], r["fsdp_ac"]
     for rank in range(2):
         assert fsdp["losses"][rank] == pytest.approx(ddp["losses"][rank], rel=1e-5)
         assert fsdp_ac["losses"][rank] == pytest.approx(fsdp["losses"][rank], rel=1e-6)
+        assert r["ddp_ac"]["losses"][rank] == pytest.approx(ddp["losses"][rank], rel=1e-6)
     assert ddp["losses"][0] != ddp["losses"][1]  # the ranks saw different data
     assert ddp["losses"][0][-1] < ddp["losses"][0][0]  # and the steps trained
     assert all(n > 0.05 for n in ddp["norms"])  # every step's norm was clipped
@@ -223,7 +236,8 @@ def test_fsdp_matches_ddp_and_single_under_torchrun(tmp_path):
         assert r["fsdp_chunks"]["losses"][rank] == pytest.approx(r["ddp_chunks"]["losses"][rank], rel=1e-5)
         assert r["fsdp_chunks"]["losses"][rank] == pytest.approx(fsdp["losses"][rank], rel=1e-5)
     assert r["final_fsdp_chunks_vs_ddp_chunks"] < 1e-5
-    assert ddp["keys"] == fsdp["keys"] == fsdp_ac["keys"] == r["single_keys"]  # upstream key names throughout
+    # upstream key names throughout, with and without activation checkpointing
+    assert ddp["keys"] == r["ddp_ac"]["keys"] == fsdp["keys"] == fsdp_ac["keys"] == r["single_keys"]
     assert r["init_state_logits"] < 1e-5
     assert r["init_state_roundtrip"] == 0.0
     assert r["init_state_generate_equal"]
