@@ -16,6 +16,18 @@ What runs where:
   only this rank's shard of its state. With `param_dtype` the forward/backward run on param_dtype copies gathered
   per block (MixedPrecisionPolicy), gradients reduced in `reduce_dtype`, the sharded master weights stay fp32.
   Every forward (training, evaluation, `generate`) is collective under FSDP: all ranks must call it together.
+  On CUDA, `device` is this rank's GPU (torch.cuda.set_device called before: the mesh uses the current device).
+
+The trainer's step, the same code for every mode (`built = build_model(...)`):
+    optimizer = built.raw.configure_optimizers(...)            # DTensor shards under FSDP: sharded AdamW state
+    for micro in range(accum):
+        with grad_sync(built, sync=micro == accum - 1), autocast:
+            _, loss = built.model(x, y, ...)
+        (loss / accum).backward()
+    norm = clip_grad_norm(built, max_norm)                     # a plain tensor, the same on every rank
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+Evaluation runs `built.eval_model` (every rank when `built.forward_is_collective`); weights for a checkpoint or
+export come from `full_state_dict(built)` (every rank calls it under FSDP; rank 0 gets them).
 
 Activation checkpointing sets `Block.activation_checkpointing`: a Block's training forward keeps only its input
 and is recomputed in backward (torch.utils.checkpoint, non-reentrant, inside the Block's forward, so FSDP's
