@@ -64,7 +64,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          ("config.json", "train_config.toml", "metrics.jsonl", "metrics.csv", "loss_curve.png", "val_images",
           "checkpoints", "rows-rank*.txt", "tensorboard", "wandb", RECORD), "run"),
     Kind("checkpoint", "a training checkpoint", "`astropt train`",  # RUN/checkpoints/step-N: the run's to prune
-         ("model.safetensors", "config.json", "trainer_state.pt", RECORD), "checkpoint"),
+         ("model.safetensors", "config.json", "trainer_state.pt", "sharded", RECORD), "checkpoint"),
     Kind("codec", "a fitted codec", "`astropt fit-codec`",
          ("codecs", "fit_report.json", "fit-state.pt", "MODEL.md", RECORD), "codec"),
     Kind("export", "an upstream AstroPT export", "`astropt export`", ("ckpt.pt", RECORD), "export"),

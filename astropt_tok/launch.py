@@ -318,6 +318,8 @@ class RankGroup:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None and self.active:  # ranks leave together: gloo can abort a rank whose peers tore down
+            self.wait_for_all("the other ranks to finish")  # their connections while it was still leaving
         self.close()
 

@@ -12,19 +12,31 @@ RUN/checkpoints/step-00001000/
                         and the weights' sha256
 RUN/checkpoints/best.json   {"step", "val_loss"} of the best checkpoint by validation loss (never pruned)
 
+A sharded checkpoint (`train --checkpoint-format sharded`, the default under `--parallel fsdp`) holds instead of
+model.safetensors and the optimiser part of trainer_state.pt:
+    sharded/            torch.distributed.checkpoint files: `.metadata` (which rank's file holds which slice of
+                        each tensor) and one `__R_0.distcp` per rank, {"model": weights, "optimizer": AdamW
+                        state} under upstream key names. Every rank writes its own shards (no gather to rank 0),
+                        and any process count reads them back (resharding), one process with no group included
+    model.safetensors   only with --save-consolidated: the whole model, gathered to rank 0
+    trainer_state.pt    as above less "optimizer", with "sharded": true
+Every rank writes into the same temporary folder (rank 0 names it and makes it; a file system all ranks see),
+and rank 0 renames it into place once every rank's shards are written and fsynced.
+
 A checkpoint is written into a temporary folder beside its final name, fsynced, then renamed into place: a
 killed run leaves either the whole checkpoint or none of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from astropt_tok.errors import AstroptError, writing
 from astropt_tok.health import first_non_finite, refuse_non_finite_weights
@@ -35,6 +47,8 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"  # a sharded checkpoint's torch.distributed.checkpoint files
+SHARD_INDEX = ".metadata"  # written last by DCP's coordinator: which file holds which slice of each tensor
 BEST_FILE = "best.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # what to do about a checkpoint whose weights hold a NaN or an infinity (astropt_tok.health)
@@ -55,15 +69,34 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file():
+        if m and is_checkpoint(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint: its config.json and its weights (model.safetensors, or shards)."""
+    return (folder / CONFIG_FILE).is_file() and ((folder / MODEL_FILE).is_file() or is_sharded(folder))
+
+
+def is_sharded(ckpt: str | os.PathLike) -> bool:
+    """Whether a checkpoint folder holds its weights and optimiser state as torch.distributed.checkpoint shards."""
+    return (Path(ckpt) / SHARDED_DIR / SHARD_INDEX).is_file()
+
+
+def weights_sha256(ckpt: str | os.PathLike) -> str:
+    """What names a checkpoint's weights in lineage records: model.safetensors's sha256; a sharded checkpoint
+    without one, the sha256 of its shard index (`.metadata`, unique to that save: its shards are never hashed)."""
+    from astropt_tok.store import sha256_path
+
+    ckpt = Path(ckpt)
+    return sha256_path(ckpt / MODEL_FILE if (ckpt / MODEL_FILE).is_file() else ckpt / SHARDED_DIR / SHARD_INDEX)
 
 
 def find_checkpoint(path: str | os.PathLike, step: int | None = None) -> Path:
     """A checkpoint folder itself, or a run folder's newest checkpoint (or the one at `step`)."""
     path = Path(path)
-    if (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file():
+    if is_checkpoint(path):
         return path
     if not path.exists():
         raise AstroptError(f"{path} does not exist")
@@ -178,8 +211,14 @@ def load_weights(model, ckpt: str | os.PathLike, device: str = "cpu") -> None:
     from safetensors.torch import load_file
 
     path = Path(ckpt) / MODEL_FILE
+    if not path.is_file() and is_sharded(ckpt):
+        path = Path(ckpt) / SHARDED_DIR
+        state = read_sharded_weights(ckpt, model)
+        state = {k: v.to(device) for k, v in state.items()}
+    else:
+        state = None
     try:
-        state = load_file(str(path), device=str(device))
+        state = state if state is not None else load_file(str(path), device=str(device))
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise AstroptError(f"checkpoint weights {path} are unreadable (truncated or corrupt?): {reason}; "
@@ -233,15 +272,16 @@ def check_trainer_state(state, path: Path) -> None:
     m = _STEP_RE.match(path.parent.name)
     if m:
         f.equal("step", step, int(m.group(1)), f"the step of its folder {path.parent.name}")
-    opt = f.need(state, "optimizer", dict)
-    f.need(opt, "state", dict, "optimizer.")
-    for index, slots in opt["state"].items():  # AdamW's moments: a NaN there makes the first resumed step NaN
-        bad = first_non_finite(slots) if isinstance(slots, dict) else None
-        if bad is not None:
-            raise AstroptError(f"trainer state {path} holds non-finite optimiser state ({bad} of parameter {index}): "
-                               f"{DIVERGED}")
-    for i, group in enumerate(f.need_list(opt, "param_groups", dict, "optimizer.")):
-        f.need_list(group, "params", int, f"optimizer.param_groups[{i}].", nonempty=False)
+    if state.get("sharded") is not True:  # a sharded checkpoint keeps its optimiser state in its shards
+        opt = f.need(state, "optimizer", dict)
+        f.need(opt, "state", dict, "optimizer.")
+        for index, slots in opt["state"].items():  # AdamW's moments: a NaN there makes the first resumed step NaN
+            bad = first_non_finite(slots) if isinstance(slots, dict) else None
+            if bad is not None:
+                raise AstroptError(f"trainer state {path} holds non-finite optimiser state ({bad} of parameter "
+                                   f"{index}): {DIVERGED}")
+        for i, group in enumerate(f.need_list(opt, "param_groups", dict, "optimizer.")):
+            f.need_list(group, "params", int, f"optimizer.param_groups[{i}].", nonempty=False)
     if state.get("scaler") is not None:
         f.need(state, "scaler", dict)
     rng = f.need(state, "rng", dict)
@@ -283,6 +323,148 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, co
         torch.save(trainer_state, tmp / STATE_FILE)
         write_record(tmp, "checkpoint", "`astropt train`", checkpoint_lineage(config, sha256_path(tmp / MODEL_FILE)))
     return final
+
+
+def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, config: dict,
+                            trainer_state: dict, *, master: bool, distributed: bool, wait: Callable[[str], None],
+                            full_state: Callable[[], dict] | None = None) -> Path:
+    """Write RUN/checkpoints/step-N/ as a sharded checkpoint; every rank calls it (a collective under torchrun).
+
+    `model` is the GPT itself (its parameters plain tensors, or DTensor shards under FSDP: never a DDP wrapper),
+    `optimizer` its AdamW; each rank writes its own shards of both. Rank 0 makes the temporary folder and tells
+    the others its name, writes config.json, trainer_state.pt (`trainer_state` less the optimiser) and the
+    lineage record, and renames the folder into place after every rank's shards are fsynced; `full_state` (a
+    collective under FSDP: every rank calls it, rank 0 gets the weights) adds a consolidated model.safetensors.
+    `wait(what)` then holds every rank until rank 0 has renamed it."""
+    import torch
+    import torch.distributed as tdist
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from astropt_tok.artifacts import write_record
+    from astropt_tok.atomic import atomic_file
+
+    root = Path(run_dir) / CKPT_DIR
+    final = root / step_dir_name(step)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with contextlib.ExitStack() as held:
+        tmp, failure = None, None
+        if master:
+            try:
+                with writing(final):
+                    root.mkdir(parents=True, exist_ok=True)
+                tmp = held.enter_context(atomic_file(final, folder=True))
+            except AstroptError as exc:  # a full or read-only disk: told to the others before raising
+                failure = exc
+        name = [str(tmp) if tmp is not None else None]
+        if distributed:
+            tdist.broadcast_object_list(name, src=0)
+        if failure is not None:
+            raise failure
+        if name[0] is None:
+            raise AstroptError(f"rank 0 could not start checkpoint {final}; see its error")
+        tmp = Path(name[0])
+        try:  # every rank's shards; DCP's coordinator (rank 0) writes the index once all are written
+            with _single_process_quiet():
+                dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR),
+                         no_dist=not distributed)
+        except OSError as exc:
+            raise AstroptError(f"cannot write checkpoint {final}: {exc.strerror or exc}; free space or choose "
+                               "another --out") from None
+        full = full_state() if full_state is not None else None
+        if master:
+            if full is not None:
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in full.items()}, str(tmp / MODEL_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
+                                                      indent=2))
+            small = {k: v for k, v in trainer_state.items() if k != "optimizer"}
+            torch.save({**small, "sharded": True}, tmp / STATE_FILE)
+            write_record(tmp, "checkpoint", "`astropt train`", checkpoint_lineage(config, weights_sha256(tmp)))
+    wait(f"rank 0 to finish the checkpoint of step {step}")
+    return final
+
+
+def load_sharded_checkpoint(ckpt: str | os.PathLike, model, optimizer, distributed: bool) -> None:
+    """Load a sharded checkpoint's weights and optimiser state into `model` (the GPT itself, sharded or not)
+    and `optimizer`, whatever the process count that wrote it; every rank calls it. Unreadable or missing shards
+    are one error naming the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=not distributed)
+    except _dcp_failures() as exc:  # a missing or truncated shard, on any rank
+        raise AstroptError(f"sharded checkpoint {ckpt} is unreadable ({_first_line(exc)}): {_REPAIR}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def read_sharded_weights(ckpt: str | os.PathLike, model) -> dict:
+    """A sharded checkpoint's whole weights, read in this one process into CPU tensors shaped as `model`'s
+    (a plain GPT of the checkpoint's config): what decode, embed, eval and export load."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
+    try:
+        with _single_process_quiet():
+            dcp.load({"model": state}, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=True)
+    except _dcp_failures() as exc:
+        raise AstroptError(f"sharded checkpoint {ckpt} is unreadable ({_first_line(exc)}): {_REPAIR}") from None
+    return state
+
+
+def consolidate_checkpoint(ckpt: str | os.PathLike) -> Path:
+    """Write model.safetensors into a sharded checkpoint from its shards (in this one process); returns it."""
+    from safetensors.torch import save_file
+
+    from astropt_tok.atomic import atomic_file
+
+    ckpt = Path(ckpt)
+    model = _plain_model(ckpt)
+    state = read_sharded_weights(ckpt, model)
+    refuse_non_finite_weights(state, ckpt / SHARDED_DIR, DIVERGED)
+    with atomic_file(ckpt / MODEL_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    return ckpt / MODEL_FILE
+
+
+def _plain_model(ckpt: Path):
+    from astropt_train.model import GPT
+
+    return GPT(model_config(ckpt, read_config(ckpt)))
+
+
+def _dcp_failures() -> tuple:
+    """What a failed DCP read raises: each rank's failure is wrapped in a CheckpointException (a BaseException,
+    so `except Exception` misses it), a damaged index is an ordinary exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it assumes one process when no group is joined: that is what this one process means."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)  # a CheckpointException: {rank: that rank's exception}
+    if isinstance(failures, dict) and failures:
+        rank, cause = sorted(failures.items())[0]
+        if isinstance(cause, tuple) and cause:  # (the exception, its traceback frames)
+            cause = cause[0]
+        text = _first_line(cause) if isinstance(cause, BaseException) else str(cause)[:200]
+        return f"rank {rank}: {type(cause).__name__}{': ' + text if text != type(cause).__name__ else ''}"
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
 
 
 def checkpoint_lineage(config: dict, weights_sha256: str) -> dict:

@@ -72,6 +72,20 @@ def register(app: typer.Typer) -> None:
         store_reads: Optional[str] = typer.Option(None, "--store-reads", help="pread: one read per row, memory "
                                                   "flat however large the store; mmap: through the memory maps, "
                                                   "RSS grows toward the store's size (pread)."),
+        parallel: Optional[str] = typer.Option(None, "--parallel", help="Under torchrun: ddp (every rank holds the "
+                                               "whole model) or fsdp (parameters, gradients and AdamW state sharded "
+                                               "across ranks, per block: for models that do not fit one GPU) (ddp)."),
+        activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing", help="Recompute "
+                                                                "each block's activations in backward instead of "
+                                                                "keeping them: much less memory, about a third more "
+                                                                "compute (off)."),
+        checkpoint_format: Optional[str] = typer.Option(None, "--checkpoint-format", help="full (rank 0 writes the "
+                                                        "whole model) or sharded (every rank writes its shards; "
+                                                        "resumes with another process count) (sharded under fsdp, "
+                                                        "else full)."),
+        save_consolidated: Optional[bool] = typer.Option(None, "--save-consolidated", help="Sharded checkpoints also "
+                                                         "get a model.safetensors of the whole model (gathered "
+                                                         "to rank 0)."),
         checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval",
                                                           help="Steps between checkpoints; 0: only at the end (1000)."),
         keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Checkpoints kept, plus the best (3)."),

@@ -39,6 +39,8 @@ DEFAULT_PRESET = "tiny"
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("bf16", "fp16", "fp32")
 LOGGERS = ("csv", "wandb", "tensorboard")
+PARALLEL = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("full", "sharded")
 
 
 @dataclass
@@ -88,6 +90,14 @@ class TrainConfig:
     workers: int | None = None  # DataLoader workers; None: 0 on CPU, 2 on CUDA
     threads: int | None = None  # torch CPU threads; None: torch's own (training uses every core well, BENCHMARKS.md)
     store_reads: str = "pread"  # "pread": RSS flat however large the store; "mmap": gather through the maps
+    # under torchrun: "ddp" replicates the model on every rank; "fsdp" shards parameters, gradients and AdamW
+    # state across ranks (FSDP2, per transformer block, astropt_train.parallel)
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    # "full": rank 0 writes model.safetensors + trainer_state.pt; "sharded": every rank writes its own shards
+    # (torch.distributed.checkpoint), resumable with another process count. None: sharded under fsdp, else full
+    checkpoint_format: str | None = None
+    save_consolidated: bool = False  # sharded checkpoints also get a model.safetensors of the whole model
     # under torchrun: seconds to wait for the other ranks to join, and the limit of every collective (DDP's
     # all-reduces); waits for rank 0's checkpoints and validation pictures are not limited by it
     dist_timeout: float = DEFAULT_DIST_TIMEOUT_S
@@ -131,6 +141,10 @@ class TrainConfig:
                                f"({', '.join(store.modalities)})")
         return names
 
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written as every rank's shards (--checkpoint-format, else --parallel fsdp)."""
+        return (self.checkpoint_format or ("sharded" if self.parallel == "fsdp" else "full")) == "sharded"
+
     def decay_iters(self) -> int:
         """The cosine schedule's length."""
         return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
@@ -164,6 +178,17 @@ class TrainConfig:
             raise AstroptError(f"dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.seed < 0:
             raise AstroptError(f"seed must be 0 or more, got {self.seed}")
+        if self.parallel not in PARALLEL:
+            raise AstroptError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.checkpoint_format is not None and self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise AstroptError(f"checkpoint-format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "
+                               f"{self.checkpoint_format!r}")
+        if self.parallel == "fsdp" and self.checkpoint_format == "full":
+            raise AstroptError("--checkpoint-format full needs --parallel ddp: under fsdp each rank writes its own "
+                               "shards (--checkpoint-format sharded; add --save-consolidated for a model.safetensors)")
+        if self.save_consolidated and not self.sharded_checkpoints():
+            raise AstroptError("--save-consolidated applies to sharded checkpoints (--checkpoint-format sharded or "
+                               "--parallel fsdp); full checkpoints always hold model.safetensors")
         if self.store_reads not in ("pread", "mmap"):
             raise AstroptError(f"store-reads must be pread or mmap, got {self.store_reads!r}")
         if not 0.0 < self.val_fraction < 1.0:

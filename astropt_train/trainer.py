@@ -303,32 +303,41 @@ class Trainer:
 
     # --- model and optimiser, restored from the checkpoint when resuming
     def build_model(self) -> None:
-        """The GPT (same initial weights on every rank), its optimiser, and the resumed state, wrapped for DDP."""
+        """The GPT as this rank trains it (one process, DDP or FSDP: astropt_train.parallel, the one place they
+        differ), its optimiser, and the resumed state."""
         import torch
 
-        from astropt_train.model import GPT
+        from astropt_train import parallel
 
         cfg, dist, device = self.cfg, self.dist, self.device
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = GPT(self.gconf).to(device)
-        if self.init_state is not None:
-            model.load_state_dict(self.init_state)
-        self.optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device.type)
+        mode = ("fsdp" if cfg.parallel == "fsdp" else "ddp") if dist.ddp else "single"
+        if cfg.parallel == "fsdp" and not dist.ddp:
+            self.echo("note: --parallel fsdp in one process has nothing to shard: training as one process "
+                      "(launch with torchrun to shard)")
+        param_dtype = None
+        if mode == "fsdp" and self.amp_dtype is not None:
+            if self.amp_dtype == torch.float16:
+                raise AstroptError("--parallel fsdp trains in bf16 or fp32: fp16's loss scaling would see only one "
+                                   "rank's gradient shards; pass --dtype bf16 (or fp32)")
+            param_dtype = self.amp_dtype  # FSDP's mixed precision policy casts per block: no autocast on top
+            self.ctx = nullcontext()
+        if self.state is not None and mode == "fsdp" and not self.state.get("sharded"):
+            raise AstroptError(f"checkpoint {self.ckpt_dir} holds the whole model and optimiser (written without "
+                               "sharding): resume it with --parallel ddp, or start an FSDP run from its weights "
+                               "with --init-from")
+        self.compiled = cfg.compile if cfg.compile is not None else self.cuda
+        # the same initial weights whatever the mode, device or process count: drawn per (seed, parameter name)
+        self.built = parallel.build_model(self.gconf, cfg.seed, device, mode, cfg.activation_checkpointing,
+                                          param_dtype=param_dtype, compile=self.compiled, init_state=self.init_state)
+        self.model, self.raw_model = self.built.model, self.built.raw
+        self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                             device.type)
         self.next_epoch = None
         rng_restored = False
         if self.state is not None:
-            rng_restored = self._restore(model)
+            rng_restored = self._restore(self.raw_model)
         if not rng_restored:
             torch.manual_seed(cfg.seed + 1000 * dist.rank + self.step)  # per-rank streams (dropout)
-        self.raw_model = model
-        self.compiled = cfg.compile if cfg.compile is not None else self.cuda
-        if self.compiled:
-            model = torch.compile(model)
-        if dist.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[device.index] if self.cuda else None)
-        self.model = model
 
     def _restore(self, model) -> bool:
         """Weights, optimiser, scaler, step, data position and this rank's random state from the checkpoint;
@@ -336,9 +345,13 @@ class Trainer:
         from astropt_train import checkpoint as ck
 
         state, ckpt_dir, cfg, dist = self.state, self.ckpt_dir, self.cfg, self.dist
-        ck.load_weights(model, ckpt_dir, str(self.device))
+        if state.get("sharded"):  # weights and optimiser from every rank's shards, whatever process count wrote them
+            ck.load_sharded_checkpoint(ckpt_dir, model, self.optimizer, distributed=dist.ddp)
+        else:
+            ck.load_weights(model, ckpt_dir, str(self.device))
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not state.get("sharded"):
+                self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
             d = state["data"]
@@ -452,6 +465,7 @@ class Trainer:
         import torch
 
         from astropt_train.data import batch_to_device
+        from astropt_train.parallel import clip_grad_norm, grad_sync
 
         cfg, model, device = self.cfg, self.model, self.device
         lr = lr_at(self.step, cfg)
@@ -466,7 +480,7 @@ class Trainer:
             x, y, kw = batch_to_device(batch, device)
             sync = micro == cfg.grad_accum - 1
             parts = {} if self.modalities else None  # each modality's loss (detached), plain or --loss-chunks
-            with (model.no_sync() if self.dist.ddp and not sync else nullcontext()), self.ctx:
+            with grad_sync(self.built, sync), self.ctx:  # no gradient all-reduce before the last micro-batch
                 logits, loss = model(x, y, loss_chunks=cfg.loss_chunks, modality_losses=parts, **kw)
                 loss = loss / cfg.grad_accum
             if sync:
@@ -475,8 +489,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             loss_acc += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = clip_grad_norm(self.built, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -518,8 +531,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         val_parts = {} if self.modalities else None
         scores = TokenScores(self.baselines)
-        model = self.model.module if dist.ddp else self.model
-        val = evaluate(model, self.dataset, self.split.val, cfg.batch_size, cfg.eval_iters, self.device, self.ctx,
+        val = evaluate(self.built.eval_model, self.dataset, self.split.val, cfg.batch_size, cfg.eval_iters, self.device, self.ctx,
                        dist.rank, dist.world, by_modality=val_parts, scores=scores)
         record["val_loss"] = val
         record.update(accuracy_record(scores.summary(), several=bool(self.modalities)))
@@ -530,16 +542,20 @@ class Trainer:
         return val
 
     def draw(self) -> None:
-        """The master's validation pictures: stored and predicted tokens decoded, one picture per modality."""
+        """The master's validation pictures: stored and predicted tokens decoded, one picture per modality. Under
+        FSDP every rank predicts (each forward gathers the shards), the master alone draws."""
         from astropt_train.validate import predict_tokens, split_blocks
 
-        if self.images is None:
+        collective = self.built.forward_is_collective and self.cfg.val_images > 0
+        if self.images is None and not collective:
             return
         cfg, store, step, run = self.cfg, self.store, self.step, self.run_dir
         shown = self.split.val[: cfg.val_images]
         targets = self.dataset.__getitems__(shown)
-        labels = [oid if oid is not None else f"row {r}" for oid, r in zip(store.object_ids(shown), shown)]
         predicted = predict_tokens(self.raw_model, targets, self.device, self.ctx, store.vocab_size)
+        if self.images is None:
+            return
+        labels = [oid if oid is not None else f"row {r}" for oid, r in zip(store.object_ids(shown), shown)]
         if not self.modalities:
             self.images[None].write(targets, predicted, run / "val_images" / f"step-{step:08d}.png", labels=labels,
                                     step=step)
@@ -570,24 +586,55 @@ class Trainer:
         if dist.ddp:  # every rank's dropout stream, so a resumed DDP run draws what the straight run would
             per_rank = [None] * dist.world
             tdist.all_gather_object(per_rank, rng)
+        if cfg.sharded_checkpoints():
+            self._save_sharded(val_loss, per_rank)
+            return
         if dist.master:
-            epoch, b = self.sampler.position(self.batches_done)
-            tstate = {
-                "step": step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": {"per_rank": per_rank},  # [rank] -> {"torch", "cuda"?}
-                "data": {"micro_batches_done": self.batches_done, "epoch": epoch, "batch": b,
-                         "batch_size": cfg.batch_size, "world_size": dist.world, "seed": cfg.seed},
-                "best_val_loss": self.best_val,
-            }
             path = ck.save_checkpoint(self.run_dir, step, self.raw_model.state_dict(),
-                                      {**self.run_config, "step": step, "val_loss": val_loss}, tstate)
-            best = ck.read_best(self.run_dir)
-            # a NaN or infinite validation loss is never the best (NaN < x is False, but not against no best yet)
-            if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
-                ck.write_best(self.run_dir, step, val_loss)
-            ck.prune(self.run_dir, cfg.keep_last)
-            self.last_ckpt = str(path)
+                                      {**self.run_config, "step": step, "val_loss": val_loss},
+                                      self._trainer_state(per_rank, optimizer=True))
+            self._after_save(path, val_loss)
         self.group.wait_for_all(f"rank 0 to write the checkpoint of step {step}")
+
+    def _trainer_state(self, per_rank: list, optimizer: bool) -> dict:
+        """What trainer_state.pt holds: step, optimiser (unless sharded), scaler, every rank's random state, the
+        data position, the best validation loss so far."""
+        cfg = self.cfg
+        epoch, b = self.sampler.position(self.batches_done)
+        return {
+            "step": self.step, **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
+            "scaler": self.scaler.state_dict(), "rng": {"per_rank": per_rank},  # [rank] -> {"torch", "cuda"?}
+            "data": {"micro_batches_done": self.batches_done, "epoch": epoch, "batch": b,
+                     "batch_size": cfg.batch_size, "world_size": self.dist.world, "seed": cfg.seed},
+            "best_val_loss": self.best_val,
+        }
+
+    def _save_sharded(self, val_loss, per_rank: list) -> None:
+        """Every rank writes its shards of the weights and AdamW state (astropt_train.checkpoint); the master
+        the rest, the best record, and prunes."""
+        from astropt_train import checkpoint as ck
+        from astropt_train.parallel import full_state_dict
+
+        cfg, dist, step = self.cfg, self.dist, self.step
+        path = ck.save_sharded_checkpoint(
+            self.run_dir, step, self.raw_model, self.optimizer, {**self.run_config, "step": step, "val_loss": val_loss},
+            self._trainer_state(per_rank, optimizer=False), master=dist.master, distributed=dist.ddp,
+            wait=self.group.wait_for_all,
+            full_state=(lambda: full_state_dict(self.built)) if cfg.save_consolidated else None)
+        if dist.master:
+            self._after_save(path, val_loss)
+        self.group.wait_for_all(f"rank 0 to record the checkpoint of step {step}")
+
+    def _after_save(self, path, val_loss) -> None:
+        """The master's bookkeeping after a checkpoint: the best record, pruning, the last checkpoint's name."""
+        from astropt_train import checkpoint as ck
+
+        best = ck.read_best(self.run_dir)
+        # a NaN or infinite validation loss is never the best (NaN < x is False, but not against no best yet)
+        if val_loss is not None and math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
+            ck.write_best(self.run_dir, self.step, val_loss)
+        ck.prune(self.run_dir, self.cfg.keep_last)
+        self.last_ckpt = str(path)
 
     # --- the whole run
     def prepare(self) -> dict | None:

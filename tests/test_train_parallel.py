@@ -4,6 +4,7 @@ sharded checkpoints resumed with another process count."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,3 +71,133 @@ def test_ranks_agree_on_a_non_finite_loss_a_stop_signal_and_the_checkpoint_to_re
     refused = "the ranks see different checkpoints in " + str(Path("runs/astropt")) + " (rank 0"
     expected = [[False, True], [False, False], [True, False], refused, True]
     assert got == {0: expected, 1: expected}
+
+
+def make_store(out, vocab=256, rows=64, t=48):
+    """A store of rows drawn from 4 fixed token sequences: learnable by a tiny model."""
+    import numpy as np
+
+    from astropt_tok.store import write_store_from_arrays
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, vocab, size=(4, t))
+    write_store_from_arrays(out, base[rng.integers(0, 4, size=rows)], num_shards=2,
+                            codec={"id": "random", "vocab_size": vocab, "tokens_per_image": t}, bands=["DES-G"])
+    return out
+
+
+def losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())}
+
+
+def train_args(store, out, iters, *extra):
+    return ["train", "--tokens", store, "--out", out, "--n-layer", "2", "--n-head", "2", "--n-embd", "16",
+            "--batch-size", "4", "--max-iters", iters, "--lr-decay-iters", "8", "--eval-interval", "100",
+            "--eval-iters", "1", "--val-images", "0", "--log-interval", "1", "--device", "cpu", "--seed", "5",
+            "--no-compile", "--lr", "0.01", "--checkpoint-interval", "3", *extra]
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_and_its_sharded_checkpoints_resume_with_any_process_count(tmp_path):
+    """Two ranks: FSDP2 with activation checkpointing (dropout on) gives DDP's losses to rounding; its sharded
+    checkpoint resumed by two ranks continues exactly as the straight run; one process (no process group)
+    resumes it too, and decode/embed's loader reads it with or without a consolidated model.safetensors."""
+    import shutil
+
+    store = make_store(tmp_path / "store")
+    (tmp_path / "dropout.toml").write_text("dropout = 0.1\n")
+    dropout = ["--config", tmp_path / "dropout.toml"]
+    run_torchrun(2, train_args(store, tmp_path / "ddp", 6, *dropout))
+    fsdp = ["--parallel", "fsdp", "--activation-checkpointing", "--save-consolidated", *dropout]
+    run_torchrun(2, train_args(store, tmp_path / "fsdp", 3, *fsdp))
+    run_torchrun(2, train_args(store, tmp_path / "fsdp", 6, *fsdp, "--resume"))
+    ddp, sharded = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert sorted(sharded) == list(range(1, 7))
+    for s in range(1, 7):
+        assert sharded[s] == pytest.approx(ddp[s], rel=1e-5, abs=1e-6), s
+
+    (s3, c3), (s6, c6) = ck.list_checkpoints(tmp_path / "fsdp")
+    assert (s3, s6) == (3, 6) and ck.is_sharded(c3) and (c3 / ck.MODEL_FILE).is_file()
+    state = torch.load(c3 / ck.STATE_FILE, weights_only=True)
+    assert state["sharded"] is True and "optimizer" not in state
+    assert ck.read_config(c3)["train"]["parallel"] == "fsdp"
+    from safetensors.torch import load_file
+
+    model, _ = ck.load_model(c6)
+    consolidated = load_file(str(c6 / ck.MODEL_FILE))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, consolidated[name]), name
+    ddp_model, _ = ck.load_model(tmp_path / "ddp")  # the same weights, to rounding, as the DDP run's
+    for name, value in ddp_model.state_dict().items():
+        assert torch.allclose(value, consolidated[name], rtol=1e-4, atol=1e-5), name
+
+    # the shards alone: loaded in this process (no process group), and consolidated on request
+    bare = tmp_path / "bare" / "checkpoints" / c6.name
+    shutil.copytree(c6, bare)
+    (bare / ck.MODEL_FILE).unlink()
+    alone, _ = ck.load_model(bare)
+    assert all(torch.equal(v, consolidated[k]) for k, v in alone.state_dict().items())
+    sha = ck.weights_sha256(bare)
+    ck.consolidate_checkpoint(bare)
+    assert load_file(str(bare / ck.MODEL_FILE)).keys() == consolidated.keys() and ck.weights_sha256(bare) != sha
+
+    # one process resumes the two ranks' shards (another process count: the data restart at a new epoch)
+    from astropt_train.config import build_config
+    from astropt_train.loop import train
+
+    summary = train(build_config(dict(tokens=str(store), out=str(tmp_path / "fsdp"), n_layer=2, n_head=2, n_embd=16,
+                                      batch_size=4, max_iters=8, eval_interval=100, eval_iters=1, val_images=0,
+                                      log_interval=1, device="cpu", seed=5, compile=False, lr=0.01,
+                                      checkpoint_interval=3, dropout=0.1, checkpoint_format="sharded",
+                                      resume=True, live=False, lr_decay_iters=8)))
+    assert summary["step"] == 8 and ck.is_sharded(summary["checkpoint"])
+    assert all(map(math.isfinite, losses(tmp_path / "fsdp").values()))
+
+
+def one_process(store, out, **kw):
+    from astropt_train.config import build_config
+
+    base = dict(tokens=str(store), out=str(out), n_layer=1, n_head=2, n_embd=16, batch_size=4, max_iters=3,
+                eval_interval=100, eval_iters=1, val_images=0, log_interval=1, device="cpu", seed=5, compile=False,
+                checkpoint_interval=3, checkpoint_format="sharded", live=False)
+    base.update(kw)
+    return build_config(base)
+
+
+def test_sharded_checkpoints_in_one_process_and_their_damage(tmp_path):
+    """One process writes sharded checkpoints with no process group; resuming one continues exactly; a damaged
+    or missing shard, or a folder without its shard index, is refused or ignored, never half-read."""
+    from astropt_tok.errors import AstroptError
+    from astropt_train.loop import train
+
+    store = make_store(tmp_path / "store")
+    train(one_process(store, tmp_path / "straight", max_iters=6))
+    train(one_process(store, tmp_path / "run"))
+    train(one_process(store, tmp_path / "run", max_iters=6, resume=True))
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # bit-identical on a CPU
+    (_, c3), (_, c6) = ck.list_checkpoints(tmp_path / "run")
+    assert ck.is_sharded(c6) and not (c6 / ck.MODEL_FILE).exists()
+
+    shard = next((c6 / ck.SHARDED_DIR).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(AstroptError, match=f"sharded checkpoint {c6} is unreadable"):
+        train(one_process(store, tmp_path / "run", max_iters=9, resume=True))
+    with pytest.raises(AstroptError, match=f"sharded checkpoint {c6} is unreadable"):
+        ck.load_model(c6)
+    (c6 / ck.SHARDED_DIR / ck.SHARD_INDEX).unlink()  # as a killed writer would leave it: not a checkpoint
+    assert [s for s, _ in ck.list_checkpoints(tmp_path / "run")] == [3]
+
+
+def test_parallel_settings_that_cannot_work_are_one_error(tmp_path):
+    from astropt_tok.errors import AstroptError
+    from astropt_train.config import build_config
+
+    base = dict(tokens="x", out=str(tmp_path / "r"))
+    for bad, match in ((dict(parallel="zero"), "parallel must be one of ddp, fsdp"),
+                       (dict(checkpoint_format="dcp"), "checkpoint-format must be one of full, sharded"),
+                       (dict(parallel="fsdp", checkpoint_format="full"), "--checkpoint-format full needs --parallel ddp"),
+                       (dict(save_consolidated=True), "--save-consolidated applies to sharded checkpoints")):
+        with pytest.raises(AstroptError, match=match):
+            build_config({**base, **bad})
+    assert build_config({**base, "parallel": "fsdp"}).sharded_checkpoints()
+    assert not build_config(base).sharded_checkpoints()

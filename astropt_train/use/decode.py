@@ -418,7 +418,7 @@ def _checkpoint_config(cfg: DecodeConfig) -> dict:
     from astropt_train.use.interop import find_upstream_checkpoint
 
     path = Path(cfg.checkpoint)
-    if find_upstream_checkpoint(path) is not None and not (path / ck.MODEL_FILE).is_file() \
+    if find_upstream_checkpoint(path) is not None and not ck.is_checkpoint(path) \
             and not ck.list_checkpoints(path):
         return {}
     try:

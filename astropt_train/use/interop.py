@@ -110,14 +110,13 @@ def _export_astropt(run, out, step, overwrite: bool, held: ExitStack) -> Path:
     import torch
 
     from astropt_tok.artifacts import clear_own, output_folder, read_record, update_lineage
-    from astropt_tok.store import sha256_path
     from astropt_train import checkpoint as ck
 
     ckpt = ck.find_checkpoint(run, step)
     model, conf = ck.load_model(ckpt)
     out = Path(out)
     lineage = {"checkpoint": {"path": str(ckpt.resolve()), "step": conf.get("step"),
-                              "weights_sha256": sha256_path(ckpt / ck.MODEL_FILE)}}
+                              "weights_sha256": ck.weights_sha256(ckpt)}}
     if held.enter_context(output_folder(out, "export", "`astropt export`", "--astropt", lineage=lineage)):
         before = ((read_record(out) or {}).get("lineage") or {}).get("checkpoint") or {}
         if before.get("weights_sha256") != lineage["checkpoint"]["weights_sha256"]:
@@ -259,7 +258,6 @@ def load_upstream_model(path: Path, device: str = "cpu"):
 def load_any_model(path: str | os.PathLike, step: int | None = None, device: str = "cpu"):
     """(GPT in eval mode on `device`, info) where info = {kind, path, step, weights_sha256, model, store, vocab_size}:
     this project's run or checkpoint folder, or an upstream AstroPT ckpt.pt (file or folder)."""
-    from astropt_tok.store import sha256_path
     from astropt_train import checkpoint as ck
 
     path = Path(path)
@@ -270,13 +268,13 @@ def load_any_model(path: str | os.PathLike, step: int | None = None, device: str
         print(f"note: {path} is a training run: using its own checkpoints, not the {UPSTREAM_FILE} beside "
               f"them (pass {upstream} to load that)", file=sys.stderr)
         upstream = None
-    if upstream is not None and not (path / ck.MODEL_FILE).is_file():
+    if upstream is not None and not ck.is_checkpoint(path):
         if step is not None:
             raise AstroptError(f"{upstream} is an upstream AstroPT checkpoint (one step); drop --step")
         return load_upstream_model(upstream, device)
     ckpt = ck.find_checkpoint(path, step)
     model, conf = ck.load_model(ckpt, device=device)
     info = {"kind": "astropt-train", "path": str(ckpt.resolve()), "step": conf.get("step"),
-            "weights_sha256": sha256_path(ckpt / ck.MODEL_FILE), "model": asdict(model.config),
+            "weights_sha256": ck.weights_sha256(ckpt), "model": asdict(model.config),
             "store": conf.get("store"), "vocab_size": int(conf.get("vocab_size", model.config.vocab_size))}
     return model, info

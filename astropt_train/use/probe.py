@@ -275,13 +275,14 @@ def _check_baseline_sources(cfg: ProbeConfig, manifest: dict) -> None:
         raise AstroptError(f"the random-init baseline needs the token store {tokens.get('dir')}, which is not here")
     weights = Path(ck["path"])
     if weights.is_dir():  # one of our checkpoint folders (an upstream ckpt.pt is recorded as the file itself)
-        from astropt_train.checkpoint import MODEL_FILE
+        from astropt_train.checkpoint import is_checkpoint, weights_sha256
 
-        weights = weights / MODEL_FILE
+        weights_sha = weights_sha256(weights) if is_checkpoint(weights) else None
+    else:
+        weights_sha = sha256_path(weights) if weights.is_file() else None
     store_manifest = Path(tokens["dir"]) / "manifest.json"
     check_embeddings_sources(cfg.embeddings, {"checkpoint": ck, "tokens": tokens},
-                             manifest_sha256(tokens["dir"]) if store_manifest.is_file() else None,
-                             sha256_path(weights) if weights.is_file() else None)
+                             manifest_sha256(tokens["dir"]) if store_manifest.is_file() else None, weights_sha)
 
 
 def _random_init_embeddings(cfg: ProbeConfig, manifest: dict, out: Path) -> Path:
