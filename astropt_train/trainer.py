@@ -181,6 +181,11 @@ class Trainer:
         self.store_info = model_store_info(store, manifest_sha256(cfg.tokens))
         if self.modalities:
             self.store_info["shuffle_modalities"] = cfg.shuffle_modalities
+        # every node reads the same store: a copy that differs (an hf:// branch that moved between two nodes'
+        # downloads, a stale local copy) would train the ranks on different galaxies under one split
+        self.same_on_every_rank(self.store_info["manifest_sha256"], f"stores at {cfg.tokens}",
+                                "every node must read the same store (one shared folder, or an hf:// store pinned "
+                                "with @revision)", show=lambda sha: f"manifest sha256 {sha[:12]}")
         self.split = split_rows(store.num_rows, cfg.val_fraction, cfg.seed)
         self.dims = cfg.model_dims()
 
@@ -268,20 +273,25 @@ class Trainer:
             self.gconf, self.init_state = self.init
         return None
 
-    def agree_on_checkpoints(self, newest: int | None) -> None:
-        """Under DDP every rank must see the run folder's newest checkpoint as rank 0 does: a node that cannot
-        see --out (no shared file system) would otherwise start from scratch while the others resume."""
+    def same_on_every_rank(self, value, what: str, fix: str, show=str) -> None:
+        """Under DDP, refuse (on every rank, with each rank's view) a `value` that is not the same on every rank:
+        `what` names it, `fix` says what to do; `show` prints one rank's value."""
         if not self.dist.ddp:
             return
         import torch.distributed as tdist
 
         seen = [None] * self.dist.world
-        tdist.all_gather_object(seen, newest)
+        tdist.all_gather_object(seen, value)
         if len(set(seen)) > 1:
-            show = lambda s: "none" if s is None else f"step {s}"  # noqa: E731
-            views = ", ".join(f"rank {r}: {show(s)}" for r, s in enumerate(seen))
-            raise AstroptError(f"the ranks see different checkpoints in {self.run_dir} ({views}): every node must see "
-                               "the same --out (a shared file system); rank 0 writes it, every rank resumes from it")
+            views = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(seen))
+            raise AstroptError(f"the ranks see different {what} ({views}): {fix}")
+
+    def agree_on_checkpoints(self, newest: int | None) -> None:
+        """Every rank must see the run folder's newest checkpoint as rank 0 does: a node that cannot see --out
+        (no shared file system) would otherwise start from scratch while the others resume."""
+        self.same_on_every_rank(newest, f"checkpoints in {self.run_dir}",
+                                "every node must see the same --out (a shared file system); rank 0 writes it, every "
+                                "rank resumes from it", show=lambda s: "none" if s is None else f"step {s}")
 
     # --- precision: autocast and the grad scaler
     def set_precision(self) -> None:

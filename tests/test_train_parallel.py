@@ -54,6 +54,10 @@ try:
     answers.append("no error")
 except Exception as exc:
     answers.append(str(exc).split(":")[0])
+try:
+    t.same_on_every_rank("a" if r == 0 else "b", "stores at S", "read one store", show=lambda v: "sha " + v)
+except Exception as exc:
+    answers.append(str(exc))
 open(f"{sys.argv[1]}/agree-{r}.json", "w").write(json.dumps(answers + [t.stop.signum is not None]))
 dist.destroy_process_group()
 """
@@ -69,7 +73,8 @@ def test_ranks_agree_on_a_non_finite_loss_a_stop_signal_and_the_checkpoint_to_re
     run_torchrun(2, [script, tmp_path], module=False)
     got = {r: json.loads((tmp_path / f"agree-{r}.json").read_text()) for r in (0, 1)}
     refused = "the ranks see different checkpoints in " + str(Path("runs/astropt")) + " (rank 0"
-    expected = [[False, True], [False, False], [True, False], refused, True]
+    stores = "the ranks see different stores at S (rank 0: sha a, rank 1: sha b): read one store"
+    expected = [[False, True], [False, False], [True, False], refused, stores, True]
     assert got == {0: expected, 1: expected}
 
 
