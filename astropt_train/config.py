@@ -278,10 +278,10 @@ def build_config(overrides: dict[str, Any] | None = None, config_file: str | Pat
         if config_file is not None:
             raise AstroptError(f"{exc} (settings from {config_file} and the flags)") from None
         raise
-    if cfg.tokens.startswith("hf:"):  # hf://datasets/ORG/NAME: downloaded once per node, verified
-        from astropt_tok.store_hub import resolve_store
+    if cfg.tokens.startswith("hf:"):  # hf://datasets/ORG/NAME[@rev]: checked here, fetched by the trainer
+        from astropt_tok.store_hub import parse_hub_store
 
-        cfg.tokens = str(resolve_store(cfg.tokens))
+        cfg.tokens = str(parse_hub_store(cfg.tokens))  # as written (a Path option makes hf:// hf:/)
     return cfg
 
 

@@ -124,7 +124,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def local(path: str | None) -> str | None:
         return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
-    return dataclasses.replace(cfg, tokens=str(Path(cfg.tokens).expanduser().resolve()),
+    tokens = cfg.tokens if cfg.tokens.startswith("hf:") else str(Path(cfg.tokens).expanduser().resolve())
+    return dataclasses.replace(cfg, tokens=tokens,
                                out=str(Path(cfg.out).expanduser().resolve()), codec=local(cfg.codec),
                                init_from=local(cfg.init_from))
 

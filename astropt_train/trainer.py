@@ -169,8 +169,13 @@ class Trainer:
         from astropt_tok.store import TokenStore, manifest_sha256
         from astropt_train.data import split_rows
 
+        from astropt_tok.store_hub import parse_hub_store, resolve_store
+
         cfg = self.cfg
-        store = self.store = TokenStore(cfg.tokens)
+        # an hf://datasets/ORG/NAME[@rev] store: fetched into the HF cache once per node and verified there; the
+        # run's settings keep the hf:// address (replayable on any machine), its lineage the snapshot it read
+        hub = parse_hub_store(cfg.tokens)
+        store = self.store = TokenStore(resolve_store(cfg.tokens) if hub is not None else cfg.tokens)
         store.check_shards()  # each shard is the one the manifest describes (size, shape, source row ids)
         if not store.check_token_range():  # refuses tokens outside the vocabulary before the model sees one
             self.echo(f"note: {cfg.tokens} records no per-shard token ranges (an older store): "
@@ -181,6 +186,8 @@ class Trainer:
         self.store_info = model_store_info(store, manifest_sha256(cfg.tokens))
         if self.modalities:
             self.store_info["shuffle_modalities"] = cfg.shuffle_modalities
+        if hub is not None:
+            self.store_info["hub"] = cfg.tokens
         # every node reads the same store: a copy that differs (an hf:// branch that moved between two nodes'
         # downloads, a stale local copy) would train the ranks on different galaxies under one split
         self.same_on_every_rank(self.store_info["manifest_sha256"], f"stores at {cfg.tokens}",

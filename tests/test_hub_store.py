@@ -236,7 +236,9 @@ def test_commands_take_hf_addresses(arrow_store, tmp_path, monkeypatch, capsys):
     assert code == 0 and f"OK {snapshot}" in out
     code, out, _ = run_cli(["info", URL], capsys)
     assert code == 0 and "rows" in out and "30" in out
-    assert build_config({"tokens": URL}).tokens == str(snapshot)
+    assert build_config({"tokens": URL}).tokens == URL  # the run keeps the address: the trainer fetches it
+    with pytest.raises(AstroptError, match="is not a token store on the hub"):
+        build_config({"tokens": "hf://models/org/galaxy-tokens"})
 
 
 def test_train_reads_a_store_from_the_hub_cache(tmp_path, monkeypatch, capsys):
@@ -253,7 +255,10 @@ def test_train_reads_a_store_from_the_hub_cache(tmp_path, monkeypatch, capsys):
                               "--n-embd", "16", "--batch-size", "4", "--max-iters", "2", "--eval-iters", "1",
                               "--val-images", "0", "--device", "cpu", "--no-compile"], capsys)
     assert code == 0 and "done: step 2" in out, err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["store"]["dir"] == str(snapshot)
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_config["store"]["dir"] == str(snapshot) and run_config["store"]["hub"] == URL
+    # the settings replay from the hub address on any machine, not from this machine's cache
+    assert f'tokens = "{URL}"' in (tmp_path / "run" / "train_config.toml").read_text()
 
 
 def test_decode_reads_a_store_from_the_hub_cache(random_store, codec_dir, tmp_path, monkeypatch, capsys):
