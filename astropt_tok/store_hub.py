@@ -271,6 +271,15 @@ def push_store(cfg: PushConfig) -> PushResult:
     check_repo_id(repo, f"--repo {repo}")
     if cfg.revision is not None and not cfg.revision.strip():
         raise AstroptError(f"--revision is empty: name the branch of {repo} to push to (default main)")
+    with contextlib.ExitStack() as held:
+        if store_dir.is_dir() and os.access(store_dir, os.W_OK):  # a tokenise --overwrite meanwhile would mix files
+            from astropt_tok.lock import folder_lock
+
+            held.enter_context(folder_lock(store_dir, "command writing or pushing this store"))
+        return _push_locked(cfg, store_dir, repo)
+
+
+def _push_locked(cfg: PushConfig, store_dir: Path, repo: str) -> PushResult:
     try:
         manifest, verified = _check_pushable(store_dir)
     except AstroptError as exc:

@@ -366,6 +366,13 @@ def test_push_refuses_what_is_not_a_complete_store(arrow_store, tmp_path, capsys
     assert code == 1 and "shard-00000.arrow: sha256" in one_error(err) and REPO in err
     code, _, err = run_cli(["push", str(arrow_store), "--repo", "not a repo"], capsys)
     assert code == 1 and "not a hub repo id" in one_error(err)
+    from astropt_tok.lock import folder_lock
+
+    busy = tmp_path / "busy"
+    shutil.copytree(arrow_store, busy)
+    with folder_lock(busy, "`astropt tokenise`"):  # a tokenise --overwrite writing it meanwhile
+        code, _, err = run_cli(["push", str(busy), "--repo", REPO], capsys)
+    assert code == 1 and f"{busy} is in use by another" in one_error(err)
 
 
 def test_push_offline_not_logged_in_or_unreachable_is_one_error_naming_the_repo(arrow_store, tmp_path,
