@@ -327,7 +327,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, co
 
 def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, config: dict,
                             trainer_state: dict, *, master: bool, distributed: bool, wait: Callable[[str], None],
-                            full_state: Callable[[], dict] | None = None) -> Path:
+                            full_state: Callable[[], dict] | None = None, process_group=None) -> Path:
     """Write RUN/checkpoints/step-N/ as a sharded checkpoint; every rank calls it (a collective under torchrun).
 
     `model` is the GPT itself (its parameters plain tensors, or DTensor shards under FSDP: never a DDP wrapper),
@@ -335,7 +335,8 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimi
     the others its name, writes config.json, trainer_state.pt (`trainer_state` less the optimiser) and the
     lineage record, and renames the folder into place after every rank's shards are fsynced; `full_state` (a
     collective under FSDP: every rank calls it, rank 0 gets the weights) adds a consolidated model.safetensors.
-    `wait(what)` then holds every rank until rank 0 has renamed it."""
+    `wait(what)` then holds every rank until rank 0 has renamed it. `process_group` (the trainer's group of long
+    waits) carries DCP's coordination, so a slow rank's write is no collective timeout for the others."""
     import torch
     import torch.distributed as tdist
     import torch.distributed.checkpoint as dcp
@@ -359,7 +360,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimi
                 failure = exc
         name = [str(tmp) if tmp is not None else None]
         if distributed:
-            tdist.broadcast_object_list(name, src=0)
+            tdist.broadcast_object_list(name, src=0, group=process_group)
         if failure is not None:
             raise failure
         if name[0] is None:
@@ -368,7 +369,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimi
         try:  # every rank's shards; DCP's coordinator (rank 0) writes the index once all are written
             with _single_process_quiet():
                 dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR),
-                         no_dist=not distributed)
+                         no_dist=not distributed, process_group=process_group)
         except OSError as exc:
             raise AstroptError(f"cannot write checkpoint {final}: {exc.strerror or exc}; free space or choose "
                                "another --out") from None
@@ -385,7 +386,8 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimi
     return final
 
 
-def load_sharded_checkpoint(ckpt: str | os.PathLike, model, optimizer, distributed: bool) -> None:
+def load_sharded_checkpoint(ckpt: str | os.PathLike, model, optimizer, distributed: bool,
+                            process_group=None) -> None:
     """Load a sharded checkpoint's weights and optimiser state into `model` (the GPT itself, sharded or not)
     and `optimizer`, whatever the process count that wrote it; every rank calls it. Unreadable or missing shards
     are one error naming the checkpoint."""
@@ -396,7 +398,8 @@ def load_sharded_checkpoint(ckpt: str | os.PathLike, model, optimizer, distribut
     state = {"model": model_state, "optimizer": optim_state}
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=not distributed)
+            dcp.load(state, checkpoint_id=str(Path(ckpt) / SHARDED_DIR), no_dist=not distributed,
+                     process_group=process_group)
     except _dcp_failures() as exc:  # a missing or truncated shard, on any rank
         raise AstroptError(f"sharded checkpoint {ckpt} is unreadable ({_first_line(exc)}): {_REPAIR}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -363,7 +363,8 @@ class Trainer:
 
         state, ckpt_dir, cfg, dist = self.state, self.ckpt_dir, self.cfg, self.dist
         if state.get("sharded"):  # weights and optimiser from every rank's shards, whatever process count wrote them
-            ck.load_sharded_checkpoint(ckpt_dir, model, self.optimizer, distributed=dist.ddp)
+            ck.load_sharded_checkpoint(ckpt_dir, model, self.optimizer, distributed=dist.ddp,
+                                       process_group=self.group.patient)
         else:
             ck.load_weights(model, ckpt_dir, str(self.device))
         try:
@@ -636,7 +637,7 @@ class Trainer:
         path = ck.save_sharded_checkpoint(
             self.run_dir, step, self.raw_model, self.optimizer, {**self.run_config, "step": step, "val_loss": val_loss},
             self._trainer_state(per_rank, optimizer=False), master=dist.master, distributed=dist.ddp,
-            wait=self.group.wait_for_all,
+            wait=self.group.wait_for_all, process_group=self.group.patient,
             full_state=(lambda: full_state_dict(self.built)) if cfg.save_consolidated else None)
         if dist.master:
             self._after_save(path, val_loss)
