@@ -456,7 +456,9 @@ class Trainer:
                       f"{self.split.rule['num_val']} val rows; {self.tokens_per_step:,} tokens per step on "
                       f"{dist.world} x {self.device}"
                       f"{' bf16' if amp == torch.bfloat16 else ' fp16' if amp == torch.float16 else ' fp32'}"
-                      f"{' compiled' if self.compiled else ''}{' deterministic' if cfg.deterministic else ''}")
+                      f"{' compiled' if self.compiled else ''}{' deterministic' if cfg.deterministic else ''}"
+                      f"{' sharded (fsdp)' if self.built.mode == 'fsdp' else ''}"
+                      f"{' activation-checkpointed' if cfg.activation_checkpointing else ''}")
         if dist.master and cfg.val_images > 0:  # {modality: ImageGrid}, one picture per modality at each eval
             from astropt_train.validate import ImageGrid
 
