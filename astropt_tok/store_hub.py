@@ -120,8 +120,27 @@ def resolve_store(spec: str | os.PathLike, verify: bool = True, cache_dir: str |
     return snapshot
 
 
-def _download(hub: HubStore, cache: Path) -> Path:
-    """snapshot_download of the repo into `cache` (only the cache offline or when the hub is unreachable)."""
+def read_store_manifest(spec: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> dict:
+    """The manifest of a store folder, or of an `hf://` store with only its manifest.json fetched (no shards):
+    what a command that needs the store's facts, not its tokens, reads (`astropt plan --tokens`)."""
+    from astropt_tok.store import read_manifest
+
+    hub = parse_hub_store(spec)
+    if hub is None:
+        return read_manifest(spec)
+    from huggingface_hub import constants
+
+    from astropt_tok.store import MANIFEST
+
+    snapshot = _download(hub, Path(cache_dir or constants.HF_HUB_CACHE).expanduser(), files=[MANIFEST])
+    if not (snapshot / MANIFEST).is_file():
+        raise AstroptError(f"{hub} holds no {MANIFEST}: it is not a token store (push one with `astropt push`)")
+    return read_manifest(snapshot)
+
+
+def _download(hub: HubStore, cache: Path, files: list[str] | None = None) -> Path:
+    """snapshot_download of the repo (or only `files` of it) into `cache` (only the cache offline or when the
+    hub is unreachable)."""
     from huggingface_hub import snapshot_download
 
     from astropt_tok.hub import hub_offline, hub_unreachable_reason
@@ -132,7 +151,7 @@ def _download(hub: HubStore, cache: Path) -> Path:
         print(f"{hub}: fetching its snapshot into the Hugging Face cache ({cache})", file=sys.stderr, flush=True)
     try:
         snapshot = Path(snapshot_download(hub.repo_id, repo_type="dataset", revision=hub.revision, cache_dir=cache,
-                                          local_files_only=cache_only))
+                                          local_files_only=cache_only, allow_patterns=files))
         if cache_only:
             why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub is unreachable: {unreachable}"
             print(f"{hub}: using snapshot {snapshot.name[:12]} from the Hugging Face cache ({why})", file=sys.stderr,

@@ -321,9 +321,9 @@ def sequence(cfg: PlanConfig) -> tuple[int, int, list[str] | None]:
     """(vocabulary, positions per galaxy, modality names or None): the store's, the flags', or AION's."""
     if cfg.tokens is None:
         return (cfg.vocab or AION_VOCAB, cfg.seq_len or AION_TOKENS, None)
-    from astropt_tok.store import read_manifest
+    from astropt_tok.store_hub import read_store_manifest
 
-    m = read_manifest(cfg.tokens)
+    m = read_store_manifest(cfg.tokens)  # a folder, or an hf:// store's manifest alone
     names = [x["name"] for x in m.get("modalities") or []] or None
     return int(m["vocab_size"]), int(m["tokens_per_image"]) * len(names or [0]), names
 

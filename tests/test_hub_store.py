@@ -394,3 +394,23 @@ def test_push_offline_not_logged_in_or_unreachable_is_one_error_naming_the_repo(
         monkeypatch.delenv(var, raising=False)
     code, _, err = run_cli(["push", str(arrow_store), "--repo", REPO], capsys)
     assert code == 1 and f"cannot push to {REPO}: the hub is unreachable" in one_error(err)
+
+
+def test_plan_reads_only_the_manifest_of_an_hf_store(arrow_store, tmp_path, monkeypatch, capsys):
+    """`astropt plan --tokens hf://...` needs the store's vocabulary and tokens per image, not its shards: with
+    only manifest.json cached it answers, with the same numbers as on the folder itself."""
+    import json
+
+    from huggingface_hub import constants
+
+    snapshot = hub_cache(tmp_path / "cache", arrow_store)
+    for shard in snapshot.glob("shard-*"):
+        shard.unlink()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    args = ["plan", "--preset", "tiny", "--gpus", "2", "--gpu-memory", "16", "--json"]
+    code, out, err = run_cli([*args, "--tokens", URL], capsys)
+    assert code == 0, err
+    code, local, err = run_cli([*args, "--tokens", str(arrow_store)], capsys)
+    assert code == 0 and json.loads(out) == json.loads(local)
+    code, _, err = run_cli([*args, "--tokens", "hf://datasets/org/not-cached"], capsys)
+    assert code == 1 and "hf://datasets/org/not-cached is not in the Hugging Face cache" in one_error(err)

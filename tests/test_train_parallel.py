@@ -114,7 +114,8 @@ def test_fsdp_trains_as_ddp_and_its_sharded_checkpoints_resume_with_any_process_
     dropout = ["--config", tmp_path / "dropout.toml"]
     run_torchrun(2, train_args(store, tmp_path / "ddp", 6, *dropout))
     fsdp = ["--parallel", "fsdp", "--activation-checkpointing", "--save-consolidated", *dropout]
-    run_torchrun(2, train_args(store, tmp_path / "fsdp", 3, *fsdp))
+    out = run_torchrun(2, train_args(store, tmp_path / "fsdp", 3, *fsdp))
+    assert "on 2 x cpu fp32 sharded (fsdp) activation-checkpointed" in out
     run_torchrun(2, train_args(store, tmp_path / "fsdp", 6, *fsdp, "--resume"))
     ddp, sharded = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert sorted(sharded) == list(range(1, 7))
