@@ -97,8 +97,8 @@ def losses(run) -> dict[int, float]:
 
 def train_args(store, out, iters, *extra):
     return ["train", "--tokens", store, "--out", out, "--n-layer", "2", "--n-head", "2", "--n-embd", "16",
-            "--batch-size", "4", "--max-iters", iters, "--lr-decay-iters", "8", "--eval-interval", "100",
-            "--eval-iters", "1", "--val-images", "0", "--log-interval", "1", "--device", "cpu", "--seed", "5",
+            "--batch-size", "4", "--max-iters", iters, "--lr-decay-iters", "8", "--eval-interval", "3",
+            "--eval-iters", "1", "--val-images", "2", "--log-interval", "1", "--device", "cpu", "--seed", "5",
             "--no-compile", "--lr", "0.01", "--checkpoint-interval", "3", *extra]
 
 
@@ -116,6 +116,8 @@ def test_fsdp_trains_as_ddp_and_its_sharded_checkpoints_resume_with_any_process_
     fsdp = ["--parallel", "fsdp", "--activation-checkpointing", "--save-consolidated", *dropout]
     out = run_torchrun(2, train_args(store, tmp_path / "fsdp", 3, *fsdp))
     assert "on 2 x cpu fp32 sharded (fsdp) activation-checkpointed" in out
+    # validation pictures: every rank's forward (FSDP gathers), the master draws (here: no codec to draw with)
+    assert out.count("validation images off") == 1
     run_torchrun(2, train_args(store, tmp_path / "fsdp", 6, *fsdp, "--resume"))
     ddp, sharded = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert sorted(sharded) == list(range(1, 7))
