@@ -209,3 +209,16 @@ def test_parallel_settings_that_cannot_work_are_one_error(tmp_path):
             build_config({**base, **bad})
     assert build_config({**base, "parallel": "fsdp"}).sharded_checkpoints()
     assert not build_config(base).sharded_checkpoints()
+
+
+def test_fsdp_in_one_process_says_it_has_nothing_to_shard(tmp_path, capsys):
+    """--parallel fsdp without torchrun trains as one process, says so once, and writes sharded checkpoints."""
+    from astropt_train.loop import train
+
+    store = make_store(tmp_path / "store")
+    summary = train(one_process(store, tmp_path / "run", parallel="fsdp", checkpoint_format=None,
+                                activation_checkpointing=True))
+    out = capsys.readouterr().out
+    assert out.count("--parallel fsdp in one process has nothing to shard") == 1
+    assert "activation-checkpointed" in out and "sharded (fsdp)" not in out
+    assert ck.is_sharded(summary["checkpoint"])
