@@ -6,6 +6,9 @@ under --headroom of the GPU's memory is extrapolated from them, and then confirm
 by a tenth until one fits). Prints one JSON object per preset.
 
     python benchmarks/bench_memory.py --presets 95M 300M 700M
+    python benchmarks/bench_memory.py --presets 95M 300M 700M --activation-checkpointing   # train's flag
+Each result also holds `astropt plan`'s per-rank total for one GPU at the largest batch (its "DDP" or "DDP+AC"
+row, overhead left out as max_memory_allocated leaves it out): measured / planned should be at most 1.
     python benchmarks/bench_memory.py --presets tiny --device cpu    # a smoke run: no memory figures on a CPU
 """
 
@@ -44,7 +47,16 @@ def step_peak_bytes(model, optimizer, batch: int, device: str) -> int | None:
     return torch.cuda.max_memory_allocated(device) if cuda else 0
 
 
-def largest_batch(preset: str, device: str, headroom: float) -> dict:
+def planned_bytes(preset: str, batch: int, checkpointing: bool) -> int:
+    """`astropt plan`'s per-rank bytes (one GPU, bf16, overhead left out) of `preset` at `batch`."""
+    from astropt_train.config import PRESETS
+    from astropt_train.plan import OVERHEAD_BYTES, mode_total, model_shape
+
+    shape = model_shape(preset, PRESETS[preset], VOCAB, TOKENS)
+    return mode_total(shape, "DDP+AC" if checkpointing else "DDP", 1, batch, "bf16") - OVERHEAD_BYTES
+
+
+def largest_batch(preset: str, device: str, headroom: float, checkpointing: bool = False) -> dict:
     """Largest batch whose training step fits in `headroom` of the device's memory, confirmed by a real step."""
     import torch
 
@@ -54,8 +66,10 @@ def largest_batch(preset: str, device: str, headroom: float) -> dict:
     n_layer, n_head, n_embd = PRESETS[preset]
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=TOKENS, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
     model.to(device)
+    for block in model.transformer.h:  # as `train --activation-checkpointing` sets it
+        block.activation_checkpointing = checkpointing
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), torch.device(device).type)
-    out = {"preset": preset, "params": model.num_params(), "device": device}
+    out = {"preset": preset, "params": model.num_params(), "device": device, "activation_checkpointing": checkpointing}
     one, two = step_peak_bytes(model, optimizer, 1, device), step_peak_bytes(model, optimizer, 2, device)
     if not device.startswith("cuda") or one is None or two is None:
         return {**out, "largest_batch": None if one is None else 2 if two is not None else 1}
@@ -71,6 +85,9 @@ def largest_batch(preset: str, device: str, headroom: float) -> dict:
     out.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gb=round(total / 1e9, 1),
                step_bytes_at_batch_1=one, bytes_per_row=per_row, extrapolated_batch=guess, largest_batch=batch,
                peak_gb_at_largest=None if peak is None else round(peak / 1e9, 1))
+    if peak is not None:
+        planned = planned_bytes(preset, batch, checkpointing)
+        out.update(planned_gb_at_largest=round(planned / 1e9, 1), measured_over_planned=round(peak / planned, 3))
     return out
 
 
@@ -79,11 +96,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--presets", nargs="+", default=["95M", "300M", "700M"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--headroom", type=float, default=0.92, help="fraction of the GPU's memory a step may use")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     results = []
     for preset in args.presets:
-        r = largest_batch(preset, args.device, args.headroom)
+        r = largest_batch(preset, args.device, args.headroom, args.activation_checkpointing)
         print(json.dumps(r), flush=True)
         results.append(r)
     if args.json:

@@ -13,6 +13,8 @@
 #   6 training MFU      95M preset, bf16, compiled, at TRAIN_BATCHES and with --loss-chunks LOSS_CHUNKS at
 #                       the largest (best >= 45%); the largest batch that trains per preset 95M/300M/700M
 #   7 this script       <= 8 minutes
+#   9 checkpointing     --activation-checkpointing fits a larger batch per preset (memory stage, run twice), and
+#                       the measured peak at the largest batch is at most `astropt plan`'s per-rank total
 #   8 multimodal        two image columns tokenised in one pass on the GPU vs each alone (rows/s, codec calls);
 #                       training tokens/s with 2 modalities vs 1 at the same tokens per step (eager bf16), and
 #                       2 with --shuffle-modalities --loss-chunks; the gpu tests of several modalities pass.
@@ -114,6 +116,10 @@ if want memory; then
   stage "largest batch per preset"
   # shellcheck disable=SC2086
   python3 benchmarks/bench_memory.py --presets $MEMORY_PRESETS --device "$DEVICE" --json "$RAW/memory.json"
+  stage "largest batch per preset, --activation-checkpointing"
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_memory.py --presets $MEMORY_PRESETS --device "$DEVICE" --activation-checkpointing \
+    --json "$RAW/memory_ac.json"
 fi
 
 if want multimodal; then

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{args.seconds:.0f} s (stages: {args.stages})"))
 
     goals.append(("8 multimodal on the GPU", *multimodal_goal(out, tests)))
+    memory_ac = load(out / "memory_ac.json")
+    goals.append(("9 activation checkpointing and the memory plan", *checkpointing_goal(memory, memory_ac)))
 
     summary = {"goals": [{"goal": g, "result": r, "detail": d} for g, r, d in goals],
                "seconds": args.seconds, "encode_fp32": fp32, "encode_bf16": bf16, "startup": startup,
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                "tests": None if tests is None else {"passed": sum(v == "passed" for v in tests.values()),
                                                     "failed": [k for k, v in tests.items() if v == "failed"],
                                                     "skipped": {k: v for k, v in tests.items() if v.startswith("skipped")}}}
+    summary["largest_batch_activation_checkpointing"] = memory_ac
     from astropt_tok.atomic import atomic_write_text
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # whole or not at all
@@ -169,6 +172,27 @@ def main(argv: list[str] | None = None) -> dict:
     for goal, result, detail in goals:
         print(f"{result:7s} {goal}: {detail}")
     return summary
+
+
+def checkpointing_goal(plain: list | None, checkpointed: list | None) -> tuple[str, str]:
+    """Goal 9: per preset, --activation-checkpointing fits a larger batch than without, and the measured peak at
+    the largest batch is at most `astropt plan`'s per-rank total (overhead left out) in both modes."""
+    if not plain or not checkpointed:
+        return "NOT RUN", "no memory.json / memory_ac.json (the memory stage)"
+    if any(m.get("peak_gb_at_largest") is None for m in plain + checkpointed):
+        return "NOT RUN", "no GPU memory figures (a CPU run, or no batch fitted)"
+    by_preset = {m["preset"]: m for m in plain}
+    bad, parts = [], []
+    for m in checkpointed:
+        p = by_preset.get(m["preset"]) or {}
+        ratios = [x.get("measured_over_planned") for x in (p, m)]
+        if not (m.get("largest_batch") or 0) > (p.get("largest_batch") or 0):
+            bad.append(f"{m['preset']}: AC batch {m.get('largest_batch')} <= {p.get('largest_batch')}")
+        if any(r is None or r > 1 for r in ratios):
+            bad.append(f"{m['preset']}: measured/planned {ratios}")
+        parts.append(f"{m['preset']} batch {p.get('largest_batch')} -> {m.get('largest_batch')} with AC, "
+                     f"measured/planned {ratios}")
+    return ("FAIL" if bad else "PASS"), "; ".join(bad or parts)
 
 
 if __name__ == "__main__":
