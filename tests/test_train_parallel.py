@@ -222,3 +222,31 @@ def test_fsdp_in_one_process_says_it_has_nothing_to_shard(tmp_path, capsys):
     assert out.count("--parallel fsdp in one process has nothing to shard") == 1
     assert "activation-checkpointed" in out and "sharded (fsdp)" not in out
     assert ck.is_sharded(summary["checkpoint"])
+
+
+def test_sharded_weights_that_diverged_are_refused_and_killed_saves_are_cleared(tmp_path):
+    """A sharded checkpoint whose weights hold a NaN is refused at load (as a model.safetensors is); the
+    temporary folder a killed sharded save leaves is cleared by the next prune."""
+    import torch.distributed.checkpoint as dcp
+
+    from astropt_tok.errors import AstroptError
+    from astropt_train.loop import train
+
+    store = make_store(tmp_path / "store")
+    summary = train(one_process(store, tmp_path / "run"))
+    ckpt = Path(summary["checkpoint"])
+    model, _ = ck.load_model(ckpt)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(iter(state))
+    state[first].view(-1)[0] = float("nan")
+    import shutil
+
+    shards = ckpt / ck.SHARDED_DIR
+    shutil.rmtree(shards)  # the same checkpoint, its weights rewritten with one NaN
+    dcp.save({"model": state}, checkpoint_id=str(shards), no_dist=True)
+    with pytest.raises(AstroptError, match="the run diverged"):
+        ck.load_model(ckpt)
+    stale = ckpt.parent / ".step-00000009.tmp-killed"
+    (stale / ck.SHARDED_DIR).mkdir(parents=True)
+    ck.prune(tmp_path / "run", keep_last=3)
+    assert not stale.exists() and ckpt.exists()
