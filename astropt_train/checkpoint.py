@@ -211,18 +211,15 @@ def load_weights(model, ckpt: str | os.PathLike, device: str = "cpu") -> None:
     from safetensors.torch import load_file
 
     path = Path(ckpt) / MODEL_FILE
-    if not path.is_file() and is_sharded(ckpt):
+    if not path.is_file() and is_sharded(ckpt):  # no consolidated file: the shards, read in this process
         path = Path(ckpt) / SHARDED_DIR
-        state = read_sharded_weights(ckpt, model)
-        state = {k: v.to(device) for k, v in state.items()}
+        state = {k: v.to(device) for k, v in read_sharded_weights(ckpt, model).items()}
     else:
-        state = None
-    try:
-        state = state if state is not None else load_file(str(path), device=str(device))
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AstroptError(f"checkpoint weights {path} are unreadable (truncated or corrupt?): {reason}; "
-                           f"delete that checkpoint folder to use an earlier one") from None
+        try:
+            state = load_file(str(path), device=str(device))
+        except Exception as exc:
+            raise AstroptError(f"checkpoint weights {path} are unreadable (truncated or corrupt?): "
+                               f"{_first_line(exc)}; delete that checkpoint folder to use an earlier one") from None
     refuse_non_finite_weights(state, path, DIVERGED)  # before anything is built on them (embed, decode, resume)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -252,8 +249,8 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AstroptError(f"trainer state {p} is unreadable (truncated or corrupt?): {reason}; {_REPAIR}") from None
+        raise AstroptError(f"trainer state {p} is unreadable (truncated or corrupt?): {_first_line(exc)}; "
+                           f"{_REPAIR}") from None
     check_trainer_state(state, p)
     return state
 
@@ -303,12 +300,7 @@ def check_trainer_state(state, path: Path) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, config: dict, trainer_state: dict) -> Path:
     """Write RUN/checkpoints/step-N/ atomically (temporary folder, fsync, rename); returns the folder."""
-    import torch
-    from safetensors.torch import save_file
-
-    from astropt_tok.artifacts import write_record
     from astropt_tok.atomic import atomic_file
-    from astropt_tok.store import sha256_path
 
     root = Path(run_dir) / CKPT_DIR
     final = root / step_dir_name(step)
@@ -317,12 +309,24 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_state: dict, co
     # a full or read-only disk: one error, no temporary folder left; the same step saved again (a signal right
     # after an interval save) replaces the old folder only once the new one is whole
     with atomic_file(final, folder=True) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
-                                                  indent=2))
-        torch.save(trainer_state, tmp / STATE_FILE)
-        write_record(tmp, "checkpoint", "`astropt train`", checkpoint_lineage(config, sha256_path(tmp / MODEL_FILE)))
+        _write_checkpoint_files(tmp, model_state, config, trainer_state)
     return final
+
+
+def _write_checkpoint_files(folder: Path, model_state: dict | None, config: dict, trainer_state: dict) -> None:
+    """A checkpoint's own files in its (temporary) folder: model.safetensors (unless None: a sharded one without
+    it), config.json, trainer_state.pt and the lineage record, named by the weights' sha256 (`weights_sha256`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from astropt_tok.artifacts import write_record
+
+    if model_state is not None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(folder / MODEL_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
+                                                 indent=2))
+    torch.save(trainer_state, folder / STATE_FILE)
+    write_record(folder, "checkpoint", "`astropt train`", checkpoint_lineage(config, weights_sha256(folder)))
 
 
 def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimizer, config: dict,
@@ -337,13 +341,10 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimi
     collective under FSDP: every rank calls it, rank 0 gets the weights) adds a consolidated model.safetensors.
     `wait(what)` then holds every rank until rank 0 has renamed it. `process_group` (the trainer's group of long
     waits) carries DCP's coordination, so a slow rank's write is no collective timeout for the others."""
-    import torch
     import torch.distributed as tdist
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from astropt_tok.artifacts import write_record
     from astropt_tok.atomic import atomic_file
 
     root = Path(run_dir) / CKPT_DIR
@@ -374,14 +375,9 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, model, optimi
             raise AstroptError(f"cannot write checkpoint {final}: {exc.strerror or exc}; free space or choose "
                                "another --out") from None
         full = full_state() if full_state is not None else None
-        if master:
-            if full is not None:
-                save_file({k: v.detach().to("cpu").contiguous() for k, v in full.items()}, str(tmp / MODEL_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **config},
-                                                      indent=2))
+        if master:  # the optimiser lives in the shards
             small = {k: v for k, v in trainer_state.items() if k != "optimizer"}
-            torch.save({**small, "sharded": True}, tmp / STATE_FILE)
-            write_record(tmp, "checkpoint", "`astropt train`", checkpoint_lineage(config, weights_sha256(tmp)))
+            _write_checkpoint_files(tmp, full, config, {**small, "sharded": True})
     wait(f"rank 0 to finish the checkpoint of step {step}")
     return final
 
@@ -426,19 +422,14 @@ def consolidate_checkpoint(ckpt: str | os.PathLike) -> Path:
 
     from astropt_tok.atomic import atomic_file
 
+    from astropt_train.model import GPT
+
     ckpt = Path(ckpt)
-    model = _plain_model(ckpt)
-    state = read_sharded_weights(ckpt, model)
+    state = read_sharded_weights(ckpt, GPT(model_config(ckpt, read_config(ckpt))))
     refuse_non_finite_weights(state, ckpt / SHARDED_DIR, DIVERGED)
     with atomic_file(ckpt / MODEL_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     return ckpt / MODEL_FILE
-
-
-def _plain_model(ckpt: Path):
-    from astropt_train.model import GPT
-
-    return GPT(model_config(ckpt, read_config(ckpt)))
 
 
 def _dcp_failures() -> tuple:
