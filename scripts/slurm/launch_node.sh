@@ -4,7 +4,7 @@
 # numbers the ranks. train_multinode.sbatch runs this once per node (srun --ntasks-per-node 1); the tests run
 # it once per "node" on one machine.
 #
-#   bash scripts/slurm/launch_node.sh TRAIN_ARGS...        (e.g. --tokens /shared/tokens --out /shared/runs/95m)
+#   bash scripts/slurm/launch_node.sh TRAIN_ARGS...        (e.g. --tokens $SHARED/tokens --out $SHARED/runs/95m)
 #
 # Read from the environment (srun sets the SLURM_ ones on every task):
 #   SLURM_NNODES           nodes in the job (default 1)
