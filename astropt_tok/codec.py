@@ -1,9 +1,11 @@
-"""Loading the AION image codec from a hub id or a local snapshot in the hub layout.
+"""Loading AION codecs (images, catalogue scalars, spectra) from a hub id or a local snapshot in the hub layout.
 
-The hub layout (as in `polymathic-ai/aion-base`) keeps each codec in a subfolder:
-`codecs/image/config.json` (the `ImageCodec` constructor arguments) and `codecs/image/model.safetensors`.
-AION 0.0.2's own `ImageCodec.from_pretrained(local_dir, modality=...)` fails on a local folder, so we
-build the real `aion.codecs.image.ImageCodec` from the config and load the safetensors weights ourselves.
+The hub layout (as in `polymathic-ai/aion-base`) keeps each codec in a subfolder named after the AION
+modality's short name: `codecs/image/` (the `ImageCodec` of every image survey), `codecs/Z/` (redshift),
+`codecs/FLUX_G/`, ..., `codecs/spectrum/` (DESI and SDSS spectra), each a `config.json` (the codec's
+constructor arguments) and a `model.safetensors`. AION 0.0.2's own `from_pretrained(local_dir, modality=...)`
+fails on a local folder, so we build the real aion codec class from the config and load the weights ourselves.
+Users name a modality by its AION class name (`LegacySurveyFluxG`, `Z`, `DESISpectrum`): `aion_modality`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ class LoadedCodec:
     revision: str | None = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    kind: str = "image"  # "image", "scalar" or "spectrum" (AionModality.kind)
+    aion_modality: str | None = None  # the AION modality class name it was loaded for; None: images
+    folder: str = CODEC_SUBFOLDER  # its subfolder of the snapshot
+    value_range: tuple[float, float] | None = None  # a scalar codec with a fixed grid (Z): the values it can hold
+
+    @property
+    def tokens_per_object(self) -> int:
+        """Tokens one object of this modality becomes (an image 576, a scalar 1, a spectrum 273 for AION)."""
+        return self.tokens_per_image
+
+    def describe_modality(self) -> dict:
+        """This codec's part of a store manifest's modality entry."""
+        return {"folder": self.folder, "class": type(self.codec).__name__, "config": self.config,
+                "weights_sha256": self.weights_sha256}
 
     def describe(self) -> dict:
         """The codec section of a store manifest."""
@@ -87,16 +103,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
-    """Find the codec's config and weights: a local folder in the hub layout, or the HF hub (cache first)."""
+def resolve_codec_files(codec_id: str = DEFAULT_CODEC, folder: str = CODEC_SUBFOLDER) -> CodecFiles:
+    """Find one codec's config and weights (`folder` of the snapshot: codecs/image, codecs/Z, ...): a local folder
+    in the hub layout, or the HF hub (cache first)."""
+    config_file, weights_file = f"{folder}/config.json", f"{folder}/model.safetensors"
     local = Path(codec_id).expanduser()
     if local.exists():
-        config_path, weights_path = local / CONFIG_FILE, local / WEIGHTS_FILE
+        config_path, weights_path = local / config_file, local / weights_file
         for p in (config_path, weights_path):
             if not p.is_file():
                 raise AstroptError(
                     f"codec folder {local} is not in the hub layout: missing {p.relative_to(local)} "
-                    f"(expected {CONFIG_FILE} and {WEIGHTS_FILE})"
+                    f"(expected {config_file} and {weights_file})"
                 )
         # recorded in manifests and run configs: absolute, so that they work from any working folder
         return CodecFiles(codec_id=str(local.resolve()), config_path=config_path, weights_path=weights_path)
@@ -109,21 +127,21 @@ def resolve_codec_files(codec_id: str = DEFAULT_CODEC) -> CodecFiles:
     if unreachable:
         raise AstroptError(f"cannot reach the Hugging Face hub for codec {codec_id!r} ({unreachable}); pass a local "
                            f"snapshot with --codec DIR (made elsewhere with `huggingface-cli download {codec_id} "
-                           f"--include '{CODEC_SUBFOLDER}/*' --local-dir DIR`), or set HF_HUB_OFFLINE=1 to use the HF cache")
+                           f"--include 'codecs/*' --local-dir DIR`), or set HF_HUB_OFFLINE=1 to use the HF cache")
     from huggingface_hub import hf_hub_download  # honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE
 
     try:
-        config_path = Path(hf_hub_download(codec_id, CONFIG_FILE))
-        weights_path = Path(hf_hub_download(codec_id, WEIGHTS_FILE))
+        config_path = Path(hf_hub_download(codec_id, config_file))
+        weights_path = Path(hf_hub_download(codec_id, weights_file))
     except Exception as exc:  # offline, unreachable, gated, missing repo: all end the same way for the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AstroptError(
-            f"cannot fetch codec {codec_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]}); "
-            f"on a machine without internet pass a local snapshot with --codec DIR "
-            f"(made elsewhere with `huggingface-cli download {codec_id} --include '{CODEC_SUBFOLDER}/*' --local-dir DIR`)"
+            f"cannot fetch codec {codec_id!r} ({folder}) from the Hugging Face hub ({type(exc).__name__}: "
+            f"{reason[:160]}); on a machine without internet pass a local snapshot with --codec DIR "
+            f"(made elsewhere with `huggingface-cli download {codec_id} --include 'codecs/*' --local-dir DIR`)"
         ) from None
     # the HF cache keeps files at .../snapshots/<commit>/codecs/image/model.safetensors
-    snapshot = weights_path.parents[len(Path(WEIGHTS_FILE).parts) - 1]
+    snapshot = weights_path.parents[len(Path(weights_file).parts) - 1]
     revision = snapshot.name if snapshot.parent.name == "snapshots" else None
     return CodecFiles(codec_id=codec_id, config_path=config_path, weights_path=weights_path, revision=revision)
 
@@ -224,6 +242,124 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
         revision=files.revision,
         device=str(device),
     )
+
+
+# The kinds of AION codec this tool tokenises with, by codec class name. AION's MultiScalarCodec (Gaia XP
+# coefficients), ScalarFieldCodec (segmentation maps) and CatalogCodec are not among them yet.
+CODEC_KINDS = {"ImageCodec": "image", "GridScalarCodec": "scalar", "ScalarCodec": "scalar",
+               "LogScalarCodec": "scalar", "SpectrumCodec": "spectrum"}
+
+
+@dataclass(frozen=True)
+class AionModality:
+    """One AION modality as a user names it (its class name, `Z`, `LegacySurveyFluxG`, `DESISpectrum`), with
+    the aion classes that hold and encode it and the snapshot subfolder of its codec."""
+
+    name: str  # the AION modality class name
+    cls: Any  # aion.modalities.<name>
+    codec_cls: Any  # the aion codec class that serves it (aion.codecs.config.MODALITY_CODEC_MAPPING)
+    kind: str  # "image", "scalar" or "spectrum"
+
+    @property
+    def folder(self) -> str:
+        """The codec's subfolder of a hub snapshot: codecs/<the modality's short name> (codecs/Z, codecs/FLUX_G,
+        codecs/spectrum for DESI and SDSS alike, codecs/image for every image survey)."""
+        return f"codecs/{self.cls.name}"
+
+
+def aion_modalities() -> dict[str, AionModality]:
+    """Every AION modality this tool can tokenise, by class name."""
+    from aion.codecs.config import MODALITY_CODEC_MAPPING
+
+    return {cls.__name__: AionModality(cls.__name__, cls, codec_cls, CODEC_KINDS[codec_cls.__name__])
+            for cls, codec_cls in MODALITY_CODEC_MAPPING.items() if codec_cls.__name__ in CODEC_KINDS}
+
+
+def aion_modality(name: str, kind: str | None = None, flag: str = "--scalar") -> AionModality:
+    """The AION modality of class `name`, checked to be of `kind` when given; one AstroptError naming the
+    choices otherwise (`flag` is how the message calls the option that named it)."""
+    known = aion_modalities()
+    found = known.get(name)
+    if found is None or (kind is not None and found.kind != kind):
+        choices = sorted(n for n, m in known.items() if kind is None or m.kind == kind)
+        what = "is not an AION modality" if found is None else f"is an AION {found.kind} modality, not a {kind}"
+        raise AstroptError(f"{flag} modality {name!r} {what}; choose one of {', '.join(choices)}")
+    return found
+
+
+def load_codec(codec_id: str, modality: str, device: str = "cpu") -> LoadedCodec:
+    """The real AION codec of `modality` (an AION class name) from the snapshot `codec_id`, ready on `device`:
+    an image modality loads the image codec (`load_image_codec`); a scalar or spectrum modality its own codec
+    from codecs/<short name>/ (config.json -> the aion codec class, model.safetensors -> its state, strictly)."""
+    from astropt_tok.schema import read_json_object
+
+    mod = aion_modality(modality, flag="modality")
+    if mod.kind == "image":
+        return load_image_codec(codec_id, device)
+    files = resolve_codec_files(codec_id, mod.folder)
+    config = read_json_object(files.config_path, "codec config", "fit or download the codec again")
+    if mod.kind == "scalar" and config.get("modality") not in (None, mod.cls.name):
+        raise AstroptError(f"codec config {files.config_path} is for modality {config.get('modality')!r}, not "
+                           f"{mod.cls.name!r} ({modality}); fit or download that modality's codec again")
+    args = {**config, "modality": mod.cls.name} if mod.kind == "scalar" else config
+    try:
+        codec = mod.codec_cls(**args)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        raise AstroptError(f"codec config {files.config_path} does not fit aion's {mod.codec_cls.__name__} "
+                           f"({type(exc).__name__}: {_first_line(exc)})") from None
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(files.weights_path))
+    except Exception as exc:
+        raise AstroptError(f"codec weights {files.weights_path} are unreadable: {_first_line(exc)}") from None
+    from astropt_tok.health import refuse_non_finite_weights
+
+    refuse_non_finite_weights(state, files.weights_path, "the codec is damaged or its fit diverged; fit it again "
+                              "(astropt fit-codec) or pass another --codec")
+    try:
+        missing, unexpected = codec.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit the config
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        raise AstroptError(f"codec weights {files.weights_path} do not match its config ({detail})") from None
+    if missing or unexpected:
+        raise AstroptError(f"codec weights {files.weights_path} do not match its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    import torch
+
+    codec = codec.eval().to(torch.device(device))
+    quantizer = codec.quantizer
+    value_range = None
+    if mod.kind == "scalar":
+        vocab, tokens = int(quantizer.codebook_size), 1
+        buckets = getattr(quantizer, "buckets", None)  # GridScalarCodec: a fixed grid; values beyond it clamp
+        if isinstance(buckets, torch.Tensor):
+            value_range = (float(buckets[0]), float(buckets[-1]))
+    else:  # a spectrum: its normalisation token, then the LFQ tokens (one codebook size for both)
+        vocab = max(int(quantizer.codebook_size), int(codec.normalization_quantizer.codebook_size))
+        tokens = _spectrum_tokens(codec)
+    return LoadedCodec(codec=codec, codec_id=files.codec_id, config=config, weights_sha256=sha256_file(files.weights_path),
+                       vocab_size=vocab, tokens_per_image=tokens, revision=files.revision, device=str(device),
+                       kind=mod.kind, aion_modality=mod.name, folder=mod.folder, value_range=value_range)
+
+
+def _spectrum_tokens(codec) -> int:
+    """Tokens per spectrum of a SpectrumCodec: encode one flat spectrum on its own latent grid (the count depends
+    on the encoder's depth and the grid's length, not on the spectrum)."""
+    import torch
+    from aion.modalities import Spectrum
+
+    grid = codec.latent_grid.wavelength.reshape(1, -1).float()  # [1, num_pixels] Angstrom
+    device = grid.device
+    flat = Spectrum(flux=torch.ones_like(grid), ivar=torch.ones_like(grid),
+                    mask=torch.zeros(grid.shape, dtype=torch.bool, device=device), wavelength=grid)
+    with torch.inference_mode():
+        return int(codec.encode(flat).shape[-1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def move_codec(codec: Any, device: str) -> Any:
