@@ -220,9 +220,9 @@ def test_readers_refuse_an_unknown_version_and_read_old_ones(two_column_store, r
     copy = tmp_path / "future"
     shutil.copytree(two_column_store, copy)
     m = json.loads((copy / st.MANIFEST).read_text())
-    m["format_version"] = 4
+    m["format_version"] = 5
     (copy / st.MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(AstroptError, match="format version 4; this tool reads versions 1, 2, 3"):
+    with pytest.raises(AstroptError, match="format version 5; this tool reads versions 1, 2, 3, 4"):
         st.TokenStore(copy)
 
 

@@ -37,6 +37,14 @@ token column per modality, named after it, instead of `tokens`, and with keep_pa
 `<name>_valid` (False: the row lacks that image, its tokens are zeros). A store of one image column is still
 written as version 2, so older readers read it. token_min/token_max of a shard cover all its token columns.
 
+Catalogue scalars and spectra beside images (version 4): each modality entry also says what it is, {"name",
+"column", "kind": "image" | "scalar" | "spectrum", "bands" (images; [] otherwise), "aion_modality" (the AION
+class name: LegacySurveyImage, Z, LegacySurveyFluxG, DESISpectrum, ...), "codec": {"folder", "class", "config",
+"weights_sha256"}, "vocab_size", "tokens_per_object", "dtype"}: each token column has its own vocabulary,
+length and dtype. The first modality is an image column; the top-level codec, vocab_size, tokens_per_image,
+dtype and bands are its. A shard entry adds "token_ranges": {name: [min, max]} (token_min/token_max still span
+every column). A store of images only is still written as version 2 or 3.
+
 Token dtype: int16 holds codebooks up to 32768 codes, uint16 up to 65536; anything larger is refused.
 """
 
@@ -55,7 +63,9 @@ from astropt_tok.schema import Fields, read_json_object
 FORMAT = "astropt-token-store"
 FORMAT_VERSION = 2  # a store of one image column (a `tokens` column)
 MODALITIES_VERSION = 3  # several image columns in one store, a token column each
-READABLE_VERSIONS = (1, 2, 3)  # 1: no source fingerprints, no per-shard row or token ranges
+KINDS_VERSION = 4  # catalogue scalars and spectra beside images: a vocabulary, length and dtype per column
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1: no source fingerprints, no per-shard row or token ranges
+MODALITY_KINDS = ("image", "scalar", "spectrum")
 RESERVED_COLUMNS = ("tokens", "row", "object_id")  # shard columns an image column may not be named
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -204,6 +214,15 @@ def check_manifest(m: dict, path: Path) -> None:
         low, high = (f.maybe(s, key, int, where, low=0) for key in ("token_min", "token_max"))
         if (low is None) != (high is None) or (low is not None and low > high):
             raise f.fail(where + "token_min", low, f"token_min <= token_max ({high})")
+        ranges = f.maybe(s, "token_ranges", dict, where)
+        if ranges is not None:
+            names = [mod["name"] for mod in m.get("modalities") or []]
+            if sorted(ranges) != sorted(names):
+                raise f.fail(where + "token_ranges", sorted(ranges), f"one [min, max] per modality ({', '.join(names)})")
+            for name, span in ranges.items():
+                if not (isinstance(span, list) and len(span) == 2 and all(type(v) is int and v >= 0 for v in span)
+                        and span[0] <= span[1]):
+                    raise f.fail(f"{where}token_ranges.{name}", span, "[min, max], two token ids, min <= max")
     totals = f.need(m, "totals", dict)
     f.equal("totals.rows", f.need(totals, "rows", int, "totals."), sum(s["rows"] for s in shards),
             "the sum of the shards' rows")
@@ -212,32 +231,62 @@ def check_manifest(m: dict, path: Path) -> None:
 
 
 def _check_modalities(m: dict, f: Fields, bands: list) -> None:
-    """The version agrees with whether the store names modalities; each is {name, column, bands}, the names are
-    distinct token columns that clash with no other shard column, and `bands` are the first one's."""
+    """The version agrees with what the store names: no modalities (one image column), several image columns
+    (version 3), or modalities of several kinds (version 4, each with its own vocabulary, length and dtype). The
+    names are distinct token columns that clash with no other shard column, the first is an image column, and
+    the top-level `bands` (and, in version 4, vocab_size, tokens_per_image, dtype) are its."""
     version = m["format_version"]
     if m.get("modalities") is None:
-        if version == MODALITIES_VERSION:
-            raise f.fail("modalities", expected="a list of image columns: format_version is "
-                         f"{MODALITIES_VERSION} (several image columns)")
+        if version in (MODALITIES_VERSION, KINDS_VERSION):
+            raise f.fail("modalities", expected=f"a list of modalities: format_version is {version}")
         if m.get("keep_partial"):
             raise f.fail("keep_partial", m["keep_partial"], "false or absent: the store names no modalities")
         return
-    if version != MODALITIES_VERSION:
-        raise f.fail("format_version", version, f"{MODALITIES_VERSION}, the version of a store of several image "
-                     "columns (it lists modalities)")
+    if version not in (MODALITIES_VERSION, KINDS_VERSION):
+        raise f.fail("format_version", version, f"{MODALITIES_VERSION} or {KINDS_VERSION}, the versions of a store "
+                     "that lists modalities")
     mods = f.need_list(m, "modalities", dict)
     names = []
     for i, mod in enumerate(mods):
         where = f"modalities[{i}]."
         name = f.need(mod, "name", str, where)
         f.need(mod, "column", str, where)
-        f.need_list(mod, "bands", str, where, unique=True)
         if not name or name in RESERVED_COLUMNS or name.endswith("_valid") or name in names:
-            raise f.fail(where + "name", name, "a distinct image column name, not "
+            raise f.fail(where + "name", name, "a distinct token column name, not "
                          f"{', '.join(RESERVED_COLUMNS)} nor *_valid")
         names.append(name)
+        kind = f.one_of(mod, "kind", MODALITY_KINDS, where) if version == KINDS_VERSION else "image"
+        its_bands = f.need_list(mod, "bands", str, where, unique=True, nonempty=kind == "image")
+        if kind != "image" and its_bands:
+            raise f.fail(where + "bands", its_bands, f"[]: a {kind} has no bands")
+        if version != KINDS_VERSION:
+            continue
+        if i == 0 and kind != "image":
+            raise f.fail(where + "kind", kind, "image: the first modality is an image column")
+        f.need(mod, "aion_modality", str, where)
+        codec = f.need(mod, "codec", dict, where)
+        for key in ("folder", "class", "weights_sha256"):
+            f.need(codec, key, str, f"{where}codec.")
+        vocab = f.need(mod, "vocab_size", int, where, low=1, high=2**16)
+        f.need(mod, "tokens_per_object", int, where, low=1)
+        f.equal(where + "dtype", f.one_of(mod, "dtype", ("int16", "uint16"), where), token_dtype(vocab).name,
+                f"the narrowest token dtype of a vocabulary of {vocab}")
     f.equal("bands", bands, mods[0]["bands"], f"the bands of the first modality, {names[0]}")
+    if version == KINDS_VERSION:
+        for key, its in (("vocab_size", "vocab_size"), ("tokens_per_image", "tokens_per_object"), ("dtype", "dtype")):
+            f.equal(key, m[key], mods[0][its], f"the first modality's {its}, {names[0]}")
     f.need(m, "keep_partial", bool)
+
+
+def modality_entries(m: dict) -> list[dict]:
+    """Every token column of a store as a version-4 modality entry {name, kind, bands, aion_modality, vocab_size,
+    tokens_per_object, dtype}, whatever the version: a one-column store's `tokens`, or image columns filled in
+    from the top-level fields."""
+    image = {"kind": "image", "aion_modality": None, "vocab_size": m["vocab_size"],
+             "tokens_per_object": m["tokens_per_image"], "dtype": m["dtype"]}
+    if not m.get("modalities"):
+        return [{**image, "name": "tokens", "column": (m.get("source") or {}).get("column"), "bands": list(m["bands"])}]
+    return [{**image, **mod} for mod in m["modalities"]]
 
 
 def manifest_sha256(store_dir: str | os.PathLike) -> str:

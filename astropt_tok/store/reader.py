@@ -10,7 +10,7 @@ import numpy as np
 
 from astropt_tok.errors import AstroptError
 from astropt_tok.schema import Fields
-from astropt_tok.store.format import MANIFEST, path_bytes, read_manifest, token_dtype
+from astropt_tok.store.format import MANIFEST, modality_entries, path_bytes, read_manifest, token_dtype
 from astropt_tok.store.ids import IdIndex, hash_strings
 
 
@@ -44,6 +44,14 @@ class TokenStore:
         self.modality_bands: dict[str, list[str]] = {x["name"]: list(x["bands"]) for x in m.get("modalities") or []}
         self.partial: bool = bool(m.get("keep_partial")) and bool(self.modalities)
         self.token_columns: list[str] = self.modalities or ["tokens"]
+        # each token column's kind, vocabulary, tokens per object and dtype (for a store of images only: the
+        # store's, for every column); keyed by modality name, and by "tokens" in a one-column store
+        entries = {e["name"]: e for e in modality_entries(m)}
+        self.modality_kind: dict[str, str] = {n: e["kind"] for n, e in entries.items()}
+        self.modality_vocab: dict[str, int] = {n: int(e["vocab_size"]) for n, e in entries.items()}
+        self.modality_tokens: dict[str, int] = {n: int(e["tokens_per_object"]) for n, e in entries.items()}
+        self.modality_dtype: dict[str, np.dtype] = {n: np.dtype(e["dtype"]) for n, e in entries.items()}
+        self.modality_aion: dict[str, str | None] = {n: e.get("aion_modality") for n, e in entries.items()}
         self.codec_id: str = m["codec"]["id"]
         self.shards: list[dict] = m["shards"]
         self.shard_rows = np.array([s["rows"] for s in self.shards], dtype=np.int64)
@@ -105,10 +113,11 @@ class TokenStore:
             t = self._open[i].get(column)
             if t is None:
                 raise AstroptError(f"token store {self.dir}: shard {path.name} has no {column!r} token column")
-            if tuple(t.shape) != (self.shards[i]["rows"], self.tokens_per_image) or np.dtype(t.dtype) != self.dtype:
+            want = (self.shards[i]["rows"], self.modality_tokens[column])
+            if tuple(t.shape) != want or np.dtype(t.dtype) != self.modality_dtype[column]:
                 raise AstroptError(
                     f"token store {self.dir}: shard {path.name} holds {column} {tuple(t.shape)} {t.dtype}, the "
-                    f"manifest says ({self.shards[i]['rows']}, {self.tokens_per_image}) {self.dtype}"
+                    f"manifest says {want} {self.modality_dtype[column]}"
                 )
         self._check_row_ids(i, path)
 
@@ -166,11 +175,20 @@ class TokenStore:
         records no ranges (format version 1), True when every shard is within 0..vocab_size-1."""
         if any(s.get("token_min") is None and s["rows"] for s in self.shards):
             return False
+        several_vocabs = len(set(self.modality_vocab.values())) > 1
         for s in self.shards:
-            if s["rows"] and not (0 <= s["token_min"] and s["token_max"] < self.vocab_size):
-                raise AstroptError(
-                    f"token store {self.dir}: shard {s['file']} holds tokens {s['token_min']}..{s['token_max']}, "
-                    f"outside the vocabulary 0..{self.vocab_size - 1}")
+            if not s["rows"]:
+                continue
+            if several_vocabs and s.get("token_ranges") is None:
+                return False  # the pooled range cannot be checked against vocabularies of different sizes
+            spans = s.get("token_ranges") or {c: [s["token_min"], s["token_max"]] for c in self.token_columns}
+            for column, (low, high) in spans.items():
+                vocab = self.modality_vocab[column]
+                if not (0 <= low and high < vocab):
+                    what = "tokens" if column == "tokens" or not several_vocabs else f"{column} tokens"
+                    raise AstroptError(
+                        f"token store {self.dir}: shard {s['file']} holds {what} {low}..{high}, "
+                        f"outside the vocabulary 0..{vocab - 1}")
         return True
 
     def _column(self, modality: str | None) -> str:
@@ -242,12 +260,13 @@ class TokenStore:
         return shard, indices - self.offsets[shard]
 
     def take(self, indices, modality: str | None = None) -> np.ndarray:
-        """Tokens of store rows `indices`, [n, tokens_per_image] in the store dtype, in the order asked."""
+        """Tokens of store rows `indices`, [n, tokens of the modality] in its dtype, in the order asked."""
         return self.gather(*self.locate(indices), modality=modality)
 
     def gather(self, shard: np.ndarray, local: np.ndarray, modality: str | None = None) -> np.ndarray:
         """`take` for rows already located: (shard, row within shard) pairs from `locate`."""
-        out = np.empty((shard.size, self.tokens_per_image), dtype=self.dtype)
+        column = self._column(modality)
+        out = np.empty((shard.size, self.modality_tokens[column]), dtype=self.modality_dtype[column])
         for i in np.unique(shard):
             sel = np.nonzero(shard == i)[0]
             tokens = self.shard_tokens(int(i), modality)
@@ -268,8 +287,9 @@ class TokenStore:
         if self.storage != "arrow":
             return self.gather(shard, local, modality)
         column = self._column(modality)
-        row_bytes = self.tokens_per_image * self.dtype.itemsize
-        out = np.empty((shard.size, self.tokens_per_image), dtype=self.dtype)
+        width, dtype = self.modality_tokens[column], self.modality_dtype[column]
+        row_bytes = width * dtype.itemsize
+        out = np.empty((shard.size, width), dtype=dtype)
         view = memoryview(out).cast("B")
         for j, (i, r) in enumerate(zip(shard.tolist(), local.tolist())):
             opened = self._shard(i)

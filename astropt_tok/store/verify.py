@@ -51,16 +51,22 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{s['file']}: {exc}")
             continue
         present = {c: t for c, t in present.items() if t.size}
-        outside = [c for c, t in present.items() if int(t.min()) < 0 or int(t.max()) >= store.vocab_size]
+        vocab = store.modality_vocab
+        outside = [c for c, t in present.items() if int(t.min()) < 0 or int(t.max()) >= vocab[c]]
         for column in outside:
             what = "tokens" if column == "tokens" else f"{column} tokens"
-            problems.append(f"{s['file']}: {what} outside 0..{store.vocab_size - 1}")
-        present = list(present.values())
-        if not outside and present and s.get("token_min") is not None:
-            low, high = min(int(t.min()) for t in present), max(int(t.max()) for t in present)
+            problems.append(f"{s['file']}: {what} outside 0..{vocab[column] - 1}")
+        spans = {c: [int(t.min()), int(t.max())] for c, t in present.items()}
+        if not outside and spans and s.get("token_min") is not None:
+            low, high = min(lo for lo, _ in spans.values()), max(hi for _, hi in spans.values())
             if (s["token_min"], s["token_max"]) != (low, high):
                 problems.append(f"{s['file']}: tokens span {low}..{high}, the manifest says "
                                 f"{s['token_min']}..{s['token_max']}")
+        if not outside and spans and s.get("token_ranges") is not None and s["token_ranges"] != spans:
+            wrong = sorted(c for c in spans if s["token_ranges"].get(c) != spans[c])
+            problems.append(f"{s['file']}: {', '.join(wrong)} tokens span "
+                            f"{'; '.join(f'{spans[c][0]}..{spans[c][1]}' for c in wrong)}, not the manifest's "
+                            "token_ranges")
         rows = store.shard_source_rows(i)
         if rows.shape[0] != s["rows"] or (rows.size > 1 and np.any(np.diff(rows) <= 0)):
             problems.append(f"{s['file']}: source row column is not {s['rows']} ascending rows")
@@ -68,10 +74,11 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
 
 
 def codebook_usage(store: TokenStore) -> tuple[int, np.ndarray]:
-    """(distinct codes used, per-code counts [vocab]) over the whole store (every modality's tokens)."""
+    """(distinct codes used, per-code counts [vocab]) over the whole store (every image column's tokens: they
+    share the image codec's codebook; scalars and spectra have codebooks of their own)."""
     counts = np.zeros(store.vocab_size, dtype=np.int64)
     for i in range(len(store.shards)):
-        for column in store.token_columns:
+        for column in [c for c in store.token_columns if store.modality_kind[c] == "image"]:
             tokens = np.asarray(store.shard_tokens(i, column)[:]).astype(np.int64).reshape(-1)
             counts += np.bincount(tokens, minlength=store.vocab_size)[: store.vocab_size]
     return int((counts > 0).sum()), counts

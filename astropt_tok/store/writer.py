@@ -17,6 +17,7 @@ from astropt_tok.store.format import (
     DONE_DIR,
     FORMAT,
     FORMAT_VERSION,
+    KINDS_VERSION,
     MANIFEST,
     MODALITIES_VERSION,
     REJECTS,
@@ -44,6 +45,14 @@ class ShardRecord:
     last_row: int | None = None
     token_min: int | None = None  # smallest and largest token id in the shard
     token_max: int | None = None
+    token_ranges: dict | None = None  # a store of several kinds of modality: {name: [min, max]} per token column
+
+    def entry(self) -> dict:
+        """The manifest's shard entry (token_ranges only where recorded, so older stores' entries are unchanged)."""
+        entry = asdict(self)
+        if entry["token_ranges"] is None:
+            del entry["token_ranges"]
+        return entry
 
 
 def write_shard(
@@ -55,11 +64,14 @@ def write_shard(
     object_ids: list[str] | None,
     rejected: int = 0,
     valid: dict | None = None,
+    ranges: bool = False,
 ) -> ShardRecord:
     """Write one complete shard atomically (temporary name, fsync, rename) and return its record.
 
     tokens: [n, tokens_per_image] in the store dtype, or {modality: [n, tokens_per_image]} for a store of several
-    image columns (with `valid` {modality: [n] bool} when rows may lack some); rows: [n] int64 global source rows.
+    image columns (with `valid` {modality: [n] bool} when rows may lack some), each of its own width and dtype
+    (a version-4 store of images, scalars and spectra: then `ranges` records each column's token range); rows:
+    [n] int64 global source rows.
     """
     out = Path(out_dir)
     final = out / shard_name(index, storage)
@@ -78,11 +90,13 @@ def write_shard(
     with atomic_file(final) as tmp:
         (_write_arrow if storage == "arrow" else _write_zarr)(tmp, columns, rows, object_ids)
     n = int(rows.shape[0])
-    token_arrays = [t for name, t in columns.items() if t.ndim == 2]  # every token column, not the validity flags
+    token_arrays = {name: t for name, t in columns.items() if t.ndim == 2}  # every token column, not the flags
+    per_column = {name: [int(t.min()), int(t.max())] for name, t in token_arrays.items()} if n else {}
     return ShardRecord(index, final.name, n, int(rejected), sha256_path(final), path_bytes(final),
                        int(rows[0]) if n else None, int(rows[-1]) if n else None,
-                       min(int(t.min()) for t in token_arrays) if n else None,
-                       max(int(t.max()) for t in token_arrays) if n else None)
+                       min(low for low, _ in per_column.values()) if n else None,
+                       max(high for _, high in per_column.values()) if n else None,
+                       per_column if ranges and n else None)
 
 
 def _arrow_table(columns: dict, rows: np.ndarray, object_ids: list[str] | None):
@@ -142,7 +156,7 @@ def mark_shard_done(out_dir: str | os.PathLike, record: ShardRecord, rejects: li
     path = done_record_path(out_dir, record.index)
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"shard": asdict(record), "rejects": rejects}))
+    atomic_write_text(path, json.dumps({"shard": record.entry(), "rejects": rejects}))
 
 
 def read_done_records(out_dir: str | os.PathLike, num_shards: int, storage: str | None = None) -> dict[int, dict]:
@@ -212,26 +226,48 @@ def write_store_from_arrays(
     source: dict | None = None,
     precision: str = "fp32",
     valid: dict | None = None,
+    specs: dict | None = None,
 ) -> dict:
     """Write a complete store from tokens already in memory ([rows, T]); rows split into contiguous shards.
 
     For synthetic stores (tests, benchmarks) and re-packing. `codec` is a manifest codec section
     (`LoadedCodec.describe()`, or at least {"id", "vocab_size", "tokens_per_image"}). Several modalities:
-    `tokens` {name: [rows, T]}, `bands` {name: [...]}, and optionally `valid` {name: [rows] bool}.
+    `tokens` {name: [rows, T]}, `bands` {name: [...]} of the image columns, and optionally `valid` {name: [rows]
+    bool}. Scalars and spectra (a version-4 store): `specs` {name: {"kind", "vocab_size", "aion_modality", and
+    optionally "codec" (a modality codec section)}} for each column that is not an image of `codec`.
     """
     from astropt_tok.artifacts import claim_output
 
     out = Path(out_dir)
     claim_output(out, "token-store", "`write_store_from_arrays`")
-    vocab = int(codec["vocab_size"])
-    dtype = token_dtype(vocab)
     several = isinstance(tokens, dict)
-    for t in (tokens.values() if several else [tokens]):
-        if t.size and (t.min() < 0 or t.max() >= vocab):
-            raise AstroptError(f"tokens outside 0..{vocab - 1}")
+    specs = dict(specs or {})
+    if specs and not several:
+        raise AstroptError("specs name modalities: give tokens as {name: [rows, T]}")
+    vocab_of = {name: int(specs[name]["vocab_size"]) if name in specs else int(codec["vocab_size"])
+                for name in (tokens if several else ["tokens"])}
+    for name, t in (tokens.items() if several else [("tokens", tokens)]):
+        if t.size and (t.min() < 0 or t.max() >= vocab_of[name]):
+            raise AstroptError(f"{name}: tokens outside 0..{vocab_of[name] - 1}")
     n = next(iter(tokens.values())).shape[0] if several else tokens.shape[0]
     bounds = shard_bounds(n, num_shards)
-    modalities = [{"name": name, "column": name, "bands": list(bands[name])} for name in tokens] if several else None
+    modalities = None
+    if several:
+        image = {"kind": "image", "aion_modality": codec.get("aion_modality", "LegacySurveyImage"),
+                 "codec": {"folder": "codecs/image", "class": "ImageCodec", "config": codec.get("config") or {},
+                           "weights_sha256": codec.get("weights_sha256") or ""}}
+        modalities = []
+        for name, t in tokens.items():
+            entry = {"name": name, "column": name, "bands": list(bands[name]) if name not in specs else []}
+            if specs:  # version 4: every entry says what it is
+                spec = specs.get(name)
+                entry.update(image if spec is None else {
+                    "kind": spec["kind"], "aion_modality": spec["aion_modality"],
+                    "codec": spec.get("codec") or {"folder": f"codecs/{spec['aion_modality']}", "class": "",
+                                                   "config": {}, "weights_sha256": ""}})
+                entry.update(vocab_size=vocab_of[name], tokens_per_object=int(t.shape[1]),
+                             dtype=token_dtype(vocab_of[name]).name)
+            modalities.append(entry)
     manifest = new_manifest(
         codec=codec, bands=modalities[0]["bands"] if several else bands, storage=storage, num_shards=num_shards,
         precision=precision, source=source or {"id": "in-memory", "kind": "arrays", "num_rows": n},
@@ -240,11 +276,12 @@ def write_store_from_arrays(
     write_manifest(out, manifest)
     for i in range(num_shards):
         lo, hi = bounds[i], bounds[i + 1]
-        part = ({name: t[lo:hi].astype(dtype) for name, t in tokens.items()} if several
-                else tokens[lo:hi].astype(dtype))
+        part = ({name: t[lo:hi].astype(token_dtype(vocab_of[name])) for name, t in tokens.items()} if several
+                else tokens[lo:hi].astype(token_dtype(vocab_of["tokens"])))
         rec = write_shard(out, i, storage, part, np.arange(lo, hi, dtype=np.int64),
                           None if object_ids is None else object_ids[lo:hi],
-                          valid=None if valid is None else {name: v[lo:hi] for name, v in valid.items()})
+                          valid=None if valid is None else {name: v[lo:hi] for name, v in valid.items()},
+                          ranges=bool(specs))
         mark_shard_done(out, rec, [])
     return finalize_store(out, manifest)
 
@@ -252,14 +289,17 @@ def write_store_from_arrays(
 def new_manifest(codec: dict, bands: list[str], storage: str, num_shards: int, precision: str, source: dict,
                  modalities: list[dict] | None = None, keep_partial: bool = False) -> dict:
     """A manifest for a store in progress (`complete` false, no shard list yet). `modalities`: several image
-    columns, [{"name", "column", "bands"}] (format version 2)."""
+    columns, [{"name", "column", "bands"}] (format version 3), or modalities of several kinds, each entry also
+    with {"kind", "aion_modality", "codec", "vocab_size", "tokens_per_object", "dtype"} (format version 4)."""
     from astropt_tok import __version__
 
     vocab = int(codec["vocab_size"])
     several = {"modalities": modalities, "keep_partial": bool(keep_partial)} if modalities else {}
+    kinds = modalities and any("kind" in mod for mod in modalities)
+    version = KINDS_VERSION if kinds else MODALITIES_VERSION if modalities else FORMAT_VERSION
     return {
         "format": FORMAT,
-        "format_version": MODALITIES_VERSION if modalities else FORMAT_VERSION,
+        "format_version": version,
         "tool_version": __version__,
         "complete": False,
         "codec": codec,
