@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
         codec: str = typer.Option(DEFAULT_CODEC, "--codec", help="AION codec: hub id or a local snapshot in the hub layout (codecs/image/...)."),
         column: List[str] = typer.Option(["legacysurvey_image"], "--column", help="Image column: a struct with 'band' and 'flux'. Several surveys of each galaxy in one store: repeat as COLUMN:BAND,BAND,... (e.g. --column legacysurvey_image:DES-G,DES-R,DES-I,DES-Z --column hsc_image:HSC-G,HSC-R,HSC-I,HSC-Z,HSC-Y); one token column each."),
         bands: Optional[str] = typer.Option(None, "--bands", help="Bands of a single --column, in the channel order given to the codec [default: DES-G,DES-R,DES-I,DES-Z]."),
-        keep_partial: bool = typer.Option(False, "--keep-partial", help="Several --column: keep a row when at least one of its images is good; the others are zeros, marked False in <column>_valid (training, embed and decode never read them as images)."),
+        scalar: List[str] = typer.Option([], "--scalar", help="A catalogue column beside the images, as COLUMN:MODALITY with MODALITY an AION scalar modality (e.g. --scalar Z:Z --scalar FLUX_G:LegacySurveyFluxG); its codec is read from --codec's codecs/<name>/. One token per galaxy, in a token column named after COLUMN. Repeatable."),
+        spectrum: List[str] = typer.Option([], "--spectrum", help="A spectrum column beside the images, as COLUMN:MODALITY (DESISpectrum or SDSSSpectrum): a struct of flux, ivar, mask and wavelength (or lambda) lists; its codec is --codec's codecs/spectrum/. Repeatable."),
+        keep_partial: bool = typer.Option(False, "--keep-partial", help="Several columns (--column twice, or --scalar/--spectrum): keep a row when at least one of its columns is good; the others are zeros, marked False in <column>_valid (training, embed and decode never read them)."),
         split: str = typer.Option("train", "--split", help="Dataset split."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per codec call (use 256+ on a GPU)."),
         device: str = typer.Option("auto", "--device", help="auto, cuda, cuda:N or cpu."),
@@ -46,12 +48,13 @@ def register(app: typer.Typer) -> None:
         (RANK/WORLD_SIZE) or a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) each process takes its own shards.
         """
         from astropt_tok.report import print_tokenise_summary
-        from astropt_tok.tokenise import TokeniseConfig, parse_columns, tokenise as run
+        from astropt_tok.tokenise import TokeniseConfig, parse_catalogue, parse_columns, tokenise as run
 
         single, band_list, modalities = parse_columns(column, bands)
         cfg = TokeniseConfig(
             source=source, out=out, shards=shards, codec=codec, column=single, bands=band_list,
-            modalities=modalities, keep_partial=keep_partial, split=split, batch_size=batch_size,
+            modalities=modalities, keep_partial=keep_partial, scalars=parse_catalogue(scalar, "--scalar"),
+            spectra=parse_catalogue(spectrum, "--spectrum"), split=split, batch_size=batch_size,
             device=device, storage=storage, limit=limit, workers=workers, id_column=id_column or None,
             strict=strict, overwrite=overwrite, precision=precision, reader=reader, progress=progress,
             dist_timeout=dist_timeout,

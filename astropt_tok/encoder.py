@@ -1,5 +1,5 @@
-"""The encoder: the AION codec on its device, at the precision the manifest records, and the checks on what
-it returns, one shard at a time (`encode_shard`)."""
+"""The encoders: each AION codec (images, catalogue scalars, spectra) on its device, at the precision the
+manifest records, and the checks on what it returns, one shard at a time (`encode_shard`)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ class Encoder:
         from aion.modalities import HSCImage, LegacySurveyImage
 
         self.image_type = HSCImage if bands[0].startswith("HSC") else LegacySurveyImage
+        self.tokens = loaded.tokens_per_image
+        self.dtype = None  # the store's dtype, given by the caller (`encode_shard`'s dtype)
+
+    def precision_context(self):
+        """The autocast and TF32 setting of `precision` for one call on this device (the caller's TF32 setting
+        after it: the flags are process-wide)."""
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        stack = contextlib.ExitStack()
+        if dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        stack.enter_context(tf32_allowed(self.precision == "tf32"))
+        return stack
 
     def submit(self, flux):
         """Start encoding [n, bands, 96, 96] flux; returns a handle for `result`. On a GPU nothing waits here:
@@ -81,13 +95,11 @@ class Encoder:
         TF32 is on inside the call only with precision "tf32"; the process's TF32 flags are as they were after."""
         import torch
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        mixed = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         # TF32 as the precision says for this call only (its kernels are queued inside it, which is when torch
         # reads the flags), and the caller's setting after: the flags are process-wide, and a Python caller's
         # own fp32 work after tokenise() must not run in TF32. Set on every device (no effect off CUDA), so the
         # rule has one code path.
-        with torch.inference_mode(), mixed, self.device, tf32_allowed(self.precision == "tf32"):
+        with torch.inference_mode(), self.precision_context(), self.device:
             latents = self.codec._encode(self.image_type(flux=x, bands=self.bands))  # [n, C, T] float
             tokens = self.codec.quantizer.encode(latents)  # [n, T] int32
             finite = torch.isfinite(latents).flatten(1).all(dim=1)  # [n] bool
@@ -107,17 +119,95 @@ class Encoder:
         return self.result(self.submit(flux))
 
 
-class ModalityEncoders:
-    """One `Encoder` per image column, each with its own bands, sharing one codec: a batch of several surveys of
-    the same galaxies costs one codec call per modality. `submit`/`result` take and give {column: ...}."""
+class ScalarEncoder:
+    """A catalogue scalar's AION codec (a quantiser: a table lookup, so on the host whatever the device): values
+    [n] float32 -> [n, 1] tokens, equal to `codec.encode(Modality(value=values))`. The converter has already
+    refused null, non-finite and (fixed-grid codecs) out-of-range values, which AION would map silently."""
 
-    def __init__(self, loaded, device: str, precision: str, modalities: list[tuple[str, tuple[str, ...]]]):
-        self.encoders = {column: Encoder(loaded, device, precision, list(bands)) for column, bands in modalities}
-        self.loaded = loaded
-        self.device = next(iter(self.encoders.values())).device
+    def __init__(self, loaded, modality_cls):
+        self.loaded, self.codec, self.modality_cls = loaded, loaded.codec.cpu(), modality_cls
+        self.vocab, self.tokens, self.dtype = loaded.vocab_size, 1, None
+
+    def submit(self, values):
+        import torch
+
+        with torch.inference_mode():
+            tokens = self.codec.encode(self.modality_cls(value=values.float()))  # [n] int32 or int64
+        return tokens.reshape(-1, 1), torch.ones(len(values), dtype=torch.bool)
+
+    def result(self, handle) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [n, 1] int64, finite [n] bool, in_vocab [n] bool), as `Encoder.result`."""
+        tokens, finite = handle
+        tokens = tokens.numpy().astype(np.int64)
+        return tokens, finite.numpy().copy(), ((tokens >= 0) & (tokens < self.vocab)).all(axis=1)
+
+
+class SpectrumEncoder:
+    """A spectrum's AION codec on the device: spectra [n, 4, L] (flux, ivar, mask, wavelength; each row's pixels
+    before its first NaN wavelength) -> [n, T] tokens, the normalisation token then the codebook tokens, equal to
+    `codec.encode(DESISpectrum(...))` of each row on its own pixels: rows are encoded in groups of one length
+    (AION resamples each spectrum onto its latent grid from its own wavelengths, so padding would change it).
+    A row with no pixels (kept with --keep-partial, without a spectrum) gets zeros."""
+
+    def __init__(self, loaded, device: str, precision: str, modality_cls):
+        import torch
+
+        self.loaded, self.modality_cls = loaded, modality_cls
+        self.device = torch.device(device)
+        self.codec = loaded.codec.to(self.device)
+        self.vocab, self.tokens, self.dtype = loaded.vocab_size, loaded.tokens_per_object, None
+        self.precision = precision
+
+    precision_context = Encoder.precision_context
+
+    def submit(self, spectra):
+        import torch
+
+        n = spectra.shape[0]
+        lengths = torch.isfinite(spectra[:, 3]).sum(dim=1)  # [n] pixels of each row (host)
+        tokens = torch.zeros((n, self.tokens), dtype=torch.int64)
+        finite = torch.ones(n, dtype=torch.bool)
+        for length in sorted(set(lengths.tolist()) - {0}):
+            rows = torch.nonzero(lengths == length).flatten()
+            x = spectra[rows, :, :length].to(self.device)
+            spectrum = self.modality_cls(flux=x[:, 0].contiguous(), ivar=x[:, 1].contiguous(), mask=x[:, 2] > 0.5,
+                                         wavelength=x[:, 3].contiguous())
+            try:
+                with torch.inference_mode(), self.precision_context(), self.device:
+                    # AION's SpectrumCodec.encode in its steps, so that the latents can be checked
+                    latents, normalization = self.codec._encode(spectrum)  # [k, C, T-1], [k]
+                    codes = self.codec.quantizer.encode(latents)  # [k, T-1]
+                    norm_code = self.codec.normalization_quantizer.encode(normalization)  # [k]
+                    group = torch.cat([norm_code[:, None].to(codes.dtype), codes], dim=-1)
+                    ok = torch.isfinite(latents).flatten(1).all(dim=1) & torch.isfinite(normalization)
+            except torch.cuda.OutOfMemoryError:
+                raise AstroptError(f"{self.device} ran out of memory encoding {len(rows)} spectra of {length} "
+                                   "pixels: use a smaller --batch-size") from None
+            tokens[rows] = group.cpu().to(torch.int64)
+            finite[rows] = ok.cpu()
+        return tokens, finite
+
+    result = ScalarEncoder.result
+
+
+class ModalityEncoders:
+    """One encoder per token column (`Encoder` for images, `ScalarEncoder`, `SpectrumEncoder`), the image ones
+    sharing one codec: a batch of several columns of the same galaxies costs one codec call per column.
+    `submit`/`result` take and give {column: ...}."""
+
+    def __init__(self, encoders: dict):
+        self.encoders = encoders
+        first = next(iter(encoders.values()))
+        self.loaded = first.loaded
+        self.device = first.device if hasattr(first, "device") else None
+
+    @classmethod
+    def of_images(cls, loaded, device: str, precision: str, modalities: list[tuple[str, tuple[str, ...]]]):
+        """Encoders of several image columns (column, bands) sharing one image codec."""
+        return cls({column: Encoder(loaded, device, precision, list(bands)) for column, bands in modalities})
 
     def submit(self, flux: dict) -> dict:
-        """Start encoding each modality's [n, bands, 96, 96] flux."""
+        """Start encoding each column's values."""
         return {column: self.encoders[column].submit(f) for column, f in flux.items()}
 
     def result(self, handles: dict) -> dict:
@@ -150,6 +240,8 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
 
     t0 = time.perf_counter()
     several = isinstance(encoder, ModalityEncoders)
+    # each column's dtype: its encoder's own where set (scalars, spectra), else the store's
+    dtype_of = ({c: e.dtype or dtype for c, e in encoder.encoders.items()} if several else {None: dtype})
     tokens_parts, rows_parts, ids, rejects, valid_parts = [], [], [], [], []
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
 
@@ -178,7 +270,7 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
             if present is not None:  # --keep-partial: a kept row's failed images hold zeros
                 tokens = {column: np.where(good[column][:, None], t, 0) for column, t in tokens.items()}
                 valid_parts.append({column: v[ok] for column, v in good.items()})
-            tokens_parts.append({column: t[ok].astype(dtype) for column, t in tokens.items()})
+            tokens_parts.append({column: t[ok].astype(dtype_of[column]) for column, t in tokens.items()})
             rows_parts.append(batch.rows[ok])
             ids.extend(itertools.compress(batch.object_ids, ok))
             if on_rows is not None:
@@ -211,12 +303,11 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
             in_flight = (batch, handle)
     if in_flight is not None:
         collect(*in_flight)
-    T = encoder.loaded.tokens_per_image
     rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
     rejects.sort(key=lambda r: r["row"])
-    columns = list(encoder.encoders) if several else [None]
-    tokens = {c: np.concatenate([p[c] for p in tokens_parts]) if tokens_parts else np.zeros((0, T), dtype=dtype)
-              for c in columns}
+    width = {c: e.tokens for c, e in encoder.encoders.items()} if several else {None: encoder.tokens}
+    tokens = {c: np.concatenate([p[c] for p in tokens_parts]) if tokens_parts else
+              np.zeros((0, width[c]), dtype=dtype_of[c]) for c in width}
     valid = None
     if several and getattr(cfg, "keep_partial", False):
         valid = {c: np.concatenate([p[c] for p in valid_parts]) if valid_parts else np.zeros(0, dtype=bool)

@@ -54,6 +54,9 @@ class SourcePlan:
     limit: int | None = None
     schema_note: str = ""
     extra_columns: list[str] = field(default_factory=list)  # more image columns read with `column` (one pass)
+    # catalogue columns read in the same pass, {column: "scalar" | "spectrum"}: a number, or a struct of flux,
+    # ivar, mask and wavelength lists
+    catalogue: dict[str, str] = field(default_factory=dict)
     starts: np.ndarray = field(init=False)
 
     def __post_init__(self):
@@ -79,6 +82,7 @@ class SourcePlan:
             "split": self.split,
             "column": self.column,
             **({"columns": self.columns} if self.extra_columns else {}),
+            **({"catalogue": dict(self.catalogue)} if self.catalogue else {}),
             "id_column": self.id_column,
             "files": [{"path": f.path, "rows": f.num_rows, "bytes": f.bytes, "fingerprint": f.fingerprint}
                       for f in self.files],
@@ -192,6 +196,47 @@ def _readable(what: str):
         raise AstroptError(f"{what} is unreadable: {exc}") from None
 
 
+SPECTRUM_FIELDS = ("flux", "ivar", "mask")  # and the wavelength, as "wavelength" or (Multimodal Universe) "lambda"
+WAVELENGTH_FIELDS = ("wavelength", "lambda")
+
+
+def spectrum_fields(arrow_type) -> list[str] | None:
+    """The leaves a spectrum column is read from (flux, ivar, mask, and its wavelength field), or None when
+    `arrow_type` is not a struct of those lists."""
+    import pyarrow as pa
+
+    if not pa.types.is_struct(arrow_type):
+        return None
+    names = {f.name: f.type for f in arrow_type}
+    wavelength = next((w for w in WAVELENGTH_FIELDS if w in names), None)
+    leaves = [*SPECTRUM_FIELDS, wavelength]
+    if wavelength is None or not set(SPECTRUM_FIELDS) <= set(names):
+        return None
+    if not all(pa.types.is_list(names[n]) or pa.types.is_large_list(names[n]) or pa.types.is_fixed_size_list(names[n])
+               for n in leaves):
+        return None
+    return leaves
+
+
+def _is_number(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type) or pa.types.is_decimal(arrow_type)
+
+
+def check_catalogue_column(schema, name: str, kind: str, where: str) -> None:
+    """A scalar column must be numbers; a spectrum column a struct of flux, ivar, mask and wavelength lists."""
+    if name not in schema.names:
+        raise AstroptError(f"{where} has no column {name!r} (columns: {', '.join(schema.names)})")
+    arrow_type = schema.field(name).type
+    if kind == "scalar" and not _is_number(arrow_type):
+        raise AstroptError(f"column {name!r} of {where} holds {arrow_type}, not numbers: --scalar needs a numeric "
+                           "column")
+    if kind == "spectrum" and spectrum_fields(arrow_type) is None:
+        raise AstroptError(f"column {name!r} of {where} is not a spectrum: --spectrum needs a struct of flux, ivar, "
+                           f"mask and wavelength (or lambda) lists, as the Multimodal Universe has it (got {arrow_type})")
+
+
 def _is_image_struct(arrow_type) -> bool:
     """An image column's type: a struct with (at least) `band` and `flux` fields."""
     import pyarrow as pa
@@ -302,9 +347,11 @@ def resolve_source(
     id_column: str | None = "object_id",
     limit: int | None = None,
     extra_columns: list[str] | None = None,
+    catalogue: dict[str, str] | None = None,
 ) -> SourcePlan:
     """Resolve a hub dataset id or local parquet/arrow files into a plan; check the columns exist.
-    `extra_columns`: more image columns to read in the same pass (several surveys of each galaxy)."""
+    `extra_columns`: more image columns to read in the same pass (several surveys of each galaxy); `catalogue`:
+    {column: "scalar" | "spectrum"} read in that pass too."""
     if limit is not None and limit < 1:
         raise AstroptError(f"--limit must be at least 1, got {limit}")
 
@@ -326,10 +373,12 @@ def resolve_source(
             raise AstroptError(f"source {source} has no column {name!r} (columns: {', '.join(schema.names)})")
         if not _is_image_struct(schema.field(name).type):
             raise AstroptError(f"column {name!r} of {source} is not an image struct with 'band' and 'flux' fields")
+    for name, its_kind in (catalogue or {}).items():
+        check_catalogue_column(schema, name, its_kind, f"source {source}")
     if id_column is not None and id_column not in schema.names:
         id_column = None  # recorded as absent in the manifest; shards then carry no object_id column
     return SourcePlan(source_id, kind, split, column, id_column, _files_rows(files), revision, limit,
-                      extra_columns=list(extra_columns or []))
+                      extra_columns=list(extra_columns or []), catalogue=dict(catalogue or {}))
 
 
 def check_recorded_files(section: dict) -> str | None:
@@ -386,7 +435,8 @@ def plan_from_manifest(section: dict, moved_to: str | Path | None = None) -> Sou
         files.append(found)
     return SourcePlan(section["id"], section["kind"], section["split"], section["column"], section.get("id_column"),
                       files, section.get("revision"), section.get("limit"),
-                      extra_columns=list(section.get("columns", [section["column"]])[1:]))
+                      extra_columns=list(section.get("columns", [section["column"]])[1:]),
+                      catalogue=dict(section.get("catalogue") or {}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -484,9 +534,13 @@ def read_task(plan: SourcePlan, task: ReadTask, files: OpenFiles | None = None):
             if f.row_group_rows is None:  # Arrow IPC: memory-mapped, so unread fields cost nothing
                 batch = reader[task.unit]
                 _check_columns(batch.schema, f.path, plan)
-                batch = batch.select(plan.columns + ids)
+                batch = batch.select(plan.columns + list(plan.catalogue) + ids)
             else:
                 columns = [f"{c}.{part}" for c in plan.columns for part in ("band", "flux")] + ids
+                schema = reader.schema_arrow
+                for c, kind in plan.catalogue.items():  # a scalar whole; a spectrum's four leaves, no others
+                    leaves = spectrum_fields(schema.field(c).type) if c in schema.names else None
+                    columns += [f"{c}.{leaf}" for leaf in leaves] if kind == "spectrum" and leaves else [c]
                 table = reader.read_row_group(task.unit, columns=columns, use_threads=False)
                 _check_columns(table.schema, f.path, plan)  # pyarrow skips asked-for columns a file lacks
                 batch = table.combine_chunks().to_batches()[0]
@@ -502,6 +556,8 @@ def _check_columns(schema, path: str, plan: SourcePlan) -> None:
         if column not in schema.names or not _is_image_struct(schema.field(column).type):
             raise AstroptError(f"source file {path} has no image column {column!r} with band and flux, "
                                f"unlike the source's first file")
+    for column, kind in plan.catalogue.items():
+        check_catalogue_column(schema, column, kind, f"source file {path}")
     if plan.id_column and plan.id_column not in schema.names:
         raise AstroptError(f"source file {path} has no {plan.id_column!r} column, unlike the source's first file")
 
@@ -525,7 +581,7 @@ def iter_row_range_datasets(plan: SourcePlan, lo: int, hi: int, batch_rows: int 
     """Same as `iter_row_range`, through the `datasets` streaming reader (one IterableDataset per file)."""
     import datasets
 
-    columns = plan.columns + ([plan.id_column] if plan.id_column else [])
+    columns = plan.columns + list(plan.catalogue) + ([plan.id_column] if plan.id_column else [])
     for fi, f in enumerate(plan.files):
         f_lo, f_hi = int(plan.starts[fi]), int(plan.starts[fi + 1])
         a, b = max(lo, f_lo), min(hi, f_hi)
@@ -649,6 +705,85 @@ def _finite_images(stack: np.ndarray) -> np.ndarray:
     for i in np.nonzero(~finite)[0]:
         finite[i] = np.isfinite(stack[i]).all()
     return finite
+
+
+def batch_to_scalar(batch, column: str, value_range: tuple[float, float] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """A catalogue column of a record batch -> (values [n] float32, positions of the good rows, reason per row
+    or None). Bad: null, not finite, or outside `value_range` (a codec with a fixed grid, which AION would
+    clamp silently: a redshift of 7 on a grid ending at 6 would read back as 6)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = batch.column(batch.schema.get_field_index(column))
+    values = pc.cast(arr, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # nulls -> NaN
+    null = arr.is_null().to_numpy(zero_copy_only=False)
+    values32 = values.astype(np.float32)  # what the codec is given (its tables are float32)
+    reasons: list[str | None] = [None] * len(values)
+    finite = np.isfinite(values32)
+    inside = np.ones(len(values), dtype=bool)
+    if value_range is not None:
+        lo, hi = value_range
+        inside = ~finite | ((values32 >= np.float32(lo)) & (values32 <= np.float32(hi)))
+    for r in np.nonzero(null | ~finite | ~inside)[0]:
+        if null[r]:
+            reasons[r] = "null"
+        elif not finite[r]:
+            reasons[r] = f"not finite ({values[r]})"
+        else:
+            reasons[r] = f"{values[r]:g} outside the codec's range [{value_range[0]:g}, {value_range[1]:g}]"
+    good = np.nonzero(finite & inside & ~null)[0]
+    return values32, good, reasons
+
+
+def batch_to_spectrum(batch, column: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """A spectrum column of a record batch -> (spectra [n, 4, L] float32: flux, ivar, mask (1 = bad) and
+    wavelength in Angstrom, each row's pixels first and the rest padding (wavelength NaN, mask 1); positions of
+    the good rows; reason per row or None). L is the batch's longest good spectrum. Bad: null, leaves of
+    different lengths, no pixels, a wavelength not finite or not increasing, no good pixel (all masked, or
+    no positive ivar). NaN flux is AION's to handle (it zeroes it)."""
+    import pyarrow.compute as pc
+
+    col = batch.column(batch.schema.get_field_index(column))
+    n = len(col)
+    leaves = spectrum_fields(col.type)
+    parts, lengths = [], []
+    null = col.is_null().to_numpy(zero_copy_only=False).copy()
+    for leaf in leaves:  # flux, ivar, mask, wavelength
+        lists = col.field(leaf)
+        null |= lists.is_null().to_numpy(zero_copy_only=False)
+        lengths.append(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64))
+        parts.append(np.asarray(lists.flatten().to_numpy(zero_copy_only=False), dtype=np.float32))
+    lengths = np.stack(lengths)  # [4, n]
+    starts = np.concatenate([np.zeros((4, 1), np.int64), np.cumsum(lengths, axis=1)[:, :-1]], axis=1)
+    reasons: list[str | None] = [None] * n
+    for r in range(n):
+        if null[r]:
+            reasons[r] = "null"
+        elif len(set(lengths[:, r])) != 1:
+            reasons[r] = f"{', '.join(leaves)} have different lengths ({', '.join(map(str, lengths[:, r]))})"
+        elif lengths[0, r] == 0:
+            reasons[r] = "no pixels"
+    ok = [r for r in range(n) if reasons[r] is None]
+    width = int(max((lengths[0, r] for r in ok), default=0))
+    out = np.zeros((n, 4, width), dtype=np.float32)
+    out[:, 2] = 1.0  # padding is masked
+    out[:, 3] = np.nan  # and has no wavelength: the encoder takes each row's pixels before the first NaN
+    for r in ok:
+        k = lengths[0, r]
+        for j in range(4):
+            out[r, j, :k] = parts[j][starts[j, r]:starts[j, r] + k]
+        wavelength, mask, ivar = out[r, 3, :k], out[r, 2, :k] != 0, out[r, 1, :k]
+        if not np.isfinite(wavelength).all():
+            reasons[r] = "wavelength not finite"
+        elif k > 1 and not (np.diff(wavelength) > 0).all():
+            reasons[r] = "wavelength not increasing"
+        elif not ((~mask) & (ivar > 0)).any():
+            reasons[r] = "no good pixels (every pixel masked or of zero ivar)"
+        else:
+            out[r, 2, :k] = mask  # 0/1, whatever the source's mask type was
+    good = np.array([r for r in range(n) if reasons[r] is None], dtype=np.int64)
+    return out, good, reasons
 
 
 def object_ids_of(batch, id_column: str | None) -> list[str | None]:

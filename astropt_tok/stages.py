@@ -17,15 +17,28 @@ from astropt_tok.codec import CROP_SIZE
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import PREFETCH_PER_WORKER, free_shared_memory, workers_for_shared_memory
 from astropt_tok.prefetch import Prefetch
-from astropt_tok.source import OpenFiles, batch_to_flux, iter_row_range_datasets, object_ids_of, read_task, read_tasks
+from astropt_tok.source import (OpenFiles, batch_to_flux, batch_to_scalar, batch_to_spectrum, iter_row_range_datasets,
+                                object_ids_of, read_task, read_tasks)
 
+
+@dataclass(frozen=True)
+class SourceModality:
+    """One token column a run makes and how its source column is read: an image column in `bands` order, a
+    catalogue scalar (with the range of a codec that has a fixed grid), or a spectrum."""
+
+    column: str
+    kind: str = "image"  # "image", "scalar" or "spectrum"
+    bands: tuple[str, ...] = ()
+    value_range: tuple[float, float] | None = None
 
 
 @dataclass
 class PreparedBatch:
     """A batch of checked flux ready for the codec, with the bookkeeping of the rows it came from."""
 
-    flux: object  # torch tensor [n, bands, 96, 96] float32 (pinned on a GPU run); several modalities: {name: tensor}
+    # torch tensor [n, bands, 96, 96] float32 (pinned on a GPU run); several modalities: {name: tensor}, a scalar
+    # [n] float32, a spectrum [n, 4, L] (flux, ivar, mask, wavelength; see source.batch_to_spectrum)
+    flux: object
     rows: np.ndarray  # [n] global source rows of the good rows
     object_ids: list  # [n]
     rejects: list[dict]  # bad rows met while preparing this batch
@@ -41,8 +54,10 @@ def _map_valid(valid, fn):
     return None if valid is None else {name: fn(v) for name, v in valid.items()}
 
 
-def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg, pin: bool):
+def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg, pin: bool,
+                   modalities: list[SourceModality] | None = None):
     """For each (index, lo, hi) in `shards`, in order, yield (index, iterator of codec-sized PreparedBatch).
+    `modalities`: the token columns of a run of several (None: the image columns `cfg` names).
 
     Three stages run ahead of the thread that drives the codec, so it only ever picks up a ready batch:
     `cfg.workers` DataLoader worker processes read and convert parquet row groups (no GIL between them and
@@ -53,17 +68,19 @@ def prepare_shards(plan, shards: list[tuple[int, int, int]], cfg, pin: bool):
     on this generator (or its garbage collection) stops the stages.
     """
     row_groups = None
+    if modalities is None:
+        modalities = [SourceModality(column, "image", tuple(bands)) for column, bands in modalities_of(cfg)]
+    convert = _Converter(plan, list(cfg.bands), modalities, cfg.keep_partial)
     if cfg.reader == "datasets":  # a streaming source: convert its batches in threads, in order
         items = ((i, item) for i, lo, hi in shards
                  for item in iter_row_range_datasets(plan, lo, hi, batch_rows=cfg.batch_size))
-        convert = _Converter(plan, list(cfg.bands), modalities_of(cfg), cfg.keep_partial)
         chunks = _ordered_map(lambda tagged: (tagged[0], convert(*tagged[1])), items, cfg.workers)
     else:
         import torch
 
         tasks = [(i, task) for i, lo, hi in shards for task in read_tasks(plan, lo, hi)]
-        row_groups = _RowGroups(plan, tasks, _Converter(plan, list(cfg.bands), modalities_of(cfg), cfg.keep_partial))
-        channels = sum(len(b) for _, b in modalities_of(cfg)) or len(cfg.bands)
+        row_groups = _RowGroups(plan, tasks, convert)
+        channels = sum(len(m.bands) for m in modalities) or len(cfg.bands)
         chunk_bytes = max((t.count for _, t in tasks), default=0) * channels * CROP_SIZE * CROP_SIZE * 4
         workers = workers_for_shared_memory(cfg.workers, chunk_bytes, free_shared_memory())
         if workers < cfg.workers:
@@ -134,9 +151,9 @@ def modalities_of(cfg) -> list[tuple[str, tuple[str, ...]]]:
 class _Converter:
     """One record batch -> a PreparedBatch of checked, cropped, band-ordered flux.
 
-    Several modalities (`modalities`: (column, bands) pairs): each column is converted on its own and a row is
-    kept when every image is good, or with `keep_partial` when at least one is (the others zero, marked
-    invalid); a rejected row's reason names each bad column."""
+    Several modalities (`modalities`: SourceModality entries, images, scalars and spectra): each column is
+    converted on its own and a row is kept when every one is good, or with `keep_partial` when at least one is
+    (the others zero, marked invalid); a rejected row's reason names each bad column."""
 
     def __init__(self, plan, bands: list[str], modalities=(), keep_partial: bool = False):
         self.plan, self.bands = plan, bands
@@ -154,16 +171,33 @@ class _Converter:
         rejects = [reject_record(first_row + r, ids[r], reasons[r]) for r in range(batch.num_rows) if reasons[r]]
         return PreparedBatch(buffer[: len(good)], first_row + good, [ids[g] for g in good], rejects)
 
+    def _convert(self, batch, modality: SourceModality):
+        """One column of the batch -> (values tensor: the good rows first for an image, all rows otherwise;
+        positions of the good rows; reason per row)."""
+        import torch
+
+        n = batch.num_rows
+        if modality.kind == "scalar":
+            values, good, reasons = batch_to_scalar(batch, modality.column, modality.value_range)
+            return torch.from_numpy(values), good, reasons
+        if modality.kind == "spectrum":
+            spectra, good, reasons = batch_to_spectrum(batch, modality.column)
+            return torch.from_numpy(spectra), good, reasons
+        buffer = torch.empty((n, len(modality.bands), CROP_SIZE, CROP_SIZE), dtype=torch.float32)
+        _, good, reasons = batch_to_flux(batch, modality.column, list(modality.bands), out=buffer.numpy(),
+                                         crop=CROP_SIZE)
+        return buffer, good, reasons
+
     def _several(self, first_row: int, batch) -> PreparedBatch:
         import torch
 
         n = batch.num_rows
-        buffers, goods, reasons = {}, {}, {}
-        for column, bands in self.modalities:
-            buffers[column] = torch.empty((n, len(bands), CROP_SIZE, CROP_SIZE), dtype=torch.float32)
-            _, goods[column], reasons[column] = batch_to_flux(batch, column, list(bands), out=buffers[column].numpy(),
-                                                              crop=CROP_SIZE)
-        good_of = {c: np.zeros(n, dtype=bool) for c in goods}  # [n] per column: its image is good
+        buffers, goods, reasons, compact = {}, {}, {}, {}
+        for modality in self.modalities:
+            c = modality.column
+            buffers[c], goods[c], reasons[c] = self._convert(batch, modality)
+            compact[c] = modality.kind == "image"  # images: the good rows first; scalars, spectra: row by row
+        good_of = {c: np.zeros(n, dtype=bool) for c in goods}  # [n] per column: its value is good
         for c, good in goods.items():
             good_of[c][good] = True
         stacked = np.stack(list(good_of.values()))  # [columns, n]
@@ -171,6 +205,15 @@ class _Converter:
         flux, valid = {}, {}
         for c, good in goods.items():
             valid[c] = good_of[c][kept]
+            if not compact[c]:  # row by row: take the kept rows; a kept row without this value holds zeros
+                taken = buffers[c][torch.from_numpy(kept)]
+                if not valid[c].all():
+                    missing = torch.from_numpy(np.nonzero(~valid[c])[0])
+                    taken[missing] = 0
+                    if taken.dim() == 3:  # a spectrum: no pixels at all (wavelength NaN), so nothing to encode
+                        taken[missing, 3] = float("nan")
+                flux[c] = taken
+                continue
             if len(good) == len(kept):  # every kept row has this image, in the same order: no copy
                 flux[c] = buffers[c][: len(kept)]
                 continue
@@ -296,10 +339,12 @@ def _merge(held: list[PreparedBatch], n: int, pin: bool = False) -> PreparedBatc
     counts = [len(r) for r in rows]
 
     def cat(pick):  # one modality's (or the only) flux of the first n rows, copied once
-        first = pick(held[0].flux)
-        merged = torch.empty((n, *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
+        pieces = [pick(c.flux)[:k] for c, k in zip(parts, counts)]
+        if pieces[0].dim() == 3:  # spectra [k, 4, L]: chunks of different L are padded to the longest
+            pieces = _pad_spectra(pieces)
+        merged = torch.empty((n, *pieces[0].shape[1:]), dtype=pieces[0].dtype, pin_memory=pin)
         # from the workers' shared memory straight into pinned memory on a GPU run
-        torch.cat([pick(c.flux)[:k] for c, k in zip(parts, counts)], out=merged)
+        torch.cat(pieces, out=merged)
         return merged
 
     if isinstance(held[0].flux, dict):
@@ -310,6 +355,22 @@ def _merge(held: list[PreparedBatch], n: int, pin: bool = False) -> PreparedBatc
     if held[0].valid is not None:
         valid = {name: np.concatenate([c.valid[name][:k] for c, k in zip(parts, counts)]) for name in held[0].valid}
     return PreparedBatch(flux, np.concatenate(rows), ids, rejects, valid)
+
+
+def _pad_spectra(pieces: list) -> list:
+    """Spectra [k, 4, L] of different L, padded to the longest as source.batch_to_spectrum pads (flux and ivar 0,
+    mask 1, wavelength NaN), so that they can be one batch."""
+    import torch
+
+    width = max(p.shape[-1] for p in pieces)
+    padded = []
+    for p in pieces:
+        if p.shape[-1] < width:
+            pad = torch.zeros((p.shape[0], 4, width - p.shape[-1]), dtype=p.dtype)
+            pad[:, 2], pad[:, 3] = 1.0, float("nan")
+            p = torch.cat([p, pad], dim=-1)
+        padded.append(p)
+    return padded
 
 
 def _rest(held: list[PreparedBatch], n: int) -> list[PreparedBatch]:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from astropt_tok import store as st
 from astropt_tok.codec import DEFAULT_CODEC
-from astropt_tok.encoder import PRECISIONS, EncodedShard, Encoder, ModalityEncoders, encode_shard
+from astropt_tok.encoder import (PRECISIONS, EncodedShard, Encoder, ModalityEncoders, ScalarEncoder, SpectrumEncoder,
+                                 encode_shard)
 from astropt_tok.artifacts import output_folder, store_lineage, update_lineage
 from astropt_tok.errors import AstroptError, Interrupted
 from astropt_tok.lock import folder_lock
@@ -34,7 +35,7 @@ from astropt_tok.executor import (await_replaced_store, check_rerun, check_sourc
                                   shards_for_this_process)
 from astropt_tok.launch import DEFAULT_DIST_TIMEOUT_S, RankGroup, dist_timeout
 from astropt_tok.source import DEFAULT_SOURCE
-from astropt_tok.stages import modalities_of, prepare_shards
+from astropt_tok.stages import SourceModality, modalities_of, prepare_shards
 
 
 
@@ -52,6 +53,9 @@ class TokeniseConfig:
     # replace `column`/`bands` (one is the same as setting those)
     modalities: tuple[tuple[str, tuple[str, ...]], ...] = ()
     keep_partial: bool = False  # several columns: keep a row when at least one image is good (others marked)
+    # catalogue columns beside the images, a token column each: ((column, AION modality class name), ...)
+    scalars: tuple[tuple[str, str], ...] = ()  # --scalar COLUMN:MODALITY (Z, LegacySurveyFluxG, ...): 1 token
+    spectra: tuple[tuple[str, str], ...] = ()  # --spectrum COLUMN:MODALITY (DESISpectrum, SDSSSpectrum)
     split: str = "train"
     batch_size: int = 64
     device: str = "auto"
@@ -174,12 +178,26 @@ def parse_columns(columns: list[str], bands: str | None) -> tuple[str, tuple[str
     return modalities[0][0], modalities[0][1], tuple(modalities)
 
 
-def write_encoded_shard(encoded: EncodedShard, out: Path, storage: str) -> ShardResult:
-    """Write a shard and its completion record atomically (temporary name, fsync, rename)."""
+def parse_catalogue(entries: list[str], flag: str) -> tuple[tuple[str, str], ...]:
+    """--scalar / --spectrum values, COLUMN:MODALITY each -> ((column, modality), ...)."""
+    out = []
+    for entry in entries:
+        column, sep, modality = entry.partition(":")
+        if not sep or not column.strip() or not modality.strip() or ":" in modality:
+            example = "Z:Z or FLUX_G:LegacySurveyFluxG" if flag == "--scalar" else "spectrum:DESISpectrum"
+            raise AstroptError(f"{flag} {entry!r}: give COLUMN:MODALITY, the source column and its AION modality "
+                               f"(e.g. {example})")
+        out.append((column.strip(), modality.strip()))
+    return tuple(out)
+
+
+def write_encoded_shard(encoded: EncodedShard, out: Path, storage: str, ranges: bool = False) -> ShardResult:
+    """Write a shard and its completion record atomically (temporary name, fsync, rename). `ranges`: record
+    each token column's range (a store of several kinds of modality)."""
     t0 = time.perf_counter()
     remove_stale_temporaries(out, encoded.index)
     record = st.write_shard(out, encoded.index, storage, encoded.tokens, encoded.rows, encoded.object_ids,
-                            rejected=len(encoded.rejects), valid=encoded.valid)
+                            rejected=len(encoded.rejects), valid=encoded.valid, ranges=ranges)
     st.mark_shard_done(out, record, encoded.rejects)
     write_s = time.perf_counter() - t0
     return ShardResult(encoded.index, record.rows, len(encoded.rejects), False, encoded.seconds,
@@ -211,16 +229,22 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     if len(cfg.modalities) == 1:  # one COLUMN:BANDS is the one-column store
         (column, one_bands), = cfg.modalities
         cfg = dataclasses.replace(cfg, column=column, bands=tuple(one_bands), modalities=())
+    catalogue = _catalogue_of(cfg)  # [(column, AionModality)] of --scalar and --spectrum
     modalities = modalities_of(cfg)  # [(column, bands)] when several
-    if cfg.keep_partial and not modalities:
-        raise AstroptError("--keep-partial needs several image columns (--column NAME:BANDS, twice or more)")
+    if catalogue and not modalities:  # one image column beside catalogue columns: a token column each
+        modalities = [(cfg.column, tuple(cfg.bands))]
+    if cfg.keep_partial and len(modalities) + len(catalogue) < 2:
+        raise AstroptError("--keep-partial needs several columns (--column NAME:BANDS twice or more, or --scalar "
+                           "or --spectrum beside an image column)")
     if modalities:
-        names = [c for c, _ in modalities]
-        if len(set(names)) != len(names):
-            raise AstroptError(f"--column names an image column twice: {', '.join(names)}")
+        names = [c for c, _ in modalities] + [c for c, _ in catalogue]
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise AstroptError(f"column {twice[0]!r} is named twice among --column, --scalar and --spectrum; "
+                               "give each source column once")
         reserved = [c for c in names if c in st.RESERVED_COLUMNS or c.endswith("_valid")]
         if reserved:
-            raise AstroptError(f"image column {reserved[0]!r} clashes with a store column name; rename it")
+            raise AstroptError(f"column {reserved[0]!r} clashes with a store column name; rename it")
         cfg = dataclasses.replace(cfg, column=names[0], bands=tuple(modalities[0][1]))
     bands = list(cfg.bands)
     from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
@@ -242,16 +266,21 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
     # --dist-timeout; reading the source and loading the codec (their times differ per rank) come after.
     with RankGroup(launch).join("gloo", timeout) as group:
         plan = resolve_source(cfg.source, cfg.split, cfg.column, cfg.id_column, cfg.limit,
-                              extra_columns=[c for c, _ in modalities[1:]])
+                              extra_columns=[c for c, _ in modalities[1:]],
+                              catalogue={c: m.kind for c, m in catalogue})
         if cfg.workers is None:
             cfg = dataclasses.replace(cfg, workers=default_workers(device, launch.processes_per_node))
         loaded = load_image_codec(cfg.codec, device=device)
+        from astropt_tok.codec import load_codec
+
+        # catalogue codecs from the same snapshot: scalars are table lookups, encoded on the host
+        loaded_catalogue = {c: load_codec(cfg.codec, m.name, device=device if m.kind == "spectrum" else "cpu")
+                            for c, m in catalogue}
         dtype = st.token_dtype(loaded.vocab_size)
         out = Path(cfg.out)
+        entries = _modality_entries(modalities, catalogue, loaded, loaded_catalogue)
         manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision,
-                                   plan.describe(),
-                                   modalities=[{"name": c, "column": c, "bands": list(b)} for c, b in modalities]
-                                   or None, keep_partial=cfg.keep_partial)
+                                   plan.describe(), modalities=entries or None, keep_partial=cfg.keep_partial)
         # The store folder is claimed before anything is written (a folder of another kind, or of files no
         # command made, is refused even with --overwrite), under its lock: two uncoordinated runs on one store are
         # refused, the processes of one job (world > 1) share it, and claiming a store of its kind is harmless.
@@ -259,9 +288,34 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
                            shared=world > 1):
             try:
                 return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world,
-                                 group, t_start)
+                                 group, t_start, catalogue, loaded_catalogue)
             except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on (one line, no traceback)
                 raise Interrupted(_resume_line(out, cfg)) from None
+
+
+def _catalogue_of(cfg: TokeniseConfig) -> list:
+    """[(column, AionModality)] of the run's --scalar and --spectrum columns, each modality checked to be of
+    its flag's kind."""
+    from astropt_tok.codec import aion_modality
+
+    return ([(c, aion_modality(m, "scalar", "--scalar")) for c, m in cfg.scalars]
+            + [(c, aion_modality(m, "spectrum", "--spectrum")) for c, m in cfg.spectra])
+
+
+def _modality_entries(modalities, catalogue, loaded, loaded_catalogue) -> list[dict]:
+    """The manifest's modality entries: image columns {name, column, bands} (format version 3), or, with
+    catalogue columns, every column with its kind, AION modality, codec, vocabulary, length and dtype (4)."""
+    if not catalogue:
+        return [{"name": c, "column": c, "bands": list(b)} for c, b in modalities]
+
+    def entry(column, kind, bands, aion, codec):
+        return {"name": column, "column": column, "kind": kind, "bands": list(bands), "aion_modality": aion,
+                "codec": codec.describe_modality(), "vocab_size": codec.vocab_size,
+                "tokens_per_object": codec.tokens_per_object, "dtype": st.token_dtype(codec.vocab_size).name}
+
+    images = [entry(c, "image", b, "HSCImage" if b[0].startswith("HSC") else "LegacySurveyImage", loaded)
+              for c, b in modalities]
+    return images + [entry(c, m.kind, (), m.name, loaded_catalogue[c]) for c, m in catalogue]
 
 
 def _resume_line(out: Path, cfg: TokeniseConfig) -> str:
@@ -294,7 +348,7 @@ def finalize(out_dir) -> None:
 
 
 def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world, group,
-              t_start) -> TokeniseSummary:
+              t_start, catalogue=(), loaded_catalogue=None) -> TokeniseSummary:
     if rank != 0 and not group.active and cfg.overwrite:
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
     elif rank == 0 or not group.active:  # SLURM array tasks each check (or create) the store themselves
@@ -312,8 +366,12 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
     done = {i: rec for i, rec in st.read_done_records(out, cfg.shards, cfg.storage).items()
             if _record_fits(rec["shard"], bounds[i], bounds[i + 1])}
     summary = TokeniseSummary(str(out), cfg.shards, mine, device=device, precision=cfg.precision)
-    encoder = (ModalityEncoders(loaded, device, cfg.precision, modalities) if modalities
+    encoder = (_encoders(loaded, device, cfg.precision, modalities, catalogue, loaded_catalogue) if modalities
                else Encoder(loaded, device, cfg.precision, bands))
+    # what the readers make of each column: images in their bands, scalars checked against a fixed grid
+    sources = [SourceModality(c, "image", tuple(b)) for c, b in modalities] + [
+        SourceModality(c, m.kind, value_range=loaded_catalogue[c].value_range) for c, m in catalogue]
+    ranges = bool(catalogue)  # a version-4 store records each column's token range
 
     todo = [i for i in mine if i not in done]
     for i in mine:
@@ -324,7 +382,7 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
     with _Progress(cfg.progress and rank == 0, total_rows, len(mine), len(mine) - len(todo),
                    loaded.tokens_per_image) as progress:
         pin = encoder.device.type == "cuda"
-        work = prepare_shards(plan, [(i, bounds[i], bounds[i + 1]) for i in todo], cfg, pin)
+        work = prepare_shards(plan, [(i, bounds[i], bounds[i + 1]) for i in todo], cfg, pin, sources or None)
         t_work = time.perf_counter()
 
         def first_batch(waited: float) -> None:
@@ -350,7 +408,7 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
                                        progress.advance, first_batch, first_encoded)
                 if pending is not None:
                     finish_pending()
-                pending = writer.submit(write_encoded_shard, encoded, out, cfg.storage)
+                pending = writer.submit(write_encoded_shard, encoded, out, cfg.storage, ranges)
             if pending is not None:
                 finish_pending()
         finally:
@@ -369,6 +427,18 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
     summary.rows_per_s = (summary.rows + summary.rejected) / summary.work_s if summary.work_s else 0.0
     return summary
 
+
+
+def _encoders(loaded, device, precision, modalities, catalogue, loaded_catalogue) -> ModalityEncoders:
+    """One encoder per token column: the image columns share the image codec; each catalogue column has its own
+    codec, and its own token dtype."""
+    encoders = {c: Encoder(loaded, device, precision, list(b)) for c, b in modalities}
+    for column, modality in catalogue:
+        codec = loaded_catalogue[column]
+        encoders[column] = (ScalarEncoder(codec, modality.cls) if modality.kind == "scalar"
+                             else SpectrumEncoder(codec, device, precision, modality.cls))
+        encoders[column].dtype = st.token_dtype(codec.vocab_size)
+    return ModalityEncoders(encoders)
 
 
 class _Progress:
