@@ -311,7 +311,7 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
     valid = None
     if several and getattr(cfg, "keep_partial", False):
         valid = {c: np.concatenate([p[c] for p in valid_parts]) if valid_parts else np.zeros(0, dtype=bool)
-                 for c in columns}
+                 for c in width}
     if not several:
         tokens = tokens[None]
     return EncodedShard(index, tokens, rows, ids if has_ids else None, rejects, time.perf_counter() - t0, waited,

@@ -205,7 +205,7 @@ def test_column_syntax():
 def test_bad_multi_column_runs_are_one_error(survey_dir, codec_dir, tmp_path):
     for modalities, message in [
         ((LS, ("hsc_image", ("HSC-G", "DES-R"))), "bands of --column hsc_image must be bands of one survey"),
-        ((LS, LS), "names an image column twice"),
+        ((LS, LS), "is named twice among --column"),
         ((LS, ("row", HSC_BANDS)), "clashes with a store column name"),
         ((LS, ("nope", HSC_BANDS)), "has no column 'nope'"),
     ]:

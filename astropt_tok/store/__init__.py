@@ -45,9 +45,10 @@ from astropt_tok.store.writer import (
 )
 
 __all__ = [
-    "DONE_DIR", "FORMAT", "FORMAT_VERSION", "MANIFEST", "MODALITIES_VERSION", "READABLE_VERSIONS", "REJECTS",
+    "DONE_DIR", "FORMAT", "FORMAT_VERSION", "KINDS_VERSION", "MANIFEST", "MODALITIES_VERSION", "MODALITY_KINDS",
+    "READABLE_VERSIONS", "REJECTS",
     "RESERVED_COLUMNS", "SHARDING_RULE", "STORAGES", "ShardRecord", "TokenStore", "check_manifest", "codebook_usage",
-    "done_record_path", "finalize_store", "manifest_format", "manifest_sha256", "mark_shard_done", "new_manifest",
+    "done_record_path", "finalize_store", "manifest_format", "manifest_sha256", "mark_shard_done", "modality_entries", "new_manifest",
     "path_bytes", "read_done_records", "read_manifest", "sha256_path", "shard_bounds", "shard_hash_problem",
     "shard_name", "shards_not_matching", "token_dtype", "verify_store", "write_manifest", "write_shard",
     "write_store_from_arrays",
