@@ -461,9 +461,21 @@ def store_lineage(manifest: dict) -> dict:
     if not mods:
         mods = {source.get("column") or "tokens": list(manifest.get("bands") or [])}
     codec = manifest.get("codec") or {}
-    return {"codec": {"id": codec.get("id"), "weights_sha256": codec.get("weights_sha256"),
-                      "vocab_size": manifest.get("vocab_size")},
-            "modalities": mods, "id_column": source.get("id_column")}
+    lineage = {"codec": {"id": codec.get("id"), "weights_sha256": codec.get("weights_sha256"),
+                         "vocab_size": manifest.get("vocab_size")},
+               "modalities": mods, "id_column": source.get("id_column")}
+    catalogue = catalogue_codecs(manifest)
+    if catalogue:
+        lineage["catalogue_codecs"] = catalogue
+    return lineage
+
+
+def catalogue_codecs(manifest: dict) -> dict:
+    """{column: {aion_modality, kind, weights_sha256, vocab_size}} of a store's scalar and spectrum columns
+    (format version 4; empty otherwise): the codec each column's tokens mean values of."""
+    return {m["name"]: {"aion_modality": m.get("aion_modality"), "kind": m.get("kind"),
+                        "weights_sha256": (m.get("codec") or {}).get("weights_sha256"), "vocab_size": m.get("vocab_size")}
+            for m in manifest.get("modalities") or [] if m.get("kind") not in (None, "image")}
 
 
 def model_store_info(store, manifest_sha: str) -> dict:
@@ -472,7 +484,8 @@ def model_store_info(store, manifest_sha: str) -> dict:
     lin = store_lineage(store.manifest)
     return {"dir": str(Path(store.dir).resolve()), "manifest_sha256": manifest_sha, "codec_id": store.codec_id,
             "codec_sha256": lin["codec"]["weights_sha256"], "bands": list(store.bands),
-            "modalities": lin["modalities"], "id_column": lin["id_column"]}
+            "modalities": lin["modalities"], "id_column": lin["id_column"],
+            **({"catalogue_codecs": lin["catalogue_codecs"]} if "catalogue_codecs" in lin else {})}
 
 
 def check_model_store(model_name: str, trained_on: dict | None, model_modalities: list[str] | None, store,
@@ -526,7 +539,26 @@ def check_model_store(model_name: str, trained_on: dict | None, model_modalities
         if want is not None and list(want) != list(have):
             raise AstroptError(f"{model_name} learned {name} in bands {','.join(want)}, but store {store.dir} holds "
                                f"{name} in bands {','.join(have)}")
+        _check_catalogue_codec(model_name, name, (trained_on.get("catalogue_codecs") or {}).get(name),
+                               (lin.get("catalogue_codecs") or {}).get(name), store.dir)
     return notes
+
+
+def _check_catalogue_codec(model_name: str, name: str, learned: dict | None, held: dict | None, store_dir) -> None:
+    """A scalar or spectrum column the model learned must be in the store as the same kind, from a codec of the
+    same weights: another codec's token 17 is another redshift."""
+    if learned is None and held is None:
+        return  # an image column on both sides
+    if learned is None or held is None:
+        what = lambda c: f"as {c['kind']} {c['aion_modality']}" if c else "as an image column"  # noqa: E731
+        raise AstroptError(f"{model_name} learned {name} {what(learned)}, but store {store_dir} holds it "
+                           f"{what(held)}: use a store tokenised as the model's was")
+    if learned.get("weights_sha256") and held.get("weights_sha256") and learned["weights_sha256"] != held["weights_sha256"]:
+        raise AstroptError(
+            f"{model_name} learned {name} from tokens of a {learned.get('aion_modality')} codec with weights sha256 "
+            f"{short(learned['weights_sha256'])}, but store {store_dir} holds {name} tokens of one with weights sha256 "
+            f"{short(held['weights_sha256'])}: the same token ids mean different values; use a store tokenised with "
+            "the model's codec")
 
 
 def _learned_bands(recorded) -> dict[str, list[str]]:

@@ -86,3 +86,27 @@ def test_tokens_outside_a_columns_own_vocabulary_are_not_written(tmp_path):
         st.write_store_from_arrays(tmp_path / "s", {"img": np.zeros((2, 16), int), "Z": np.full((2, 1), 300)}, 1,
                                    {"id": "t", "vocab_size": 64, "tokens_per_image": 16}, {"img": ["DES-G"]},
                                    specs={"Z": SPECS["Z"]})
+
+
+def test_a_model_of_one_scalar_codec_refuses_a_store_of_another(tmp_path):
+    from astropt_tok.artifacts import check_model_store, model_store_info
+
+    def make(path, sha, kind="scalar"):
+        tokens = {"img": np.zeros((4, 16), int), "Z": np.ones((4, 1), int)}
+        spec = {"kind": kind, "vocab_size": 300, "aion_modality": "Z",
+                "codec": {"folder": "codecs/Z", "class": "GridScalarCodec", "config": {}, "weights_sha256": sha}}
+        st.write_store_from_arrays(path, tokens, 1, {"id": "t", "vocab_size": 64, "tokens_per_image": 16},
+                                   {"img": ["DES-G"]}, specs={"Z": spec})
+        return st.TokenStore(path)
+
+    a, b = make(tmp_path / "a", "a" * 64), make(tmp_path / "b", "b" * 64)
+    trained_on = model_store_info(a, st.manifest_sha256(a.dir))
+    assert trained_on["catalogue_codecs"]["Z"]["weights_sha256"] == "a" * 64
+    check_model_store("run", trained_on, ["img", "Z"], a)  # no error: the same codecs
+    with pytest.raises(AstroptError, match="the same token ids mean different values"):
+        check_model_store("run", trained_on, ["img", "Z"], b)
+    images = tmp_path / "images"
+    st.write_store_from_arrays(images, {"img": np.zeros((4, 16), int), "Z": np.zeros((4, 16), int)}, 1,
+                               {"id": "t", "vocab_size": 64, "tokens_per_image": 16}, {"img": ["DES-G"], "Z": ["DES-G"]})
+    with pytest.raises(AstroptError, match="learned Z as scalar Z, but store .* holds it as an image column"):
+        check_model_store("run", trained_on, ["img", "Z"], st.TokenStore(images))
