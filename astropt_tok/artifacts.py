@@ -534,13 +534,13 @@ def check_model_store(model_name: str, trained_on: dict | None, model_modalities
         if name not in lin["modalities"]:
             raise AstroptError(f"{model_name} models {name}, which store {store.dir} does not hold (it has "
                                f"{', '.join(lin['modalities'])})")
+        _check_catalogue_codec(model_name, name, (trained_on.get("catalogue_codecs") or {}).get(name),
+                               (lin.get("catalogue_codecs") or {}).get(name), store.dir)
         want = learned.get(name)
         have = lin["modalities"][name]
         if want is not None and list(want) != list(have):
             raise AstroptError(f"{model_name} learned {name} in bands {','.join(want)}, but store {store.dir} holds "
                                f"{name} in bands {','.join(have)}")
-        _check_catalogue_codec(model_name, name, (trained_on.get("catalogue_codecs") or {}).get(name),
-                               (lin.get("catalogue_codecs") or {}).get(name), store.dir)
     return notes
 
 
