@@ -24,6 +24,17 @@ def output_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=PIPE_WIDTH)  # $COLUMNS too is ignored: exported by many shells and CI
 
 
+def _column_line(m: dict) -> str:
+    """What `info` says of one token column: an image column's bands, or a scalar's or spectrum's AION modality,
+    codec and tokens (format version 4); and its source column."""
+    source = f"source column {m.get('column', m['name'])}"
+    if m.get("kind", "image") == "image":
+        return f"bands {','.join(m['bands'])}; {source}"
+    codec = m.get("codec") or {}
+    return (f"{m['kind']} {m.get('aion_modality')} ({codec.get('class')}, {m.get('vocab_size')} codes, "
+            f"{m.get('tokens_per_object')} token{'s' if m.get('tokens_per_object') != 1 else ''}); {source}")
+
+
 def print_store_info(store_dir: str | Path, console: Console | None = None) -> dict:
     """Print a summary table of a store and return the figures shown."""
     from astropt_tok.store import REJECTS, TokenStore, codebook_usage, read_manifest
@@ -42,8 +53,7 @@ def print_store_info(store_dir: str | Path, console: Console | None = None) -> d
     src = manifest["source"]
     # a store of several image columns: each with its own bands and source column (`store.bands` are the first's;
     # one codec made every column's tokens)
-    columns = {f"column {m['name']}": f"bands {','.join(m['bands'])}; source column {m.get('column', m['name'])}"
-               for m in manifest.get("modalities") or []}
+    columns = {f"column {m['name']}": _column_line(m) for m in manifest.get("modalities") or []}
     figures = {
         "rows": store.num_rows,
         "shards": len(store.shards),

@@ -67,14 +67,24 @@ def _size_category(rows: int) -> str:
     return "other"
 
 
+def _what(modality: dict) -> str:
+    """A token column's line in the card: an image column's bands; a scalar's or spectrum's AION modality, codec,
+    vocabulary and tokens per galaxy."""
+    if modality.get("kind", "image") == "image":
+        return ", ".join(modality.get("bands") or [])
+    codec = modality.get("codec") or {}
+    return (f"{modality['kind']} `{modality.get('aion_modality')}` ({codec.get('class')} of `{codec.get('folder')}`, "
+            f"{modality.get('vocab_size')} codes, {modality.get('tokens_per_object')} token(s) per galaxy)")
+
+
 def card_body(manifest: dict, repo_id: str | None = None) -> str:
     """The card's markdown: the manifest's facts and how to read and train on the store."""
     m = manifest
     codec, source, totals = m.get("codec") or {}, m.get("source") or {}, m.get("totals") or {}
     storage = m.get("storage", "arrow")
     repo = repo_id or "ORG/NAME"
-    columns = [(x["name"], x["bands"]) for x in m.get("modalities") or []] or [("tokens", m.get("bands") or [])]
-    column_rows = "\n".join(f"| `{name}` | {', '.join(bands)} |" for name, bands in columns)
+    columns = [(x["name"], _what(x)) for x in m.get("modalities") or []] or [("tokens", ", ".join(m.get("bands") or []))]
+    column_rows = "\n".join(f"| `{name}` | {what} |" for name, what in columns)
     source_line = ", ".join(f"{k} `{source[k]}`" for k in ("id", "split", "column", "id_column", "revision")
                             if source.get(k))
     lines = [
@@ -96,7 +106,7 @@ def card_body(manifest: dict, repo_id: str | None = None) -> str:
         f"| source | {source_line or 'not recorded'} |",
         f"| format | {m.get('format')} version {m.get('format_version')} (astropt-tokens {m.get('tool_version')}) |",
         "",
-        "| token column | bands |",
+        "| token column | bands, or what it holds |",
         "| --- | --- |",
         column_rows,
         "",
