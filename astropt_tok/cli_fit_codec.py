@@ -35,13 +35,17 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the codec already in --out: clears its own files (codecs/, fit_report.json, fit-state.pt, MODEL.md), never another kind of folder or files it did not write."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's; 1 is often fastest on a busy small CPU)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress on stderr: a bar on a terminal, else a line (step, loss) every tenth of the steps."),
+        scalar: List[str] = typer.Option([], "--scalar", help="Also fit AION's codec of a catalogue scalar to a numeric column, as COLUMN:MODALITY with MODALITY an AION scalar modality class (e.g. --scalar redshift:Z --scalar FLUX_G:LegacySurveyFluxG); written as codecs/<name>/ beside the image codec. Repeatable; all read in one pass."),
+        scalar_codebook: int = typer.Option(1024, "--scalar-codebook", help="Codes per scalar codec (AION's: 1024)."),
+        image: bool = typer.Option(True, "--image/--no-image", help="--no-image: fit only the --scalar codecs, into a new folder or beside the image codec already in --out (left as it is)."),
     ) -> None:
         """Fit a small real AION ImageCodec to a survey and save it in the hub layout, usable as --codec DIR.
 
         Reports per-band MSE, explained variance and PSNR of encode -> tokens -> decode on held-out galaxies,
-        beside an all-zero and an image-mean reconstruction; writes DIR/fit_report.json.
+        beside an all-zero and an image-mean reconstruction; writes DIR/fit_report.json. With --scalar, also
+        fits AION's scalar codecs (redshift, fluxes, ...) to catalogue columns, in seconds.
         """
-        from astropt_tok.fit_codec import FitCodecConfig, fit_codec
+        from astropt_tok.fit_codec import FitCodecConfig, fit_codec, parse_scalars
         from astropt_tok.report import print_reconstruction_table
         from astropt_tok.executor import torch_threads
         from astropt_tok.tokenise import parse_columns
@@ -53,7 +57,7 @@ def register(app: typer.Typer) -> None:
             source=source, out=out, init=init, bands=tuple(band_list), column=single, modalities=modalities,
             split=split, limit=limit, hidden=hidden, projection=projection, layers=layers, steps=steps,
             batch_size=batch_size, lr=lr, warmup=warmup, colour_weight=colour_weight, holdout=holdout, seed=seed, device=device, resume=resume, overwrite=overwrite,
-            progress=progress,
+            progress=progress, scalars=parse_scalars(scalar), scalar_codebook=scalar_codebook, image=image,
         )
         if threads is not None and threads < 1:
             from astropt_tok.errors import AstroptError
@@ -61,8 +65,17 @@ def register(app: typer.Typer) -> None:
             raise AstroptError(f"--threads must be at least 1, got {threads}")
         with torch_threads(threads):
             result = fit_codec(cfg)
-        if result.already_finished:  # nothing was written: the codec and fit_report.json are the finished fit's
-            typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue (nothing changed)")
+        if result.already_finished:  # the image codec is the finished fit's (scalar codecs may have been written)
+            typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue (the image codec "
+                       "is unchanged)")
+        for name, s in result.scalars.items():
+            typer.echo(f"{s['folder']}: {s['codec_class']} of column {s['column']} ({name}), {s['values']} values"
+                       f" ({s['ignored_not_finite']} null or not finite left out), {s['config']['codebook_size']} codes"
+                       f" over {s['codec_range'][0]:.4g}..{s['codec_range'][1]:.4g}")
+        if not image:
+            typer.echo(f"wrote {len(result.scalars)} scalar codec(s) into {result.out}; report in "
+                       f"{result.out / 'fit_report.json'}")
+            return
         if len(result.reports) > 1:
             for name, report in result.reports.items():
                 print_reconstruction_table(report, title=f"{name}: held-out reconstruction")

@@ -32,6 +32,14 @@ fit_report.json stay as they are); asking it for fewer steps than it ran is refu
 fit-state.pt is read with `weights_only=True` and checked as a whole: keys, types, the codec's tensor names
 and shapes, finite weights, the optimiser's groups; damage is one error naming the file. fit_report.json
 holds only finite numbers or null (astropt_tok.health).
+
+Catalogue scalars (`scalars`: (column, AION modality class name) pairs, `--scalar COLUMN:MODALITY`): every
+named column is read in one pass (only those columns) before anything is written, and each gets the real AION
+codec of its modality fitted to its finite values (astropt_tok.catalog_codecs: seconds, no training), written
+beside the image codec as codecs/<Modality.name>/ (codecs/Z, codecs/FLUX_G) and described under "scalars" in
+fit_report.json. With `image=False` (`--no-image`) only those are fitted: a folder's image codec, and its other
+scalar codecs, stay as they are; a scalar codec already there is replaced only with `overwrite` (its subfolder
+alone).
 """
 
 from __future__ import annotations
@@ -82,6 +90,9 @@ class FitCodecConfig:
     overwrite: bool = False  # replace the codec already in `out` (its own files only)
     checkpoint_every: int = 250
     progress: bool = True
+    scalars: tuple[tuple[str, str], ...] = ()  # catalogue columns to fit scalar codecs to: ((column, modality), ...)
+    scalar_codebook: int = 1024  # codes per scalar codec
+    image: bool = True  # False: fit only the scalar codecs, keeping the folder's image codec
 
 
 @dataclass
@@ -99,6 +110,7 @@ class FitCodecResult:
     already_finished: bool = False  # --resume of a fit that had already reached `steps`
     history: list = field(default_factory=list)  # [(step, loss)] every few steps
     reports: dict = field(default_factory=dict)  # {column: summary_json} for every fitted column
+    scalars: dict = field(default_factory=dict)  # {AION modality: ScalarFit.describe()} for every fitted scalar
 
 
 def codec_config(cfg: FitCodecConfig) -> dict:
@@ -244,9 +256,72 @@ def round_trip(codec, flux: np.ndarray, bands: list[str], batch_size: int = 32, 
     return np.concatenate(out)
 
 
+def parse_scalars(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """--scalar COLUMN:MODALITY values -> ((column, modality), ...), each checked to name a column and an AION
+    scalar modality, no modality twice (its codec has one folder)."""
+    from astropt_tok.codec import aion_modality
+
+    pairs = []
+    for spec in specs:
+        column, sep, modality = spec.rpartition(":")
+        if not sep or not column or not modality:
+            raise AstroptError(f"--scalar {spec!r} is not COLUMN:MODALITY (e.g. --scalar redshift:Z, --scalar "
+                               "FLUX_G:LegacySurveyFluxG)")
+        pairs.append((column, aion_modality(modality, kind="scalar", flag="--scalar").name))
+    modalities = [m for _, m in pairs]
+    repeated = sorted({m for m in modalities if modalities.count(m) > 1})
+    if repeated:
+        raise AstroptError(f"--scalar names modality {repeated[0]} more than once; one column per modality (its "
+                           "codec has one folder)")
+    return tuple(pairs)
+
+
+def fit_scalars(cfg: FitCodecConfig) -> list:
+    """Read cfg.scalars' columns (one pass, only those columns, the first `limit` rows) and fit each one's AION
+    scalar codec in memory: [catalog_codecs.ScalarFit]. A missing or non-numeric column is one error."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from astropt_tok.catalog_codecs import fit_scalar
+    from astropt_tok.source import read_columns
+
+    if not cfg.scalars:
+        return []
+    columns = list(dict.fromkeys(column for column, _ in cfg.scalars))
+    read = read_columns(cfg.source, columns, split=cfg.split, limit=cfg.limit)
+    fits = []
+    for column, modality in cfg.scalars:
+        arr = read[column]
+        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_decimal(arr.type)):
+            raise AstroptError(f"--scalar {column}:{modality}: column {column!r} of {cfg.source} holds {arr.type}, "
+                               "not numbers; a scalar codec is fitted to a numeric column")
+        values = pc.fill_null(pc.cast(arr, pa.float64()), float("nan")).to_numpy()  # null -> NaN: left out
+        fits.append(fit_scalar(values, modality, cfg.scalar_codebook, column=column))
+    return fits
+
+
+def _check_scalars(cfg: FitCodecConfig) -> None:
+    from astropt_tok.codec import aion_modality
+
+    if cfg.scalar_codebook < 2:
+        raise AstroptError(f"--scalar-codebook must be at least 2, got {cfg.scalar_codebook}")
+    for column, modality in cfg.scalars:
+        aion_modality(modality, kind="scalar", flag="--scalar")
+    if not cfg.image:
+        if not cfg.scalars:
+            raise AstroptError("--no-image fits only the --scalar codecs, and none is given: add --scalar "
+                               "COLUMN:MODALITY (e.g. --scalar redshift:Z), or leave out --no-image")
+        if cfg.resume or cfg.init:
+            raise AstroptError(f"--{'resume' if cfg.resume else 'init'} is about the image codec, which --no-image "
+                               "does not fit: leave out one of them")
+
+
 def _check(cfg: FitCodecConfig) -> None:
     from aion.codecs.preprocessing.band_to_index import BAND_TO_INDEX
 
+    _check_scalars(cfg)
+    if not cfg.image:
+        return
     for name in ("hidden", "projection", "layers", "steps", "batch_size", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             raise AstroptError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -397,9 +472,68 @@ def fit_codec(cfg: FitCodecConfig) -> FitCodecResult:
     _check(cfg)
     if cfg.overwrite and cfg.resume:
         raise AstroptError("--overwrite starts the fit in --out again and --resume continues it: give one of them")
-    lineage = {"source": cfg.source, "split": cfg.split, "columns": dict(fitted_columns(cfg)), "init": cfg.init}
+    lineage = {"source": cfg.source, "split": cfg.split, "init": cfg.init}
+    if cfg.image:
+        lineage["columns"] = dict(fitted_columns(cfg))
     with output_folder(cfg.out, "codec", "`astropt fit-codec`", lineage=lineage) as existed:
-        return _fit_codec(cfg, existed, lineage)
+        out = Path(cfg.out)
+        fits = fit_scalars(cfg)  # every column read and fitted before anything is written
+        report = _read_report(out) if existed else None
+        earlier = report.get("scalars") if report and isinstance(report.get("scalars"), dict) else {}
+        if cfg.image:
+            # a folder of scalar codecs alone holds no image codec to replace: the image fit adds one beside them
+            has_image = (out / "codecs" / "image").exists() or (out / STATE_FILE).exists() or \
+                bool(report and isinstance(report.get("heldout"), dict))
+            result = _fit_codec(cfg, existed and has_image, {**lineage, "columns": dict(fitted_columns(cfg))})
+        else:
+            there = [f.modality.folder for f in fits if (out / f.modality.folder).exists()]
+            if there and not cfg.overwrite:
+                raise AstroptError(f"{out} already holds {there[0]}; pass --overwrite to replace the scalar codecs "
+                                   "named by --scalar (their subfolders only), or choose another --out")
+            result = FitCodecResult(out=out, steps=0, report={}, train_rows=0, heldout_rows=0,
+                                    final_loss=float("nan"), seconds=0.0)
+        result.scalars = _write_scalars(out, fits, earlier, cfg)
+        return result
+
+
+def _read_report(out: Path) -> dict | None:
+    """out/fit_report.json, or None without one. A report that is there but unreadable is one error (it would be
+    rewritten without what it records)."""
+    path = out / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AstroptError(f"{path} is unreadable ({type(exc).__name__}); delete it, or choose another --out") from None
+    if not isinstance(record, dict):
+        raise AstroptError(f"{path} holds no report (a {type(record).__name__}); delete it, or choose another --out")
+    return record
+
+
+def _write_scalars(out: Path, fits: list, earlier: dict, cfg: FitCodecConfig) -> dict:
+    """Write each fitted scalar codec into out/codecs/<name>/ and record them all in fit_report.json (the
+    earlier entries whose codec is still there kept) and in the folder's lineage; returns the new entries."""
+    from astropt_tok.artifacts import update_lineage
+    from astropt_tok.catalog_codecs import save_codec
+    from astropt_tok.codec import sha256_file
+    from astropt_tok.health import dumps_finite
+
+    kept = {name: e for name, e in earlier.items() if isinstance(e, dict) and name not in
+            {f.modality.name for f in fits} and (out / str(e.get("folder"))).is_dir()}
+    if not fits and not kept:
+        return {}
+    entries = {}
+    for fit in fits:
+        sub = save_codec(fit.codec, fit.config, out, fit.modality.folder)
+        entries[fit.modality.name] = {"source": cfg.source, "split": cfg.split, "limit": cfg.limit, **fit.describe(),
+                                      "weights_sha256": sha256_file(sub / "model.safetensors")}
+    record = _read_report(out) or {}  # the image fit's report, just written, or the folder's
+    record["scalars"] = {**kept, **entries}
+    atomic_write_text(out / REPORT_FILE, dumps_finite(record, indent=2))
+    update_lineage(out, scalars={name: {k: e.get(k) for k in ("source", "column", "weights_sha256")}
+                                 for name, e in record["scalars"].items()})
+    return entries
 
 
 def _fit_codec(cfg: FitCodecConfig, existed: bool, lineage: dict) -> FitCodecResult:

@@ -340,6 +340,21 @@ def _file_schema(path: str):
         return pq.ParquetFile(_open(path)).schema_arrow
 
 
+def _source_files(source: str, split: str) -> tuple[str, str, list[str], str | None]:
+    """(kind "local" or "hub", source id, the split's files in order, hub revision) of a source."""
+    files = _local_files(source, split)
+    if files is not None:
+        if not files:
+            raise AstroptError(f"source {source} holds no .parquet or .arrow files")
+        source_id = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+        return "local", source_id, files, None
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise AstroptError(f"source {source!r} does not exist (expected a folder, file or glob of parquet/arrow "
+                           f"files, or a hub dataset id like {DEFAULT_SOURCE})")
+    files, revision = _hub_files(source, split)
+    return "hub", source, files, revision
+
+
 def resolve_source(
     source: str = DEFAULT_SOURCE,
     split: str = DEFAULT_SPLIT,
@@ -355,18 +370,7 @@ def resolve_source(
     if limit is not None and limit < 1:
         raise AstroptError(f"--limit must be at least 1, got {limit}")
 
-    files = _local_files(source, split)
-    if files is not None:
-        kind, revision = "local", None
-        if not files:
-            raise AstroptError(f"source {source} holds no .parquet or .arrow files")
-        source_id = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise AstroptError(f"source {source!r} does not exist (expected a folder, file or glob of parquet/arrow "
-                           f"files, or a hub dataset id like {DEFAULT_SOURCE})")
-    else:
-        kind, source_id = "hub", source
-        files, revision = _hub_files(source, split)
+    kind, source_id, files, revision = _source_files(source, split)
     schema = _file_schema(files[0])
     for name in [column] + list(extra_columns or []):
         if name not in schema.names:
@@ -595,6 +599,46 @@ def iter_row_range_datasets(plan: SourcePlan, lo: int, hi: int, batch_rows: int 
             for batch in table.to_batches():
                 yield pos, batch
                 pos += batch.num_rows
+
+
+def read_columns(source: str, columns: list[str], split: str = DEFAULT_SPLIT, limit: int | None = None) -> dict:
+    """{column: pyarrow.ChunkedArray} of the first `limit` rows (all without) of top-level `columns`, in one pass
+    over the source's files; parquet reads only those columns' chunks. A column a file lacks is one error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if limit is not None and limit < 1:
+        raise AstroptError(f"--limit must be at least 1, got {limit}")
+    _, _, files, _ = _source_files(source, split)
+    parts: dict[str, list] = {c: [] for c in columns}
+    left = limit
+    for path in files:
+        with _readable(f"source file {path}"):
+            if path.endswith(".arrow"):
+                table = pa.Table.from_batches(_arrow_reader(path)[0])
+                names = table.column_names
+            else:
+                raw = _open(path)
+                try:
+                    parquet = pq.ParquetFile(raw)
+                    names = parquet.schema_arrow.names
+                    table = parquet.read(columns=[c for c in columns if c in names], use_threads=False)
+                finally:
+                    if raw is not path:
+                        raw.close()
+        missing = [c for c in columns if c not in names]
+        if missing:
+            where = "" if path == files[0] else f" in its file {path}"
+            raise AstroptError(f"source {source} has no column {missing[0]!r}{where} (columns: {', '.join(names)})")
+        if left is not None:
+            table = table.slice(0, left)
+            left -= table.num_rows
+        for c in columns:
+            parts[c].append(table.column(c))
+        if left == 0:
+            break
+    return {c: pa.chunked_array([chunk for col in parts[c] for chunk in col.chunks], type=parts[c][0].type)
+            for c in columns}
 
 
 # ---------------------------------------------------------------------------------------------------------
