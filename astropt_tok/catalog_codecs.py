@@ -4,10 +4,11 @@ reads them.
 Scalars (`fit_scalar` / `fit_scalar_codec`): the real aion codec of the modality (aion.codecs.config), its
 quantiser filled from one column's finite values, no gradient training:
 
-  GridScalarCodec  (Z)                       buckets = linspace(lo, hi, V): lo = 0 (or the smallest value,
-                                             rounded down, when some are negative), hi = the largest value
-                                             rounded up to two significant figures, so every fitted value is
-                                             inside the grid (AION clamps values beyond it silently)
+  GridScalarCodec  (Z)                       buckets = linspace(lo, hi, V): lo = 0 (or below the smallest
+                                             value when some are negative), hi = the largest value rounded up
+                                             to 1, 1.5, 2, 3, 4, 5, 6 or 8 x 10^k (`grid_range`), so every
+                                             fitted value, and a little more, is inside the grid (AION clamps
+                                             values beyond it silently; the tokeniser rejects them)
   ScalarCodec      (EBV, HSC magnitudes...)  reservoir = R quantiles of the values (R = reservoir_size, default
   LogScalarCodec   (Legacy Survey fluxes...) the number of values up to 100,000), sorted, in the space the
                                              quantiser bins in (Log: ln(max(v, e^min_log_value)), by the
@@ -84,23 +85,21 @@ def _torch():
     return torch
 
 
-def _round_sig(x: float, up: bool) -> float:
-    """x rounded up (or down) to two significant figures: 0.7213 -> 0.73, 5.83 -> 5.9; the result is on the
-    right side of x even after floating-point error."""
-    if x == 0:
-        return 0.0
-    step = 10.0 ** (math.floor(math.log10(abs(x))) - 1)
-    r = (math.ceil(x / step) if up else math.floor(x / step)) * step
-    if (up and r < x) or (not up and r > x):
-        r += step if up else -step
-    return float(r)
+NICE_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # a grid's end: one of these x a power of ten
+
+
+def nice_ceiling(x: float) -> float:
+    """The smallest of 1, 1.5, 2, 3, 4, 5, 6, 8 x 10^k at or above x > 0 (0.68 -> 0.8, 5.83 -> 6): headroom for
+    values a little beyond those fitted on, at most a third of the grid unused."""
+    power = 10.0 ** math.floor(math.log10(x))
+    return next(step * power for step in NICE_STEPS if step * power >= x)
 
 
 def grid_range(values: np.ndarray) -> tuple[float, float]:
-    """(lo, hi) of a GridScalarCodec's buckets for finite `values`: 0 (or the minimum rounded down when some are
-    negative) to the maximum rounded up to two significant figures."""
+    """(lo, hi) of a GridScalarCodec's buckets for finite `values`: 0 (or -nice_ceiling(-min) when some are
+    negative) to nice_ceiling(max) (0 when none is positive)."""
     lo, hi = float(values.min()), float(values.max())
-    return (0.0 if lo >= 0 else _round_sig(lo, up=False)), (_round_sig(hi, up=True) if hi > 0 else 0.0)
+    return (0.0 if lo >= 0 else -nice_ceiling(-lo)), (nice_ceiling(hi) if hi > 0 else 0.0)
 
 
 def fit_scalar(values, modality: str, codebook_size: int = 1024, reservoir_size: int | None = None,

@@ -521,7 +521,7 @@ def _write_scalars(out: Path, fits: list, earlier: dict, cfg: FitCodecConfig) ->
 
     kept = {name: e for name, e in earlier.items() if isinstance(e, dict) and name not in
             {f.modality.name for f in fits} and (out / str(e.get("folder"))).is_dir()}
-    if not fits and not kept:
+    if not fits and not earlier:
         return {}
     entries = {}
     for fit in fits:
@@ -529,10 +529,13 @@ def _write_scalars(out: Path, fits: list, earlier: dict, cfg: FitCodecConfig) ->
         entries[fit.modality.name] = {"source": cfg.source, "split": cfg.split, "limit": cfg.limit, **fit.describe(),
                                       "weights_sha256": sha256_file(sub / "model.safetensors")}
     record = _read_report(out) or {}  # the image fit's report, just written, or the folder's
-    record["scalars"] = {**kept, **entries}
+    scalars = {**kept, **entries}  # none left: an image --overwrite cleared codecs/, and with it every scalar codec
+    record.pop("scalars", None)
+    if scalars:
+        record["scalars"] = scalars
     atomic_write_text(out / REPORT_FILE, dumps_finite(record, indent=2))
     update_lineage(out, scalars={name: {k: e.get(k) for k in ("source", "column", "weights_sha256")}
-                                 for name, e in record["scalars"].items()})
+                                 for name, e in scalars.items()})
     return entries
 
 
