@@ -125,14 +125,14 @@ def fit_scalar(values, modality: str, codebook_size: int = 1024, reservoir_size:
     if len(finite) < 2:
         raise AstroptError(f"{what} has {len(finite)} finite values of {len(raw)}; fitting a scalar codec needs at "
                            "least 2 different ones")
+    if finite.min() == finite.max():
+        raise AstroptError(f"{what} is constant ({finite[0]:g}) over its {len(finite)} finite values; a scalar codec "
+                           "needs values that vary")
     name = mod.cls.name  # the codec's own `modality` argument: aion.modalities.ScalarModalities' key
     cls_name = mod.codec_cls.__name__
     if cls_name == "GridScalarCodec":
         config = {"codebook_size": int(codebook_size), "modality": name}
-        lo, hi = grid_range(finite)
-        if not lo < hi:
-            raise AstroptError(f"{what} is constant ({finite[0]:g}) over its {len(finite)} finite values; a scalar "
-                               "codec needs values that vary")
+        lo, hi = grid_range(finite)  # lo < hi: the values vary
         codec = mod.codec_cls(**config)
         codec.quantizer.buckets.copy_(torch.linspace(lo, hi, codebook_size))
     elif cls_name in ("ScalarCodec", "LogScalarCodec"):
@@ -146,10 +146,9 @@ def fit_scalar(values, modality: str, codebook_size: int = 1024, reservoir_size:
         if cls_name == "LogScalarCodec":
             binned = q._log_and_apply_min(binned)  # ln(max(v, e^min_log_value)): the space it bins in
         binned = binned.double().numpy()
-        if binned.min() == binned.max():
-            floor = " at or below the codec's floor e^-3" if cls_name == "LogScalarCodec" else ""
-            raise AstroptError(f"{what} is constant{floor} ({finite[0]:g}) over its {len(finite)} finite values; a "
-                               "scalar codec needs values that vary")
+        if binned.min() == binned.max():  # only a log codec's floor can make varying values one
+            raise AstroptError(f"{what} is constant at or below the codec's floor e^{config['min_log_value']} over its "
+                               f"{len(finite)} finite values (max {finite.max():g}); a scalar codec needs values that vary")
         reservoir = np.quantile(binned, np.linspace(0.0, 1.0, size))  # [R] sorted: the inverse CDF
         q._reservoir.copy_(torch.as_tensor(reservoir, dtype=q._reservoir.dtype))
         q._generate_index_to_val()  # [V] bin edges from the reservoir, as aion builds them
