@@ -283,18 +283,17 @@ def fit_scalars(cfg: FitCodecConfig) -> list:
     import pyarrow.compute as pc
 
     from astropt_tok.catalog_codecs import fit_scalar
-    from astropt_tok.source import read_columns
+    from astropt_tok.source import check_catalogue_column, read_columns
 
     if not cfg.scalars:
         return []
     columns = list(dict.fromkeys(column for column, _ in cfg.scalars))
     read = read_columns(cfg.source, columns, split=cfg.split, limit=cfg.limit)
+    schema = pa.schema([(column, arr.type) for column, arr in read.items()])
     fits = []
     for column, modality in cfg.scalars:
+        check_catalogue_column(schema, column, "scalar", f"source {cfg.source}")  # numbers, as tokenise reads them
         arr = read[column]
-        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type) or pa.types.is_decimal(arr.type)):
-            raise AstroptError(f"--scalar {column}:{modality}: column {column!r} of {cfg.source} holds {arr.type}, "
-                               "not numbers; a scalar codec is fitted to a numeric column")
         values = pc.fill_null(pc.cast(arr, pa.float64()), float("nan")).to_numpy()  # null -> NaN: left out
         fits.append(fit_scalar(values, modality, cfg.scalar_codebook, column=column))
     return fits
