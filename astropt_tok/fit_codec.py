@@ -257,22 +257,14 @@ def round_trip(codec, flux: np.ndarray, bands: list[str], batch_size: int = 32, 
 
 
 def parse_scalars(specs: list[str]) -> tuple[tuple[str, str], ...]:
-    """--scalar COLUMN:MODALITY values -> ((column, modality), ...), each checked to name a column and an AION
-    scalar modality, no modality twice (its codec has one folder)."""
-    from astropt_tok.codec import aion_modality
-
+    """--scalar COLUMN:MODALITY values -> ((column, modality), ...); the pairs are checked by fit_codec."""
     pairs = []
     for spec in specs:
         column, sep, modality = spec.rpartition(":")
         if not sep or not column or not modality:
             raise AstroptError(f"--scalar {spec!r} is not COLUMN:MODALITY (e.g. --scalar redshift:Z, --scalar "
                                "FLUX_G:LegacySurveyFluxG)")
-        pairs.append((column, aion_modality(modality, kind="scalar", flag="--scalar").name))
-    modalities = [m for _, m in pairs]
-    repeated = sorted({m for m in modalities if modalities.count(m) > 1})
-    if repeated:
-        raise AstroptError(f"--scalar names modality {repeated[0]} more than once; one column per modality (its "
-                           "codec has one folder)")
+        pairs.append((column, modality))
     return tuple(pairs)
 
 
@@ -304,8 +296,11 @@ def _check_scalars(cfg: FitCodecConfig) -> None:
 
     if cfg.scalar_codebook < 2:
         raise AstroptError(f"--scalar-codebook must be at least 2, got {cfg.scalar_codebook}")
-    for column, modality in cfg.scalars:
-        aion_modality(modality, kind="scalar", flag="--scalar")
+    modalities = [aion_modality(modality, kind="scalar", flag="--scalar").name for _, modality in cfg.scalars]
+    repeated = sorted({m for m in modalities if modalities.count(m) > 1})
+    if repeated:
+        raise AstroptError(f"--scalar names modality {repeated[0]} more than once; one column per modality (its "
+                           "codec has one folder)")
     if not cfg.image:
         if not cfg.scalars:
             raise AstroptError("--no-image fits only the --scalar codecs, and none is given: add --scalar "
