@@ -72,17 +72,13 @@ class ScalarFit:
 
     def describe(self) -> dict:
         """This fit's entry in fit_report.json."""
-        codes = self.codec.decode(_torch().arange(self.codec.quantizer.codebook_size)).value  # [V] monotone
+        import torch
+
+        codes = self.codec.decode(torch.arange(self.codec.quantizer.codebook_size)).value  # [V] values, monotone
         return {"column": self.column, "aion_modality": self.modality.name, "folder": self.modality.folder,
                 "codec_class": type(self.codec).__name__, "config": self.config, "values": self.values,
                 "ignored_not_finite": self.ignored, "min": self.low, "max": self.high,
                 "codec_range": [float(codes[0]), float(codes[-1])]}
-
-
-def _torch():
-    import torch
-
-    return torch
 
 
 NICE_STEPS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # a grid's end: one of these x a power of ten
