@@ -201,3 +201,22 @@ def test_a_rerun_with_another_scalar_codec_is_refused(survey_dir, catalogue_code
     z.save_pretrained(other, modality=Z)
     with pytest.raises(AstroptError, match="different .*modalities"):
         tokenise(_config(source, other, tmp_path / "tokens", scalars=(("redshift", "Z"),), spectra=()))
+
+
+def test_a_row_group_read_takes_only_the_leaves_it_needs(survey_dir, tmp_path):
+    """Parquet reads ask for a spectrum's flux, ivar, mask and wavelength (here named `lambda`, as the
+    Multimodal Universe names it) and a scalar column, never the spectrum's other fields or other columns."""
+    from astropt_tok.source import read_task, read_tasks, resolve_source
+
+    def add_fields(r, cols):
+        x = cols["desi_spectrum"][r]
+        x["lambda"] = x.pop("wavelength")
+        x["lsf_sigma"] = [1.0] * len(x["flux"])
+
+    source = _catalogue_survey(tmp_path / "survey", survey_dir, add_fields)
+    plan = resolve_source(str(source), column="legacysurvey_image",
+                          catalogue={"redshift": "scalar", "desi_spectrum": "spectrum"})
+    batch = read_task(plan, read_tasks(plan, 0, 4)[0])
+    assert sorted(batch.schema.names) == ["desi_spectrum", "legacysurvey_image", "object_id", "redshift"]
+    assert [f.name for f in batch.schema.field("desi_spectrum").type] == ["flux", "ivar", "mask", "lambda"]
+    assert [f.name for f in batch.schema.field("legacysurvey_image").type] == ["band", "flux"]
