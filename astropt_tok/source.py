@@ -212,10 +212,11 @@ def spectrum_fields(arrow_type) -> list[str] | None:
     leaves = [*SPECTRUM_FIELDS, wavelength]
     if wavelength is None or not set(SPECTRUM_FIELDS) <= set(names):
         return None
-    if not all(pa.types.is_list(names[n]) or pa.types.is_large_list(names[n]) or pa.types.is_fixed_size_list(names[n])
-               for n in leaves):
-        return None
-    return leaves
+    def numbers(t) -> bool:  # a list of numbers (a mask: of bools or numbers)
+        listed = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+        return listed and (_is_number(t.value_type) or pa.types.is_boolean(t.value_type))
+
+    return leaves if all(numbers(names[n]) for n in leaves) else None
 
 
 def _is_number(arrow_type) -> bool:

@@ -220,3 +220,12 @@ def test_a_row_group_read_takes_only_the_leaves_it_needs(survey_dir, tmp_path):
     assert sorted(batch.schema.names) == ["desi_spectrum", "legacysurvey_image", "object_id", "redshift"]
     assert [f.name for f in batch.schema.field("desi_spectrum").type] == ["flux", "ivar", "mask", "lambda"]
     assert [f.name for f in batch.schema.field("legacysurvey_image").type] == ["band", "flux"]
+
+
+def test_a_spectrum_whose_leaves_are_not_lists_of_numbers_is_one_error(survey_dir, catalogue_codec, tmp_path):
+    def nest(r, cols):
+        cols["desi_spectrum"][r]["flux"] = [[v] for v in cols["desi_spectrum"][r]["flux"]]  # a list of lists
+
+    source = _catalogue_survey(tmp_path / "survey", survey_dir, nest)
+    with pytest.raises(AstroptError, match="column 'desi_spectrum' .* is not a spectrum"):
+        tokenise(_config(source, catalogue_codec, tmp_path / "tokens", scalars=()))
