@@ -19,6 +19,14 @@ position table and head under its own name (`encoders.hsc_image.wpe`, ...), as u
 position p comes from the head of the modality of token p+1 (the last token of one modality predicts the first
 of the next, as upstream). The blocks come in `modalities` order, or per sample in the order `order` gives.
 
+Modalities of their own vocabulary and length (a store's image, scalar and spectrum columns: `modality_vocab`,
+`modality_tokens`): `block_size` is the sum of the blocks' lengths, each modality's token table and head have its
+own vocabulary (upstream's `ModalityConfig.vocab_size` per modality), and a position's modality and its place in
+its block come from the blocks' boundaries (`place`). Logits of different widths never share one tensor inside
+the loss; where logits are returned they are padded with -inf to the widest vocabulary. `loss_weights` weigh each
+modality's targets (upstream's `ModalityConfig.loss_weight`): one Z token beside 576 image tokens otherwise counts
+for next to nothing. `next_token_logits` gives the distribution of a modality's first token from the blocks before.
+
 Written after reading nanoGPT and AstroPT; the code is our own.
 """
 
@@ -52,6 +60,26 @@ class GPTConfig:
     bias: bool = False  # bias in Linears and LayerNorms; False like upstream's default
     head: str = "affine"  # "affine" (one Linear) or "aim" (Linear to 4n, GELU, Linear): upstream's `tokeniser`
     modalities: list[str] | None = None  # several modalities, their blocks in this order; None: one, images_aion
+    # modalities of their own vocabulary and length (a store's image, scalar and spectrum columns), one entry per
+    # name of `modalities`, in its order; None: every modality has `vocab_size` and block_size / modalities tokens
+    # (every config written before there were such modalities)
+    modality_vocab: list[int] | None = None
+    modality_tokens: list[int] | None = None
+    modality_kinds: list[str] | None = None  # "image", "scalar" or "spectrum"; None: images
+    loss_weights: list[float] | None = None  # each modality's weight in the loss (see GPT.forward); None: 1 each
+
+    def vocab_sizes(self) -> list[int]:
+        """Each modality's vocabulary, in `modalities` order (one entry for the one modality images_aion)."""
+        return list(self.modality_vocab or [self.vocab_size] * len(self.modalities or [MODALITY]))
+
+    def token_counts(self) -> list[int]:
+        """Each modality's tokens per object, in `modalities` order; they sum to block_size."""
+        names = self.modalities or [MODALITY]
+        return list(self.modality_tokens or [self.block_size // len(names)] * len(names))
+
+    def kinds(self) -> list[str]:
+        """Each modality's kind ("image", "scalar", "spectrum"), in `modalities` order."""
+        return list(self.modality_kinds or ["image"] * len(self.modalities or [MODALITY]))
 
 
 HEADS = ("affine", "aim")
@@ -221,16 +249,17 @@ class TokenEmbedding(nn.Module):
 class Head(nn.Module):
     """The head to vocab logits, upstream's decoder: affine `.c_fc`, or aim `.c_fc` to 4C, GELU, `.c_proj`."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, vocab_size: int | None = None):
         super().__init__()
         if config.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {config.head!r}")
         self.kind = config.head
+        vocab = config.vocab_size if vocab_size is None else vocab_size  # its modality's vocabulary
         if self.kind == "affine":
-            self.c_fc = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
+            self.c_fc = nn.Linear(config.n_embd, vocab, bias=config.bias)
         else:
             self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-            self.c_proj = nn.Linear(4 * config.n_embd, config.vocab_size, bias=config.bias)
+            self.c_proj = nn.Linear(4 * config.n_embd, vocab, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, vocab)."""
@@ -254,11 +283,29 @@ class GPT(nn.Module):
             )
         )
         self.names = list(config.modalities or [MODALITY])  # modality names, in their default sequence order
-        assert config.block_size % len(self.names) == 0, "block_size must be modalities x tokens per modality"
-        self.tokens_per_modality = config.block_size // len(self.names)
-        self.encoders = nn.ModuleDict({n: TokenEmbedding(config.vocab_size, config.n_embd) for n in self.names})
+        self.vocabs = config.vocab_sizes()  # [M]: each modality's vocabulary (its token table and head width)
+        self.lengths = config.token_counts()  # [M]: each modality's tokens per object (its block's length)
+        self.kinds = config.kinds()
+        self.loss_weights = [float(w) for w in (config.loss_weights or [1.0] * len(self.names))]
+        M = len(self.names)
+        if not (len(self.vocabs) == len(self.lengths) == len(self.kinds) == len(self.loss_weights) == M):
+            raise ValueError(f"modality_vocab, modality_tokens, modality_kinds and loss_weights need one entry per "
+                             f"modality ({M})")
+        if sum(self.lengths) != config.block_size or min(self.lengths) < 1 or min(self.vocabs) < 1:
+            raise ValueError(f"block_size {config.block_size} must be the sum of the modalities' tokens "
+                             f"{self.lengths} (each >= 1, vocabularies >= 1)")
+        if min(self.loss_weights) < 0 or not all(math.isfinite(w) for w in self.loss_weights):
+            raise ValueError(f"loss weights must be finite and >= 0, got {self.loss_weights}")
+        # equal blocks (one modality, or several image columns of one codec): positions by integer division, as
+        # before there were modalities of their own length; otherwise by the blocks' boundaries
+        self.uniform = len(set(self.lengths)) == 1
+        self.tokens_per_modality = self.lengths[0] if self.uniform else None
+        self.block_ends = [sum(self.lengths[: k + 1]) for k in range(M)]  # default order: block k ends here
+        self.max_vocab = max(self.vocabs)
+        self.weighted = any(w != 1.0 for w in self.loss_weights)
+        self.encoders = nn.ModuleDict({n: TokenEmbedding(v, config.n_embd) for n, v in zip(self.names, self.vocabs)})
         self.embedders = nn.ModuleDict({n: TokenEmbedding(config.block_size, config.n_embd) for n in self.names})
-        self.decoders = nn.ModuleDict({n: Head(config) for n in self.names})
+        self.decoders = nn.ModuleDict({n: Head(config, v) for n, v in zip(self.names, self.vocabs)})
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -301,13 +348,43 @@ class GPT(nn.Module):
             n -= sum(self.encoders[m].wpe.weight.numel() + self.embedders[m].wpe.weight.numel() for m in self.names)
         return n
 
+    def place(self, start: int, length: int, order: torch.Tensor | None, batch: int, device
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(modality (B, length), within) of positions start..start+length-1 (clamped to the sequence): the index
+        into `names` of the modality each position holds and the position's place in its own block (0..tokens-1),
+        (length,) when it is the same in every sample (equal blocks, or the default order), else (B, length).
+        `order` (B, M) gives each sample's block order (block k holds modality order[:, k]), None the default one."""
+        pos = torch.arange(start, start + length, device=device).clamp(max=self.config.block_size - 1)  # (L,)
+        if self.uniform:
+            slot = pos // self.tokens_per_modality  # (L,)
+            within = pos % self.tokens_per_modality
+            return (slot.expand(batch, length) if order is None else order.to(device)[:, slot]), within
+        lengths = torch.tensor(self.lengths, device=device)  # (M,)
+        if order is None:
+            ends = torch.tensor(self.block_ends, device=device)  # (M,)
+            slot = torch.searchsorted(ends, pos, right=True)  # (L,): the block holding each position
+            within = pos - (ends - lengths)[slot]
+            return slot.expand(batch, length), within
+        order = order.to(device)
+        sizes = lengths[order]  # (B, M): the length of each sample's block k
+        ends = sizes.cumsum(1)  # (B, M)
+        slot = torch.searchsorted(ends, pos.expand(batch, length).contiguous(), right=True)  # (B, L)
+        return order.gather(1, slot), pos - (ends - sizes).gather(1, slot)
+
     def modality_at(self, start: int, length: int, order: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """(B, length) index into `names` of the modality at positions start..start+length-1 (clamped to the
         sequence); `order` (B, M) gives each sample's block order, None the default one."""
-        slot = (torch.arange(start, start + length, device=device) // self.tokens_per_modality).clamp(max=len(self.names) - 1)
+        return self.place(start, length, order, batch, device)[0]
+
+    def block_start(self, name: str, order: torch.Tensor | None = None) -> torch.Tensor | int:
+        """The sequence position of the first token of modality `name`: an int in the default order, (B,) for each
+        sample's block `order` (B, M)."""
+        m = self.names.index(name)
         if order is None:
-            return slot.expand(batch, length)
-        return order.to(device)[:, slot]
+            return self.block_ends[m] - self.lengths[m]
+        sizes = torch.tensor(self.lengths, device=order.device)[order]  # (B, M)
+        slot = torch.argsort(order, dim=1)[:, m]  # (B,): the block that holds modality m
+        return (sizes.cumsum(1) - sizes).gather(1, slot[:, None])[:, 0]
 
     def _embed(self, tokens: torch.Tensor, pos_offset: int, order: torch.Tensor | None,
                present: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,16 +392,18 @@ class GPT(nn.Module):
         tables of its own modality. Where `present` (B, T) is False (a modality the row lacks) the position
         embedding stands alone: the placeholder token's id never enters the model."""
         B, T = tokens.size()
-        pos = torch.arange(pos_offset, pos_offset + T, dtype=torch.long, device=tokens.device)  # (T,)
-        modality = self.modality_at(pos_offset, T, order, B, tokens.device) if len(self.names) > 1 else None  # (B, T)
-        within = pos % self.tokens_per_modality  # (T,) position within its modality
+        modality, within = self.place(pos_offset, T, order, B, tokens.device)  # (B, T) each
+        several_vocabs = len(set(self.vocabs)) > 1
         x = None
         for m, name in enumerate(self.names):
-            tok = self.encoders[name](tokens)  # (B, T, C)
+            here = modality == m  # (B, T)
+            # another modality's id may lie outside this table: only this modality's ids are looked up in it
+            ids = torch.where(here, tokens, 0) if several_vocabs else tokens
+            tok = self.encoders[name](ids)  # (B, T, C)
             if present is not None:
                 tok = torch.where(present[..., None], tok, 0.0)
             emb = tok + self.embedders[name](within)  # (B, T, C)
-            x = emb if x is None else torch.where((modality == m)[..., None], emb, x)
+            x = emb if x is None else torch.where(here[..., None], emb, x)
         return x
 
     def _mask(self, present: torch.Tensor | None, T: int, pos_offset: int, kv_cache: KVCache | None):
@@ -345,30 +424,59 @@ class GPT(nn.Module):
     def _target_runs(self, pos_offset: int, T: int) -> list[tuple[int, int, int]]:
         """(block, start, end) for each run of positions start..end-1 (of T from pos_offset) whose next tokens lie
         in one block of the sequence: block k holds modality k, or order[:, k] for a shuffled sample."""
-        per, last = self.tokens_per_modality, len(self.names) - 1
+        import bisect
+
+        last = len(self.names) - 1
         runs, start = [], 0
         while start < T:
-            k = min((pos_offset + start + 1) // per, last)  # the block of the token position start predicts
-            end = T if k == last else min(T, (k + 1) * per - 1 - pos_offset)
+            k = min(bisect.bisect_right(self.block_ends, pos_offset + start + 1), last)  # the block start predicts in
+            end = T if k == last else min(T, self.block_ends[k] - 1 - pos_offset)
             runs.append((k, start, end))
             start = end
         return runs
 
+    def _padded(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V_m) logits of one head -> (..., max_vocab): ids past its vocabulary get -inf (probability 0), so
+        the logits of modalities with different vocabularies stack; a no-op when they share one."""
+        short = self.max_vocab - logits.size(-1)
+        return logits if short == 0 else F.pad(logits, (0, short), value=-math.inf)
+
     def _logits(self, x: torch.Tensor, pos_offset: int, order: torch.Tensor | None) -> torch.Tensor:
         """Final hidden states (B, T, C) at positions pos_offset.. -> (B, T, vocab): each position through the
-        head of the modality of the token it predicts (the next one)."""
+        head of the modality of the token it predicts (the next one). Modalities of different vocabularies:
+        vocab is the largest, and a position's logits past its own head's width are -inf."""
         if len(self.names) == 1:
             return self.decoders[self.names[0]](x)
         B, T, _ = x.size()
         if order is None:  # contiguous runs of one modality: each head only on its own positions
             runs = self._target_runs(pos_offset, T)
-            return torch.cat([self.decoders[self.names[k]](x[:, start:end]) for k, start, end in runs], dim=1)
+            return torch.cat([self._padded(self.decoders[self.names[k]](x[:, start:end])) for k, start, end in runs],
+                             dim=1)
         target = self.modality_at(pos_offset + 1, T, order, B, x.device)  # (B, T)
         logits = None
         for m, name in enumerate(self.names):
-            out = self.decoders[name](x)
+            out = self._padded(self.decoders[name](x))
             logits = out if logits is None else torch.where((target == m)[..., None], out, logits)
         return logits
+
+    def next_token_logits(self, prefix: torch.Tensor, modality: str, order: torch.Tensor | None = None,
+                          present: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits (B, V) of the FIRST token of modality `modality` (V its vocabulary) given the blocks before
+        it: prefix (B, K) int64 holds exactly those blocks, K = `block_start(modality)` (in each sample's `order`
+        (B, M) when given, which must put that block at the same K in every sample). E.g. an image-then-Z model:
+        the image's tokens in, the distribution of Z's token out (softmax of the result). `present` (B, K) as in
+        `forward`. A modality that begins the sequence has no predictor: ValueError."""
+        B, K = prefix.shape
+        start = self.block_start(modality, order)
+        starts = {int(start)} if order is None else set(start.tolist())
+        if starts != {K}:
+            where = ", ".join(str(s) for s in sorted(starts))
+            raise ValueError(f"modality {modality} begins at position {where}: the prefix must hold exactly the "
+                             f"blocks before it ({K} tokens given)")
+        if K == 0:
+            raise ValueError(f"modality {modality} begins the sequence: no token precedes its first one")
+        logits, _ = self(prefix, order=order, present=present)  # (B, 1, max_vocab)
+        return logits[:, 0, : self.vocabs[self.names.index(modality)]]
 
     def _modality_means(self, ce_sums: list[torch.Tensor], counts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """{modality: its summed cross-entropy / its number of (kept) targets}."""
@@ -389,12 +497,20 @@ class GPT(nn.Module):
         keep = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
         return self._modality_means(*self._ce_by_modality(ce, keep, order, pos_offset))
 
+    def _weighted_mean(self, sums: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
+        """The loss with per-modality `loss_weights` w: sum_m w_m * (summed cross-entropy of m) / sum_m w_m * (its
+        kept targets), the mean over targets with each target of modality m counted w_m times."""
+        w = torch.tensor(self.loss_weights, device=sums[0].device)
+        total = (w * torch.stack(sums)).sum()
+        norm = (w * torch.stack([torch.as_tensor(c, dtype=torch.float32, device=w.device) for c in counts])).sum()
+        return total / norm.clamp(min=torch.finfo(torch.float32).tiny)
+
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, chunks: int, pos_offset: int,
                       order: torch.Tensor | None, loss_mask: torch.Tensor | None, modality_losses: dict | None):
         """The loss of `forward` from final hidden states x (B, T, C), `chunks` pieces of positions at a time
         through `chunked_cross_entropy`, each head only on the positions that predict its modality's tokens; the
         (B, T, vocab) logits never exist. Default order: a contiguous slice per modality. Shuffled `order`: each
-        modality's positions gathered per sample into (B, tokens_per_modality), static shapes, no host sync."""
+        modality's positions gathered per sample into (B, its tokens), static shapes, no host sync."""
         B, T = targets.size()
         keep = None if loss_mask is None else loss_mask.float()  # (B, T)
         sums = [x.new_zeros((), dtype=torch.float32) for _ in self.names]
@@ -406,19 +522,24 @@ class GPT(nn.Module):
                                                           targets[:, start:end], chunks, w)
                 counts[k] = counts[k] + (w.sum() if w is not None else B * (end - start))
         else:
-            per = self.tokens_per_modality
-            block_of = torch.argsort(order.to(x.device), dim=1)  # (B, M): the block that holds modality m
-            within = torch.arange(per, device=x.device)  # (per,)
+            order = order.to(x.device)
+            sizes = torch.tensor(self.lengths, device=x.device)[order]  # (B, M): the length of block k
+            begins = sizes.cumsum(1) - sizes  # (B, M): where block k begins
+            block_of = torch.argsort(order, dim=1)  # (B, M): the block that holds modality m
             for m, name in enumerate(self.names):
-                at = block_of[:, m : m + 1] * per + within - 1 - pos_offset  # (B, per): the position predicting each token
+                within = torch.arange(self.lengths[m], device=x.device)  # (L_m,)
+                begin = begins.gather(1, block_of[:, m : m + 1])  # (B, 1)
+                at = begin + within - 1 - pos_offset  # (B, L_m): the position predicting each token
                 real = (at >= 0) & (at < T)  # the first token of the first block has no predictor
                 at = at.clamp(0, T - 1)
-                w = real.float() if keep is None else keep.gather(1, at) * real  # (B, per)
-                hidden = x.gather(1, at[..., None].expand(-1, -1, x.size(-1)))  # (B, per, C)
+                w = real.float() if keep is None else keep.gather(1, at) * real  # (B, L_m)
+                hidden = x.gather(1, at[..., None].expand(-1, -1, x.size(-1)))  # (B, L_m, C)
                 sums[m] = chunked_cross_entropy(self.decoders[name], hidden, targets.gather(1, at), chunks, w)
                 counts[m] = w.sum()
         if modality_losses is not None:
             modality_losses.update({m: v.detach() for m, v in self._modality_means(sums, counts).items()})
+        if self.weighted:
+            return self._weighted_mean(sums, counts)
         kept = keep.sum().clamp(min=1) if keep is not None else B * T
         return torch.stack(sums).sum() / kept
 
@@ -447,6 +568,12 @@ class GPT(nn.Module):
         (B, T) bool marks real tokens; False: a modality the row lacks (--keep-partial stores), whose positions
         no position attends to and whose token ids are ignored, so every output at a real position is
         independent of them. None (or all True) is plain causal attention.
+        Modalities of different vocabularies (`modality_vocab`): vocab is the largest and each position's logits
+        past its own head's width are -inf (probability 0); with targets the loss is computed head by head on each
+        modality's own target positions (the chunked path, any loss_chunks), and the logits are returned only
+        when gradients are off (evaluation, prediction: what reads them), else None.
+        `loss_weights` (config): the loss counts each target of modality m w_m times (a weighted mean); the
+        per-modality losses stay unweighted means.
         """
         B, T = tokens.size()
         if pos_offset + T > self.config.block_size:
@@ -458,19 +585,23 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self._logits(x[:, [-1], :], pos_offset + T - 1, order), None  # (B, 1, vocab)
-        if loss_chunks > 1:
-            return None, self._chunked_loss(x, targets, loss_chunks, pos_offset, order, loss_mask, modality_losses)
+        several_vocabs = len(set(self.vocabs)) > 1
+        if loss_chunks > 1 or several_vocabs:  # each head on its own target positions: widths never stack here
+            loss = self._chunked_loss(x, targets, loss_chunks, pos_offset, order, loss_mask, modality_losses)
+            wanted = several_vocabs and loss_chunks == 1 and not torch.is_grad_enabled()
+            return (self._logits(x, pos_offset, order) if wanted else None), loss
         logits = self._logits(x, pos_offset, order)  # (B, T, vocab)
-        if loss_mask is None and modality_losses is None:
+        if loss_mask is None and modality_losses is None and not self.weighted:
             return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view(B, T)
-        if loss_mask is None:
+        keep = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
+        if self.weighted:
+            loss = self._weighted_mean(*self._ce_by_modality(ce, keep, order, pos_offset))
+        elif loss_mask is None:
             loss = ce.mean()
         else:
-            keep = loss_mask.float()
             loss = (ce * keep).sum() / keep.sum().clamp(min=1)
         if modality_losses is not None:
-            keep = torch.ones_like(ce) if loss_mask is None else loss_mask.float()
             parts = self._modality_means(*self._ce_by_modality(ce.detach(), keep, order, pos_offset))
             modality_losses.update(parts)
         return logits, loss
@@ -541,7 +672,8 @@ class GPT(nn.Module):
         (e.g. sampled from the first tokens of training images in the store) as a (B, 1) prefix. `vocab_limit`
         samples only ids below it (a model whose vocabulary is larger than the codec's, e.g. upstream's 10,000).
         `on_token()`, when given, is called after each new token (a progress bar's hook). `present` (B, K) marks
-        the prefix's real tokens, as in `forward` (the sampled tokens are all real).
+        the prefix's real tokens, as in `forward` (the sampled tokens are all real). Modalities of different
+        vocabularies: each token is drawn from the head of the modality at its position, among its own ids only.
         """
         B, K = prefix_tokens.shape
         if K < 1:
@@ -554,6 +686,8 @@ class GPT(nn.Module):
         # rows whose logits (raw, or after the temperature) were not finite at some step: flagged on the device,
         # read once at the end (no sync per token), and refused there rather than returned as samples
         bad_logits = torch.zeros(B, dtype=torch.bool, device=prefix_tokens.device)
+        several_vocabs = len(set(self.vocabs)) > 1  # each step's logits are -inf past its modality's vocabulary
+        vocabs = torch.tensor(self.vocabs, device=prefix_tokens.device)
         bad_probs = torch.zeros(B, dtype=torch.bool, device=prefix_tokens.device)
         for _ in range(max_new_tokens):
             if cache is not None:
@@ -563,7 +697,11 @@ class GPT(nn.Module):
                 whole = None if present is None else torch.cat([present, present.new_ones(B, seq.size(1) - K)], 1)
                 logits, _ = self(seq, order=order, present=whole)
             logits = logits[:, -1, :vocab_limit].float()  # (B, vocab) or (B, vocab_limit)
-            bad_logits |= ~torch.isfinite(logits).all(dim=-1)  # (B,)
+            finite = torch.isfinite(logits)  # (B, vocab)
+            if several_vocabs:  # ids past the next modality's vocabulary are -inf by design: not a fault
+                nxt_modality = self.modality_at(seq.size(1), 1, order, B, logits.device)[:, 0]  # (B,)
+                finite |= torch.arange(logits.size(-1), device=logits.device) >= vocabs[nxt_modality][:, None]
+            bad_logits |= ~finite.all(dim=-1)  # (B,)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
