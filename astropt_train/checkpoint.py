@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from astropt_tok.errors import AstroptError, writing
+from astropt_tok.store.format import MODALITY_KINDS
 from astropt_tok.health import first_non_finite, refuse_non_finite_weights
 
 CKPT_DIR = "checkpoints"
@@ -189,12 +190,31 @@ def check_model_fields(model: dict, f, vocab: int | None = None, per_image: int 
         f.one_of(model, "head", HEADS, "model.")
     mods = f.need_list(model, "modalities", str, "model.", unique=True) if model.get("modalities") is not None else []
     blocks = max(1, len(mods))
-    if model["block_size"] % blocks:
-        raise f.fail("model.block_size", model["block_size"], f"a multiple of the {blocks} modalities' blocks")
     if vocab is not None and model["vocab_size"] < vocab:
         raise f.fail("model.vocab_size", model["vocab_size"], f"at least the store's vocab_size {vocab}")
-    if per_image is not None and model["block_size"] // blocks < per_image:
-        raise f.fail("model.block_size", model["block_size"], f"at least {blocks} x tokens_per_image {per_image}")
+    if any(model.get(k) is not None for k in ("modality_vocab", "modality_tokens", "modality_kinds")):
+        # modalities of their own vocabulary, length and kind: one entry each, the lengths summing to block_size
+        for key, kind in (("modality_vocab", int), ("modality_tokens", int), ("modality_kinds", str)):
+            values = f.need_list(model, key, kind, "model.")
+            if len(values) != len(mods):
+                raise f.fail(f"model.{key}", values, f"one entry per modality of model.modalities ({len(mods)})")
+            if kind is int and min(values) < 1:
+                raise f.fail(f"model.{key}", values, "positive numbers")
+        for kind in model["modality_kinds"]:
+            if kind not in MODALITY_KINDS:
+                raise f.fail("model.modality_kinds", model["modality_kinds"], f"each one of {', '.join(MODALITY_KINDS)}")
+        if sum(model["modality_tokens"]) != model["block_size"]:
+            raise f.fail("model.block_size", model["block_size"], f"the sum of model.modality_tokens "
+                         f"{model['modality_tokens']}")
+    else:
+        if model["block_size"] % blocks:
+            raise f.fail("model.block_size", model["block_size"], f"a multiple of the {blocks} modalities' blocks")
+        if per_image is not None and model["block_size"] // blocks < per_image:
+            raise f.fail("model.block_size", model["block_size"], f"at least {blocks} x tokens_per_image {per_image}")
+    if model.get("loss_weights") is not None:
+        weights = f.need_list(model, "loss_weights", float, "model.")
+        if len(weights) != blocks or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+            raise f.fail("model.loss_weights", weights, f"{blocks} finite weights >= 0, not all 0")
 
 
 def model_config(ckpt: str | os.PathLike, cfg: dict):

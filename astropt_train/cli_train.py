@@ -30,13 +30,17 @@ def register(app: typer.Typer) -> None:
                                                 "AstroPT's ckpt.pt (a vocabulary larger than the store's is fine)."),
         head: Optional[str] = typer.Option(None, "--head", help="Head to vocab logits: affine (one Linear) or aim "
                                            "(Linear to 4 x width, GELU, Linear), upstream AstroPT's two (affine)."),
-        modalities: Optional[str] = typer.Option(None, "--modalities", help="A store of several image columns: "
-                                                 "which to train on, in sequence order, e.g. legacysurvey_image,hsc_image "
-                                                 "(all, in the store's order)."),
+        modalities: Optional[str] = typer.Option(None, "--modalities", help="A store of several token columns "
+                                                 "(images, scalars, spectra): which to train on, in sequence order, e.g. "
+                                                 "legacysurvey_image,hsc_image (all, in the store's order)."),
         shuffle_modalities: Optional[bool] = typer.Option(None, "--shuffle-modalities", help="Draw each galaxy's "
                                                           "modality order anew each epoch, from (seed, epoch, row), "
                                                           "instead of one fixed order (validation: each row's epoch-0 "
                                                           "order)."),
+        loss_weight: Optional[list[str]] = typer.Option(None, "--loss-weight", help="NAME=W: weigh modality "
+                                                        "NAME's targets W times in the loss (repeatable; others 1), "
+                                                        "e.g. Z=100 so one redshift token counts beside 576 image "
+                                                        "tokens."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per micro-batch per process (16)."),
         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimiser step (1)."),
         max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Optimiser steps in total (1000)."),
@@ -106,6 +110,7 @@ def register(app: typer.Typer) -> None:
         for k in ("tokens", "out"):
             if overrides[k] is not None:
                 overrides[k] = str(overrides[k])
+        overrides["loss_weight"] = ",".join(loss_weight) if loss_weight else None  # repeated flags: one field
         cfg = build_config(overrides, config_file=config)
         summary = run_training(cfg)
         if summary["rank"] != 0:

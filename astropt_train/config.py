@@ -60,6 +60,8 @@ class TrainConfig:
     # a store of several image columns: which, in sequence order (comma-separated; None: all, the store's order)
     modalities: str | None = None
     shuffle_modalities: bool = False  # draw each galaxy's block order from (seed, epoch, row) instead
+    # each modality's weight in the loss, "NAME=W,NAME=W" (--loss-weight NAME=W, repeatable); unnamed ones 1
+    loss_weight: str | None = None
     init_from: str | None = None  # start from these weights: a run/checkpoint folder or upstream AstroPT's ckpt.pt
     # optimisation
     batch_size: int = 16  # micro-batch per process
@@ -129,17 +131,53 @@ class TrainConfig:
         of one image column (its tokens are the one modality images_aion)."""
         if not store.modalities:
             if self.modalities or self.shuffle_modalities:
-                raise AstroptError(f"--modalities and --shuffle-modalities need a store of several image columns; "
-                                   f"{store.dir} holds one")
+                raise AstroptError(f"--modalities and --shuffle-modalities need a store of several image columns "
+                                   f"(or scalar and spectrum columns beside one); {store.dir} holds one")
             return None
         if self.modalities is None:
-            return list(store.modalities)
-        names = [m.strip() for m in self.modalities.split(",") if m.strip()]
-        unknown = [m for m in names if m not in store.modalities]
-        if not names or unknown or len(set(names)) != len(names):
-            raise AstroptError(f"--modalities {self.modalities!r}: name each of the store's modalities at most once "
-                               f"({', '.join(store.modalities)})")
+            names = list(store.modalities)
+        else:
+            names = [m.strip() for m in self.modalities.split(",") if m.strip()]
+            unknown = [m for m in names if m not in store.modalities]
+            if not names or unknown or len(set(names)) != len(names):
+                raise AstroptError(f"--modalities {self.modalities!r}: name each of the store's modalities at most "
+                                   f"once ({', '.join(store.modalities)})")
+        if sum(store.modality_tokens[m] for m in names) < 2:
+            raise AstroptError(f"--modalities {','.join(names)}: a sequence of one token has nothing to predict; "
+                               "train on more modalities (e.g. an image column with it)")
         return names
+
+    def model_shapes(self, store, names: list[str] | None) -> dict:
+        """The GPTConfig fields that come from the store: vocab_size, block_size and, when the modalities differ
+        in kind, vocabulary or length (a store's image, scalar and spectrum columns), each one's own
+        (modality_vocab, modality_tokens, modality_kinds, in `names` order); and the loss weights."""
+        shapes = {"vocab_size": store.vocab_size, "modalities": names, "loss_weights": self.loss_weights(names)}
+        if not names:
+            return {**shapes, "block_size": store.tokens_per_image}
+        vocab = [store.modality_vocab[n] for n in names]
+        tokens = [store.modality_tokens[n] for n in names]
+        kinds = [store.modality_kind[n] for n in names]
+        shapes["block_size"] = sum(tokens)
+        if len(set(vocab)) > 1 or len(set(tokens)) > 1 or set(kinds) != {"image"}:
+            shapes.update(modality_vocab=vocab, modality_tokens=tokens, modality_kinds=kinds)
+        return shapes
+
+    def loss_weights(self, names: list[str] | None) -> list[float] | None:
+        """Each trained modality's loss weight (--loss-weight NAME=W; 1 for the others), in `names` order; None
+        when none is given (every weight 1)."""
+        given = parse_loss_weights(self.loss_weight)
+        if not given:
+            return None
+        known = names or []
+        unknown = [n for n in given if n not in known]
+        if unknown:
+            have = ", ".join(known) if known else "one image column (no named modalities)"
+            raise AstroptError(f"--loss-weight {unknown[0]}: this run trains on no modality of that name; it trains "
+                               f"on {have}")
+        weights = [given.get(n, 1.0) for n in known]
+        if not any(weights):
+            raise AstroptError("--loss-weight: every modality's weight is 0; give at least one a positive weight")
+        return weights
 
     def sharded_checkpoints(self) -> bool:
         """Whether checkpoints are written as every rank's shards (--checkpoint-format, else --parallel fsdp)."""
@@ -209,10 +247,32 @@ class TrainConfig:
             raise AstroptError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         if not self.tokens:
             raise AstroptError("no token store given: pass --tokens DIR")
+        parse_loss_weights(self.loss_weight)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
         return dataclasses.asdict(self)
+
+
+def parse_loss_weights(text: str | None) -> dict[str, float]:
+    """"NAME=W,NAME=W" -> {NAME: W}: each name once, W a finite number >= 0."""
+    out: dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not eq or not name or not math.isfinite(weight) or weight < 0:
+            raise AstroptError(f"--loss-weight {item.strip()!r}: give NAME=W, a modality's name and a finite weight "
+                               ">= 0 (e.g. --loss-weight Z=100)")
+        if name in out:
+            raise AstroptError(f"--loss-weight names {name} twice; give each modality once")
+        out[name] = weight
+    return out
 
 
 FIELDS = {f.name for f in fields(TrainConfig)}

@@ -63,8 +63,9 @@ class TokenRows:
 
     Several modalities (`modalities`, names of a store's token columns): a galaxy is one sequence of their
     blocks, in that order or, with `shuffle`, in the order `modality_orders` picks from (seed, epoch, row); a
-    batch is then a dict {"tokens": [B, M * T] int16, "order": [B, M] (shuffled), "valid": [B, M] bool (stores
-    with missing images)}. The epoch comes with the rows (`EpochRows`, what `EpochBatchSampler` yields), so
+    batch is then a dict {"tokens": [B, sum of T_m] (int16; a wider type when the columns' dtypes differ),
+    "lengths": [M] (each modality's T_m: an image's 576, a scalar's 1, a spectrum's own), "order": [B, M]
+    (shuffled), "valid": [B, M] bool (stores with missing modalities)}. The epoch comes with the rows (`EpochRows`, what `EpochBatchSampler` yields), so
     workers hold no epoch state; plain row indices (validation, pictures) get the fixed order of epoch 0.
     """
 
@@ -95,17 +96,34 @@ class TokenRows:
         read = self.store.read_rows if self.reads == "pread" else self.store.gather
         if not self.modalities:
             return torch.from_numpy(read(*located))
-        blocks = np.stack([read(*located, modality=m) for m in self.modalities], axis=1)  # [B, M, T]
+        blocks = [read(*located, modality=m) for m in self.modalities]  # [B, T_m] each, its column's own dtype
+        lengths = [b.shape[1] for b in blocks]
+        tokens = np.concatenate(blocks, axis=1, dtype=np.result_type(*blocks))  # [B, sum T_m], modality order
         batch = {}
         if self.shuffle:
             order = modality_orders(self.seed, epoch, rows, len(self.modalities))  # [B, M]: block k is modality order[b, k]
-            blocks = np.take_along_axis(blocks, order[:, :, None], axis=1)
+            tokens = np.take_along_axis(tokens, reordered_positions(order, lengths), axis=1)
             batch["order"] = torch.from_numpy(order)
-        batch["tokens"] = torch.from_numpy(np.ascontiguousarray(blocks.reshape(len(rows), -1)))
+        batch["tokens"] = torch.from_numpy(np.ascontiguousarray(tokens))
+        batch["lengths"] = torch.tensor(lengths)  # [M]: each modality's block length, in modality order
         if self.store.partial:
             valid = self.store.valid(rows)
             batch["valid"] = torch.from_numpy(np.stack([valid[m] for m in self.modalities], axis=1))
         return batch
+
+
+def reordered_positions(order: np.ndarray, lengths: list[int]) -> np.ndarray:
+    """[B, sum(lengths)] int64: for each sample, the position in its modality-order sequence (blocks of `lengths`)
+    of each token once its blocks are put in `order` [B, M] (block k = modality order[b, k])."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths  # [M]: where modality m begins in modality order
+    sizes = lengths[order]  # [B, M]: the length of each sample's block k
+    ends = np.cumsum(sizes, axis=1)  # [B, M]
+    pos = np.arange(lengths.sum())
+    slot = (pos[None, None, :] >= ends[:, :, None]).sum(axis=1)  # [B, T]: the block of each position
+    modality = np.take_along_axis(order, slot, axis=1)
+    within = pos[None] - np.take_along_axis(ends - sizes, slot, axis=1)
+    return starts[modality] + within
 
 
 @dataclass(frozen=True)
@@ -239,19 +257,26 @@ def batch_to_device(batch, device, non_blocking: bool = True):
     if "order" in batch:
         kwargs["order"] = batch["order"].to(device, non_blocking=non_blocking)
     if "valid" in batch:
-        valid = batch["valid"]  # [B, M] bool, on the CPU: deciding here costs the GPU no sync
-        kwargs["loss_mask"] = valid_at(valid, batch.get("order"), 1, y.size(1)).to(device, non_blocking=non_blocking)
+        valid, order, lengths = batch["valid"], batch.get("order"), batch.get("lengths")  # on the CPU: no GPU sync
+        kwargs["loss_mask"] = valid_at(valid, order, 1, y.size(1), lengths).to(device, non_blocking=non_blocking)
         if not bool(valid.all()):
-            kwargs["present"] = valid_at(valid, batch.get("order"), 0, x.size(1)).to(device, non_blocking=non_blocking)
+            kwargs["present"] = valid_at(valid, order, 0, x.size(1), lengths).to(device, non_blocking=non_blocking)
     return x, y, kwargs
 
 
-def valid_at(valid, order, start: int, length: int):
+def valid_at(valid, order, start: int, length: int, lengths=None):
     """valid [B, M] bool (does the row have modality m), order [B, M] or None -> [B, length] bool: whether the
-    token at sequence positions start..start+length-1 belongs to a modality the row has, its blocks in `order`."""
+    token at sequence positions start..start+length-1 belongs to a modality the row has, its blocks in `order`.
+    `lengths` [M]: each modality's block length (None: M equal blocks of the sequence x or y is one shorter than)."""
     import torch
 
     B, M = valid.shape
+    if lengths is not None:
+        from astropt_train.model import block_layout
+
+        pos = torch.arange(start, start + length, device=valid.device)
+        modality, _ = block_layout([int(n) for n in lengths], pos, order)
+        return valid.gather(1, modality.expand(B, -1) if order is None else modality)
     per = (length + 1) // M  # tokens per modality (the sequence is M blocks; x and y are one shorter)
     slot = torch.arange(start, start + length, device=valid.device) // per  # the block of each position
     modality = order.to(valid.device)[:, slot] if order is not None else slot.expand(B, -1)  # (B, length)

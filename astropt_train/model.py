@@ -268,6 +268,24 @@ class Head(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # (B, T, 4C) inside
 
 
+def block_layout(lengths: list[int], pos: torch.Tensor, order: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(modality, within) of sequence positions pos (L,) in a sequence of blocks of `lengths` (one per modality, in
+    modality order): the index of the modality holding each position and its place in that block. `order` (B, M):
+    each sample's block order (block k holds modality order[:, k]); then both are (B, L), else (L,). Positions past
+    the end count in the last block."""
+    lengths_t = torch.tensor(lengths, device=pos.device)  # (M,)
+    if order is None:
+        ends = lengths_t.cumsum(0)  # (M,)
+        slot = torch.searchsorted(ends, pos, right=True).clamp(max=len(lengths) - 1)  # (L,)
+        return slot, pos - (ends - lengths_t)[slot]
+    order = order.to(pos.device)
+    sizes = lengths_t[order]  # (B, M): the length of each sample's block k
+    ends = sizes.cumsum(1)  # (B, M)
+    slot = torch.searchsorted(ends, pos.expand(order.size(0), -1).contiguous(), right=True).clamp(max=len(lengths) - 1)
+    return order.gather(1, slot), pos - (ends - sizes).gather(1, slot)
+
+
 class GPT(nn.Module):
     """Decoder-only transformer over AION image tokens, state-dict compatible with upstream AstroPT."""
 
@@ -359,17 +377,8 @@ class GPT(nn.Module):
             slot = pos // self.tokens_per_modality  # (L,)
             within = pos % self.tokens_per_modality
             return (slot.expand(batch, length) if order is None else order.to(device)[:, slot]), within
-        lengths = torch.tensor(self.lengths, device=device)  # (M,)
-        if order is None:
-            ends = torch.tensor(self.block_ends, device=device)  # (M,)
-            slot = torch.searchsorted(ends, pos, right=True)  # (L,): the block holding each position
-            within = pos - (ends - lengths)[slot]
-            return slot.expand(batch, length), within
-        order = order.to(device)
-        sizes = lengths[order]  # (B, M): the length of each sample's block k
-        ends = sizes.cumsum(1)  # (B, M)
-        slot = torch.searchsorted(ends, pos.expand(batch, length).contiguous(), right=True)  # (B, L)
-        return order.gather(1, slot), pos - (ends - sizes).gather(1, slot)
+        modality, within = block_layout(self.lengths, pos, order)
+        return (modality.expand(batch, length) if order is None else modality), within
 
     def modality_at(self, start: int, length: int, order: torch.Tensor | None, batch: int, device) -> torch.Tensor:
         """(B, length) index into `names` of the modality at positions start..start+length-1 (clamped to the
@@ -534,7 +543,9 @@ class GPT(nn.Module):
                 at = at.clamp(0, T - 1)
                 w = real.float() if keep is None else keep.gather(1, at) * real  # (B, L_m)
                 hidden = x.gather(1, at[..., None].expand(-1, -1, x.size(-1)))  # (B, L_m, C)
-                sums[m] = chunked_cross_entropy(self.decoders[name], hidden, targets.gather(1, at), chunks, w)
+                # a position with no predictor reads another modality's token: id 0 there, weighted 0
+                wanted = torch.where(real, targets.gather(1, at), 0)  # (B, L_m)
+                sums[m] = chunked_cross_entropy(self.decoders[name], hidden, wanted, chunks, w)
                 counts[m] = w.sum()
         if modality_losses is not None:
             modality_losses.update({m: v.detach() for m, v in self._modality_means(sums, counts).items()})

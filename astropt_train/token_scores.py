@@ -236,9 +236,9 @@ class TokenScores:
 
         B, L1 = targets.shape
         names = list(model.names)
-        per = model.tokens_per_modality
-        modality = model.modality_at(1, L1, order, B, targets.device)  # (B, L-1): index into names of each target
-        within = (torch.arange(1, L1 + 1, device=targets.device) % per).expand(B, -1)  # (B, L-1)
+        # (B, L-1): index into names of each target, and its position in its own block
+        modality, within = model.place(1, L1, order, B, targets.device)
+        within = within.expand(B, -1)
         keep = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask.bool()
         for k, name in enumerate(names):
             if name not in self.tallies:
@@ -327,5 +327,6 @@ def fit_baselines(store, rows: np.ndarray, columns: dict[str, str | None], chunk
                 tok = store.take(part, column)
                 valid = store.valid(part).get(column or (store.modalities[0] if store.modalities else None))
                 yield tok if valid is None else tok[valid]
-        out[name] = ModalityBaselines.fit(chunks(), store.vocab_size, store.tokens_per_image)
+        key = column or store.token_columns[0]  # each column's own vocabulary and length
+        out[name] = ModalityBaselines.fit(chunks(), store.modality_vocab[key], store.modality_tokens[key])
     return out

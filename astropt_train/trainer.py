@@ -84,8 +84,21 @@ def init_from_model(cfg: TrainConfig, store, manifest_sha: str, dims: tuple[int,
     if cfg.model_given() and (c.n_layer, c.n_head, c.n_embd) != dims:
         raise AstroptError(f"--init-from {cfg.init_from} is {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide; "
                            f"the flags ask for {dims[0]}/{dims[1]}/{dims[2]} (leave the shape flags out)")
+    shapes = cfg.model_shapes(store, modalities)
+    refuse_other_shapes(f"--init-from {cfg.init_from}", c, replace(c, **shapes), cfg.tokens)
     echo(f"initialised from {info['path']} ({info['kind']}, step {info['step']}, head {c.head}, vocab {c.vocab_size})")
-    return replace(c, dropout=cfg.dropout), model.state_dict()
+    return replace(c, dropout=cfg.dropout, loss_weights=shapes["loss_weights"]), model.state_dict()
+
+
+def refuse_other_shapes(what: str, model_config, wanted, store_dir: str) -> None:
+    """A model whose modalities' vocabularies, lengths or kinds differ from those the store's columns need (a
+    model of image columns alone against a store of a scalar too, or a spectrum of another length) is refused."""
+    have = list(zip(model_config.vocab_sizes(), model_config.token_counts(), model_config.kinds()))
+    need = list(zip(wanted.vocab_sizes(), wanted.token_counts(), wanted.kinds()))
+    if (model_config.modality_vocab or model_config.modality_tokens or wanted.modality_vocab) and have != need:
+        show = lambda shapes: ", ".join(f"{n} {k} {t} x vocab {v}"  # noqa: E731
+                                        for n, (v, t, k) in zip(wanted.modalities or ["images_aion"], shapes))
+        raise AstroptError(f"{what}: its model's modalities are {show(have)}; store {store_dir} has {show(need)}")
 
 
 def check_validation_codec(cfg: TrainConfig, store) -> list[str]:
@@ -123,7 +136,7 @@ class DeliveredRows:
         from astropt_train.validate import split_blocks
 
         tokens = batch if not isinstance(batch, dict) else \
-            split_blocks(batch["tokens"], batch.get("order"), self.modalities)[self.modalities[0]]
+            split_blocks(batch["tokens"], batch.get("order"), self.modalities, batch.get("lengths"))[self.modalities[0]]
         return [self.index.get(zlib.crc32(np.ascontiguousarray(seq.numpy(), dtype=self.dtype).tobytes()), -1)
                 for seq in tokens]
 
@@ -224,6 +237,8 @@ class Trainer:
         """The checkpoint to resume (self.ckpt_dir, self.state) and the model config; a summary when the run
         already reached --max-iters (nothing to do)."""
         from astropt_tok.artifacts import check_model_store
+        from dataclasses import replace
+
         from astropt_train import checkpoint as ck
         from astropt_train.model import GPTConfig
 
@@ -239,10 +254,9 @@ class Trainer:
         elif existing:
             raise AstroptError(f"{run} already holds checkpoints; pass --resume to continue that run, or choose "
                                "another --out")
-        self.gconf = GPTConfig(vocab_size=store.vocab_size,
-                               block_size=store.tokens_per_image * len(modalities or [0]), n_layer=n_layer,
-                               n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias, head=cfg.head,
-                               modalities=modalities)
+        # each modality's vocabulary, length and kind come from the store (one column: the store's own)
+        self.gconf = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                               head=cfg.head, **cfg.model_shapes(store, modalities))
         if self.ckpt_dir is not None:
             ckpt_dir = self.ckpt_dir
             old = ck.read_config(ckpt_dir)
@@ -262,10 +276,11 @@ class Trainer:
                 raise AstroptError(f"cannot resume {run}: it was trained on modalities "
                                    f"{','.join(saved.modalities or ['images_aion'])}, this run asks for "
                                    f"{','.join(modalities or ['images_aion'])}")
+            refuse_other_shapes(f"cannot resume {run}", saved, self.gconf, cfg.tokens)
             if cfg.model_given() and (saved.n_layer, saved.n_head, saved.n_embd) != (n_layer, n_head, n_embd):
                 raise AstroptError(f"cannot resume {run}: its model is {saved.n_layer} layers, {saved.n_head} heads, "
                                    f"{saved.n_embd} wide; the flags ask for {n_layer}/{n_head}/{n_embd}")
-            self.gconf = saved
+            self.gconf = replace(saved, loss_weights=self.gconf.loss_weights)  # --loss-weight may change on resume
             self.state = ck.load_trainer_state(ckpt_dir)
             if int(self.state["step"]) >= cfg.max_iters:  # nothing to do: say so, change nothing
                 best = float(self.state["best_val_loss"])
@@ -451,8 +466,11 @@ class Trainer:
             self.display = LiveDisplay(cfg.max_iters, self.step, cfg.live)
             self.echo = self.display.print
             amp = self.amp_dtype
+            vocab = f"vocab {gconf.vocab_size}" if not gconf.modality_vocab else ", ".join(
+                f"{n} {t} x vocab {v}" + (f" weight {w:g}" if w != 1 else "")
+                for n, v, t, w in zip(raw.names, raw.vocabs, raw.lengths, raw.loss_weights))
             self.echo(f"model {raw.num_params() / 1e6:.2f}M parameters ({gconf.n_layer} layers, {gconf.n_head} "
-                      f"heads, {gconf.n_embd} wide, vocab {gconf.vocab_size}); {self.split.rule['num_train']} train / "
+                      f"heads, {gconf.n_embd} wide, {vocab}); {self.split.rule['num_train']} train / "
                       f"{self.split.rule['num_val']} val rows; {self.tokens_per_step:,} tokens per step on "
                       f"{dist.world} x {self.device}"
                       f"{' bf16' if amp == torch.bfloat16 else ' fp16' if amp == torch.float16 else ' fp32'}"
@@ -463,10 +481,11 @@ class Trainer:
             from astropt_train.validate import ImageGrid
 
             store = self.store
+            # the codec decodes images: a scalar's or spectrum's tokens get no picture
             self.images = {m: ImageGrid(cfg.codec or store.codec_id, store.modality_bands.get(m, store.bands),
                                         self.device, echo=self.echo, made_with=store.manifest.get("codec"),
                                         accept_changed=cfg.accept_codec_change)
-                           for m in self.modalities or [None]}
+                           for m in self.modalities or [None] if m is None or store.modality_kind[m] == "image"}
         if cfg.log_rows:
             ensure_folder(run, "the run folder")
             self.rows_log = open(run / f"rows-rank{dist.rank}.txt", "a")
@@ -572,7 +591,9 @@ class Trainer:
         cfg, store, step, run = self.cfg, self.store, self.step, self.run_dir
         shown = self.split.val[: cfg.val_images]
         targets = self.dataset.__getitems__(shown)
-        predicted = predict_tokens(self.raw_model, targets, self.device, self.ctx, store.vocab_size)
+        # a model of several vocabularies draws each position among its own modality's ids (no common limit)
+        limit = None if self.gconf.modality_vocab else store.vocab_size
+        predicted = predict_tokens(self.raw_model, targets, self.device, self.ctx, limit)
         if self.images is None:
             return
         labels = [oid if oid is not None else f"row {r}" for oid, r in zip(store.object_ids(shown), shown)]
@@ -582,10 +603,12 @@ class Trainer:
             return
         # one picture per modality: its block of each sequence, wherever the order put it
         order = targets.get("order")
-        wanted = split_blocks(targets["tokens"], order, self.modalities)
-        got = split_blocks(predicted, order, self.modalities)
+        wanted = split_blocks(targets["tokens"], order, self.modalities, targets.get("lengths"))
+        got = split_blocks(predicted, order, self.modalities, targets.get("lengths"))
         valid = targets.get("valid")  # [n, M]: a row lacking m shows its placeholder, so marked
         for k, m in enumerate(self.modalities):
+            if m not in self.images:  # not an image: nothing to draw
+                continue
             marks = [f"{label} {m}" + ("" if valid is None or valid[i, k] else " MISSING (not a galaxy)")
                      for i, label in enumerate(labels)]
             self.images[m].write(wanted[m], got[m], run / "val_images" / f"step-{step:08d}-{m}.png", labels=marks,

@@ -72,18 +72,24 @@ def predict_tokens(model, tokens, device, ctx=None, vocab_limit=None):
     return torch.cat([x[:, :1], pred], dim=1).cpu()
 
 
-def split_blocks(sequences, order, names: list[str]) -> dict:
-    """(n, M * T) sequences -> {modality: (n, T)}: each sample's block of that modality, wherever `order`
-    (n, M; None: `names` order) put it."""
+def split_blocks(sequences, order, names: list[str], lengths=None) -> dict:
+    """(n, sum T_m) sequences -> {modality: (n, T_m)}: each sample's block of that modality, wherever `order`
+    (n, M; None: `names` order) put it. `lengths` [M]: each modality's block length (None: M equal blocks)."""
     import torch
 
     n, total = sequences.shape
-    per = total // len(names)
-    blocks = sequences.reshape(n, len(names), per)  # [n, slot, T]
-    if order is None:
-        return {m: blocks[:, k] for k, m in enumerate(names)}
-    slot_of = torch.argsort(torch.as_tensor(order), dim=1)  # [n, M]: the slot that holds modality m
-    return {m: blocks[torch.arange(n), slot_of[:, k]] for k, m in enumerate(names)}
+    if lengths is None:
+        lengths = [total // len(names)] * len(names)
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    order = torch.arange(len(names)).expand(n, -1) if order is None else torch.as_tensor(order)
+    sizes = lengths[order]  # [n, M]: the length of each sample's block k
+    begins = sizes.cumsum(1) - sizes  # [n, M]: where block k begins
+    slot_of = torch.argsort(order, dim=1)  # [n, M]: the block that holds modality m
+    out = {}
+    for k, m in enumerate(names):
+        at = begins.gather(1, slot_of[:, k : k + 1]) + torch.arange(int(lengths[k]))  # [n, T_m]
+        out[m] = sequences.gather(1, at.to(sequences.device))
+    return out
 
 
 def rgb_bands(bands: list[str]) -> list[str]:

@@ -82,15 +82,20 @@ def upstream_checkpoint(model, step: int | None = None, val_loss: float | None =
 
     c = model.config
     names = list(c.modalities or [MODALITY])
-    mods = [ModalityConfig(name=n, input_size=c.vocab_size, pos_input_size=1, patch_size=0, embed_pos=True,
-                           vocab_size=c.vocab_size) for n in names]
+    mods = [ModalityConfig(name=n, input_size=v, pos_input_size=1, patch_size=0, embed_pos=True, vocab_size=v,
+                           loss_weight=w)
+            for n, v, w in zip(names, c.vocab_sizes(), c.loss_weights or [1.0] * len(names))]
     model_args = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
                   "dropout": c.dropout, "bias": c.bias, "tokeniser": c.head, "attn_type": "causal",
                   "modalities": mods}
+    layout = {"modality_order": names}
+    if c.modality_tokens:  # modalities of their own length and kind: upstream's ModalityConfig records neither
+        layout.update(modality_tokens=dict(zip(names, c.token_counts())), modality_kinds=dict(zip(names, c.kinds())),
+                      model_vocab_size=c.vocab_size)
     return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "model_args": model_args,
             "modality_registry": ModalityRegistry(mods), "iter_num": int(step or 0),
             "best_val_loss": float(val_loss) if val_loss is not None else None,
-            "config": {**(extra or {}), "modality_order": names}}
+            "config": {**(extra or {}), **layout}}
 
 
 def export_astropt(run: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
@@ -182,8 +187,9 @@ def read_upstream_checkpoint(path: Path) -> dict:
 
 def gpt_config_from_upstream(ckpt: dict, path: Path):
     """This project's GPTConfig for an upstream checkpoint, refusing what this model cannot be: every modality a
-    token modality (vocab_size = input_size > 0, embedded positions) of one shared vocabulary; native causal
-    autoregressive; sizes of the right types."""
+    token modality (vocab_size = input_size > 0, embedded positions), of one shared vocabulary unless the
+    checkpoint records each modality's tokens (our export of a model of image, scalar and spectrum columns);
+    native causal autoregressive; sizes of the right types. Upstream's loss_weight per modality is kept."""
     from astropt_tok.schema import Fields
     from astropt_train.model import HEADS, MODALITY, GPTConfig
 
@@ -206,9 +212,15 @@ def gpt_config_from_upstream(ckpt: dict, path: Path):
             raise AstroptError(f"{path}: modality {mod.name} has vocab_size {mod.vocab_size}, input_size "
                                f"{mod.input_size}, embed_pos {mod.embed_pos}; this tool reads token models "
                                "(vocab_size = input_size > 0, embed_pos), such as AION image tokens")
-    if len({mod.vocab_size for mod in mods}) > 1:
-        raise AstroptError(f"{path}: its modalities have vocabularies {[m.vocab_size for m in mods]}; this tool's "
-                           "model shares one vocabulary between its modalities")
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    lengths, kinds = config.get("modality_tokens"), config.get("modality_kinds")
+    if lengths is None and len({mod.vocab_size for mod in mods}) > 1:
+        raise AstroptError(f"{path}: its modalities have vocabularies {[m.vocab_size for m in mods]} and it records "
+                           "no tokens per modality (config.modality_tokens, which `astropt export` writes); this "
+                           "tool cannot tell where each modality's block lies")
+    weights = [getattr(mod, "loss_weight", 1.0) for mod in mods]
+    if not all(is_kind(w, float) and w >= 0 for w in weights):
+        raise f.fail("model_args.modalities", weights, "loss weights >= 0")
     head = args.get("tokeniser", "aim")  # upstream's GPTConfig default
     unsupported = {k: args.get(k) for k, ok in (("attn_type", "causal"), ("objective", "ar"), ("backbone", "native"),
                                                  ("lora_r", 0)) if args.get(k, ok) != ok}
@@ -219,16 +231,30 @@ def gpt_config_from_upstream(ckpt: dict, path: Path):
             for key, default in (("block_size", 1024), ("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
     if dims["n_embd"] % dims["n_head"]:
         raise f.fail("model_args.n_embd", dims["n_embd"], f"a multiple of n_head ({dims['n_head']})")
-    if dims["block_size"] % len(names):
+    if lengths is None and dims["block_size"] % len(names):
         raise f.fail("model_args.block_size", dims["block_size"], f"a multiple of its {len(names)} modalities")
     f.maybe(args, "dropout", float, "model_args.", low=0.0, below=1.0)
     bias = f.maybe(args, "bias", bool, "model_args.") or False
     # the block order: the one our export recorded, else upstream's own (its GPT reads modalities by sorted name)
-    order = (ckpt.get("config") or {}).get("modality_order") if isinstance(ckpt.get("config"), dict) else None
+    order = config.get("modality_order")
     if not (isinstance(order, list) and sorted(order) == sorted(names)):
         order = sorted(names)
-    return GPTConfig(vocab_size=int(mods[0].vocab_size), dropout=0.0, bias=bias, head=head,
-                     modalities=None if order == [MODALITY] else order, **dims)
+    by_name = {mod.name: mod for mod in mods}
+    weight_of = dict(zip(names, weights))
+    shapes = {"vocab_size": int(mods[0].vocab_size),
+              "loss_weights": [float(weight_of[n]) for n in order] if any(w != 1 for w in weights) else None}
+    if lengths is not None:  # modalities of their own vocabulary and length, as `upstream_checkpoint` records them
+        if not (isinstance(lengths, dict) and isinstance(kinds, dict) and sorted(lengths) == sorted(names)
+                and sorted(kinds) == sorted(names)):
+            raise f.fail("config.modality_tokens", lengths, f"tokens and kinds of each of its modalities {names}")
+        shapes.update(modality_vocab=[int(by_name[n].vocab_size) for n in order],
+                      modality_tokens=[f.need(lengths, n, int, "config.modality_tokens.", low=1) for n in order],
+                      modality_kinds=[f.need(kinds, n, str, "config.modality_kinds.") for n in order],
+                      vocab_size=f.need(config, "model_vocab_size", int, "config.", low=1))
+        if sum(shapes["modality_tokens"]) != dims["block_size"]:
+            raise f.fail("model_args.block_size", dims["block_size"], f"the sum of config.modality_tokens {lengths}")
+    return GPTConfig(dropout=0.0, bias=bias, head=head, modalities=None if order == [MODALITY] else order,
+                     **shapes, **dims)
 
 
 def load_upstream_model(path: Path, device: str = "cpu"):
