@@ -158,16 +158,17 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def model_shape(name: str, dims: tuple[int, int, int], vocab: int, block_size: int, head: str = "affine",
-                modalities: list[str] | None = None) -> ModelShape:
+                modalities: list[str] | None = None, per_modality: dict | None = None) -> ModelShape:
     """Build the real GPT on the meta device (no memory) and read its parameter shapes: the root's and one
-    block's (every block has the same; one is built, so a hostile --n-layer costs nothing)."""
+    block's (every block has the same; one is built, so a hostile --n-layer costs nothing). `per_modality`:
+    GPTConfig's modality_vocab/modality_tokens/modality_kinds of a store of image, scalar and spectrum columns."""
     import torch
 
     from astropt_train.model import GPT, GPTConfig
 
     L, H, E = dims
     cfg = GPTConfig(vocab_size=vocab, block_size=block_size, n_layer=1, n_head=H, n_embd=E, head=head,
-                    modalities=modalities)
+                    modalities=modalities, **(per_modality or {}))
     with torch.device("meta"):
         model = GPT(cfg)
     blocks = {id(p) for p in model.transformer.h.parameters()}
@@ -317,23 +318,32 @@ def plan_model(shape: ModelShape, gpus: int, gpu_memory: float, batch_size: int,
     return plan
 
 
-def sequence(cfg: PlanConfig) -> tuple[int, int, list[str] | None]:
-    """(vocabulary, positions per galaxy, modality names or None): the store's, the flags', or AION's."""
+def sequence(cfg: PlanConfig) -> tuple[int, int, list[str] | None, dict]:
+    """(vocabulary, positions per galaxy, modality names or None, per-modality GPTConfig fields or {}): the
+    store's, the flags', or AION's. A store of image, scalar and spectrum columns: positions are the sum of the
+    columns' tokens, the vocabulary (what the plan's logits are sized by) the largest."""
     if cfg.tokens is None:
-        return (cfg.vocab or AION_VOCAB, cfg.seq_len or AION_TOKENS, None)
+        return (cfg.vocab or AION_VOCAB, cfg.seq_len or AION_TOKENS, None, {})
+    from astropt_tok.store.format import modality_entries
     from astropt_tok.store_hub import read_store_manifest
 
     m = read_store_manifest(cfg.tokens)  # a folder, or an hf:// store's manifest alone
     names = [x["name"] for x in m.get("modalities") or []] or None
-    return int(m["vocab_size"]), int(m["tokens_per_image"]) * len(names or [0]), names
+    entries = modality_entries(m) if names else []
+    if not any("kind" in x for x in m.get("modalities") or []):  # images of one codec: equal blocks
+        return int(m["vocab_size"]), int(m["tokens_per_image"]) * len(names or [0]), names, {}
+    per_modality = {"modality_vocab": [int(e["vocab_size"]) for e in entries],
+                    "modality_tokens": [int(e["tokens_per_object"]) for e in entries],
+                    "modality_kinds": [e["kind"] for e in entries]}
+    return (max(per_modality["modality_vocab"]), sum(per_modality["modality_tokens"]), names, per_modality)
 
 
 def plan(cfg: PlanConfig) -> list[Plan]:
     """The memory plan of the model `cfg` names, or of every preset: one Plan each."""
     cfg.validate()
-    vocab, block_size, modalities = sequence(cfg)
-    return [plan_model(model_shape(name, dims, vocab, block_size, cfg.head, modalities), cfg.gpus, cfg.gpu_memory,
-                       cfg.batch_size, cfg.dtype, cfg.loss_chunks)
+    vocab, block_size, modalities, per_modality = sequence(cfg)
+    return [plan_model(model_shape(name, dims, vocab, block_size, cfg.head, modalities, per_modality), cfg.gpus,
+                       cfg.gpu_memory, cfg.batch_size, cfg.dtype, cfg.loss_chunks)
             for name, dims in cfg.shapes()]
 
 

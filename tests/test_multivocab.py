@@ -261,3 +261,13 @@ def test_mixed_export_reads_back_with_each_modalitys_vocabulary(tmp_path):
         torch.save(raw, f, pickle_module=_UPSTREAM_PICKLE, pickle_protocol=2)
     with pytest.raises(AstroptError, match="records no tokens per modality"):
         load_any_model(tmp_path / "other.pt")
+
+
+def test_plan_takes_a_mixed_stores_positions_and_parameters(tmp_path):
+    from astropt_train.plan import PlanConfig, plan
+
+    _store(tmp_path / "s", rows=10)
+    (shape,) = [p.model for p in plan(PlanConfig(tokens=str(tmp_path / "s"), preset="tiny"))]
+    assert shape.block_size == 26 and shape.vocab == 64 and shape.modalities == 3
+    model = _model(n_layer=2, n_head=2, n_embd=64)  # the tiny preset's shape
+    assert shape.params == model.num_params()
