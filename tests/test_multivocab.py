@@ -200,6 +200,14 @@ def test_a_mixed_store_trains_logs_each_modality_and_reloads(tmp_path):
     assert more["step"] == 32
     with pytest.raises(AstroptError, match="cannot resume .* modalities"):
         train(_cfg(tmp_path / "s", tmp_path / "run", modalities="img,Z", max_iters=40, resume=True))
+    # a new run from its weights: the same shapes start from them; a store of other shapes is refused
+    started = train(_cfg(tmp_path / "s", tmp_path / "init", init_from=str(tmp_path / "run"), max_iters=1))
+    assert np.isfinite(started["loss"])
+    wide = {"Z": SPECS["Z"], "spec": {**SPECS["spec"], "vocab_size": 20}}
+    _store(tmp_path / "wide", specs=wide)
+    with pytest.raises(AstroptError, match="--init-from .* spec spectrum 9 x vocab 16; store .* spec spectrum 9 x "
+                                           "vocab 20"):
+        train(_cfg(tmp_path / "wide", tmp_path / "init2", init_from=str(tmp_path / "run"), max_iters=1))
 
 
 def test_shuffled_partial_mixed_store_trains(tmp_path):
@@ -271,3 +279,20 @@ def test_plan_takes_a_mixed_stores_positions_and_parameters(tmp_path):
     assert shape.block_size == 26 and shape.vocab == 64 and shape.modalities == 3
     model = _model(n_layer=2, n_head=2, n_embd=64)  # the tiny preset's shape
     assert shape.params == model.num_params()
+
+
+def test_loss_weights_of_equal_image_blocks_weigh_each_modalitys_targets():
+    torch.manual_seed(0)
+    shape = dict(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, modalities=["a", "b"])
+    plain = GPT(GPTConfig(**shape)).eval()
+    weighted = GPT(GPTConfig(**shape, loss_weights=[1.0, 3.0])).eval()
+    weighted.load_state_dict(plain.state_dict())
+    seq = torch.randint(0, 50, (4, 16))
+    x, y = seq[:, :-1], seq[:, 1:]
+    with torch.no_grad():
+        logits, _ = plain(x, y)
+        ce = F.cross_entropy(logits.reshape(-1, 50), y.reshape(-1), reduction="none").view(4, 15)
+        w = torch.where(torch.arange(1, 16) >= 8, 3.0, 1.0).expand(4, -1)  # targets 8..15 are b's
+        for chunks in (1, 3):
+            _, loss = weighted(x, y, loss_chunks=chunks)
+            assert loss.item() == pytest.approx(float((ce * w).sum() / w.sum()), rel=1e-5)
