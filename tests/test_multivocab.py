@@ -296,3 +296,18 @@ def test_loss_weights_of_equal_image_blocks_weigh_each_modalitys_targets():
         for chunks in (1, 3):
             _, loss = weighted(x, y, loss_chunks=chunks)
             assert loss.item() == pytest.approx(float((ce * w).sum() / w.sum()), rel=1e-5)
+
+
+def test_validation_pictures_draw_the_image_column_and_skip_scalars_and_spectra(codec_dir, tmp_path):
+    from astropt_tok.codec import load_image_codec
+
+    codec = load_image_codec(str(codec_dir)).describe()  # the tiny real AION ImageCodec: 576 tokens of 4375
+    rng = np.random.default_rng(0)
+    tokens = {"img": rng.integers(0, 4375, (12, 576)), "Z": rng.integers(0, 32, (12, 1)),
+              "spec": rng.integers(0, 16, (12, 9))}
+    st.write_store_from_arrays(tmp_path / "s", tokens, 1, codec, {"img": ["DES-G", "DES-R", "DES-I", "DES-Z"]},
+                               specs=SPECS)
+    summary = train(_cfg(tmp_path / "s", tmp_path / "run", batch_size=4, max_iters=2, eval_interval=2, eval_iters=1,
+                         val_images=1))
+    assert np.isfinite(summary["val_loss"])
+    assert [p.name for p in (tmp_path / "run" / "val_images").iterdir()] == ["step-00000002-img.png"]
