@@ -320,6 +320,7 @@ class GPT(nn.Module):
         self.tokens_per_modality = self.lengths[0] if self.uniform else None
         self.block_ends = [sum(self.lengths[: k + 1]) for k in range(M)]  # default order: block k ends here
         self.max_vocab = max(self.vocabs)
+        self.several_vocabs = len(set(self.vocabs)) > 1  # heads of different widths: logits padded, loss per head
         self.weighted = any(w != 1.0 for w in self.loss_weights)
         self.encoders = nn.ModuleDict({n: TokenEmbedding(v, config.n_embd) for n, v in zip(self.names, self.vocabs)})
         self.embedders = nn.ModuleDict({n: TokenEmbedding(config.block_size, config.n_embd) for n in self.names})
@@ -401,13 +402,12 @@ class GPT(nn.Module):
         tables of its own modality. Where `present` (B, T) is False (a modality the row lacks) the position
         embedding stands alone: the placeholder token's id never enters the model."""
         B, T = tokens.size()
-        modality, within = self.place(pos_offset, T, order, B, tokens.device)  # (B, T) each
-        several_vocabs = len(set(self.vocabs)) > 1
+        modality, within = self.place(pos_offset, T, order, B, tokens.device)  # (B, T), (T,) or (B, T)
         x = None
         for m, name in enumerate(self.names):
             here = modality == m  # (B, T)
             # another modality's id may lie outside this table: only this modality's ids are looked up in it
-            ids = torch.where(here, tokens, 0) if several_vocabs else tokens
+            ids = torch.where(here, tokens, 0) if self.several_vocabs else tokens
             tok = self.encoders[name](ids)  # (B, T, C)
             if present is not None:
                 tok = torch.where(present[..., None], tok, 0.0)
@@ -596,10 +596,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self._logits(x[:, [-1], :], pos_offset + T - 1, order), None  # (B, 1, vocab)
-        several_vocabs = len(set(self.vocabs)) > 1
-        if loss_chunks > 1 or several_vocabs:  # each head on its own target positions: widths never stack here
+        if loss_chunks > 1 or self.several_vocabs:  # each head on its own target positions: widths never stack
             loss = self._chunked_loss(x, targets, loss_chunks, pos_offset, order, loss_mask, modality_losses)
-            wanted = several_vocabs and loss_chunks == 1 and not torch.is_grad_enabled()
+            wanted = self.several_vocabs and loss_chunks == 1 and not torch.is_grad_enabled()
             return (self._logits(x, pos_offset, order) if wanted else None), loss
         logits = self._logits(x, pos_offset, order)  # (B, T, vocab)
         if loss_mask is None and modality_losses is None and not self.weighted:
@@ -697,8 +696,7 @@ class GPT(nn.Module):
         # rows whose logits (raw, or after the temperature) were not finite at some step: flagged on the device,
         # read once at the end (no sync per token), and refused there rather than returned as samples
         bad_logits = torch.zeros(B, dtype=torch.bool, device=prefix_tokens.device)
-        several_vocabs = len(set(self.vocabs)) > 1  # each step's logits are -inf past its modality's vocabulary
-        vocabs = torch.tensor(self.vocabs, device=prefix_tokens.device)
+        vocabs = torch.tensor(self.vocabs, device=prefix_tokens.device)  # each step's ids past its modality's are -inf
         bad_probs = torch.zeros(B, dtype=torch.bool, device=prefix_tokens.device)
         for _ in range(max_new_tokens):
             if cache is not None:
@@ -709,7 +707,7 @@ class GPT(nn.Module):
                 logits, _ = self(seq, order=order, present=whole)
             logits = logits[:, -1, :vocab_limit].float()  # (B, vocab) or (B, vocab_limit)
             finite = torch.isfinite(logits)  # (B, vocab)
-            if several_vocabs:  # ids past the next modality's vocabulary are -inf by design: not a fault
+            if self.several_vocabs:  # ids past the next modality's vocabulary are -inf by design: not a fault
                 nxt_modality = self.modality_at(seq.size(1), 1, order, B, logits.device)[:, 0]  # (B,)
                 finite |= torch.arange(logits.size(-1), device=logits.device) >= vocabs[nxt_modality][:, None]
             bad_logits |= ~finite.all(dim=-1)  # (B,)
