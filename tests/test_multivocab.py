@@ -311,3 +311,34 @@ def test_validation_pictures_draw_the_image_column_and_skip_scalars_and_spectra(
                          val_images=1))
     assert np.isfinite(summary["val_loss"])
     assert [p.name for p in (tmp_path / "run" / "val_images").iterdir()] == ["step-00000002-img.png"]
+
+
+def test_mixed_export_loads_into_upstreams_gpt_and_agrees(upstream_astropt, tmp_path):
+    """Upstream's `load_astropt` builds its GPT from the exported registry (each modality's own vocabulary) and
+    takes every weight; with the blocks in its order (sorted names) its logits of each modality are ours."""
+    from astropt_train.use.interop import export_astropt
+
+    _store(tmp_path / "s", rows=20)
+    train(_cfg(tmp_path / "s", tmp_path / "run", max_iters=2, eval_interval=2))
+    path = export_astropt(tmp_path / "run", tmp_path / "export")
+    theirs = upstream_astropt.model_utils.load_astropt(repo_id=None, path=f"{path.parent}/").eval()
+    exported = torch.load(path, weights_only=False, map_location="cpu")["model"]  # upstream's classes: trusted here
+    assert theirs.load_state_dict(exported, strict=True)
+    names = theirs.modality_registry.names()
+    assert names == sorted(NAMES)
+    ours, _ = ck.load_model(tmp_path / "run")
+    tokens = _tokens(3, seed=4)
+    blocks = {m: torch.as_tensor(tokens[m]) for m in names}
+    inputs = {**blocks, **{f"{m}_positions": torch.arange(TOKENS[m]).expand(3, -1) for m in names}}
+    sequence = torch.cat([blocks[m] for m in names], dim=1)  # (3, 26): upstream's order
+    order = torch.tensor([[NAMES.index(m) for m in names]] * 3)
+    with torch.no_grad():
+        out, _ = theirs(inputs)
+        after = torch.cat([sequence[:, 1:], torch.zeros(3, 1, dtype=torch.long)], dim=1)  # each position's target
+        logits, _ = ours(sequence, after, order=order)  # position p: the head of token p + 1's modality
+    start = 0
+    for m in names:  # upstream's outputs of modality m: the positions that predict its tokens (none before the first)
+        first = max(start - 1, 0)
+        end = start + TOKENS[m] - 1
+        torch.testing.assert_close(out[m], logits[:, first:end, : VOCAB[m]], atol=1e-5, rtol=1e-5)
+        start += TOKENS[m]
