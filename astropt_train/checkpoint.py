@@ -202,7 +202,8 @@ def check_model_fields(model: dict, f, vocab: int | None = None, per_image: int 
                 raise f.fail(f"model.{key}", values, "positive numbers")
         for kind in model["modality_kinds"]:
             if kind not in MODALITY_KINDS:
-                raise f.fail("model.modality_kinds", model["modality_kinds"], f"each one of {', '.join(MODALITY_KINDS)}")
+                raise f.fail("model.modality_kinds", model["modality_kinds"],
+                             f"each one of {', '.join(MODALITY_KINDS)}")
         if sum(model["modality_tokens"]) != model["block_size"]:
             raise f.fail("model.block_size", model["block_size"], f"the sum of model.modality_tokens "
                          f"{model['modality_tokens']}")

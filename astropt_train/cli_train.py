@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
         head: Optional[str] = typer.Option(None, "--head", help="Head to vocab logits: affine (one Linear) or aim "
                                            "(Linear to 4 x width, GELU, Linear), upstream AstroPT's two (affine)."),
         modalities: Optional[str] = typer.Option(None, "--modalities", help="A store of several token columns "
-                                                 "(images, scalars, spectra): which to train on, in sequence order, e.g. "
-                                                 "legacysurvey_image,hsc_image (all, in the store's order)."),
+                                                 "(images, scalars, spectra): which to train on, in sequence order, "
+                                                 "e.g. legacysurvey_image,hsc_image (all, in the store's order)."),
         shuffle_modalities: Optional[bool] = typer.Option(None, "--shuffle-modalities", help="Draw each galaxy's "
                                                           "modality order anew each epoch, from (seed, epoch, row), "
                                                           "instead of one fixed order (validation: each row's epoch-0 "

@@ -65,8 +65,9 @@ class TokenRows:
     blocks, in that order or, with `shuffle`, in the order `modality_orders` picks from (seed, epoch, row); a
     batch is then a dict {"tokens": [B, sum of T_m] (int16; a wider type when the columns' dtypes differ),
     "lengths": [M] (each modality's T_m: an image's 576, a scalar's 1, a spectrum's own), "order": [B, M]
-    (shuffled), "valid": [B, M] bool (stores with missing modalities)}. The epoch comes with the rows (`EpochRows`, what `EpochBatchSampler` yields), so
-    workers hold no epoch state; plain row indices (validation, pictures) get the fixed order of epoch 0.
+    (shuffled), "valid": [B, M] bool (stores with missing modalities)}. The epoch comes with the rows
+    (`EpochRows`, what `EpochBatchSampler` yields), so workers hold no epoch state; plain row indices (validation,
+    pictures) get the fixed order of epoch 0.
     """
 
     def __init__(self, store: TokenStore, reads: str = "pread", modalities: list[str] | None = None,

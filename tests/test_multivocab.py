@@ -18,6 +18,7 @@ from astropt_train.config import build_config
 from astropt_train.data import TokenRows, batch_to_device, valid_at
 from astropt_train.loop import train
 from astropt_train.model import GPT, GPTConfig
+from test_catalog_tokenise import catalogue_codec  # noqa: F401  (a fixture, used below)
 
 NAMES = ["img", "Z", "spec"]
 VOCAB = {"img": 64, "Z": 32, "spec": 16}
@@ -342,3 +343,22 @@ def test_mixed_export_loads_into_upstreams_gpt_and_agrees(upstream_astropt, tmp_
         end = start + TOKENS[m] - 1
         torch.testing.assert_close(out[m], logits[:, first:end, : VOCAB[m]], atol=1e-5, rtol=1e-5)
         start += TOKENS[m]
+
+
+def test_a_tokenised_catalogue_store_trains_and_draws_its_image(survey_dir, catalogue_codec, tmp_path):  # noqa: F811
+    """The real path: `tokenise --scalar/--spectrum` (the tiny image codec, AION's Z, flux and spectrum codecs),
+    then `train` on every column, blocks shuffled, the image drawn at validation."""
+    from astropt_tok.tokenise import tokenise
+    from test_catalog_tokenise import _catalogue_survey, _config
+
+    source = _catalogue_survey(tmp_path / "survey", survey_dir)
+    tokenise(_config(source, catalogue_codec, tmp_path / "tokens"))
+    store = st.TokenStore(tmp_path / "tokens")
+    summary = train(_cfg(tmp_path / "tokens", tmp_path / "run", batch_size=4, max_iters=2, eval_interval=2,
+                         eval_iters=1, val_images=1, shuffle_modalities=True, loss_weight="redshift=50"))
+    assert np.isfinite(summary["loss"]) and np.isfinite(summary["val_loss"])
+    model, config = ck.load_model(tmp_path / "run")
+    assert model.names == store.modalities and model.lengths == [store.modality_tokens[m] for m in store.modalities]
+    assert model.vocabs == [store.modality_vocab[m] for m in store.modalities]
+    assert config["model"]["modality_kinds"] == [store.modality_kind[m] for m in store.modalities]
+    assert [p.name for p in (tmp_path / "run" / "val_images").iterdir()] == ["step-00000002-legacysurvey_image.png"]
