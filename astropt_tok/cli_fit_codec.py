@@ -66,8 +66,8 @@ def register(app: typer.Typer) -> None:
         with torch_threads(threads):
             result = fit_codec(cfg)
         if result.already_finished:  # the image codec is the finished fit's (scalar codecs may have been written)
-            typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue (the image codec "
-                       "is unchanged)")
+            what = "the image codec is unchanged" if result.scalars else "nothing changed"
+            typer.echo(f"fit already finished at step {result.steps}; raise --steps to continue ({what})")
         for name, s in result.scalars.items():
             typer.echo(f"{s['folder']}: {s['codec_class']} of column {s['column']} ({name}), {s['values']} values"
                        f" ({s['ignored_not_finite']} null or not finite left out), {s['config']['codebook_size']} codes"
