@@ -362,3 +362,22 @@ def test_a_tokenised_catalogue_store_trains_and_draws_its_image(survey_dir, cata
     assert model.vocabs == [store.modality_vocab[m] for m in store.modalities]
     assert config["model"]["modality_kinds"] == [store.modality_kind[m] for m in store.modalities]
     assert [p.name for p in (tmp_path / "run" / "val_images").iterdir()] == ["step-00000002-legacysurvey_image.png"]
+
+
+def test_a_mixed_model_embeds_each_block_at_its_own_length(tmp_path):
+    """`astropt embed` of a model of an image, a scalar and a spectrum: per layer the joint embedding and one per
+    block, each pooled over that block's own positions (16, 1 and 9 tokens)."""
+    from astropt_train.use.embed import EmbedConfig, embed, read_embeddings
+
+    tokens = _store(tmp_path / "s", rows=12)
+    summary = train(_cfg(tmp_path / "s", tmp_path / "run", max_iters=2, checkpoint_interval=2))
+    embed(EmbedConfig(checkpoint=summary["checkpoint"], out=tmp_path / "emb", device="cpu", progress=False))
+    model, _ = ck.load_model(summary["checkpoint"])
+    x = _sequences(tokens)  # (12, 26) in the model's order
+    with torch.no_grad():
+        hidden = model.hidden_states(x, [model.config.n_layer])[0]  # (12, 26, C): "final", after ln_f
+    for name, (a, b) in {"img": (0, 16), "Z": (16, 17), "spec": (17, 26)}.items():
+        values, rows, _ = read_embeddings(tmp_path / "emb", f"embedding_{name}")
+        np.testing.assert_allclose(values, hidden[rows, a:b].mean(dim=1).numpy(), rtol=1e-4, atol=1e-5)
+    values, rows, _ = read_embeddings(tmp_path / "emb", "embedding")
+    np.testing.assert_allclose(values, hidden[rows].mean(dim=1).numpy(), rtol=1e-4, atol=1e-5)

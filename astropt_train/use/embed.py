@@ -148,16 +148,21 @@ def pool_hidden(hidden, pool: str, keep=None):
     return torch.where(keep.any(dim=1, keepdim=True), pooled, float("nan"))
 
 
-def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1, valid=None) -> list:
+def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1, valid=None,
+                lengths: list[int] | None = None) -> list:
     """tokens (B, T) int64 on the model's device -> one (B, C) float32 tensor per layer. With `blocks` > 1 (a
-    sequence of several modalities' equal blocks), per layer the joint embedding (pooled over the whole
-    sequence) and then one per block (pooled over its positions). `valid` (B, blocks) bool: which blocks the
-    galaxy has; the model reads only those, the joint embedding pools only them, a missing block's is NaN."""
+    sequence of several modalities' blocks, of `lengths` tokens each; equal when not given), per layer the joint
+    embedding (pooled over the whole sequence) and then one per block (pooled over its positions). `valid`
+    (B, blocks) bool: which blocks the galaxy has; the model reads only those, the joint embedding pools only
+    them, a missing block's is NaN."""
     import torch
 
+    if lengths is None or len(lengths) != blocks:
+        lengths = [tokens.size(1) // blocks] * blocks
     present = None
     if valid is not None and not bool(valid.all()):
-        present = valid.repeat_interleave(tokens.size(1) // blocks, dim=1)  # (B, T): blocks in the model's order
+        repeats = torch.tensor(lengths, device=valid.device)
+        present = valid.repeat_interleave(repeats, dim=1)  # (B, T): blocks in the model's order
     with torch.no_grad():
         hidden = model.hidden_states(tokens, [lay["index"] for lay in layers], present=present)
     if blocks == 1:
@@ -165,9 +170,9 @@ def embed_batch(model, tokens, layers: list[dict], pool: str, blocks: int = 1, v
     out = []
     for h in hidden:  # (B, M * T, C)
         out.append(pool_hidden(h, pool, present))
-        parts = h.chunk(blocks, dim=1)
-        out.extend(pool_hidden(part, pool, None if present is None else present.chunk(blocks, dim=1)[k])
-                   for k, part in enumerate(parts))
+        parts = h.split(lengths, dim=1)
+        kept = None if present is None else present.split(lengths, dim=1)
+        out.extend(pool_hidden(part, pool, None if kept is None else kept[k]) for k, part in enumerate(parts))
     return out
 
 
@@ -435,11 +440,17 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
     if len(modalities) > 1 and not set(modalities) <= set(store.modalities):
         raise AstroptError(f"{cfg.checkpoint} models image columns {', '.join(modalities)}; store {store.dir} holds "
                            f"{', '.join(store.modalities) or 'one unnamed column'}")
-    seq_len = store.tokens_per_image * max(1, len(modalities))
-    if seq_len > model.config.block_size:
+    # each block's length: the store's tokens of that column (images 576, a scalar 1, a spectrum 273)
+    lengths = [store.modality_tokens[m] for m in modalities] if len(modalities) > 1 else [store.tokens_per_image]
+    if len(modalities) > 1:  # a block per column, each as long and of as many codes as the model learned it
+        for m, length, want_length, vocab in zip(modalities, lengths, model.lengths, model.vocabs):
+            if length != want_length or store.modality_vocab[m] > vocab:
+                raise AstroptError(f"{cfg.checkpoint} learned {m} as {want_length} tokens of {vocab} codes; store "
+                                   f"{store.dir} holds {length} tokens of {store.modality_vocab[m]} codes")
+    elif lengths[0] > model.config.block_size:
         raise AstroptError(f"{cfg.checkpoint} has {model.config.block_size} positions, fewer than the "
-                           f"{seq_len} tokens per galaxy of store {store.dir}")
-    if store.vocab_size > model.config.vocab_size:
+                           f"{lengths[0]} tokens per galaxy of store {store.dir}")
+    elif store.vocab_size > model.config.vocab_size:
         raise AstroptError(f"{cfg.checkpoint} knows {model.config.vocab_size} tokens, fewer than the vocabulary of "
                            f"{store.vocab_size} of store {store.dir}")
     layers = parse_layers(cfg.layers, model.config.n_layer)
@@ -507,7 +518,7 @@ def _embed(cfg: EmbedConfig, held: ExitStack) -> EmbedResult:
                     if batch_valid is not None:
                         batch_valid = batch_valid.to(device)
                     with amp if amp is not None else nullcontext():
-                        pooled = embed_batch(model, batch, layers, cfg.pool, blocks, batch_valid)
+                        pooled = embed_batch(model, batch, layers, cfg.pool, blocks, batch_valid, lengths)
                     for k, p in enumerate(pooled):
                         parts[k].append(p.float().cpu().numpy())
                     if bar is not None:
