@@ -864,3 +864,78 @@ def read_source_flux(section: dict, rows, bands: list[str], crop: int | None = N
     finally:
         files.close()
     return out
+
+
+def _read_catalogue(section: dict, rows, column: str, kind: str, moved_to: str | Path | None):
+    """Global source rows' values of catalogue `column` (a record batch of that column alone, in `rows` order):
+    each row group holding some of the rows is read once (only that column's leaves), each file opened once."""
+    import pyarrow as pa
+
+    plan = plan_from_manifest(section, moved_to)
+    if plan.catalogue.get(column) != kind:
+        recorded = ", ".join(f"{c} ({k})" for c, k in plan.catalogue.items()) or "none"
+        raise AstroptError(f"the store's source records no {kind} column {column!r} (its catalogue columns: "
+                           f"{recorded})")
+    rows = np.asarray(rows, dtype=np.int64)
+    outside = rows[(rows < 0) | (rows >= plan.num_rows)]
+    if len(outside):
+        raise AstroptError(f"source row {int(outside[0])} is outside the source's {plan.num_rows} rows")
+    tasks = read_tasks(plan, 0, plan.num_rows)  # one per row group, in row order
+    firsts = np.array([t.first_row for t in tasks], dtype=np.int64)
+    which = np.searchsorted(firsts, rows, side="right") - 1  # [n]: the row group of each row
+    parts, order = [], []
+    files = OpenFiles()
+    try:
+        for k in np.unique(which):
+            task, here = tasks[k], np.nonzero(which == k)[0]
+            f = plan.files[task.file]
+            with _readable(f"source file {f.path}, row group {task.unit},"):
+                reader = files.get(f)
+                if f.row_group_rows is None:  # Arrow IPC: one record batch
+                    unit = reader[task.unit]
+                    check_catalogue_column(unit.schema, column, kind, f"source file {f.path}")
+                    values = unit.column(unit.schema.get_field_index(column))
+                else:
+                    schema = reader.schema_arrow
+                    check_catalogue_column(schema, column, kind, f"source file {f.path}")
+                    leaves = [f"{column}.{leaf}" for leaf in spectrum_fields(schema.field(column).type)] \
+                        if kind == "spectrum" else [column]
+                    values = reader.read_row_group(task.unit, columns=leaves, use_threads=False).column(column)
+                    values = values.combine_chunks()
+            parts.append(values.take(pa.array(task.start + rows[here] - task.first_row)))
+            order.append(here)
+    finally:
+        files.close()
+    if not parts:
+        return pa.record_batch([pa.array([], type=pa.float64())], names=[column])
+    joined = pa.concat_arrays(parts).take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+    return pa.record_batch([joined], names=[column])
+
+
+def read_source_values(section: dict, rows, column: str, moved_to: str | Path | None = None) -> np.ndarray:
+    """The catalogue numbers of scalar `column` at global source rows, from a store manifest's source section:
+    float64 [n], NaN where the source holds null (the truth a store's scalar tokens are scored against).
+    `moved_to`: see `plan_from_manifest`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    batch = _read_catalogue(section, rows, column, "scalar", moved_to)
+    return np.asarray(pc.cast(batch.column(0), pa.float64(), safe=False).to_numpy(zero_copy_only=False),
+                      dtype=np.float64)  # nulls -> NaN
+
+
+def read_source_spectra(section: dict, rows, column: str, moved_to: str | Path | None = None
+                        ) -> list[dict | None]:
+    """The spectra of catalogue `column` at global source rows: per row {"flux", "ivar", "mask", "wavelength"}
+    (float32 [L] each, mask True = bad; its own pixels only), or None for a row the tokeniser would reject
+    (null, no good pixels...; see `batch_to_spectrum`)."""
+    batch = _read_catalogue(section, rows, column, "spectrum", moved_to)
+    if not batch.num_rows:
+        return []
+    spectra, good, _ = batch_to_spectrum(batch, column)  # [n, 4, L]
+    out: list[dict | None] = [None] * batch.num_rows
+    for r in good:
+        length = int(np.isfinite(spectra[r, 3]).sum())  # padding has no wavelength
+        flux, ivar, mask, wavelength = spectra[r, :, :length]
+        out[r] = {"flux": flux, "ivar": ivar, "mask": mask != 0, "wavelength": wavelength}
+    return out
