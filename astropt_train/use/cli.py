@@ -79,6 +79,9 @@ def decode_command(
     from astropt_tok.report import print_reconstruction_table
 
     console = output_console()
+    if result.kind != "image":
+        _print_catalogue(result, console)
+        return
     if result.out is not None:
         console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({' | '.join(result.columns)}), "
                       f"codec {result.codec_id}")
@@ -102,6 +105,35 @@ def decode_command(
             if key in c:
                 print_reconstruction_table(c[key], console=console, title=f"{c['generated']}: {what} "
                                            f"({len(result.labels)} galaxies, 96x96 centre crop)")
+
+
+def _print_catalogue(result, console) -> None:
+    """A scalar column's table (id, true, codec value, model median and 68% interval) and scores, or where a
+    spectrum picture went."""
+    from astropt_tok.report import folding_table
+    from astropt_train.use.scalars import score_text
+
+    m = result.metrics or {}
+    if result.kind == "scalar":
+        predicted = "median" in result.columns
+        table = folding_table("id", "row", "true", "codec", *(["median", "68% interval"] if predicted else []),
+                              title=f"{result.modality}: {len(result.labels)} galaxies")
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        for r in result.table:
+            extra = [fmt(r["median"]), f"[{fmt(r['lo16'])}, {fmt(r['hi84'])}]"] if predicted else []
+            table.add_row(r["id"], str(r["row"]), fmt(r["true"]), fmt(r["codec"]), *extra)
+        console.print(table)
+        for key, what in (("model", "model median vs true"), ("codec", "codec value of the stored token vs true "
+                                                                           "(the ceiling)")):
+            if key in m:
+                console.print(f"{what}: {score_text(m[key])}" + (f", {m[key]['left_out']} left out (no truth or "
+                              "no stored token)" if m[key]["left_out"] else ""), highlight=False)
+        if "model" in m or "codec" in m:
+            console.print(f"scores: {m['scores']}", highlight=False)
+    for line in (m.get("notes") or []):
+        console.print(line, highlight=False)
+    if result.out is not None:
+        console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({result.modality})")
 
 
 def demo_command(

@@ -89,6 +89,8 @@ class DecodeResult:
     columns: list[str] = field(default_factory=list)  # panel kinds per galaxy, e.g. ["original", "reconstruction"]
     rgb_bands: list[str] = field(default_factory=list)  # the bands drawn as red, green, blue
     modality: str | None = None  # the store column whose tokens were decoded (None: a store of one column)
+    kind: str = "image"  # the decoded column's kind: "image", "scalar" or "spectrum"
+    table: list[dict] = field(default_factory=list)  # a scalar column: per galaxy id, row, true, codec, median, lo16, hi84
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -515,6 +517,21 @@ class _Plan:
     rgb_wanted: tuple[str, str, str]
     decode_bands: list[str]  # flux_bands, then any display band not among them
     rows: np.ndarray | None  # store rows (None: --generate)
+    kind: str = "image"  # the decoded column's kind: "image", "scalar" (a catalogue number) or "spectrum"
+
+
+def _catalogue_plan(cfg: DecodeConfig, mode: str, store, modality: str, kind: str) -> _Plan:
+    """A scalar or spectrum column: its stored tokens decoded (no --checkpoint), or (--given A
+    --generate-modality it) predicted from another block; image-only flags are refused."""
+    if mode in ("predict", "complete", "generate"):
+        flag = {"predict": "--predict", "complete": "--complete-from", "generate": "--generate"}[mode]
+        raise AstroptError(f"{flag} works on image columns, and {modality} is a {kind} column; to predict it from an "
+                           f"image pass --given IMAGE_COLUMN --generate-modality {modality}")
+    for flag, value in (("--bands", cfg.bands), ("--rgb", cfg.rgb_bands), ("--save-flux", cfg.save_flux)):
+        if value:
+            raise AstroptError(f"{flag} is for image columns; {modality} is a {kind} column")
+    rows = select_rows(store, cfg.rows, cfg.ids, cfg.random, cfg.seed)
+    return _Plan(mode, store, modality, [], ("", "", ""), [], rows, kind=kind)
 
 
 def _plan(cfg: DecodeConfig) -> _Plan:
@@ -524,6 +541,13 @@ def _plan(cfg: DecodeConfig) -> _Plan:
     recorded = _checkpoint_config(cfg) if cfg.checkpoint is not None else {}
     store = _open_store(cfg, mode, recorded.get("store") or {})
     modality = _choose_modality(cfg, mode, store, recorded)
+    kind = store.modality_kind.get(modality, "image") if modality else "image"
+    if kind != "image":
+        return _catalogue_plan(cfg, mode, store, modality, kind)
+    if mode == "cross" and store.modality_kind.get(cfg.given, "image") != "image":
+        raise AstroptError(f"--given {cfg.given} is a {store.modality_kind[cfg.given]} column: an image is drawn from "
+                           f"another image column's tokens; to predict {cfg.given} from {modality} pass --given "
+                           f"{modality} --generate-modality {cfg.given}")
     # `store.bands` are the first column's only: each column's own are in store.modality_bands
     own_bands = store.modality_bands[modality] if modality in store.modality_bands else store.bands
     choose = "--generate-modality" if mode == "cross" else "--modality"
@@ -567,10 +591,16 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
         for note in check_model_store(f"checkpoint {ckpt['path']}", ck_store or None, model.config.modalities, store,
                                       manifest_sha256(store.dir)):
             print(note, file=sys.stderr)
-        if mode == "cross":
+        if plan.kind == "image" and mode == "cross":  # a scalar or spectrum is checked where it is predicted
             _check_cross(cfg, model, store, ck_store)
-        else:
+        elif plan.kind == "image":
             _check_model_modality(cfg, model, store, modality, ck_store)
+    if plan.kind == "scalar":
+        return _decode_scalar(cfg, plan, model, ck_store, device)
+    if plan.kind == "spectrum":
+        from astropt_train.use.spectra import decode_spectrum
+
+        return decode_spectrum(cfg, plan, model, ck_store, device)
     context = [] if mode == "cross" else _model_context(model, modality)  # blocks the model reads first
 
     # The model's own codec first (its tokens are what it learned), then the store's.
@@ -677,6 +707,78 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
     return DecodeResult(mode=mode, out=out, tokens=np.asarray(final, dtype=np.int64), flux=final_flux,
                         bands=flux_bands, labels=labels, codec_id=codec.codec_id, rows=rows, metrics=metrics,
                         flux_path=flux_path, columns=columns, rgb_bands=list(rgb_wanted), modality=modality)
+
+
+def _decode_scalar(cfg: DecodeConfig, plan: _Plan, model, ck_store: dict, device: str) -> DecodeResult:
+    """A scalar column per galaxy: the true number (from the source), the codec's value of the stored token (the
+    best any token can do) and, with a model (--given A --generate-modality Z), its median and 68% interval from
+    its probabilities over the codes given the row's stored blocks before Z (never one sample)."""
+    from astropt_train.use import scalars as sc
+
+    store, modality = plan.store, plan.modality
+    codec = sc.store_codec(store, modality, cfg.codec, device, cfg.accept_codec_change)
+    redshift = sc.is_redshift(modality, store.modality_aion.get(modality))
+    values = sc.scalar_values(codec)  # [V]
+    rows, probs = plan.rows, None
+    if model is not None:
+        context, order = sc.scalar_order(model, modality, cfg.given, bool(ck_store.get("shuffle_modalities")))
+        want = store.modality_vocab[modality]
+        have = model.vocabs[model.names.index(modality)] if hasattr(model, "vocabs") else model.config.vocab_size
+        if have != want:
+            raise AstroptError(f"checkpoint {cfg.checkpoint} predicts {modality} among {have} codes, but column "
+                               f"{modality} of token store {store.dir} holds tokens of {want}")
+        rows = rows_with_images(store, rows, context)  # the blocks it reads must be real
+        if context != [cfg.given]:
+            print(f"note: the model reads {', '.join(context)} before {modality}: it is given each row's stored "
+                  "tokens of them", file=sys.stderr)
+        given = np.concatenate([store.take(rows, m).astype(np.int64) for m in context], axis=1)  # [N, K]
+        for m in context:
+            check_token_range(store.take(rows, m), store.modality_vocab[m], what=f"store {store.dir} ({m})")
+        probs = sc.predict_probs(model, given, modality, order, cfg.batch_size)  # [N, V]
+    labels = _labels_for(store, rows)
+    codec_value = sc.codec_values_of(store, rows, modality, values)  # [N], NaN where the row lacks it
+    true = None
+    try:
+        true = sc.source_truth(store, rows, modality, cfg.source)
+    except AstroptError as exc:
+        if cfg.compare:
+            raise
+        print(f"note: no true {modality}: {exc}", file=sys.stderr)
+    median = lo = hi = None
+    if probs is not None:
+        median, lo, hi = sc.scalar_distribution(probs, values)
+    table = []
+    for k, (label, r) in enumerate(zip(labels, rows)):
+        entry = {"id": label, "row": int(r), "true": None if true is None else _number(true[k]),
+                 "codec": _number(codec_value[k])}
+        if median is not None:
+            entry.update(median=float(median[k]), lo16=float(lo[k]), hi84=float(hi[k]))
+        table.append(entry)
+    metrics: dict = {"redshift": redshift, "scores": "photo-z: dz = (pred - true) / (1 + true), NMAD, |dz| > 0.15 "
+                     "outliers, bias = median dz" if redshift else "residual pred - true: NMAD, bias = median"}
+    legend = {}
+    if true is not None:
+        for key, pred in (("codec", codec_value), ("model", median)):
+            if pred is None:
+                continue
+            ok = np.isfinite(true) & np.isfinite(pred)
+            metrics[key] = sc.scores(pred[ok], true[ok], redshift)
+            metrics[key]["left_out"] = int((~ok).sum())  # null truth, or no stored token (--keep-partial)
+            legend[key] = sc.score_text(metrics[key])
+    out = None
+    if picture_path(cfg) is not None:
+        what = f"{modality} predicted from {', '.join(context)}" if model is not None else f"stored {modality}"
+        title = cfg.title or f"{what} | codec {codec.codec_id} ({codec.aion_modality}, {codec.vocab_size} codes)"
+        out = sc.write_scalar_figure(modality, true, codec_value, median, lo, hi, picture_path(cfg), title, legend)
+    mode = "scalar" if model is not None else "stored"
+    return DecodeResult(mode=mode, out=out, tokens=np.asarray(store.take(rows, modality), dtype=np.int64),
+                        flux=np.zeros((len(rows), 0), np.float32), bands=[], labels=labels, codec_id=codec.codec_id,
+                        rows=rows, metrics=metrics, modality=modality, kind="scalar", table=table,
+                        columns=["true", "codec"] + (["median", "lo16", "hi84"] if median is not None else []))
+
+
+def _number(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
 
 
 def _check_model_has(cfg: DecodeConfig, flag: str, name: str, modalities: list[str] | None) -> None:
@@ -876,6 +978,9 @@ def summarise(result: DecodeResult) -> dict[str, Any]:
                          "rgb": result.rgb_bands, "modality": result.modality}
     if result.flux_path:
         s["flux"] = str(result.flux_path)
+    if result.kind != "image":
+        s["kind"] = result.kind
+        s["rows"] = result.table  # per galaxy
     if result.metrics:
         m = dict(result.metrics)
         if "reconstruction" in m:
