@@ -124,3 +124,32 @@ def test_decode_z_mistakes_are_one_error_each(image_z, tmp_path):
     # the model reads the image first and was trained without --shuffle-modalities: Z cannot be given to it
     with pytest.raises(AstroptError, match="--given redshift is a scalar column: an image is drawn from another image"):
         decode(DecodeConfig(**base, given="redshift", generate_modality="legacysurvey_image"))
+
+
+def test_eval_scores_z_beside_the_training_median_and_the_codec_ceiling(image_z, survey_dir, tmp_path):
+    from astropt_train.data import split_rows
+    from astropt_train.use.evaluate import EvalConfig, run_eval, scalar_rows
+    from astropt_train.use.scalars import photoz_scores
+
+    store_dir, run = image_z
+    store = TokenStore(store_dir)
+    result = run_eval(EvalConfig(checkpoint=run, out=tmp_path / "eval", seeds=1, sample_rows=0, device="cpu"))
+    rep = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
+    e = rep["modalities"]["redshift"]["scalar"]
+    config = json.loads((run / "config.json").read_text())
+    split = split_rows(store.num_rows, config["split"]["val_fraction"], config["split"]["seed"])
+    true = _truth(survey_dir, store, split.val)
+    # the baseline: the training rows' median truth, one number for every held-out galaxy
+    base = float(np.median(_truth(survey_dir, store, split.train)))
+    assert e["baselines"]["training_median"]["value"] == pytest.approx(base)
+    want = photoz_scores(np.full(len(true), base), true)
+    assert {k: e["baselines"]["training_median"][k] for k in want} == pytest.approx(want)
+    # the ceiling: the codec's value of each stored token against the truth
+    ceiling = photoz_scores(_grid()[store.take(split.val, "redshift")[:, 0].astype(np.int64)], true)
+    assert e["codec_ceiling"] == pytest.approx(ceiling)
+    assert e["redshift"] and e["against"] == "source" and e["given"] == ["legacysurvey_image"]
+    assert e["rows"] == len(split.val) == e["model"]["n"] and e["left_out"] == {"no_truth": 0, "masked": 0}
+    assert set(e["model"]) == {"nmad", "outlier_frac", "bias", "n"}
+    assert [r[1] for r in scalar_rows(rep)] == ["photo-z NMAD", "photo-z outlier fraction", "photo-z bias (median)"]
+    assert result.report == json.loads(json.dumps(rep))

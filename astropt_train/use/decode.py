@@ -768,7 +768,8 @@ def _decode_scalar(cfg: DecodeConfig, plan: _Plan, model, ck_store: dict, device
     out = None
     if picture_path(cfg) is not None:
         what = f"{modality} predicted from {', '.join(context)}" if model is not None else f"stored {modality}"
-        title = cfg.title or f"{what} | codec {codec.codec_id} ({codec.aion_modality}, {codec.vocab_size} codes)"
+        name = "/".join(Path(codec.codec_id).parts[-2:]) if Path(codec.codec_id).exists() else codec.codec_id
+        title = cfg.title or f"{what} | codec {name} ({codec.aion_modality}, {codec.vocab_size} codes)"
         out = sc.write_scalar_figure(modality, true, codec_value, median, lo, hi, picture_path(cfg), title, legend)
     mode = "scalar" if model is not None else "stored"
     return DecodeResult(mode=mode, out=out, tokens=np.asarray(store.take(rows, modality), dtype=np.int64),

@@ -242,6 +242,11 @@ def _run_eval(cfg: EvalConfig, device: str, held: ExitStack) -> EvalResult:
         "modalities": {m: {"tokens": entry} for m, entry in tokens.summary().items()},
     }
     by_position = {m: tokens.accuracy_by_position(m) for m in columns}
+    scatter = {}  # scalar modality -> its per-row truth and prediction, for the figure
+    for m, column in columns.items():
+        if column is not None and store.modality_kind.get(column) == "scalar":
+            report["modalities"][m]["scalar"], scatter[m] = scalar_scores(cfg, model, store, rows, column, counted,
+                                                                         trained, run_config, device)
     if cfg.images and cfg.sample_rows > 0:
         _image_scores(cfg, model, store, rows, columns, baselines, trained, report, device)
     elif cfg.images:
@@ -251,7 +256,7 @@ def _run_eval(cfg: EvalConfig, device: str, held: ExitStack) -> EvalResult:
     from astropt_tok.health import dumps_finite
 
     atomic_write_text(out / EVAL_FILE, dumps_finite(report, indent=2) + "\n")
-    figure = write_figure(report, by_position, out / FIGURE_FILE) if cfg.figure else None
+    figure = write_figure(report, by_position, out / FIGURE_FILE, scatter) if cfg.figure else None
     return EvalResult(report=report, out=out / EVAL_FILE, figure=figure)
 
 
@@ -274,12 +279,91 @@ def _token_scores(cfg: EvalConfig, model, store, rows: np.ndarray, baselines: di
             part = rows[i : i + cfg.batch_size]
             x, y, kw = batch_to_device(dataset.__getitems__(part), device)
             logits, _ = model(x, y, **kw)  # (B, L-1, vocab)
-            if not bool(torch.isfinite(logits).all()):
+            # ids past a modality's own vocabulary are -inf (modalities of different vocabularies); NaN or +inf is damage
+            if bool(torch.isnan(logits).any() or torch.isposinf(logits).any()):
                 raise AstroptError(f"the model's logits are not finite (NaN or infinite) for rows {int(part[0])}.."
                                    f"{int(part[-1])}: its weights are damaged or its activations overflowed")
             scores.add_batch(model, logits, y, x, kw.get("order"), kw.get("loss_mask"), row_offset=i)
             bar.advance(len(part))
     return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# catalogue numbers
+
+
+def _truth_or_codec(cfg: EvalConfig, store, rows: np.ndarray, column: str, values: np.ndarray
+                    ) -> tuple[np.ndarray, str]:
+    """(the number each row is scored against: the source's, else the codec's value of its stored token; what it
+    is). NaN where a row has none (null in the source, or masked with --keep-partial)."""
+    from astropt_train.use import scalars as sc
+
+    try:
+        return sc.source_truth(store, rows, column, cfg.source), "source"
+    except AstroptError as exc:
+        print(f"note: {column} is scored against the codec's value of the stored token (no codec ceiling): {exc}",
+              file=sys.stderr)
+        return sc.codec_values_of(store, rows, column, values), "codec value of the stored token"
+
+
+def scalar_scores(cfg: EvalConfig, model, store, rows: Rows, column: str, counted: np.ndarray, trained: dict,
+                  run_config: dict | None, device: str) -> tuple[dict, dict]:
+    """A scalar column's entry in eval.json and its per-row arrays for the figure: the model's median given the
+    blocks before it (its own order; with --shuffle-modalities every other block when it begins the sequence)
+    against the truth on the scored rows, beside the training rows' median truth (a model-free baseline) and the
+    codec's value of the stored token (the quantisation ceiling). Rows without a truth or whose block is masked
+    are left out and counted; photo-z scores for a redshift codec, residual scores otherwise."""
+    from astropt_train.use import scalars as sc
+
+    aion = store.modality_aion.get(column)
+    redshift = sc.is_redshift(column, aion)
+    entry: dict[str, Any] = {"aion_modality": aion, "redshift": redshift,
+                             "scores": "photo-z: dz = (pred - true) / (1 + true); NMAD = 1.4826 median|dz - median dz|, "
+                                       "outliers |dz| > 0.15, bias = median dz" if redshift else
+                                       "residual pred - true in the column's units: NMAD, bias = median",
+                             "prediction": "median of the model's probabilities over the codes (the first code whose "
+                                           "cumulative probability reaches 0.5); 68% interval: 0.16 and 0.84"}
+    shuffled = bool(((run_config or {}).get("train") or {}).get("shuffle_modalities"))
+    try:
+        context, order = sc.scalar_order(model, column, None, shuffled)
+    except AstroptError as exc:
+        return {**entry, "skipped": str(exc)}, {}
+    codec = sc.store_codec(store, column, _codec_id(cfg, trained, store), device, cfg.accept_codec_change)
+    values = sc.scalar_values(codec)  # [V]
+    if model.vocabs[model.names.index(column)] != len(values):
+        raise AstroptError(f"{cfg.checkpoint} predicts {column} among {model.vocabs[model.names.index(column)]} codes, "
+                           f"but its codec {codec.codec_id} has {len(values)}")
+    scored = rows.scored
+    valid = store.valid(scored)
+    present = np.logical_and.reduce([valid[m] for m in [*context, column]]) if valid else np.ones(len(scored), bool)
+    true, against = _truth_or_codec(cfg, store, scored, column, values)
+    has_truth = np.isfinite(true)
+    keep = present & has_truth
+    use = scored[keep]
+    given = np.concatenate([store.take(use, m).astype(np.int64) for m in context], axis=1)
+    median, lo, hi = sc.scalar_distribution(sc.predict_probs(model, given, column, order, cfg.batch_size), values) \
+        if len(use) else (np.zeros(0),) * 3
+    truth = true[keep]
+    # the baseline: one number for every galaxy, the median truth of the training rows the token baselines count
+    train_truth, _ = _truth_or_codec(cfg, rows.training_store, counted, column, values)
+    train_valid = rows.training_store.valid(counted).get(column, np.ones(len(counted), bool))
+    train_truth = train_truth[np.isfinite(train_truth) & train_valid]
+    entry.update({"against": against, "codec": codec.codec_id, "codes": int(len(values)),
+                  "given": context, "order": "the model's own" if order is None else [model.names[i] for i in order],
+                  "rows": int(len(use)),
+                  "left_out": {"no_truth": int((present & ~has_truth).sum()), "masked": int((~present).sum())},
+                  "model": sc.scores(median, truth, redshift)})
+    base = float(np.median(train_truth)) if len(train_truth) else None
+    scored_by = (np.full(len(truth), base), truth) if base is not None else (np.zeros(0), np.zeros(0))
+    entry["baselines"] = {"training_median": {"value": base, "training_rows": int(len(train_truth)),
+                                              **sc.scores(*scored_by, redshift)}}
+    if against == "source":
+        ceiling = sc.codec_values_of(store, use, column, values)  # the stored token's value, vs the truth
+        entry["codec_ceiling"] = sc.scores(ceiling, truth, redshift)
+    return entry, {"true": truth, "median": median, "lo": lo, "hi": hi, "against": against,
+                   "legend": {"model": sc.score_text(entry["model"]),
+                              "baseline": sc.score_text(entry["baselines"]["training_median"]),
+                              **({"codec": sc.score_text(entry["codec_ceiling"])} if "codec_ceiling" in entry else {})}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,11 +497,16 @@ def _image_scores(cfg: EvalConfig, model, store, rows: Rows, columns: dict, base
     position_maps = {m: b.position_tokens() for m, b in baselines.items()}
     surveys = {}
     for m, column in columns.items():
+        if column is not None and store.modality_kind.get(column, "image") != "image":
+            continue  # a scalar or spectrum block: scored by `scalar_report`, read here as context only
         bands = store.modality_bands.get(column, store.bands) if column else store.bands
         surveys[m] = _Survey(cfg, store, column, list(bands), chosen, rows.training, rows.training_store, codec)
-    stored = {m: surveys[m].stored for m in names}
+    stored = {m: surveys[m].stored if m in surveys else store.take(chosen, columns[m]).astype(np.int64)
+              for m in names}
 
     for k, m in enumerate(names):  # completion: blocks before m as stored, then the first `keep` tokens of m
+        if m not in surveys:
+            continue
         s = surveys[m]
         prefix = np.concatenate([stored[n] for n in names[:k]] + [s.stored[:, :keep]], axis=1)
         agree, images = [], []
@@ -430,10 +519,11 @@ def _image_scores(cfg: EvalConfig, model, store, rows: Rows, columns: dict, base
         report["modalities"][m]["completion"] = {
             "kept": keep, **_sampled_entry(agree, images, base_agree, s.baselines(pos_fill), s.against)}
 
-    if len(names) > 1:
+    images = [m for m in names if m in surveys]
+    if len(images) > 1:
         report["cross_survey"] = {}
-        for given in names:
-            for wanted in names:
+        for given in images:
+            for wanted in images:
                 if given == wanted:
                     continue
                 s = surveys[wanted]
@@ -489,6 +579,31 @@ def table_rows(report: dict) -> list[tuple[str, ...]]:
     return out
 
 
+SCALAR_HEADER = ("modality", "score", "model", "training median", "codec ceiling", "rows")
+SCALAR_SCORES = (("nmad", "NMAD"), ("outlier_frac", "outlier fraction"), ("bias", "bias (median)"))
+
+
+def scalar_rows(report: dict) -> list[tuple[str, ...]]:
+    """(modality, score, model, training-median baseline, codec ceiling, rows scored) per scalar score."""
+    out = []
+    for m, entry in report["modalities"].items():
+        e = entry.get("scalar")
+        if not e:
+            continue
+        if "skipped" in e:
+            out.append((m, "not scored", "-", "-", "-", e["skipped"]))
+            continue
+        left = e["left_out"]
+        count = f"{e['rows']} ({left['no_truth']} without truth, {left['masked']} masked, left out)"
+        kind = "photo-z " if e["redshift"] else ""
+        for key, label in SCALAR_SCORES:
+            if key not in e["model"]:
+                continue
+            out.append((m, kind + label, _fmt(e["model"][key], 4), _fmt(e["baselines"]["training_median"][key], 4),
+                        _fmt((e.get("codec_ceiling") or {}).get(key), 4), count))
+    return out
+
+
 def _sampled_rows(who: str, what: str, entry: dict) -> list[tuple[str, ...]]:
     rows = []
     for metric, label in (("token_agreement", "token agreement"), ("explained_variance", "explained variance"),
@@ -533,6 +648,11 @@ def headline_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
                         _baseline_text(c["token_agreement"]), ""))
             out.append((m, f"completion from {c['kept']}: explained variance", _pm(c["explained_variance"]),
                         _baseline_text(c["explained_variance"]), _fmt(c["explained_variance"]["baselines"].get("codec"))))
+        e = entry.get("scalar") or {}
+        if e.get("model", {}).get("n"):
+            base, ceiling = e["baselines"]["training_median"], e.get("codec_ceiling") or {}
+            out.append((m, "photo-z NMAD" if e["redshift"] else "NMAD of pred - true", _fmt(e["model"]["nmad"], 4),
+                        f"training median {_fmt(base['nmad'], 4)}", _fmt(ceiling.get("nmad"), 4)))
     for direction, c in (report.get("cross_survey") or {}).items():
         who = direction.replace("->", " -> ")
         out.append((who, "drawn: explained variance", _pm(c["explained_variance"]),
@@ -564,6 +684,16 @@ def print_table(result: EvalResult, console=None) -> None:
     for row in table_rows(rep):
         table.add_row(*row)
     console.print(table)
+    scalars = scalar_rows(rep)
+    if scalars:
+        st = folding_table(*SCALAR_HEADER, title="catalogue numbers: the model's median given the blocks before "
+                           "them, vs the truth")
+        for row in scalars:
+            st.add_row(*row)
+        console.print(st)
+        console.print("photo-z: dz = (pred - true) / (1 + true), NMAD = 1.4826 median|dz - median dz|, outliers "
+                      "|dz| > 0.15, bias = median dz; other numbers: the same of pred - true in their units; training "
+                      "median: one number for every galaxy; codec ceiling: the stored token's value", highlight=False)
     console.print(sampling_line(rep) + "; '-': no value (e.g. no galaxy with positive flux in every band for "
                   "colours)", highlight=False)
     if s.get("rows"):
@@ -579,9 +709,10 @@ def _sampled(report: dict) -> list[dict]:
         list((report.get("cross_survey") or {}).values())
 
 
-def write_figure(report: dict, by_position: dict, path: Path) -> Path:
-    """Accuracy by block position (model and token baselines) per modality, and the sampled explained variance
-    (mean and spread over seeds) beside the image baselines."""
+def write_figure(report: dict, by_position: dict, path: Path, scatter: dict | None = None) -> Path:
+    """Accuracy by block position (model and token baselines) per modality, the sampled explained variance
+    (mean and spread over seeds) beside the image baselines, and per scalar modality (`scatter`: its truth and
+    the model's median and 68% interval per row) the prediction against the truth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,7 +723,8 @@ def write_figure(report: dict, by_position: dict, path: Path) -> Path:
     names = list(report["modalities"])
     sampled = [(f"{m}\ncompletion", e["completion"]) for m, e in report["modalities"].items() if "completion" in e]
     sampled += [(d, e) for d, e in (report.get("cross_survey") or {}).items()]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100)
+    scatter = {m: d for m, d in (scatter or {}).items() if len(d.get("true", ()))}
+    fig, axes = plt.subplots(1, 2 + len(scatter), figsize=(12 + 4.6 * len(scatter), 4.2), dpi=100)
     ax = axes[0]
     colours = {"model": "C0", "position": "C1", "bigram": "C2", "unigram": "C3"}
     for m in names:
@@ -638,5 +770,24 @@ def write_figure(report: dict, by_position: dict, path: Path) -> Path:
     else:
         ax.axis("off")
         ax.text(0.5, 0.5, "no sampled scores", ha="center")
+    for ax, (m, d) in zip(axes[2:], scatter.items()):
+        _scalar_panel(ax, m, d)
     fig.tight_layout()
     return write_png(fig, path)
+
+
+def _scalar_panel(ax, name: str, d: dict) -> None:
+    """The model's median (68% bars) against the truth, the diagonal, the scores in the legend."""
+    true, median = d["true"], d["median"]
+    a, b = float(min(true.min(), d["lo"].min())), float(max(true.max(), d["hi"].max()))
+    ax.plot([a, b], [a, b], color="k", lw=0.8, label="y = x")
+    ax.errorbar(true, median, yerr=[median - d["lo"], d["hi"] - median], fmt="o", ms=3, color="C0", elinewidth=0.7,
+                label=f"model median, 68%: {d['legend']['model']}")
+    ax.plot([], [], " ", label=f"training median: {d['legend']['baseline']}")
+    if d["legend"].get("codec"):
+        ax.plot([], [], " ", label=f"codec ceiling: {d['legend']['codec']}")
+    ax.set_xlabel(f"true {name} ({d['against']})")
+    ax.set_ylabel(f"predicted {name}")
+    ax.set_title(f"{name}: predicted from the blocks before it", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left")
+    ax.grid(alpha=0.3)
