@@ -159,3 +159,72 @@ def test_read_source_values_and_spectra_back(catalogue_store):
         read_source_values(section, rows, "mag_r")
     with pytest.raises(AstroptError, match="outside the source's 24 rows"):
         read_source_values(section, np.array([24]), "redshift")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode of a spectrum column and of a scalar with rows that lack it
+
+
+@pytest.fixture(scope="module")
+def catalogue_run(catalogue_store, tmp_path_factory):
+    """A model trained 4 steps on the catalogue store's image, redshift and spectrum (in that order)."""
+    from astropt_train.config import build_config
+    from astropt_train.loop import train
+
+    out = tmp_path_factory.mktemp("catalogue-run") / "run"
+    train(build_config(dict(tokens=str(catalogue_store[0]), out=str(out), n_layer=1, n_head=2, n_embd=32,
+                            batch_size=4, max_iters=4, lr=1e-2, warmup_iters=1, eval_interval=4, eval_iters=1,
+                            log_interval=4, val_images=0, live=False, device="cpu", compile=False,
+                            checkpoint_interval=0, val_fraction=0.25)))
+    return out
+
+
+def _spectrum_codec(store):
+    from astropt_tok.codec import load_codec
+
+    return load_codec(store.codec_id, "DESISpectrum")
+
+
+def test_decode_stored_spectra_on_their_source_wavelengths(catalogue_store, tmp_path):
+    import torch
+
+    from astropt_tok.store import TokenStore
+    from astropt_train.use.decode import DecodeConfig, decode, summarise
+
+    store_dir, table = catalogue_store
+    store = TokenStore(store_dir)
+    result = decode(DecodeConfig(tokens=store_dir, modality="desi_spectrum", rows="4:8", out=tmp_path / "s.png",
+                                 device="cpu", progress=False))
+    assert result.kind == "spectrum" and result.mode == "stored" and (tmp_path / "s.png").stat().st_size > 1000
+    kept = store.source_rows(result.rows)
+    assert 5 not in kept.tolist()  # row 5's spectrum is null: its placeholder tokens are not decoded
+    codec = _spectrum_codec(store)
+    for k, row in enumerate(result.table):
+        want = table.column("desi_spectrum")[int(kept[k])].as_py()
+        wl = torch.tensor([want["wavelength"]], dtype=torch.float32)
+        with torch.inference_mode():
+            flux = codec.codec.decode(torch.as_tensor(store.take(result.rows[k : k + 1], "desi_spectrum")
+                                                      .astype(np.int64)), wavelength=wl).flux[0].numpy()
+        assert row["grid"] == "source" and row["pixels"] == len(want["flux"])
+        rms = float(np.sqrt(np.mean((flux.astype(np.float64) - np.float32(want["flux"])) ** 2)))
+        assert row["codec_rms"] == pytest.approx(rms, rel=1e-5)
+    assert summarise(result)["kind"] == "spectrum"
+
+
+def test_decode_draws_a_spectrum_and_predicts_z_skipping_rows_without_it(catalogue_store, catalogue_run, tmp_path):
+    from astropt_tok.store import TokenStore
+    from astropt_train.use.decode import DecodeConfig, decode
+
+    store_dir, _ = catalogue_store
+    store = TokenStore(store_dir)
+    drawn = decode(DecodeConfig(checkpoint=catalogue_run, tokens=store_dir, rows="0:3", given="legacysurvey_image",
+                                generate_modality="desi_spectrum", out=tmp_path / "d.png", device="cpu",
+                                progress=False))
+    assert drawn.mode == "spectrum" and drawn.tokens.shape == (3, store.modality_tokens["desi_spectrum"])
+    assert drawn.metrics["spectrum"]["given"] == ["legacysurvey_image", "redshift"]  # the blocks before it
+    assert all("drawn_rms" in r for r in drawn.table)
+    z = decode(DecodeConfig(checkpoint=catalogue_run, tokens=store_dir, rows="0:8", given="legacysurvey_image",
+                            generate_modality="redshift", out=tmp_path / "z.png", device="cpu", progress=False))
+    r3 = next(r for r in z.table if r["row"] == int(np.nonzero(store.source_rows(np.arange(store.num_rows)) == 3)[0][0]))
+    assert r3["true"] is None and r3["codec"] is None and r3["median"] is not None  # no truth, no stored token
+    assert z.metrics["codec"]["left_out"] == 1 and z.metrics["codec"]["n"] == 7

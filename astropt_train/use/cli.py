@@ -39,9 +39,9 @@ def decode_command(
     generate: Optional[int] = typer.Option(None, "--generate", help="Sample this many galaxies from the model."),
     complete_from: Optional[int] = typer.Option(None, "--complete-from", help="Keep the first K tokens of each row; the model writes the rest."),
     predict: bool = typer.Option(False, "--predict", help="Teacher-forced argmax prediction beside each stored row."),
-    modality: Optional[str] = typer.Option(None, "--modality", help="Which image column of the store (modality of the model) to decode, e.g. hsc_image (default: the model's first, else the store's first); --bands and --rgb must be its bands."),
-    given: Optional[str] = typer.Option(None, "--given", help="Cross-survey (a model trained on several image columns): the modality whose stored tokens the model is given, e.g. legacysurvey_image."),
-    generate_modality: Optional[str] = typer.Option(None, "--generate-modality", help="Cross-survey: the modality the model draws from them, e.g. hsc_image; shown beside its real image and codec reconstruction."),
+    modality: Optional[str] = typer.Option(None, "--modality", help="Which column of the store (modality of the model) to decode, e.g. hsc_image (default: the model's first, else the store's first); --bands and --rgb must be its bands. A scalar column lists its true and codec values; a spectrum column is decoded to flux beside the source."),
+    given: Optional[str] = typer.Option(None, "--given", help="Cross-survey (a model trained on several columns): the modality whose stored tokens the model is given, e.g. legacysurvey_image."),
+    generate_modality: Optional[str] = typer.Option(None, "--generate-modality", help="Cross-survey: the modality the model draws from them, e.g. hsc_image (beside its real image and codec reconstruction), a scalar such as redshift (true value, codec value, the model's median and 68% interval) or a spectrum (drawn beside the source and codec decode)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k most likely tokens."),
     no_kv_cache: bool = typer.Option(False, "--no-kv-cache", help="Re-run the whole sequence per token (slow; for checking)."),
@@ -130,8 +130,20 @@ def _print_catalogue(result, console) -> None:
                               "no stored token)" if m[key]["left_out"] else ""), highlight=False)
         if "model" in m or "codec" in m:
             console.print(f"scores: {m['scores']}", highlight=False)
-    for line in (m.get("notes") or []):
-        console.print(line, highlight=False)
+    if result.kind == "spectrum":
+        drawn = "drawn" in result.columns
+        table = folding_table("id", "row", "pixels", "grid", "codec RMS", *(["drawn RMS"] if drawn else []),
+                              title=f"{result.modality}: {len(result.labels)} spectra (RMS of decoded - source flux)")
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        for r in result.table:
+            table.add_row(r["id"], str(r["row"]), str(r["pixels"]), r["grid"], fmt(r.get("codec_rms")),
+                          *([fmt(r.get("drawn_rms"))] if drawn else []))
+        console.print(table)
+        if drawn:
+            s = m["spectrum"]
+            console.print(f"drawn after {', '.join(s['given'])} (seed {s['seed']}, T={s['temperature']}, top-k "
+                          f"{s['top_k']}): {100 * s['token_agreement']:.1f}% of tokens equal the stored ones",
+                          highlight=False)
     if result.out is not None:
         console.print(f"wrote [bold]{result.out}[/]: {len(result.labels)} galaxies ({result.modality})")
 

@@ -519,11 +519,11 @@ def _image_scores(cfg: EvalConfig, model, store, rows: Rows, columns: dict, base
         report["modalities"][m]["completion"] = {
             "kept": keep, **_sampled_entry(agree, images, base_agree, s.baselines(pos_fill), s.against)}
 
-    images = [m for m in names if m in surveys]
-    if len(images) > 1:
+    image_names = [m for m in names if m in surveys]
+    if len(image_names) > 1:
         report["cross_survey"] = {}
-        for given in images:
-            for wanted in images:
+        for given in image_names:
+            for wanted in image_names:
                 if given == wanted:
                     continue
                 s = surveys[wanted]
