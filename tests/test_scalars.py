@@ -228,3 +228,17 @@ def test_decode_draws_a_spectrum_and_predicts_z_skipping_rows_without_it(catalog
     r3 = next(r for r in z.table if r["row"] == int(np.nonzero(store.source_rows(np.arange(store.num_rows)) == 3)[0][0]))
     assert r3["true"] is None and r3["codec"] is None and r3["median"] is not None  # no truth, no stored token
     assert z.metrics["codec"]["left_out"] == 1 and z.metrics["codec"]["n"] == 7
+
+
+def test_eval_leaves_out_and_counts_rows_whose_scalar_is_masked(catalogue_store, catalogue_run, tmp_path):
+    from astropt_tok.store import TokenStore
+    from astropt_train.use.evaluate import EvalConfig, run_eval
+
+    store_dir, table = catalogue_store
+    store = TokenStore(store_dir)
+    rep = run_eval(EvalConfig(checkpoint=catalogue_run, out=tmp_path / "eval", rows=f"0:{store.num_rows}",
+                              sample_rows=0, images=False, device="cpu")).report
+    e = rep["modalities"]["redshift"]["scalar"]
+    assert e["given"] == ["legacysurvey_image"] and e["left_out"] == {"no_truth": 0, "masked": 1}  # row 3: null
+    assert e["rows"] == store.num_rows - 1 == e["model"]["n"] == e["codec_ceiling"]["n"]
+    assert "scalar" not in rep["modalities"]["desi_spectrum"]  # a spectrum has no number to score

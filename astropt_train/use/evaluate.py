@@ -328,7 +328,12 @@ def scalar_scores(cfg: EvalConfig, model, store, rows: Rows, column: str, counte
         context, order = sc.scalar_order(model, column, None, shuffled)
     except AstroptError as exc:
         return {**entry, "skipped": str(exc)}, {}
-    codec = sc.store_codec(store, column, _codec_id(cfg, trained, store), device, cfg.accept_codec_change)
+    try:
+        codec = sc.store_codec(store, column, _codec_id(cfg, trained, store), device, cfg.accept_codec_change)
+    except AstroptError as exc:
+        if cfg.images:
+            raise
+        return {**entry, "skipped": f"--no-images and its codec cannot be loaded: {exc}"}, {}
     values = sc.scalar_values(codec)  # [V]
     if model.vocabs[model.names.index(column)] != len(values):
         raise AstroptError(f"{cfg.checkpoint} predicts {column} among {model.vocabs[model.names.index(column)]} codes, "
