@@ -3,6 +3,8 @@ codec's value table, and catalogue values read back from a store's source."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -242,3 +244,28 @@ def test_eval_leaves_out_and_counts_rows_whose_scalar_is_masked(catalogue_store,
     assert e["given"] == ["legacysurvey_image"] and e["left_out"] == {"no_truth": 0, "masked": 1}  # row 3: null
     assert e["rows"] == store.num_rows - 1 == e["model"]["n"] == e["codec_ceiling"]["n"]
     assert "scalar" not in rep["modalities"]["desi_spectrum"]  # a spectrum has no number to score
+
+
+def test_a_scalar_asked_from_a_block_after_it_is_one_error_line(catalogue_store, catalogue_run, tmp_path):
+    import subprocess
+    import sys
+
+    from astropt_train.use.decode import DecodeConfig, decode
+
+    store_dir, _ = catalogue_store
+    # the model reads image, redshift, spectrum in that order and was trained without --shuffle-modalities
+    with pytest.raises(AstroptError, match="reads desi_spectrum after redshift"):
+        decode(DecodeConfig(checkpoint=catalogue_run, tokens=store_dir, rows="0:2", given="desi_spectrum",
+                            generate_modality="redshift", out=tmp_path / "x.png", device="cpu", progress=False))
+    done = subprocess.run([sys.executable, "-m", "astropt_tok.cli", "decode", "--checkpoint", str(catalogue_run),
+                           "--tokens", str(store_dir), "--rows", "0:2", "--given", "legacysurvey_image",
+                           "--generate-modality", "redshift", "--bands", "DES-G", "--out", str(tmp_path / "y.png")],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        "error: --bands is for image columns; redshift is a scalar column"]
+    done = subprocess.run([sys.executable, "-m", "astropt_tok.cli", "decode", "--tokens", str(store_dir), "--rows",
+                           "0:4", "--modality", "redshift", "--json", "--out", str(tmp_path / "z.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["kind"] == "scalar" and [r["row"] for r in summary["rows"]] == [0, 1, 2, 3]
