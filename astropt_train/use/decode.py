@@ -642,11 +642,12 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
     if mode == "generate":
         # a modality after others in the model's order is sampled in its block: the blocks before it first
         begins = (context or [modality])[0]
-        probs = first_token_distribution(store, codec.vocab_size, modality=begins)
-        drawn = generate_tokens(model, cfg.generate, probs, (len(context) + 1) * per, cfg.temperature, cfg.top_k,
+        probs = first_token_distribution(store, store.modality_vocab.get(begins, codec.vocab_size), modality=begins)
+        before = sum(store.modality_tokens.get(m, per) for m in context)  # tokens of the blocks before it (C)
+        drawn = generate_tokens(model, cfg.generate, probs, before + per, cfg.temperature, cfg.top_k,
                                 cfg.seed, cfg.batch_size, cfg.kv_cache, vocab_limit=codec.vocab_size,
-                                progress=cfg.progress)  # [n, (C+1)T]
-        final = drawn[:, len(context) * per:]  # [n, T]: the decoded modality's block
+                                progress=cfg.progress)  # [n, C + T]
+        final = drawn[:, before:]  # [n, T]: the decoded modality's block
         labels = [f"generated #{i}" for i in range(len(final))]
         columns = ["generated"]
         stacks.append(decode_tokens(codec, final, decode_bands, cfg.batch_size, cfg.tf32, cfg.progress))
@@ -662,7 +663,9 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
         given = None  # [N, C*T]: the stored blocks the model reads before the decoded one
         if context:
             given = np.concatenate([store.take(rows, m).astype(np.int64) for m in context], axis=1)
-            check_token_range(given, codec.vocab_size, what=f"store {store.dir} ({', '.join(context)})")
+            for m in context:  # each block against its own vocabulary (a scalar's or a spectrum's may differ)
+                check_token_range(store.take(rows, m), store.modality_vocab.get(m, codec.vocab_size),
+                                  what=f"store {store.dir} ({m})")
         labels = _labels_for(store, rows)
         original = None
         if cfg.compare:
