@@ -599,7 +599,7 @@ def scalar_rows(report: dict) -> list[tuple[str, ...]]:
             out.append((m, "not scored", "-", "-", "-", e["skipped"]))
             continue
         left = e["left_out"]
-        count = f"{e['rows']} ({left['no_truth']} without truth, {left['masked']} masked, left out)"
+        count = f"{e['rows']} (left out: {left['no_truth']} without truth, {left['masked']} masked)"
         kind = "photo-z " if e["redshift"] else ""
         for key, label in SCALAR_SCORES:
             if key not in e["model"]:
