@@ -269,3 +269,23 @@ def test_a_scalar_asked_from_a_block_after_it_is_one_error_line(catalogue_store,
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["kind"] == "scalar" and [r["row"] for r in summary["rows"]] == [0, 1, 2, 3]
+
+
+def test_scalar_order_reads_the_blocks_before_it_or_given_ones_when_shuffled():
+    from astropt_train.model import GPT, GPTConfig
+    from astropt_train.use.scalars import scalar_order
+
+    names = ["img", "Z", "hsc"]
+    model = GPT(GPTConfig(vocab_size=64, block_size=33, n_layer=1, n_head=2, n_embd=16, modalities=names,
+                          modality_vocab=[64, 8, 64], modality_tokens=[16, 1, 16],
+                          modality_kinds=["image", "scalar", "image"]))
+    assert scalar_order(model, "Z", None, shuffled=False) == (["img"], None)
+    assert scalar_order(model, "Z", "img", shuffled=False) == (["img"], None)
+    assert scalar_order(model, "Z", "hsc", shuffled=True) == (["hsc"], [2, 1, 0])
+    with pytest.raises(AstroptError, match="reads hsc after Z"):
+        scalar_order(model, "Z", "hsc", shuffled=False)
+    first = GPT(GPTConfig(vocab_size=64, block_size=17, n_layer=1, n_head=2, n_embd=16, modalities=["Z", "img"],
+                          modality_vocab=[8, 64], modality_tokens=[1, 16], modality_kinds=["scalar", "image"]))
+    with pytest.raises(AstroptError, match="Z begins the model's sequence"):
+        scalar_order(first, "Z", None, shuffled=False)
+    assert scalar_order(first, "Z", None, shuffled=True) == (["img"], [1, 0])
