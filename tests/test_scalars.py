@@ -289,3 +289,10 @@ def test_scalar_order_reads_the_blocks_before_it_or_given_ones_when_shuffled():
     with pytest.raises(AstroptError, match="Z begins the model's sequence"):
         scalar_order(first, "Z", None, shuffled=False)
     assert scalar_order(first, "Z", None, shuffled=True) == (["img"], [1, 0])
+
+
+def test_a_z_band_column_is_not_a_redshift():
+    from astropt_train.use.probe import is_redshift_like
+
+    assert all(is_redshift_like(n) for n in ("z", "Z", "redshift", "photo_z", "z_spec", "zphot", "spec-z", "z_best"))
+    assert not any(is_redshift_like(n) for n in ("FLUX_Z", "mag_z", "a_z", "z_cmodel_mag", "size"))

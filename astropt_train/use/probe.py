@@ -78,10 +78,22 @@ class ProbeResult:
     report: dict = field(default_factory=dict)
 
 
+# the other half of a two-part redshift column name: photo_z, z_spec, zphot, z_best, ... (but not FLUX_Z or MAG_Z,
+# which are the z band)
+_REDSHIFT_KINDS = ("photo", "phot", "spec", "best", "true", "cmb", "helio", "mean", "median")
+
+
 def is_redshift_like(name: str) -> bool:
-    """Whether NMAD of `name` uses dz / (1 + z)."""
-    n = name.lower()
-    return n == "z" or "redshift" in n or n.endswith("_z")
+    """Whether NMAD of `name` uses dz / (1 + z): `z`, anything with `redshift`, or z with a redshift kind
+    (photo_z, z_spec, zphot, spec-z); a band's column (FLUX_Z, mag_z) is not."""
+    n = name.lower().replace("-", "_")
+    if n == "z" or "redshift" in n:
+        return True
+    parts = n.split("_")
+    if len(parts) == 2 and "z" in parts:
+        other = parts[1] if parts[0] == "z" else parts[0]
+        return other in _REDSHIFT_KINDS
+    return any(n in (f"z{kind}", f"{kind}z") for kind in _REDSHIFT_KINDS)
 
 
 def nmad(pred: np.ndarray, true: np.ndarray, redshift: bool) -> float:
