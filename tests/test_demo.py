@@ -26,7 +26,21 @@ def test_demo_runs_every_stage_and_writes_pictures(demo):
     cfg, res = demo
     store = TokenStore(res.store)
     assert store.num_rows == 24 and store.vocab_size == 4375 and store.tokens_per_image == 576
-    assert store.modalities == ["legacysurvey_image", "hsc_image"]  # the synthetic survey has both
+    # the synthetic survey has both surveys, the redshift, four fluxes and a spectrum; the demo codec their codecs
+    assert store.modalities == ["legacysurvey_image", "hsc_image", "redshift", "FLUX_G", "FLUX_R", "FLUX_I", "FLUX_Z",
+                                "desi_spectrum"]
+    assert store.modality_kind["redshift"] == "scalar" and store.modality_kind["desi_spectrum"] == "spectrum"
+    assert store.modality_tokens["redshift"] == 1 and store.modality_tokens["desi_spectrum"] == 129
+    from astropt_train.checkpoint import find_checkpoint, read_config
+
+    model = read_config(find_checkpoint(res.run))["model"]  # the images, then the redshift, weighted
+    assert model["modalities"] == ["legacysurvey_image", "hsc_image", "redshift"]
+    assert model["loss_weights"] == [1.0, 1.0, cfg.redshift_weight]
+    # the redshift predicted from the images, scored as photo-z beside the training median and the codec ceiling
+    pz = res.metrics["photo_z"]
+    assert set(pz) == {"rows", "given", "model", "training_median", "codec_ceiling"} and pz["rows"] >= 1
+    assert set(pz["model"]) == {"nmad", "outlier_frac", "bias", "n"} and pz["codec_ceiling"]["nmad"] < 0.01
+    assert "redshift from the images (median, 68% interval) vs the truth" in res.pictures
     assert "hsc_image drawn from legacysurvey_image tokens" in res.pictures
     # the model's numbers are eval's: every held-out row, sampled ones over seeds, each beside its baselines
     evaluation = json.loads((cfg.workdir / "eval" / "eval.json").read_text())
@@ -81,6 +95,7 @@ def test_demo_summary_prints_scores_beside_baselines_in_80_columns(demo):
     text = narrow.export_text()
     assert "untrained" not in text and "all-zero" in text and "image mean" in text and "explained var." in text
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80  # folded, never cut short
+    assert "redshift from legacysurvey_image" in " ".join(text.split()) and "training median NMAD" in " ".join(text.split())
     wide = Console(record=True, width=400)
     print_demo_summary(res, console=wide)
     text = wide.export_text()

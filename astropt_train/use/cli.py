@@ -160,12 +160,15 @@ def demo_command(
     fresh: bool = typer.Option(False, "--fresh", help="Delete the demo's own earlier outputs in --workdir first (survey, tokens, run, pictures, embeddings, probe, summary); never a --source or --codec inside it, nor anything the demo did not make."),
     threads: int = typer.Option(0, "--threads", help="Torch threads on CPU for every stage (0: torch's for training, one for sampling on a small CPU). 1 is faster on a busy machine."),
     cross_survey: bool = typer.Option(True, "--cross-survey/--no-cross-survey", help="When the survey has hsc_image too: tokenise and train on both surveys and draw HSC images from Legacy Survey tokens."),
+    catalogue: bool = typer.Option(True, "--catalogue/--no-catalogue", help="Tokenise the survey's catalogue columns (redshift, FLUX_G..FLUX_Z, desi_spectrum) beside the images when the codec folder has their codecs, and train the model to predict the redshift token from the images; eval scores it as a photometric redshift."),
+    redshift_weight: float = typer.Option(100.0, "--redshift-weight", help="Loss weight of the redshift token (one token beside hundreds of image tokens)."),
 ) -> None:
     """Run the whole pipeline offline in one command: synthetic survey -> tokenise -> train -> decode pictures."""
     from astropt_train.use.demo import DemoConfig, print_demo_summary, run_demo
 
     cfg = DemoConfig(workdir=workdir, rows=rows, steps=steps, codec=codec, source=source, limit=limit, seed=seed,
-                     device=device, fresh=fresh, cpu_threads=threads or None, cross_survey=cross_survey)
+                     device=device, fresh=fresh, cpu_threads=threads or None, cross_survey=cross_survey,
+                     catalogue=catalogue, redshift_weight=redshift_weight)
     print_demo_summary(run_demo(cfg))
 
 

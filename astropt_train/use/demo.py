@@ -15,6 +15,13 @@
                synthetic survey's catalogue columns, next to a random-init model and shuffled labels
                (`astropt probe`; synthetic survey only)
 
+When the survey carries catalogue columns AION has codecs for, and the codec folder holds those codecs (the
+synthetic survey and the shipped demo codec do: redshift, the Legacy Survey fluxes FLUX_G..FLUX_Z and a
+DESI-like spectrum), the store holds their tokens beside the images (`astropt tokenise --scalar/--spectrum`),
+the model learns the redshift token after the images (weighted: one token against hundreds), and `astropt eval`
+scores its redshift-from-image predictions with the photometric-redshift metrics beside the training rows'
+median and the codec's own quantisation error.
+
 When the survey also holds each galaxy as HSC sees it (`hsc_image`: the synthetic survey and the crossmatched
 hub survey do), the store holds both surveys' tokens, the model trains on both in a per-galaxy shuffled order,
 and a sixth picture draws HSC images from Legacy Survey tokens (`astropt decode --given ... --generate-modality`).
@@ -74,6 +81,17 @@ class DemoConfig:
     cpu_threads: int | None = None  # torch threads on CPU for every stage (None: torch's for training, decode's own
     # default, 1 on a small CPU, for sampling); see run_demo
     cross_survey: bool = True  # with an hsc_image column: both surveys in one store, and a cross-survey picture
+    catalogue: bool = True  # tokenise the catalogue columns the survey and codec have; train on redshift too
+    redshift_weight: float = 100.0  # the redshift token's loss weight (--loss-weight): one token beside 576 a survey
+
+
+# the catalogue columns the demo tokenises when the survey has them and the codec folder has their codecs:
+# (column, AION modality); the model trains on the redshift after the images, the rest are in the store
+DEMO_SCALARS = (("redshift", "Z"), ("FLUX_G", "LegacySurveyFluxG"), ("FLUX_R", "LegacySurveyFluxR"),
+                ("FLUX_I", "LegacySurveyFluxI"), ("FLUX_Z", "LegacySurveyFluxZ"))
+DEMO_SPECTRA = (("desi_spectrum", "DESISpectrum"),)
+REDSHIFT = "redshift"
+SURVEY_VERSION = 2  # of the synthetic survey the demo writes: 2 adds the fluxes and the spectrum
 
 
 @dataclass
@@ -141,11 +159,12 @@ def prepare_survey(cfg: DemoConfig) -> str:
 
     out = cfg.workdir / "survey"
     stamp = out / "demo-survey.json"
-    settings = {"rows": cfg.rows, "seed": cfg.seed, "files": 2}
+    settings = {"rows": cfg.rows, "seed": cfg.seed, "files": 2, "version": SURVEY_VERSION}
     if not _cached(stamp, settings):
         shutil.rmtree(out, ignore_errors=True)
         with writing(out):
-            write_synthetic_survey(out, n_rows=cfg.rows, n_files=2, seed=cfg.seed, processes=2)  # one file per core
+            write_synthetic_survey(out, n_rows=cfg.rows, n_files=2, seed=cfg.seed, processes=2,  # a file per core
+                                   with_spectrum=True)
         atomic_write_text(stamp, json.dumps(settings))
     return str(out)
 
@@ -191,6 +210,8 @@ def _check_flags(cfg: DemoConfig) -> None:
         raise AstroptError(f"--seed must be 0 or more, got {cfg.seed}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise AstroptError(f"--threads must be 0 (torch's default) or more, got {cfg.cpu_threads}")
+    if not cfg.redshift_weight > 0:
+        raise AstroptError(f"--redshift-weight must be a positive number, got {cfg.redshift_weight}")
     if cfg.codec is not None:
         resolve_codec_files(cfg.codec)  # a missing folder or unknown hub id now, not after writing the survey
 
@@ -250,8 +271,10 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
     t = time.perf_counter()
     say(f"[3/{stages}] tokenise {survey} -> {store}")
     surveys = _surveys(survey) if cfg.cross_survey else ()
+    scalars, spectra = catalogue_columns(cfg, survey, codec)
     tokenise(TokeniseConfig(source=survey, out=str(store), shards=cfg.shards, codec=codec, limit=cfg.limit,
-                            device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress, modalities=surveys)
+                            device=cfg.device, batch_size=32, overwrite=True, progress=cfg.progress, modalities=surveys,
+                            scalars=scalars, spectra=spectra)
              ).check_usable()  # a --source whose every row was rejected is one error here, not a failure in training
     seconds["tokenise"] = time.perf_counter() - t
 
@@ -263,11 +286,17 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
     evals = max(1, cfg.steps // 3)
     # a galaxy seen by both surveys is a sequence twice as long: as many tokens per step, so the same time
     batch_size = max(1, cfg.batch_size // max(1, len(surveys)))
+    # the model reads the images, then (with a catalogue) the redshift: its token predicted from the images
+    redshift = any(column == REDSHIFT for column, _ in scalars)
+    images = [column for column, _ in surveys] or ["legacysurvey_image"]
+    learned = dict(modalities=",".join(images + [REDSHIFT]), loss_weight=f"{REDSHIFT}={cfg.redshift_weight:g}") \
+        if redshift else dict(modalities=",".join(images)) if scalars or spectra else {}
     summary = train(TrainConfig(
         tokens=str(store), out=str(run), preset=cfg.preset, batch_size=batch_size, max_iters=cfg.steps,
         lr=1e-3, warmup_iters=min(20, max(0, cfg.steps // 10)), eval_interval=evals, eval_iters=5,
         val_fraction=0.1, val_images=4, codec=codec, device=cfg.device, seed=cfg.seed, checkpoint_interval=0,
         keep_last=1, live=False, log_interval=max(1, min(50, cfg.steps // 5)), shuffle_modalities=bool(surveys),
+        **learned,
     ))
     seconds["train"] = time.perf_counter() - t
 
@@ -296,6 +325,11 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
         cross = decode(DecodeConfig(tokens=store, rows=val_rows, checkpoint=run, given=surveys[0][0],
                                     generate_modality=surveys[1][0], temperature=cfg.temperature, top_k=cfg.top_k,
                                     out=pics / "cross_survey.png", **common))
+    redshift_picture = None
+    if redshift:  # every held-out galaxy's redshift drawn from its images: median and 68% interval vs the truth
+        redshift_picture = decode(DecodeConfig(tokens=store, rows=_validation_rows(run, n_rows), checkpoint=run,
+                                               given=images[0], generate_modality=REDSHIFT,
+                                               out=pics / "redshift_from_images.png", **common))
     seconds["decode"] = time.perf_counter() - t
 
     # the numbers the demo reports: every held-out row, each score beside its baselines, sampled ones over seeds
@@ -326,6 +360,11 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
         "train_loss": summary.get("loss"),
         "val_loss": summary.get("val_loss"),
     }
+    photo_z = ((evaluation.get("modalities") or {}).get(REDSHIFT) or {}).get("scalar")
+    if photo_z and photo_z.get("model"):  # the redshift scored as photometric redshifts are, beside its baselines
+        metrics["photo_z"] = {"rows": photo_z["rows"], "given": photo_z.get("given"), "model": photo_z["model"],
+                              "training_median": photo_z["baselines"]["training_median"],
+                              "codec_ceiling": photo_z.get("codec_ceiling")}
     if probe_report is not None:
         metrics["probe"] = {"report": str(cfg.workdir / "probe" / "report.json"),
                             "table": [dict(zip(PROBE_TABLE_KEYS, r)) for r in _probe_table(probe_report)]}
@@ -339,6 +378,8 @@ def _run_demo_stages(cfg: DemoConfig, legacy: bool) -> DemoResult:
     }
     if cross is not None:
         pictures[f"{surveys[1][0]} drawn from {surveys[0][0]} tokens"] = cross.out
+    if redshift_picture is not None:
+        pictures["redshift from the images (median, 68% interval) vs the truth"] = redshift_picture.out
     val_images = sorted((run / "val_images").glob("*.png"))
     if val_images:
         pictures["validation images during training"] = val_images[-1]
@@ -358,6 +399,26 @@ def _evaluate(cfg: DemoConfig, run: Path, codec: str, legacy: bool) -> dict:
                                sample_rows=cfg.eval_sample_rows, complete_from=cfg.complete_from,
                                temperature=cfg.temperature, top_k=cfg.top_k, codec=codec, device=cfg.device,
                                overwrite=True)).report
+
+
+def catalogue_columns(cfg: DemoConfig, source: str, codec: str) -> tuple[tuple, tuple]:
+    """(scalars, spectra): the demo's catalogue columns (DEMO_SCALARS, DEMO_SPECTRA) that the source holds, of
+    the right type, and whose codecs the codec folder holds; ((), ()) with --no-catalogue."""
+    if not cfg.catalogue:
+        return (), ()
+    from astropt_tok.codec import aion_modality, resolve_codec_files
+    from astropt_tok.source import resolve_source
+
+    def usable(column: str, modality: str, kind: str) -> bool:
+        try:
+            resolve_codec_files(codec, aion_modality(modality).folder)
+            resolve_source(source, column="legacysurvey_image", catalogue={column: kind})
+        except AstroptError:
+            return False
+        return True
+
+    return (tuple(c for c in DEMO_SCALARS if usable(*c, "scalar")),
+            tuple(c for c in DEMO_SPECTRA if usable(*c, "spectrum")))
 
 
 def _surveys(source: str) -> tuple:
@@ -437,6 +498,19 @@ def _validation_rows(run: Path, n: int) -> str:
     return ",".join(str(int(v)) for v in val[:n])
 
 
+def photo_z_line(pz: dict) -> str:
+    """The demo's redshift-from-images scores in one line: NMAD, outlier fraction and bias of the model, of the
+    training rows' median (no model), and of the codec's own quantisation."""
+    def scores(e: dict | None) -> str:
+        if not e:
+            return "n/a"
+        return f"NMAD {e['nmad']:.4f}, outliers {e['outlier_frac']:.1%}, bias {e['bias']:+.4f}"
+
+    given = " and ".join(pz.get("given") or ["images"])
+    return (f"redshift from {given} on {pz['rows']} held-out galaxies: model {scores(pz['model'])}; training median "
+            f"{scores(pz['training_median'])}; codec ceiling {scores(pz.get('codec_ceiling'))}")
+
+
 def _jsonable(result: DemoResult) -> dict:
     d = asdict(result)
     return json.loads(json.dumps(d, default=str))
@@ -472,6 +546,8 @@ def print_demo_summary(result: DemoResult, console=None) -> None:
         from astropt_train.use.evaluate import sampling_line
 
         console.print(sampling_line({"sampling": ev.get("sampling")}), highlight=False)
+    if m.get("photo_z"):
+        console.print(photo_z_line(m["photo_z"]), highlight=False)
     console.print(f"train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f" (total {sum(result.seconds.values()):.0f} s)")
