@@ -202,33 +202,13 @@ def load_image_codec(codec_id: str = DEFAULT_CODEC, device: str = "cpu") -> Load
     check_codec_config(config, files.config_path)
 
     from aion.codecs.image import ImageCodec
-    from safetensors.torch import load_file
 
     try:
         codec = ImageCodec(**config)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise AstroptError(f"codec config {files.config_path} does not fit aion's ImageCodec: {exc}") from None
-    try:
-        state = load_file(str(files.weights_path))
-    except Exception as exc:
-        raise AstroptError(f"codec weights {files.weights_path} are unreadable: {exc}") from None
-    from astropt_tok.health import refuse_non_finite_weights
-
-    # a NaN weight would give NaN latents (every row rejected by tokenise) or NaN pictures (decode)
-    refuse_non_finite_weights(state, files.weights_path, "the codec is damaged or its fit diverged; fit it again "
-                              "(astropt fit-codec) or pass another --codec")
-    try:
-        missing, unexpected = codec.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that do not fit the config
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:200])
-        raise AstroptError(f"codec weights {files.weights_path} do not match its config ({detail})") from None
-    # The quantizer's `levels` buffer is rebuilt from the config; anything else missing is a real mismatch.
-    missing = [k for k in missing if not k.endswith("levels")]
-    if missing or unexpected:
-        raise AstroptError(
-            f"codec weights {files.weights_path} do not match its config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    # the quantizer's `levels` buffer is rebuilt from the config; anything else missing is a real mismatch
+    load_weights(codec, files.weights_path, rebuilt=("levels",))
     codec = move_codec(codec.eval(), device)
     _fix_hsc_decode(codec)
     vocab = int(codec.quantizer.codebook_size)
@@ -307,24 +287,7 @@ def load_codec(codec_id: str, modality: str, device: str = "cpu") -> LoadedCodec
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise AstroptError(f"codec config {files.config_path} does not fit aion's {mod.codec_cls.__name__} "
                            f"({type(exc).__name__}: {_first_line(exc)})") from None
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(files.weights_path))
-    except Exception as exc:
-        raise AstroptError(f"codec weights {files.weights_path} are unreadable: {_first_line(exc)}") from None
-    from astropt_tok.health import refuse_non_finite_weights
-
-    refuse_non_finite_weights(state, files.weights_path, "the codec is damaged or its fit diverged; fit it again "
-                              "(astropt fit-codec) or pass another --codec")
-    try:
-        missing, unexpected = codec.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shapes that do not fit the config
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
-        raise AstroptError(f"codec weights {files.weights_path} do not match its config ({detail})") from None
-    if missing or unexpected:
-        raise AstroptError(f"codec weights {files.weights_path} do not match its config "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_weights(codec, files.weights_path)
     import torch
 
     codec = codec.eval().to(torch.device(device))
@@ -360,6 +323,33 @@ def _spectrum_tokens(codec) -> int:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def load_weights(codec: Any, weights_path: Path, rebuilt: tuple[str, ...] = ()) -> None:
+    """Load a codec's model.safetensors into it, strictly: unreadable, non-finite or mismatched weights are one
+    AstroptError naming the file. `rebuilt`: endings of buffer names the codec builds from its config itself
+    (the image quantizer's `levels`), allowed to be missing. A scalar codec's own `load_state_dict` maps the hub's
+    `quantizer.*` keys onto its `_quantizer.*`."""
+    from safetensors.torch import load_file
+
+    from astropt_tok.health import refuse_non_finite_weights
+
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:
+        raise AstroptError(f"codec weights {weights_path} are unreadable: {_first_line(exc)}") from None
+    # a NaN weight would give NaN latents (every row rejected by tokenise) or NaN pictures (decode)
+    refuse_non_finite_weights(state, weights_path, "the codec is damaged or its fit diverged; fit it again "
+                              "(astropt fit-codec) or pass another --codec")
+    try:
+        missing, unexpected = codec.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit the config
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        raise AstroptError(f"codec weights {weights_path} do not match its config ({detail})") from None
+    missing = [k for k in missing if not k.endswith(rebuilt)] if rebuilt else list(missing)
+    if missing or unexpected:
+        raise AstroptError(f"codec weights {weights_path} do not match its config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def move_codec(codec: Any, device: str) -> Any:

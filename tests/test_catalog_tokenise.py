@@ -15,31 +15,7 @@ from astropt_tok import store as st
 from astropt_tok.errors import AstroptError
 from astropt_tok.tokenise import TokeniseConfig, parse_catalogue, tokenise
 
-Z_RANGE = (0.0, 3.0)
 ROWS = 16
-
-
-@pytest.fixture(scope="module")
-def catalogue_codec(codec_dir, tmp_path_factory):
-    """The tiny image codec plus a redshift grid codec (64 codes over 0..3), a log-flux codec and a tiny
-    spectrum codec, in the hub layout, written by aion's own save_pretrained."""
-    import torch
-    from aion.codecs import GridScalarCodec, LogScalarCodec, SpectrumCodec
-    from aion.modalities import DESISpectrum, LegacySurveyFluxG, Z
-
-    out = tmp_path_factory.mktemp("catalogue-codec") / "codec"
-    shutil.copytree(codec_dir, out)
-    z = GridScalarCodec("Z", codebook_size=64)
-    z._quantizer.buckets.copy_(torch.linspace(*Z_RANGE, 64))
-    z.save_pretrained(out, modality=Z)
-    flux = LogScalarCodec("FLUX_G", codebook_size=32, reservoir_size=64)
-    flux._quantizer._reservoir.copy_(torch.sort(torch.log(torch.linspace(0.1, 50, 64))).values)
-    flux._quantizer._generate_index_to_val()
-    flux.save_pretrained(out, modality=LegacySurveyFluxG)
-    torch.manual_seed(0)
-    SpectrumCodec(encoder_depths=(1, 1), encoder_dims=(8, 16), decoder_depths=(1, 1), decoder_dims=(8, 1),
-                  latent_channels=16, num_pixels=1024, embedding_dim=10).save_pretrained(out, modality=DESISpectrum)
-    return out
 
 
 def _spectrum(rng, length):

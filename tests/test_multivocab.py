@@ -18,7 +18,6 @@ from astropt_train.config import build_config
 from astropt_train.data import TokenRows, batch_to_device, valid_at
 from astropt_train.loop import train
 from astropt_train.model import GPT, GPTConfig
-from test_catalog_tokenise import catalogue_codec  # noqa: F401  (a fixture, used below)
 
 NAMES = ["img", "Z", "spec"]
 VOCAB = {"img": 64, "Z": 32, "spec": 16}
@@ -345,7 +344,7 @@ def test_mixed_export_loads_into_upstreams_gpt_and_agrees(upstream_astropt, tmp_
         start += TOKENS[m]
 
 
-def test_a_tokenised_catalogue_store_trains_and_draws_its_image(survey_dir, catalogue_codec, tmp_path):  # noqa: F811
+def test_a_tokenised_catalogue_store_trains_and_draws_its_image(survey_dir, catalogue_codec, tmp_path):
     """The real path: `tokenise --scalar/--spectrum` (the tiny image codec, AION's Z, flux and spectrum codecs),
     then `train` on every column, blocks shuffled, the image drawn at validation."""
     from astropt_tok.tokenise import tokenise
