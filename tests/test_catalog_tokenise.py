@@ -74,10 +74,12 @@ def _aion_encode(codec_folder, modality, values):
         return np.stack(out)
 
 
-@pytest.mark.parametrize("storage, workers", [("arrow", 0), ("zarr", 2)])
-def test_catalogue_columns_equal_aions_own_encode(survey_dir, catalogue_codec, tmp_path, storage, workers):
+@pytest.mark.parametrize("storage, workers, reader", [("arrow", 0, "pyarrow"), ("zarr", 2, "pyarrow"),
+                                                     ("arrow", 1, "datasets")])
+def test_catalogue_columns_equal_aions_own_encode(survey_dir, catalogue_codec, tmp_path, storage, workers, reader):
     source = _catalogue_survey(tmp_path / "survey", survey_dir)
-    summary = tokenise(_config(source, catalogue_codec, tmp_path / "tokens", storage=storage, workers=workers))
+    summary = tokenise(_config(source, catalogue_codec, tmp_path / "tokens", storage=storage, workers=workers,
+                               reader=reader))
     assert summary.complete and summary.rows == ROWS and summary.rejected == 0
     store = st.TokenStore(tmp_path / "tokens")
     m = store.manifest
