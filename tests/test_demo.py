@@ -170,3 +170,21 @@ def test_demo_on_a_source_whose_every_row_is_rejected_is_one_error(tmp_path):
         run_demo(DemoConfig(workdir=tmp_path / "w", source=str(tmp_path / "two-bands"), device="cpu", progress=False,
                             shards=1))
     assert not (tmp_path / "w" / "run").exists()
+
+
+def test_demo_catalogue_needs_the_column_and_its_codec(survey_dir, codec_dir, tmp_path):
+    """The demo tokenises a catalogue column only where the survey has it (of the right type) and the codec
+    folder has its codec; --no-catalogue none at all."""
+    from astropt_tok.codec import demo_codec_dir
+    from astropt_train.use.demo import DEMO_SCALARS, catalogue_columns
+
+    demo_codec = str(demo_codec_dir())
+    # the test survey has redshift and fluxes but no spectrum; the shipped codec has every codec
+    scalars, spectra = catalogue_columns(DemoConfig(workdir=tmp_path), str(survey_dir), demo_codec)
+    assert scalars == DEMO_SCALARS and spectra == ()
+    assert catalogue_columns(DemoConfig(workdir=tmp_path), str(survey_dir), str(codec_dir)) == ((), ())  # no codecs/Z
+    assert catalogue_columns(DemoConfig(workdir=tmp_path, catalogue=False), str(survey_dir), demo_codec) == ((), ())
+    from astropt_tok.errors import AstroptError
+
+    with pytest.raises(AstroptError, match="--redshift-weight must be a positive number"):
+        run_demo(DemoConfig(workdir=tmp_path / "w", redshift_weight=0, progress=False))
