@@ -207,3 +207,21 @@ def test_a_spectrum_whose_leaves_are_not_lists_of_numbers_is_one_error(survey_di
     source = _catalogue_survey(tmp_path / "survey", survey_dir, nest)
     with pytest.raises(AstroptError, match="column 'desi_spectrum' .* is not a spectrum"):
         tokenise(_config(source, catalogue_codec, tmp_path / "tokens", scalars=()))
+
+
+def test_info_and_the_store_card_say_what_each_column_holds(survey_dir, catalogue_codec, tmp_path):
+    from rich.console import Console
+
+    from astropt_tok.report import print_store_info
+    from astropt_tok.store_card import card_body
+
+    source = _catalogue_survey(tmp_path / "survey", survey_dir)
+    tokenise(_config(source, catalogue_codec, tmp_path / "tokens"))
+    console = Console(record=True, width=200)
+    print_store_info(tmp_path / "tokens", console)
+    text = console.export_text()
+    assert "scalar Z (GridScalarCodec, 64 codes, 1 token); source column redshift" in text
+    assert "spectrum DESISpectrum (SpectrumCodec, 1024 codes, 129 tokens)" in text
+    card = card_body(st.read_manifest(tmp_path / "tokens"))
+    assert "| `FLUX_G` | scalar `LegacySurveyFluxG` (LogScalarCodec of `codecs/FLUX_G`, 32 codes" in card
+    assert (tmp_path / "tokens" / "README.md").read_text().count("`desi_spectrum`") >= 1
