@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from astropt_tok.errors import AstroptError
+from test_hostile import run_cli
 
 SPECTRUM_ROWS = 12
 
@@ -131,20 +132,6 @@ def test_tiny_spectrum_codec_reloads_strictly_and_encodes_synthetic_spectra(tmp_
         again = loaded.codec.encode(batch)
     assert tokens.shape == (5, 1 + TINY_SPECTRUM_CONFIG["num_pixels"] // 8) == (5, loaded.tokens_per_object)
     assert torch.equal(tokens, again) and 0 <= int(tokens.min()) and int(tokens.max()) < loaded.vocab_size == 1024
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `astropt ARGV` run in this process."""
-    from astropt_tok.cli import main
-
-    capsys.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_fit_codec_scalars_beside_an_image_codec(tmp_path, catalog_survey, capsys):
