@@ -586,8 +586,12 @@ def test_more_shards_than_rows_leaves_valid_empty_shards(survey_dir, codec_dir, 
 
 
 def _run_tokenise_subprocess(args, env=None):
+    """`astropt tokenise ARGS` in a child process that takes SIGINT as a terminal's Ctrl-C does, even when this
+    test run was started in the background by a shell without job control (which starts it ignoring SIGINT, a
+    disposition a child would inherit: Python then never raises KeyboardInterrupt)."""
     cmd = [sys.executable, "-m", "astropt_tok.cli", "tokenise", "--no-progress", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _await_done_shards(out, n: int, limit_s: float = 120):
@@ -629,15 +633,9 @@ def test_sigkill_then_rerun_gives_identical_bytes(survey_dir, codec_dir, store_a
 def test_ctrl_c_prints_one_line_saying_how_to_resume(survey_dir, codec_dir, tmp_path):
     """SIGINT part-way: exit 130, one `interrupted:` line naming the complete shards and how to resume, no
     traceback; running the same command again finishes the store."""
-    from astropt_tok.synthetic import write_synthetic_survey
-
-    # 160 galaxies in 80 shards, one per codec call: a run long enough that the signal, sent once two shards are
-    # done, always lands before the end, however busy the machine (40 galaxies could finish in between)
-    source = tmp_path / "survey"
-    write_synthetic_survey(source, n_rows=160, n_files=2, with_hsc=False)
     out = tmp_path / "interrupted"
-    args = ["--source", str(source), "--codec", str(codec_dir), "--out", str(out), "--device", "cpu",
-            "--shards", "80", "--batch-size", "1", "--workers", "0"]
+    args = ["--source", str(survey_dir), "--codec", str(codec_dir), "--out", str(out), "--device", "cpu",
+            "--shards", "20", "--batch-size", "1", "--workers", "0"]
     proc = _run_tokenise_subprocess(args)
     done_dir = _await_done_shards(out, 2)
     proc.send_signal(signal.SIGINT)
@@ -647,7 +645,7 @@ def test_ctrl_c_prints_one_line_saying_how_to_resume(survey_dir, codec_dir, tmp_
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("interrupted: "), err
     complete = len(list(done_dir.glob("*.json")))
-    assert f"{complete} of 80 shards" in lines[0] and "run the same command again to resume" in lines[0]
+    assert f"{complete} of 20 shards" in lines[0] and "run the same command again to resume" in lines[0]
     assert not st.read_manifest(out)["complete"]
     rerun = _run_tokenise_subprocess(args)
     assert rerun.wait(timeout=300) == 0 and st.read_manifest(out)["complete"]
