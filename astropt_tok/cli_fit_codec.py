@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
         beside an all-zero and an image-mean reconstruction; writes DIR/fit_report.json. With --scalar, also
         fits AION's scalar codecs (redshift, fluxes, ...) to catalogue columns, in seconds.
         """
-        from astropt_tok.fit_codec import FitCodecConfig, fit_codec, parse_scalars
+        from astropt_tok.codec import parse_modality_pairs
+        from astropt_tok.fit_codec import FitCodecConfig, fit_codec
         from astropt_tok.report import print_reconstruction_table
         from astropt_tok.executor import torch_threads
         from astropt_tok.tokenise import parse_columns
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
             source=source, out=out, init=init, bands=tuple(band_list), column=single, modalities=modalities,
             split=split, limit=limit, hidden=hidden, projection=projection, layers=layers, steps=steps,
             batch_size=batch_size, lr=lr, warmup=warmup, colour_weight=colour_weight, holdout=holdout, seed=seed, device=device, resume=resume, overwrite=overwrite,
-            progress=progress, scalars=parse_scalars(scalar), scalar_codebook=scalar_codebook, image=image,
+            progress=progress, scalars=parse_modality_pairs(scalar, "--scalar"), scalar_codebook=scalar_codebook, image=image,
         )
         if threads is not None and threads < 1:
             from astropt_tok.errors import AstroptError

@@ -48,13 +48,14 @@ def register(app: typer.Typer) -> None:
         (RANK/WORLD_SIZE) or a SLURM array (SLURM_ARRAY_TASK_ID/COUNT) each process takes its own shards.
         """
         from astropt_tok.report import print_tokenise_summary
-        from astropt_tok.tokenise import TokeniseConfig, parse_catalogue, parse_columns, tokenise as run
+        from astropt_tok.codec import parse_modality_pairs
+        from astropt_tok.tokenise import TokeniseConfig, parse_columns, tokenise as run
 
         single, band_list, modalities = parse_columns(column, bands)
         cfg = TokeniseConfig(
             source=source, out=out, shards=shards, codec=codec, column=single, bands=band_list,
-            modalities=modalities, keep_partial=keep_partial, scalars=parse_catalogue(scalar, "--scalar"),
-            spectra=parse_catalogue(spectrum, "--spectrum"), split=split, batch_size=batch_size,
+            modalities=modalities, keep_partial=keep_partial, scalars=parse_modality_pairs(scalar, "--scalar"),
+            spectra=parse_modality_pairs(spectrum, "--spectrum"), split=split, batch_size=batch_size,
             device=device, storage=storage, limit=limit, workers=workers, id_column=id_column or None,
             strict=strict, overwrite=overwrite, precision=precision, reader=reader, progress=progress,
             dist_timeout=dist_timeout,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, first_line
 
 DEFAULT_CODEC = "polymathic-ai/aion-base"
 CODEC_SUBFOLDER = "codecs/image"
@@ -134,7 +134,7 @@ def resolve_codec_files(codec_id: str = DEFAULT_CODEC, folder: str = CODEC_SUBFO
         config_path = Path(hf_hub_download(codec_id, config_file))
         weights_path = Path(hf_hub_download(codec_id, weights_file))
     except Exception as exc:  # offline, unreachable, gated, missing repo: all end the same way for the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, None)
         raise AstroptError(
             f"cannot fetch codec {codec_id!r} ({folder}) from the Hugging Face hub ({type(exc).__name__}: "
             f"{reason[:160]}); on a machine without internet pass a local snapshot with --codec DIR "
@@ -267,6 +267,20 @@ def aion_modality(name: str, kind: str | None = None, flag: str = "--scalar") ->
     return found
 
 
+def parse_modality_pairs(entries: list[str], flag: str) -> tuple[tuple[str, str], ...]:
+    """--scalar / --spectrum values, COLUMN:MODALITY each -> ((column, modality), ...), for tokenise and
+    fit-codec alike; the modality is checked later by `aion_modality`."""
+    out = []
+    for entry in entries:
+        column, sep, modality = entry.partition(":")
+        if not sep or not column.strip() or not modality.strip() or ":" in modality:
+            example = "Z:Z or FLUX_G:LegacySurveyFluxG" if flag == "--scalar" else "spectrum:DESISpectrum"
+            raise AstroptError(f"{flag} {entry!r}: give COLUMN:MODALITY, the source column and its AION modality "
+                               f"(e.g. {example})")
+        out.append((column.strip(), modality.strip()))
+    return tuple(out)
+
+
 def load_codec(codec_id: str, modality: str, device: str = "cpu") -> LoadedCodec:
     """The real AION codec of `modality` (an AION class name) from the snapshot `codec_id`, ready on `device`:
     an image modality loads the image codec (`load_image_codec`); a scalar or spectrum modality its own codec
@@ -286,7 +300,7 @@ def load_codec(codec_id: str, modality: str, device: str = "cpu") -> LoadedCodec
         codec = mod.codec_cls(**args)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise AstroptError(f"codec config {files.config_path} does not fit aion's {mod.codec_cls.__name__} "
-                           f"({type(exc).__name__}: {_first_line(exc)})") from None
+                           f"({type(exc).__name__}: {first_line(exc)})") from None
     load_weights(codec, files.weights_path)
     import torch
 
@@ -320,11 +334,6 @@ def _spectrum_tokens(codec) -> int:
         return int(codec.encode(flat).shape[-1])
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def load_weights(codec: Any, weights_path: Path, rebuilt: tuple[str, ...] = ()) -> None:
     """Load a codec's model.safetensors into it, strictly: unreadable, non-finite or mismatched weights are one
     AstroptError naming the file. `rebuilt`: endings of buffer names the codec builds from its config itself
@@ -337,14 +346,14 @@ def load_weights(codec: Any, weights_path: Path, rebuilt: tuple[str, ...] = ()) 
     try:
         state = load_file(str(weights_path))
     except Exception as exc:
-        raise AstroptError(f"codec weights {weights_path} are unreadable: {_first_line(exc)}") from None
+        raise AstroptError(f"codec weights {weights_path} are unreadable: {first_line(exc)}") from None
     # a NaN weight would give NaN latents (every row rejected by tokenise) or NaN pictures (decode)
     refuse_non_finite_weights(state, weights_path, "the codec is damaged or its fit diverged; fit it again "
                               "(astropt fit-codec) or pass another --codec")
     try:
         missing, unexpected = codec.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that do not fit the config
-        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _first_line(exc))
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise AstroptError(f"codec weights {weights_path} do not match its config ({detail})") from None
     missing = [k for k in missing if not k.endswith(rebuilt)] if rebuilt else list(missing)
     if missing or unexpected:

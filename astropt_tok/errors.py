@@ -22,6 +22,13 @@ class Interrupted(AstroptError):
     into a silent exit code)."""
 
 
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to `limit` characters:
+    what one `error:` line quotes of a cause from another library."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 def temporary_name(path: str | os.PathLike, tag: str = "tmp") -> Path:
     """A hidden temporary name beside `path`, unique to this process and call: `.NAME.tag-PID-RANDOM`."""
     path = Path(path)
@@ -73,7 +80,7 @@ def write_failure(path: str | os.PathLike, exc: BaseException) -> AstroptError:
     """The one-line AstroptError for a failed write of `path`: what went wrong and what to do."""
     code = _io_errno(exc)
     reason = _WRITE_HINTS.get(code) or getattr(exc, "strerror", None) or \
-        (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first_line(exc)
     return AstroptError(f"cannot write {path}: {reason}")
 
 

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, first_line
 from astropt_tok.atomic import atomic_write_text
 
 STATE_FILE = "fit-state.pt"
@@ -256,18 +256,6 @@ def round_trip(codec, flux: np.ndarray, bands: list[str], batch_size: int = 32, 
     return np.concatenate(out)
 
 
-def parse_scalars(specs: list[str]) -> tuple[tuple[str, str], ...]:
-    """--scalar COLUMN:MODALITY values -> ((column, modality), ...); the pairs are checked by fit_codec."""
-    pairs = []
-    for spec in specs:
-        column, sep, modality = spec.rpartition(":")
-        if not sep or not column or not modality:
-            raise AstroptError(f"--scalar {spec!r} is not COLUMN:MODALITY (e.g. --scalar redshift:Z, --scalar "
-                               "FLUX_G:LegacySurveyFluxG)")
-        pairs.append((column, modality))
-    return tuple(pairs)
-
-
 def fit_scalars(cfg: FitCodecConfig) -> list:
     """Read cfg.scalars' columns (one pass, only those columns, the first `limit` rows) and fit each one's AION
     scalar codec in memory: [catalog_codecs.ScalarFit]. A missing or non-numeric column is one error."""
@@ -385,7 +373,7 @@ def read_fit_state(path: Path, cfg: FitCodecConfig) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = first_line(exc, 160)
         raise AstroptError(f"--resume: {path} is unreadable or not a fit state ({reason}); delete it to start "
                            "again") from None
     if not isinstance(state, dict):

@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, first_line
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ARRAY_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
@@ -227,11 +227,6 @@ def _torch_logs_held():
                     os.write(2, text)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
 class RankGroup:
     """The process group of a torchrun job, joined with a bounded timeout, or nothing for a single process.
 
@@ -286,7 +281,7 @@ class RankGroup:
                         "time with --dist-timeout")
             raise AstroptError(f"rank {launch.rank} of {launch.world_size} could not join the process group at "
                                f"{launch.master_addr}:{launch.master_port} within {seconds:g} s (torch: "
-                               f"{_first_line(exc)}). {what}") from None
+                               f"{first_line(exc, 300)}). {what}") from None
         return self
 
     def wait_for_all(self, what: str) -> None:
@@ -300,7 +295,7 @@ class RankGroup:
         except (RuntimeError, TimeoutError) as exc:
             raise AstroptError(
                 f"rank {self.launch.rank} of {self.launch.world_size}: another rank stopped while this one waited "
-                f"for {what} (torch: {_first_line(exc)}); see that rank's error") from None
+                f"for {what} (torch: {first_line(exc, 300)}); see that rank's error") from None
 
     def close(self) -> None:
         """Leave the process group (safe to call twice, and when never joined)."""

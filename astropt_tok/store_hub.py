@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, first_line
 
 HF_SCHEME = "hf://"
 FORM = "hf://datasets/ORG/NAME[@revision]"
@@ -325,7 +325,7 @@ def _push_locked(cfg: PushConfig, store_dir: Path, repo: str) -> PushResult:
                               allow_patterns=PUSH_FILES, ignore_patterns=PUSH_NEVER,
                               commit_message=f"astropt push: token store of {manifest['totals']['rows']} rows")
     except Exception as exc:  # the hub's errors and the HTTP client's under them: one line naming the repo
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        reason = first_line(exc, 300)
         raise AstroptError(f"pushing {store_dir} to {repo} failed ({type(exc).__name__}: {reason}); run the same "
                            "command again to resume") from None
     return PushResult(f"{constants.ENDPOINT}/datasets/{repo}", len(files),

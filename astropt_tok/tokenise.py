@@ -178,19 +178,6 @@ def parse_columns(columns: list[str], bands: str | None) -> tuple[str, tuple[str
     return modalities[0][0], modalities[0][1], tuple(modalities)
 
 
-def parse_catalogue(entries: list[str], flag: str) -> tuple[tuple[str, str], ...]:
-    """--scalar / --spectrum values, COLUMN:MODALITY each -> ((column, modality), ...)."""
-    out = []
-    for entry in entries:
-        column, sep, modality = entry.partition(":")
-        if not sep or not column.strip() or not modality.strip() or ":" in modality:
-            example = "Z:Z or FLUX_G:LegacySurveyFluxG" if flag == "--scalar" else "spectrum:DESISpectrum"
-            raise AstroptError(f"{flag} {entry!r}: give COLUMN:MODALITY, the source column and its AION modality "
-                               f"(e.g. {example})")
-        out.append((column.strip(), modality.strip()))
-    return tuple(out)
-
-
 def write_encoded_shard(encoded: EncodedShard, out: Path, storage: str, ranges: bool = False) -> ShardResult:
     """Write a shard and its completion record atomically (temporary name, fsync, rename). `ranges`: record
     each token column's range (a store of several kinds of modality)."""

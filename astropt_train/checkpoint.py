@@ -38,7 +38,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from astropt_tok.errors import AstroptError, writing
+from astropt_tok.errors import AstroptError, first_line, writing
 from astropt_tok.store.format import MODALITY_KINDS
 from astropt_tok.health import first_non_finite, refuse_non_finite_weights
 
@@ -479,7 +479,7 @@ def _first_line(exc: BaseException) -> str:
             cause = cause[0]
         text = _first_line(cause) if isinstance(cause, BaseException) else str(cause)[:200]
         return f"rank {rank}: {type(cause).__name__}{': ' + text if text != type(cause).__name__ else ''}"
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+    return first_line(exc)
 
 
 def checkpoint_lineage(config: dict, weights_sha256: str) -> dict:

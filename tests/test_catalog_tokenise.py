@@ -13,7 +13,8 @@ import pytest
 
 from astropt_tok import store as st
 from astropt_tok.errors import AstroptError
-from astropt_tok.tokenise import TokeniseConfig, parse_catalogue, tokenise
+from astropt_tok.codec import parse_modality_pairs
+from astropt_tok.tokenise import TokeniseConfig, tokenise
 
 ROWS = 16
 
@@ -147,7 +148,7 @@ def test_keep_partial_masks_a_bad_catalogue_value_instead(survey_dir, catalogue_
 def test_catalogue_flag_mistakes_are_one_error(survey_dir, catalogue_codec, codec_dir, tmp_path):
     source = _catalogue_survey(tmp_path / "survey", survey_dir)
     with pytest.raises(AstroptError, match=r"--scalar 'redshift': give COLUMN:MODALITY"):
-        parse_catalogue(["redshift"], "--scalar")
+        parse_modality_pairs(["redshift"], "--scalar")
     for kw, message in [
         (dict(scalars=(("redshift", "Redshift"),)), r"--scalar modality 'Redshift' is not an AION modality"),
         (dict(scalars=(("redshift", "DESISpectrum"),)), r"is an AION spectrum modality, not a scalar"),

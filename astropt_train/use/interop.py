@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from astropt_tok.atomic import atomic_file
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, first_line
 from astropt_tok.health import refuse_non_finite_weights
 from astropt_tok.schema import is_kind
 
@@ -181,8 +181,8 @@ def read_upstream_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AstroptError(f"{path} is not an upstream AstroPT checkpoint this tool can read ({first})") from None
+        raise AstroptError(f"{path} is not an upstream AstroPT checkpoint this tool can read "
+                           f"({first_line(exc, None)})") from None
 
 
 def gpt_config_from_upstream(ckpt: dict, path: Path):
@@ -270,8 +270,7 @@ def load_upstream_model(path: Path, device: str = "cpu"):
         model = GPT(config)
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (AttributeError, TypeError, ValueError, RuntimeError, AssertionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise AstroptError(f"{path} is a damaged upstream AstroPT checkpoint ({first}); export it again") from None
+        raise AstroptError(f"{path} is a damaged upstream AstroPT checkpoint ({first_line(exc)}); export it again") from None
     if missing or unexpected:
         raise AstroptError(f"{path}: weights do not fit its model_args (missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]})")
