@@ -125,7 +125,10 @@ class ScalarEncoder:
     refused null, non-finite and (fixed-grid codecs) out-of-range values, which AION would map silently."""
 
     def __init__(self, loaded, modality_cls):
+        import torch
+
         self.loaded, self.codec, self.modality_cls = loaded, loaded.codec.cpu(), modality_cls
+        self.device = torch.device("cpu")
         self.vocab, self.tokens, self.dtype = loaded.vocab_size, 1, None
 
     def submit(self, values):
@@ -197,14 +200,8 @@ class ModalityEncoders:
 
     def __init__(self, encoders: dict):
         self.encoders = encoders
-        first = next(iter(encoders.values()))
-        self.loaded = first.loaded
-        self.device = first.device if hasattr(first, "device") else None
-
-    @classmethod
-    def of_images(cls, loaded, device: str, precision: str, modalities: list[tuple[str, tuple[str, ...]]]):
-        """Encoders of several image columns (column, bands) sharing one image codec."""
-        return cls({column: Encoder(loaded, device, precision, list(bands)) for column, bands in modalities})
+        first = next(iter(encoders.values()))  # a store's first column is an image column
+        self.loaded, self.device = first.loaded, first.device
 
     def submit(self, flux: dict) -> dict:
         """Start encoding each column's values."""

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from astropt_tok.errors import AstroptError
+from astropt_tok.errors import AstroptError, first_line
 
 DEFAULT_SOURCE = "Smith42/legacysurvey_hsc_crossmatched"
 DEFAULT_SPLIT = "train"
@@ -163,7 +163,7 @@ def _hub_files(source: str, split: str) -> tuple[list[str], str | None]:
     try:
         builder = datasets.load_dataset_builder(source)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc, None)
         raise AstroptError(
             f"unknown source {source!r}: not a local file, folder or glob, and the Hugging Face hub cannot "
             f"resolve it ({reason[:200]}); pass local parquet/arrow files with --source PATH"
@@ -781,6 +781,15 @@ def batch_to_scalar(batch, column: str, value_range: tuple[float, float] | None 
     return values32, good, reasons
 
 
+def empty_spectra(n: int, width: int) -> np.ndarray:
+    """[n, 4, width] float32 of spectrum padding: flux and ivar 0, mask 1, and no wavelength (NaN): the encoder
+    takes each row's pixels before its first NaN wavelength, so a row of padding has none."""
+    out = np.zeros((n, 4, width), dtype=np.float32)
+    out[:, 2] = 1.0
+    out[:, 3] = np.nan
+    return out
+
+
 def batch_to_spectrum(batch, column: str) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """A spectrum column of a record batch -> (spectra [n, 4, L] float32: flux, ivar, mask (1 = bad) and
     wavelength in Angstrom, each row's pixels first and the rest padding (wavelength NaN, mask 1); positions of
@@ -811,9 +820,7 @@ def batch_to_spectrum(batch, column: str) -> tuple[np.ndarray, np.ndarray, list[
             reasons[r] = "no pixels"
     ok = [r for r in range(n) if reasons[r] is None]
     width = int(max((lengths[0, r] for r in ok), default=0))
-    out = np.zeros((n, 4, width), dtype=np.float32)
-    out[:, 2] = 1.0  # padding is masked
-    out[:, 3] = np.nan  # and has no wavelength: the encoder takes each row's pixels before the first NaN
+    out = empty_spectra(n, width)
     for r in ok:
         k = lengths[0, r]
         for j in range(4):

@@ -17,8 +17,8 @@ from astropt_tok.codec import CROP_SIZE
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import PREFETCH_PER_WORKER, free_shared_memory, workers_for_shared_memory
 from astropt_tok.prefetch import Prefetch
-from astropt_tok.source import (OpenFiles, batch_to_flux, batch_to_scalar, batch_to_spectrum, iter_row_range_datasets,
-                                object_ids_of, read_task, read_tasks)
+from astropt_tok.source import (OpenFiles, batch_to_flux, batch_to_scalar, batch_to_spectrum, empty_spectra,
+                                iter_row_range_datasets, object_ids_of, read_task, read_tasks)
 
 
 @dataclass(frozen=True)
@@ -208,10 +208,10 @@ class _Converter:
             if not compact[c]:  # row by row: take the kept rows; a kept row without this value holds zeros
                 taken = buffers[c][torch.from_numpy(kept)]
                 if not valid[c].all():
-                    missing = torch.from_numpy(np.nonzero(~valid[c])[0])
-                    taken[missing] = 0
-                    if taken.dim() == 3:  # a spectrum: no pixels at all (wavelength NaN), so nothing to encode
-                        taken[missing, 3] = float("nan")
+                    missing = np.nonzero(~valid[c])[0]
+                    # a spectrum: padding only (no pixels, so nothing to encode); a scalar: 0
+                    taken[torch.from_numpy(missing)] = (torch.from_numpy(empty_spectra(len(missing), taken.shape[-1]))
+                                                        if taken.dim() == 3 else 0)
                 flux[c] = taken
                 continue
             if len(good) == len(kept):  # every kept row has this image, in the same order: no copy
@@ -358,19 +358,13 @@ def _merge(held: list[PreparedBatch], n: int, pin: bool = False) -> PreparedBatc
 
 
 def _pad_spectra(pieces: list) -> list:
-    """Spectra [k, 4, L] of different L, padded to the longest as source.batch_to_spectrum pads (flux and ivar 0,
-    mask 1, wavelength NaN), so that they can be one batch."""
+    """Spectra [k, 4, L] of different L, padded to the longest with source.empty_spectra's padding, so that
+    they can be one batch."""
     import torch
 
     width = max(p.shape[-1] for p in pieces)
-    padded = []
-    for p in pieces:
-        if p.shape[-1] < width:
-            pad = torch.zeros((p.shape[0], 4, width - p.shape[-1]), dtype=p.dtype)
-            pad[:, 2], pad[:, 3] = 1.0, float("nan")
-            p = torch.cat([p, pad], dim=-1)
-        padded.append(p)
-    return padded
+    return [p if p.shape[-1] == width else
+            torch.cat([p, torch.from_numpy(empty_spectra(p.shape[0], width - p.shape[-1]))], dim=-1) for p in pieces]
 
 
 def _rest(held: list[PreparedBatch], n: int) -> list[PreparedBatch]:
