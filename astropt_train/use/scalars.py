@@ -63,10 +63,6 @@ def scalar_distribution(probs: np.ndarray, values: np.ndarray) -> tuple[np.ndarr
     return median, lo, hi
 
 
-def _nmad(x: np.ndarray) -> float:
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
-
-
 def photoz_scores(pred: np.ndarray, true: np.ndarray) -> dict:
     """{"nmad", "outlier_frac", "bias", "n"} of dz = (pred - true) / (1 + true): NMAD = 1.4826 median(|dz -
     median(dz)|), outliers |dz| > 0.15, bias = median(dz); None for each score when n is 0."""
@@ -83,11 +79,12 @@ def photoz_scores(pred: np.ndarray, true: np.ndarray) -> dict:
 def residual_scores(pred: np.ndarray, true: np.ndarray) -> dict:
     """{"nmad", "bias", "n"} of the residual pred - true in the column's own units: NMAD = 1.4826 median(|r -
     median(r)|), bias = median(r); None for each score when n is 0."""
+    from astropt_train.use.probe import nmad
+
     pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
     if not len(pred):
         return {"nmad": None, "bias": None, "n": 0}
-    r = pred - true
-    return {"nmad": _nmad(r), "bias": float(np.median(r)), "n": int(len(pred))}
+    return {"nmad": nmad(pred, true, redshift=False), "bias": float(np.median(pred - true)), "n": int(len(pred))}
 
 
 def is_redshift(name: str, aion_modality: str | None) -> bool:
