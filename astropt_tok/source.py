@@ -67,6 +67,10 @@ class SourcePlan:
         """Every image column read: `column`, then `extra_columns`."""
         return [self.column] + list(self.extra_columns)
 
+    def schema(self):
+        """The Arrow schema of the source's first file (the one the plan's columns were checked against)."""
+        return _file_schema(self.files[0].path)
+
     @property
     def num_rows(self) -> int:
         """Rows the run covers: the source length, or --limit when smaller."""

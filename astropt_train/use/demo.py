@@ -407,12 +407,17 @@ def catalogue_columns(cfg: DemoConfig, source: str, codec: str) -> tuple[tuple, 
     if not cfg.catalogue:
         return (), ()
     from astropt_tok.codec import aion_modality, resolve_codec_files
-    from astropt_tok.source import resolve_source
+    from astropt_tok.source import check_catalogue_column, resolve_source
+
+    try:  # the source resolved once, not per column (a source without the image column: tokenise says so)
+        schema = resolve_source(source, column="legacysurvey_image").schema()
+    except AstroptError:
+        return (), ()
 
     def usable(column: str, modality: str, kind: str) -> bool:
         try:
             resolve_codec_files(codec, aion_modality(modality).folder)
-            resolve_source(source, column="legacysurvey_image", catalogue={column: kind})
+            check_catalogue_column(schema, column, kind, f"source {source}")
         except AstroptError:
             return False
         return True
