@@ -14,6 +14,7 @@ import numpy as np
 from astropt_tok.errors import AstroptError
 from astropt_tok.executor import tf32_allowed
 from astropt_tok.stages import PreparedBatch, reject_record
+from astropt_tok.store.format import token_dtype
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 # the reasons rejects.jsonl gives for a row the codec failed on
@@ -39,7 +40,7 @@ class Encoder:
 
         self.image_type = HSCImage if bands[0].startswith("HSC") else LegacySurveyImage
         self.tokens = loaded.tokens_per_image
-        self.dtype = None  # the store's dtype, given by the caller (`encode_shard`'s dtype)
+        self.dtype = token_dtype(self.vocab)  # the narrowest that holds every code: the store column's
 
     def precision_context(self):
         """The autocast and TF32 setting of `precision` for one call on this device (the caller's TF32 setting
@@ -129,7 +130,7 @@ class ScalarEncoder:
 
         self.loaded, self.codec, self.modality_cls = loaded, loaded.codec.cpu(), modality_cls
         self.device = torch.device("cpu")
-        self.vocab, self.tokens, self.dtype = loaded.vocab_size, 1, None
+        self.vocab, self.tokens, self.dtype = loaded.vocab_size, 1, token_dtype(loaded.vocab_size)
 
     def submit(self, values):
         import torch
@@ -158,7 +159,8 @@ class SpectrumEncoder:
         self.loaded, self.modality_cls = loaded, modality_cls
         self.device = torch.device(device)
         self.codec = loaded.codec.to(self.device)
-        self.vocab, self.tokens, self.dtype = loaded.vocab_size, loaded.tokens_per_object, None
+        self.vocab, self.tokens = loaded.vocab_size, loaded.tokens_per_object
+        self.dtype = token_dtype(loaded.vocab_size)
         self.precision = precision
 
     precision_context = Encoder.precision_context
@@ -226,7 +228,7 @@ class EncodedShard:
     valid: dict | None = None  # several modalities with --keep-partial: {column: [rows] bool}
 
 
-def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index: int, dtype: np.dtype,
+def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index: int,
                  has_ids: bool, on_rows=None, on_first_batch=None, on_first_encoded=None) -> EncodedShard:
     """Encode one shard's batches. `on_rows(n)` is told of rows as they are done, `on_first_batch(seconds)` of
     the wait for the shard's first batch, `on_first_encoded()` when its first batch's tokens are back.
@@ -237,8 +239,8 @@ def encode_shard(batches: Iterator[PreparedBatch], encoder: Encoder, cfg, index:
 
     t0 = time.perf_counter()
     several = isinstance(encoder, ModalityEncoders)
-    # each column's dtype: its encoder's own where set (scalars, spectra), else the store's
-    dtype_of = ({c: e.dtype or dtype for c, e in encoder.encoders.items()} if several else {None: dtype})
+    # each column's dtype: its encoder's (the narrowest for its codec's vocabulary)
+    dtype_of = {c: e.dtype for c, e in encoder.encoders.items()} if several else {None: encoder.dtype}
     tokens_parts, rows_parts, ids, rejects, valid_parts = [], [], [], [], []
     in_flight = None  # (batch, handle): the device works on one batch while the host prepares the next
 

@@ -263,7 +263,6 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         # catalogue codecs from the same snapshot: scalars are table lookups, encoded on the host
         loaded_catalogue = {c: load_codec(cfg.codec, m.name, device=device if m.kind == "spectrum" else "cpu")
                             for c, m in catalogue}
-        dtype = st.token_dtype(loaded.vocab_size)
         out = Path(cfg.out)
         entries = _modality_entries(modalities, catalogue, loaded, loaded_catalogue)
         manifest = st.new_manifest(loaded.describe(), bands, cfg.storage, cfg.shards, cfg.precision,
@@ -274,7 +273,7 @@ def tokenise(cfg: TokeniseConfig) -> TokeniseSummary:
         with output_folder(out, "token-store", "`astropt tokenise`", lineage=store_lineage_of(manifest),
                            shared=world > 1):
             try:
-                return _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world,
+                return _tokenise(cfg, out, manifest, plan, loaded, device, bands, modalities, rank, world,
                                  group, t_start, catalogue, loaded_catalogue)
             except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on (one line, no traceback)
                 raise Interrupted(_resume_line(out, cfg)) from None
@@ -334,7 +333,7 @@ def finalize(out_dir) -> None:
             raise AstroptError(f"{out}: not every shard is done yet; re-run `astropt tokenise` to finish them")
 
 
-def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities, rank, world, group,
+def _tokenise(cfg, out, manifest, plan, loaded, device, bands, modalities, rank, world, group,
               t_start, catalogue=(), loaded_catalogue=None) -> TokeniseSummary:
     if rank != 0 and not group.active and cfg.overwrite:
         await_replaced_store(out, manifest, cfg.overwrite_wait_s)  # task 0 of the array replaces it
@@ -391,7 +390,7 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
 
         try:
             for i, batches in work:
-                encoded = encode_shard(batches, encoder, cfg, i, dtype, plan.id_column is not None,
+                encoded = encode_shard(batches, encoder, cfg, i, plan.id_column is not None,
                                        progress.advance, first_batch, first_encoded)
                 if pending is not None:
                     finish_pending()
@@ -418,13 +417,12 @@ def _tokenise(cfg, out, manifest, plan, loaded, device, dtype, bands, modalities
 
 def _encoders(loaded, device, precision, modalities, catalogue, loaded_catalogue) -> ModalityEncoders:
     """One encoder per token column: the image columns share the image codec; each catalogue column has its own
-    codec, and its own token dtype."""
+    codec (and so its own token dtype)."""
     encoders = {c: Encoder(loaded, device, precision, list(b)) for c, b in modalities}
     for column, modality in catalogue:
         codec = loaded_catalogue[column]
         encoders[column] = (ScalarEncoder(codec, modality.cls) if modality.kind == "scalar"
                              else SpectrumEncoder(codec, device, precision, modality.cls))
-        encoders[column].dtype = st.token_dtype(codec.vocab_size)
     return ModalityEncoders(encoders)
 
 
