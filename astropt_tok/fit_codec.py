@@ -282,8 +282,9 @@ def fit_scalars(cfg: FitCodecConfig) -> list:
 def _check_scalars(cfg: FitCodecConfig) -> None:
     from astropt_tok.codec import aion_modality
 
-    if cfg.scalar_codebook < 2:
-        raise AstroptError(f"--scalar-codebook must be at least 2, got {cfg.scalar_codebook}")
+    if not 2 <= cfg.scalar_codebook <= 2**16:  # a store keeps tokens in 16 bits (store.format.token_dtype)
+        raise AstroptError(f"--scalar-codebook must be 2 to {2**16} (a token store holds 16-bit tokens), got "
+                           f"{cfg.scalar_codebook}")
     modalities = [aion_modality(modality, kind="scalar", flag="--scalar").name for _, modality in cfg.scalars]
     repeated = sorted({m for m in modalities if modalities.count(m) > 1})
     if repeated:

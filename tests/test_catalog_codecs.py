@@ -180,6 +180,8 @@ def test_fit_codec_scalars_beside_an_image_codec(tmp_path, catalog_survey, capsy
                         (["--scalar", "morphology:Z"], ["morphology", "not numbers"]),
                         (["--scalar", "redshift"], ["COLUMN:MODALITY"]),
                         (["--scalar", "redshift:Z", "--scalar", "mag_r:Z"], ["more than once"]),
+                        (["--scalar", "redshift:Z", "--scalar-codebook", "1"], ["--scalar-codebook must be 2 to 65536"]),
+                        (["--scalar", "redshift:Z", "--scalar-codebook", "70000"], ["16-bit tokens", "70000"]),
                         ([], ["--no-image", "--scalar"])):
         code, _, err = run_cli(["fit-codec", "--source", catalog_survey, "--out", fresh, "--no-image"] + argv, capsys)
         lines = err.strip().splitlines()
