@@ -96,6 +96,18 @@ def test_decode_predicts_z_from_the_image_with_the_truth_and_the_codec_ceiling(i
     want = photoz_scores(codec, true)
     assert result.metrics["codec"] == {**{k: pytest.approx(v) for k, v in want.items()}, "left_out": 0}
     assert result.metrics["model"]["n"] == 10 and result.metrics["redshift"]
+    # the model-free baseline on the same rows: the median stored value of the run's training rows
+    from astropt_train.checkpoint import find_checkpoint, read_config
+    from astropt_train.data import split_rows
+
+    split = read_config(find_checkpoint(run))["split"]
+    train = split_rows(store.num_rows, split["val_fraction"], split["seed"]).train
+    base = float(np.median(_grid()[store.take(train, "redshift")[:, 0].astype(np.int64)]))
+    baseline = result.metrics["training_median"]
+    assert baseline["value"] == pytest.approx(base) and baseline["training_rows"] == len(train)
+    assert baseline["of"] == "the run's training rows"
+    assert {k: baseline[k] for k in ("nmad", "outlier_frac", "bias", "n")} == {
+        k: pytest.approx(v) for k, v in photoz_scores(np.full(10, base), true).items()}
     s = json.loads(json.dumps(summarise(result)))
     assert s["kind"] == "scalar" and len(s["rows"]) == 10 and set(s["rows"][0]) == {
         "id", "row", "true", "codec", "median", "lo16", "hi84"}

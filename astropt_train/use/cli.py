@@ -123,8 +123,11 @@ def _print_catalogue(result, console) -> None:
             extra = [fmt(r["median"]), f"[{fmt(r['lo16'])}, {fmt(r['hi84'])}]"] if predicted else []
             table.add_row(r["id"], str(r["row"]), fmt(r["true"]), fmt(r["codec"]), *extra)
         console.print(table)
-        for key, what in (("model", "model median vs true"), ("codec", "codec value of the stored token vs true "
-                                                                           "(the ceiling)")):
+        baseline = m.get("training_median") or {}
+        for key, what in (("model", "model median vs true"),
+                          ("training_median", f"training median {baseline.get('value', 0):.4g} vs true (no model; "
+                                              f"{baseline.get('of')})"),
+                          ("codec", "codec value of the stored token vs true (the ceiling)")):
             if key in m:
                 console.print(f"{what}: {score_text(m[key])}" + (f", {m[key]['left_out']} left out (no truth or "
                               "no stored token)" if m[key]["left_out"] else ""), highlight=False)

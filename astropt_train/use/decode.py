@@ -596,7 +596,7 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
         elif plan.kind == "image":
             _check_model_modality(cfg, model, store, modality, ck_store)
     if plan.kind == "scalar":
-        return _decode_scalar(cfg, plan, model, ck_store, device)
+        return _decode_scalar(cfg, plan, model, ckpt, device)
     if plan.kind == "spectrum":
         from astropt_train.use.spectra import decode_spectrum
 
@@ -712,11 +712,14 @@ def _decode(cfg: DecodeConfig, plan: _Plan) -> DecodeResult:
                         flux_path=flux_path, columns=columns, rgb_bands=list(rgb_wanted), modality=modality)
 
 
-def _decode_scalar(cfg: DecodeConfig, plan: _Plan, model, ck_store: dict, device: str) -> DecodeResult:
+def _decode_scalar(cfg: DecodeConfig, plan: _Plan, model, ckpt: dict, device: str) -> DecodeResult:
     """A scalar column per galaxy: the true number (from the source), the codec's value of the stored token (the
     best any token can do) and, with a model (--given A --generate-modality Z), its median and 68% interval from
-    its probabilities over the codes given the row's stored blocks before Z (never one sample)."""
+    its probabilities over the codes given the row's stored blocks before Z (never one sample), scored beside a
+    model-free baseline on the same rows: the median of the training rows' stored values."""
     from astropt_train.use import scalars as sc
+
+    ck_store = ckpt.get("store") or {}
 
     store, modality = plan.store, plan.modality
     codec = sc.store_codec(store, modality, cfg.codec, device, cfg.accept_codec_change)
@@ -768,6 +771,16 @@ def _decode_scalar(cfg: DecodeConfig, plan: _Plan, model, ck_store: dict, device
             metrics[key] = sc.scores(pred[ok], true[ok], redshift)
             metrics[key]["left_out"] = int((~ok).sum())  # null truth, or no stored token (--keep-partial)
             legend[key] = sc.score_text(metrics[key])
+            if key == "model":  # the model-free baseline on the same rows: one number for every galaxy
+                train, which = sc.training_rows(store, ckpt)
+                known = sc.codec_values_of(store, train, modality, values)
+                known = known[np.isfinite(known)]
+                if len(known):
+                    base = float(np.median(known))
+                    metrics["training_median"] = {"value": base, "training_rows": int(len(known)), "of": which,
+                                                  **sc.scores(np.full(int(ok.sum()), base), true[ok], redshift),
+                                                  "left_out": int((~ok).sum())}
+                    legend["baseline"] = sc.score_text(metrics["training_median"])
     out = None
     if picture_path(cfg) is not None:
         what = f"{modality} predicted from {', '.join(context)}" if model is not None else f"stored {modality}"

@@ -14,6 +14,8 @@ its whole distribution over the V codes; it is summarised by quantiles, never by
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from astropt_tok.errors import AstroptError
@@ -151,6 +153,22 @@ def codec_values_of(store, rows: np.ndarray, modality: str, values: np.ndarray) 
     if store.partial:
         out = np.where(store.valid(rows)[modality], out, np.nan)
     return out
+
+
+def training_rows(store, ckpt: dict) -> tuple[np.ndarray, str]:
+    """The store rows a model-free baseline may learn from: the run's training rows (its checkpoint config's split
+    rule) when `store` is the store the checkpoint (`load_any_model`'s info) trained on, else every row of
+    `store`; and how to say which."""
+    from astropt_tok.store import manifest_sha256
+    from astropt_train.checkpoint import is_checkpoint, read_config
+    from astropt_train.data import split_rows
+
+    split = read_config(ckpt["path"]).get("split") or {} if is_checkpoint(Path(ckpt["path"])) else {}
+    trained_on = (ckpt.get("store") or {}).get("manifest_sha256")
+    if split and trained_on == manifest_sha256(store.dir) and int(split.get("num_rows", -1)) == store.num_rows:
+        return (split_rows(store.num_rows, float(split["val_fraction"]), int(split["seed"])).train,
+                "the run's training rows")
+    return np.arange(store.num_rows), "every row of the store (not the one the model trained on)"
 
 
 def scalar_order(model, modality: str, given: str | None, shuffled: bool) -> tuple[list[str], list[int] | None]:
